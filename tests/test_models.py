@@ -1,0 +1,189 @@
+"""Every model against plain PyTorch reference modules, value by value and gradient by gradient."""
+
+import pytest
+import torch
+from torch import nn
+
+from bench_core.config import ModelConfig
+from bench_core.models import (
+    BatchEnsembleLinear,
+    BatchEnsembleMLP,
+    SequentialEnsemble,
+    SingleMLP,
+    VectorizedEnsemble,
+    build_mlp,
+    build_model,
+    ensemble_linear,
+)
+
+SIZES = [12, 7, 5, 3]
+
+
+def test_build_mlp_matches_seed_architecture():
+    mlp = build_mlp([3072, 128, 128, 10])
+    kinds = [type(m) for m in mlp]
+    assert kinds == [nn.Linear, nn.ReLU, nn.Linear, nn.ReLU, nn.Linear]
+    assert sum(p.numel() for p in mlp.parameters()) == 3072 * 128 + 128 + 128 * 128 + 128 + 128 * 10 + 10
+
+
+@pytest.mark.parametrize("shared", [True, False])
+def test_vectorized_member_equals_plain_mlp(shared):
+    torch.manual_seed(0)
+    model = VectorizedEnsemble(SIZES, ensemble_size=4)
+    x = torch.randn(6, SIZES[0]) if shared else torch.randn(4, 6, SIZES[0])
+    out = model(x)
+    assert out.shape == (4, 6, SIZES[-1])
+    for k in range(4):
+        ref = model.member(k)
+        xk = x if shared else x[k]
+        torch.testing.assert_close(out[k], ref(xk), rtol=1e-5, atol=1e-6)
+
+
+def test_vectorized_gradients_equal_plain_mlp_gradients():
+    torch.manual_seed(1)
+    members = [build_mlp(SIZES) for _ in range(3)]
+    model = VectorizedEnsemble.from_members(members)
+    x = torch.randn(8, SIZES[0])
+    y = torch.randint(0, SIZES[-1], (8,))
+    logits = model(x)
+    sum(nn.functional.cross_entropy(logits[k], y) for k in range(3)).backward()
+    for k, ref in enumerate(members):
+        nn.functional.cross_entropy(ref(x), y).backward()
+        linears = [m for m in ref if isinstance(m, nn.Linear)]
+        for li, lin in enumerate(linears):
+            torch.testing.assert_close(model.weights[li].grad[k], lin.weight.grad, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(model.biases[li].grad[k], lin.bias.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_vectorized_and_sequential_start_from_same_weights_under_same_seed():
+    torch.manual_seed(5)
+    seq = SequentialEnsemble(SIZES, 3)
+    torch.manual_seed(5)
+    vec = VectorizedEnsemble(SIZES, 3)
+    x = torch.randn(4, SIZES[0])
+    torch.testing.assert_close(seq(x), vec(x), rtol=1e-5, atol=1e-6)
+
+
+def test_sequential_members_are_independent_mlps():
+    torch.manual_seed(0)
+    model = SequentialEnsemble(SIZES, 2)
+    x = torch.randn(3, SIZES[0])
+    out = model(x)
+    assert out.shape == (2, 3, SIZES[-1])
+    torch.testing.assert_close(out[1], model.member(1)(x))
+    assert not torch.allclose(out[0], out[1])
+
+
+def test_ensemble_linear_rejects_wrong_member_count():
+    with pytest.raises(ValueError, match=r"\[3, B, D\]"):
+        ensemble_linear(torch.randn(2, 4, 5), torch.randn(3, 6, 5), torch.randn(3, 6))
+
+
+@pytest.mark.parametrize("shared", [True, False])
+@pytest.mark.parametrize("init", ["normal", "random_sign"])
+def test_batchensemble_linear_member_equals_nn_linear(shared, init):
+    """Member k must equal an nn.Linear with weight W ∘ (s_k r_kᵀ) and bias b_k: outputs and gradients."""
+    torch.manual_seed(2)
+    layer = BatchEnsembleLinear(6, 4, ensemble_size=3, init=init)
+    x = torch.randn(5, 6) if shared else torch.randn(3, 5, 6)
+    out = layer(x)
+    assert out.shape == (3, 5, 4)
+    grad_out = torch.randn_like(out)
+    (out * grad_out).sum().backward()
+    grad_w = torch.zeros_like(layer.weight)
+    for k in range(3):
+        # The reference is built from the raw tensors, by the formula, not from the layer's helpers.
+        w = layer.weight.detach().clone().requires_grad_(True)
+        r = layer.r.detach()[k].clone().requires_grad_(True)
+        s = layer.s.detach()[k].clone().requires_grad_(True)
+        b = layer.bias.detach()[k].clone().requires_grad_(True)
+        xk = x if shared else x[k]
+        ref = nn.functional.linear(xk, w * torch.outer(s, r), b)
+        torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6)
+        (ref * grad_out[k]).sum().backward()
+        torch.testing.assert_close(layer.r.grad[k], r.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.s.grad[k], s.grad, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(layer.bias.grad[k], b.grad, rtol=1e-5, atol=1e-5)
+        grad_w += w.grad
+    torch.testing.assert_close(layer.weight.grad, grad_w, rtol=1e-5, atol=1e-5)
+
+
+def test_batchensemble_as_linear_is_an_nn_linear_with_folded_weight():
+    torch.manual_seed(3)
+    layer = BatchEnsembleLinear(6, 4, ensemble_size=2)
+    lin = layer.as_linear(1)
+    assert isinstance(lin, nn.Linear)
+    expected = layer.weight * torch.outer(layer.s[1], layer.r[1])
+    torch.testing.assert_close(lin.weight, expected)
+    torch.testing.assert_close(lin.bias, layer.bias[1])
+
+
+def test_batchensemble_has_one_bias_per_member():
+    torch.manual_seed(0)
+    layer = BatchEnsembleLinear(6, 4, ensemble_size=3)
+    assert layer.bias.shape == (3, 4)
+    assert not torch.allclose(layer.bias[0], layer.bias[1])
+
+
+def test_batchensemble_init_options():
+    torch.manual_seed(0)
+    signs = BatchEnsembleLinear(50, 40, 4, init="random_sign")
+    assert set(signs.r.unique().tolist()) == {-1.0, 1.0}
+    assert set(signs.s.unique().tolist()) == {-1.0, 1.0}
+    normal = BatchEnsembleLinear(500, 400, 4, init="normal", init_std=0.1)
+    assert abs(normal.r.mean().item() - 1.0) < 0.02
+    assert abs(normal.r.std().item() - 0.1) < 0.02
+    with pytest.raises(ValueError, match="fast-weight init"):
+        BatchEnsembleLinear(3, 3, 2, init="zeros")
+
+
+def test_batchensemble_mlp_member_equals_plain_mlp_both_input_layouts():
+    torch.manual_seed(4)
+    model = BatchEnsembleMLP(SIZES, ensemble_size=3)
+    x = torch.randn(5, SIZES[0])
+    out = model(x)
+    out_split = model(x.expand(3, 5, SIZES[0]))
+    torch.testing.assert_close(out, out_split, rtol=1e-5, atol=1e-6)
+    for k in range(3):
+        torch.testing.assert_close(out[k], model.member(k)(x), rtol=1e-5, atol=1e-6)
+
+
+def test_single_mlp_layout_and_member():
+    model = SingleMLP(SIZES)
+    x = torch.randn(2, SIZES[0])
+    assert model(x).shape == (1, 2, SIZES[-1])
+    torch.testing.assert_close(model(x)[0], model.member(0)(x))
+    with pytest.raises(IndexError):
+        model.member(1)
+
+
+@pytest.mark.parametrize(
+    ("method", "mode", "kind"),
+    [
+        ("single", "vectorized", SingleMLP),
+        ("classic", "vectorized", VectorizedEnsemble),
+        ("classic", "sequential", SequentialEnsemble),
+        ("batchensemble", "vectorized", BatchEnsembleMLP),
+    ],
+)
+def test_build_model(method, mode, kind):
+    model = build_model(method, ModelConfig(hidden=8, ensemble_size=3, classic_mode=mode), 12, 4)
+    assert isinstance(model, kind)
+    e = 1 if method == "single" else 3
+    assert model(torch.randn(2, 12)).shape == (e, 2, 4)
+
+
+def test_build_model_rejects_unknown_method():
+    with pytest.raises(ValueError, match="unknown method"):
+        build_model("bagging", ModelConfig(), 12, 4)
+
+
+def test_parameter_counts():
+    cfg = ModelConfig(hidden=128, depth=2, ensemble_size=5)
+    single = sum(p.numel() for p in build_model("single", cfg, 3072, 10).parameters())
+    classic = sum(p.numel() for p in build_model("classic", cfg, 3072, 10).parameters())
+    be = sum(p.numel() for p in build_model("batchensemble", cfg, 3072, 10).parameters())
+    assert classic == 5 * single
+    weights = 3072 * 128 + 128 * 128 + 128 * 10
+    fast_and_bias = 5 * ((3072 + 128 + 128) + (128 + 128 + 128) + (128 + 10 + 10))
+    assert be == weights + fast_and_bias
