@@ -1,0 +1,285 @@
+"""Background worker processes, stop requests and the per-device lock."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from bench_core import jobs
+from bench_core.locks import LockCancelledError, device_lock, lock_name
+from bench_core.store import RunStore
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = {"methods": ["classic"], "train": {"epochs": 1}}
+
+needs_flock = pytest.mark.skipif(sys.platform == "win32", reason="no fcntl.flock on Windows")
+
+
+def _wait_for(predicate, timeout: float = 30.0, interval: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError("timed out waiting")
+
+
+# ----------------------------------------------------------------------------- jobs
+
+
+def test_is_active():
+    assert jobs.is_active("queued")
+    assert jobs.is_active("running")
+    for status in ("finished", "stopped", "failed", "interrupted"):
+        assert not jobs.is_active(status)
+
+
+def test_worker_command_and_env(tmp_path):
+    store = tmp_path / "runs.sqlite"
+    cmd = jobs.worker_command(store, 7, python="/usr/bin/python3")
+    assert cmd == ["/usr/bin/python3", "-m", "bench_core", "worker", "--store", str(store.resolve()), "--run-id", "7"]
+    env = jobs.worker_env()
+    assert env["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT)
+    assert env["PYTHONUNBUFFERED"] == "1"
+    assert jobs.log_path(store, 7) == tmp_path.resolve() / "logs" / "7.log"
+
+
+def _stand_in(tmp_path: Path, body: str) -> str:
+    """An executable that mimics ``python -m bench_core worker --store S --run-id N``."""
+    script = tmp_path / "fake_python"
+    script.write_text(
+        f"#!{sys.executable}\n"
+        + textwrap.dedent(
+            """
+            import os, sys, time
+            from bench_core.store import RunStore
+            argv = sys.argv[1:]
+            assert argv[:3] == ["-m", "bench_core", "worker"], argv
+            store = RunStore(argv[argv.index("--store") + 1])
+            run_id = int(argv[argv.index("--run-id") + 1])
+            print("stand-in worker", run_id, flush=True)
+            """
+        )
+        + textwrap.dedent(body)
+    )
+    script.chmod(0o755)
+    return str(script)
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in script")
+def test_launch_run_runs_worker_to_finished(tmp_path):
+    store_path = tmp_path / "data" / "runs.sqlite"
+    python = _stand_in(
+        tmp_path,
+        """
+        store.start_run(run_id, device="cpu", versions={})
+        for epoch in (1, 2):
+            store.add_record(run_id, {"kind": "epoch", "method": "classic", "epoch": epoch, "cwd": os.getcwd()})
+        store.set_result(run_id, "classic", {"ensemble_accuracy": 0.5, "train_seconds": 0.1})
+        store.finish_run(run_id, "finished", "ok")
+        """,
+    )
+    run_id, proc = jobs.launch_run(CONFIG, store_path, name="bg", python=python)
+    try:
+        assert proc.wait(60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with RunStore(store_path) as store:
+        run = store.get_run(run_id)
+    assert run["status"] == "finished"
+    assert (run["source"], run["name"], run["config"]) == ("dashboard", "bg", CONFIG)
+    assert [r["epoch"] for r in run["records"]] == [1, 2]
+    assert run["records"][0]["cwd"] == os.getcwd()
+    assert run["summary"] == {"classic": {"ensemble_accuracy": 0.5, "train_seconds": 0.1}}
+    assert run["pid"] == proc.pid
+    log = store_path.parent / "logs" / f"{run_id}.log"
+    assert f"stand-in worker {run_id}" in log.read_text()
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX stand-in script")
+def test_launched_run_stays_queued_until_its_worker_dies(tmp_path):
+    store_path = tmp_path / "runs.sqlite"
+    python = _stand_in(tmp_path, "time.sleep(1.5)\n")
+    run_id, proc = jobs.launch_run(CONFIG, store_path, python=python)
+    try:
+        with RunStore(store_path) as store:  # reconcile while the worker lives: still queued
+            run = store.get_run(run_id)
+            assert run["status"] == "queued"
+            assert run["pid"] == proc.pid
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with RunStore(store_path) as store:  # the worker exited without starting the run
+        assert store.get_run(run_id)["status"] == "interrupted"
+
+
+def test_launch_run_with_missing_python_fails_cleanly(tmp_path):
+    store_path = tmp_path / "runs.sqlite"
+    with pytest.raises(jobs.BenchError, match="could not start the worker"):
+        jobs.launch_run(CONFIG, store_path, python=str(tmp_path / "no-such-python"))
+    with RunStore(store_path) as store:
+        (run,) = store.list_runs()
+    assert run["status"] == "failed"
+    assert "could not start the worker" in run["message"]
+
+
+def test_request_stop_and_watch_stop(tmp_path):
+    store_path = tmp_path / "runs.sqlite"
+    store = RunStore(store_path)
+    run_id = store.create_run(CONFIG, source="test")
+    other = store.create_run(CONFIG, source="test")
+    event = threading.Event()
+    thread = jobs.watch_stop(store, run_id, event, interval=0.02)
+    assert thread.daemon
+    time.sleep(0.1)
+    assert not event.is_set()
+    jobs.request_stop(store_path, run_id)
+    assert event.wait(5)
+    thread.join(5)
+    assert not thread.is_alive()
+    assert not store.stop_requested(other)
+
+    # The watcher also ends when someone else sets the event.
+    event2 = threading.Event()
+    thread2 = jobs.watch_stop(store, other, event2, interval=0.02)
+    event2.set()
+    thread2.join(5)
+    assert not thread2.is_alive()
+    assert not store.stop_requested(other)
+    store.close()
+
+
+# ----------------------------------------------------------------------------- locks
+
+
+def test_lock_names():
+    assert lock_name("cpu") is None
+    assert lock_name("mps") is None
+    assert lock_name("cuda") == "cuda-0.lock"
+    assert lock_name("cuda:1") == "cuda-1.lock"
+
+
+def test_lock_names_follow_cuda_visible_devices(monkeypatch):
+    import torch
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
+    assert lock_name("cuda:1") == "cuda-3.lock"
+    assert lock_name(torch.device("cuda", 0)) == "cuda-2.lock"
+    assert lock_name(torch.device("cpu")) is None
+
+
+def test_cpu_is_not_locked(tmp_path):
+    calls = []
+    with (
+        device_lock("cpu", tmp_path / "locks", on_wait=lambda: calls.append(1)) as held,
+        device_lock("cpu", tmp_path / "locks", on_wait=lambda: calls.append(1)),
+    ):
+        pass
+    assert held is None
+    assert calls == []
+    assert not (tmp_path / "locks").exists()
+
+
+@needs_flock
+def test_cuda_lock_contention_between_threads(tmp_path):
+    events: list[str] = []
+    waits: list[str] = []
+    first_in = threading.Event()
+
+    def first() -> None:
+        with device_lock("cuda", tmp_path, on_wait=lambda: waits.append("first")):
+            events.append("first in")
+            first_in.set()
+            time.sleep(0.4)
+            events.append("first out")
+
+    def second() -> None:
+        first_in.wait(5)
+        with device_lock("cuda:0", tmp_path, on_wait=lambda: waits.append("second")):
+            events.append("second in")
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert events == ["first in", "first out", "second in"]
+    assert waits == ["second"]  # called exactly once, only by the one that waited
+    assert (tmp_path / "cuda-0.lock").exists()
+
+
+@needs_flock
+def test_other_cuda_index_does_not_wait(tmp_path):
+    waits = []
+    with device_lock("cuda:0", tmp_path), device_lock("cuda:1", tmp_path, on_wait=lambda: waits.append(1)) as held:
+        assert held == tmp_path / "cuda-1.lock"
+    assert waits == []
+
+
+HOLDER = """
+import sys, time
+from bench_core.locks import device_lock
+with device_lock("cuda", sys.argv[1]):
+    print("locked", flush=True)
+    time.sleep(float(sys.argv[2]))
+"""
+
+
+@needs_flock
+def test_cuda_lock_contention_between_processes(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), "0.6"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        waited = []
+        start = time.monotonic()
+        with device_lock("cuda", tmp_path, on_wait=lambda: waited.append(time.monotonic())):
+            assert holder.poll() is not None or time.monotonic() - start > 0.3
+        assert len(waited) == 1
+        assert holder.wait(10) == 0
+    finally:
+        if holder.poll() is None:
+            holder.kill()
+        holder.stdout.close()
+
+
+@needs_flock
+def test_lock_is_released_when_its_holder_is_killed(tmp_path):
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(tmp_path), "120"], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        holder.kill()
+        holder.wait(10)
+    finally:
+        holder.stdout.close()
+    with device_lock("cuda", tmp_path, on_wait=lambda: pytest.fail("should not wait")):
+        pass
+
+
+@needs_flock
+def test_waiting_can_be_cancelled(tmp_path):
+    cancel = threading.Event()
+    waits = []
+    with device_lock("cuda", tmp_path):
+        threading.Timer(0.2, cancel.set).start()
+        with (
+            pytest.raises(LockCancelledError),
+            device_lock("cuda", tmp_path, on_wait=lambda: waits.append(1), cancel=cancel, poll=0.02),
+        ):
+            pytest.fail("should not get the lock")
+    assert waits == [1]
