@@ -218,12 +218,7 @@ class BatchEnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
-            # Shared input (the first layer): fold r into per-member weights, then all members
-            # in one GEMM with the input read once: (B, in) @ (in, E*out).
-            folded = self.weight.unsqueeze(0) * self.r.unsqueeze(1)  # (E, out, in)
-            z = x @ folded.reshape(-1, self.in_features).t()  # (B, E*out)
-            z = z.view(x.size(0), self.ensemble_size, self.out_features)  # (B, E, out)
-            return torch.addcmul(self.bias, z, self.s).transpose(0, 1)  # (E, B, out)
+            return _SharedInputBatchEnsemble.apply(x, self.weight, self.r, self.s, self.bias)  # (E, B, out)
         _check_members_dim(x, self.ensemble_size)
         # Per-member input: scale by r, one GEMM with the shared W over all E*B rows, scale by s.
         xr = x * self.r.unsqueeze(1)  # (E, B, in)
@@ -244,6 +239,43 @@ class BatchEnsembleLinear(nn.Module):
             f"in_features={self.in_features}, out_features={self.out_features}, "
             f"ensemble_size={self.ensemble_size}, init={self.init}"
         )
+
+
+class _SharedInputBatchEnsemble(torch.autograd.Function):
+    """BatchEnsemble on an input shared by all members (the first layer), with a lean backward.
+
+    Forward folds r into per-member weights and runs every member in one GEMM that reads the
+    input once: ``z = x @ [W ∘ 1r_1ᵀ; ...; W ∘ 1r_Eᵀ]ᵀ``, then ``y = z ∘ s + b``. Backward makes
+    one GEMM for ``G_k = dz_kᵀ x`` (what member k's folded weight would receive) and derives
+    both ``dW = Σ_k G_k ∘ 1r_kᵀ`` and ``dr_k = Σ_o G_k ∘ W`` from it, where autograd's generic
+    broadcasting rules would allocate and reduce several [E, out, in] temporaries.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, r, s, bias):
+        n_members, n_in = r.shape
+        n_out = weight.size(0)
+        folded = weight.unsqueeze(0) * r.unsqueeze(1)  # (E, out, in)
+        z = (x @ folded.view(n_members * n_out, n_in).t()).view(x.size(0), n_members, n_out)  # (B, E, out)
+        ctx.save_for_backward(x, weight, r, s, z)
+        return torch.addcmul(bias, z, s).transpose(0, 1)  # (E, B, out)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, weight, r, s, z = ctx.saved_tensors
+        n_members, n_in = r.shape
+        grad_y = grad_y.transpose(0, 1)  # (B, E, out)
+        grad_bias = grad_y.sum(0)  # (E, out)
+        grad_s = (grad_y * z).sum(0)  # (E, out)
+        grad_z = (grad_y * s).reshape(x.size(0), -1)  # (B, E*out)
+        grad_folded = (grad_z.t() @ x).view(n_members, -1, n_in)  # (E, out, in)
+        grad_weight = (grad_folded * r.unsqueeze(1)).sum(0)  # (out, in)
+        grad_r = torch.linalg.vecdot(grad_folded, weight.unsqueeze(0), dim=1)  # (E, in)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            folded = weight.unsqueeze(0) * r.unsqueeze(1)  # (E, out, in)
+            grad_x = grad_z @ folded.view(-1, n_in)  # (B, in)
+        return grad_x, grad_weight, grad_r, grad_s, grad_bias
 
 
 class BatchEnsembleMLP(nn.Module):

@@ -187,3 +187,16 @@ def test_parameter_counts():
     weights = 3072 * 128 + 128 * 128 + 128 * 10
     fast_and_bias = 5 * ((3072 + 128 + 128) + (128 + 128 + 128) + (128 + 10 + 10))
     assert be == weights + fast_and_bias
+
+
+def test_shared_input_batchensemble_gradcheck_including_input():
+    """The hand-written backward of the first layer against finite differences (float64)."""
+    from bench_core.models import _SharedInputBatchEnsemble
+
+    torch.manual_seed(7)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    r = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
+    s = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SharedInputBatchEnsemble.apply, (x, w, r, s, b))

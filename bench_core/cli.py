@@ -1,0 +1,337 @@
+"""Command line: ``python -m bench_core {train,bench,runs,worker}``.
+
+Every mistake a user can make ends with exit status 2 and one line on stderr, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, METHODS, RunConfig
+from bench_core.devices import DEVICE_CHOICES
+from bench_core.errors import BenchError, ConfigError
+
+EXIT_USAGE = 2
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse that reports a bad argument in one line (and exits 2)."""
+
+    def error(self, message: str) -> None:
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
+
+
+def _positive_int(label: str, minimum: int = 1):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{label} must be a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{label} must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_float(label: str):
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{label} must be a positive number, got {text!r}") from None
+        if not math.isfinite(value) or value <= 0:
+            raise argparse.ArgumentTypeError(f"{label} must be a positive number, got {text!r}")
+        return value
+
+    return parse
+
+
+def _choice(label: str, choices: tuple[str, ...]):
+    def parse(text: str) -> str:
+        value = text.strip().lower()
+        if value not in choices:
+            raise argparse.ArgumentTypeError(f"unknown {label} {text!r}: choose one of {', '.join(choices)}")
+        return value
+
+    return parse
+
+
+def _methods(text: str) -> tuple[str, ...]:
+    names = tuple(m.strip().lower() for m in text.split(",") if m.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"choose at least one method of {', '.join(METHODS)}")
+    for name in names:
+        if name not in METHODS:
+            raise argparse.ArgumentTypeError(f"unknown method {name!r}: choose from {', '.join(METHODS)}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"each method may be named once, got {text!r}")
+    return names
+
+
+def _device(text: str) -> str:
+    value = text.strip().lower()
+    if value.split(":", 1)[0] not in DEVICE_CHOICES:
+        raise argparse.ArgumentTypeError(f"unknown device {text!r}: choose one of {', '.join(DEVICE_CHOICES)}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineParser(prog="python -m bench_core", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
+
+    tr = sub.add_parser("train", help="train and compare methods, print a table of figures")
+    tr.add_argument("--dataset", type=_choice("dataset", DATASETS), default="cifar10")
+    tr.add_argument("--methods", type=_methods, default=("classic", "batchensemble"), help="comma list")
+    tr.add_argument("--ensemble-size", type=_positive_int("ensemble size"), default=5)
+    tr.add_argument("--epochs", type=_positive_int("epochs"), default=10)
+    tr.add_argument("--batch-size", type=_positive_int("batch size"), default=128)
+    tr.add_argument("--lr", type=_positive_float("learning rate"), default=1e-3)
+    tr.add_argument("--hidden", type=_positive_int("hidden width"), default=128)
+    tr.add_argument("--depth", type=_positive_int("depth"), default=2)
+    tr.add_argument("--device", type=_device, default="auto")
+    tr.add_argument("--seed", type=_positive_int("seed", minimum=0), default=0)
+    tr.add_argument("--classic-mode", type=_choice("classic mode", CLASSIC_MODES), default="vectorized")
+    tr.add_argument("--be-batching", type=_choice("BatchEnsemble batching", BE_BATCHINGS), default="repeat")
+    tr.add_argument("--be-init", type=_choice("fast-weight init", BE_INITS), default="normal")
+    tr.add_argument("--be-init-std", type=_positive_float("fast-weight init std"), default=0.5)
+    tr.add_argument("--data-dir", default=None, help="data folder (default $BENCH_DATA_DIR or ./data)")
+    tr.add_argument("--no-download", action="store_true", help="never download a missing dataset")
+    tr.add_argument("--synthetic-train", type=_positive_int("synthetic train size"), default=50_000)
+    tr.add_argument("--synthetic-test", type=_positive_int("synthetic test size"), default=10_000)
+    tr.add_argument("--log-every", type=_positive_int("log every", minimum=0), default=0)
+    tr.add_argument("--json", dest="json_path", default=None, help="write the figures to this JSON file")
+    tr.add_argument("--store", default=None, help="run store file (default $BENCH_STORE or <data dir>/runs.sqlite)")
+    tr.add_argument("--no-store", action="store_true", help="keep nothing in the run store")
+    tr.add_argument("--name", default=None, help="a name for the run in the store")
+    tr.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    wk = sub.add_parser("worker", help="(internal) run a queued run of the store; used by the dashboard")
+    wk.add_argument("--store", required=True)
+    wk.add_argument("--run-id", type=_positive_int("run id"), required=True)
+
+    rn = sub.add_parser("runs", help="list the runs in the store")
+    rn.add_argument("--store", default=None)
+    rn.add_argument("--data-dir", default=None)
+
+    bn = sub.add_parser("bench", help="speed benchmark: seconds per epoch, throughput, memory, floor")
+    try:
+        from bench_core.bench import add_arguments
+    except ImportError:  # the benchmark module is optional for the other commands
+        add_arguments = None
+    if add_arguments is not None:
+        add_arguments(bn)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig(methods=args.methods)
+    cfg.data.name = args.dataset
+    cfg.data.data_dir = args.data_dir
+    cfg.data.download = not args.no_download
+    cfg.data.synthetic_train = args.synthetic_train
+    cfg.data.synthetic_test = args.synthetic_test
+    cfg.model.hidden = args.hidden
+    cfg.model.depth = args.depth
+    cfg.model.ensemble_size = args.ensemble_size
+    cfg.model.classic_mode = args.classic_mode
+    cfg.model.be_batching = args.be_batching
+    cfg.model.be_init = args.be_init
+    cfg.model.be_init_std = args.be_init_std
+    cfg.train.epochs = args.epochs
+    cfg.train.batch_size = args.batch_size
+    cfg.train.lr = args.lr
+    cfg.train.seed = args.seed
+    cfg.train.device = args.device
+    cfg.train.log_every = args.log_every
+    return cfg.validate()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "train":
+            return cmd_train(args)
+        if args.command == "worker":
+            return cmd_worker(args)
+        if args.command == "runs":
+            return cmd_runs(args)
+        if args.command == "bench":
+            from bench_core.bench import cmd_bench
+
+            return cmd_bench(args)
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    parser.error(f"unknown command {args.command!r}")
+    return EXIT_USAGE
+
+
+def _store_path(args: argparse.Namespace) -> Path:
+    from bench_core.data import default_data_dir
+    from bench_core.store import default_store_path
+
+    if getattr(args, "store", None):
+        return Path(args.store)
+    if os.environ.get("BENCH_STORE"):
+        return default_store_path()
+    data_dir = getattr(args, "data_dir", None)
+    return Path(data_dir) / "runs.sqlite" if data_dir else default_data_dir() / "runs.sqlite"
+
+
+def _install_stop_handler(stop: threading.Event) -> None:
+    """First Ctrl-C (or SIGTERM) asks the loop to stop after the current batch; a second one aborts."""
+
+    def handler(signum, frame):
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\nstopping after this batch (press Ctrl-C again to abort)", file=sys.stderr)
+
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, handler)
+        signal.signal(signal.SIGTERM, handler)
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from bench_core.devices import resolve_device
+    from bench_core.report import format_table, results_json
+    from bench_core.runner import RunDone, run_experiment
+    from bench_core.store import RunStore
+
+    cfg = config_from_args(args)
+    resolve_device(cfg.train.device)  # a missing device is an input error: no run is created for it
+    store = None if args.no_store else RunStore(_store_path(args))
+    run_id = None
+    if store is not None:
+        run_id = store.create_run(cfg.to_dict(), source="cli", name=args.name, status="queued")
+        print(f"run {run_id} (store: {store.path})", file=sys.stderr)
+    stop = threading.Event()
+    _install_stop_handler(stop)
+    bar = ProgressBar(cfg, enabled=not args.quiet)
+    done = None
+    for event in run_experiment(cfg, store=store, run_id=run_id, stop=stop, progress=bar.download):
+        bar.update(event)
+        if isinstance(event, RunDone):
+            done = event
+    bar.close()
+    print(format_table(done.results))
+    if done.status == "stopped":
+        print("stopped early: the figures are for the models as trained so far", file=sys.stderr)
+    if args.json_path:
+        try:
+            Path(args.json_path).write_text(json.dumps(results_json(done.results), indent=2))
+        except OSError as err:
+            raise ConfigError(f"can't write --json {args.json_path}: {err.strerror}") from None
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    """Run a run that the dashboard queued in the store; its stop button reaches us through the store."""
+    from bench_core.jobs import watch_stop
+    from bench_core.runner import run_experiment
+    from bench_core.store import RunStore
+
+    store = RunStore(args.store)
+    run = store.get_run(args.run_id)
+    stop = threading.Event()
+    _install_stop_handler(stop)
+    watch_stop(store, args.run_id, stop)
+
+    def progress(fraction: float, message: str) -> None:
+        store.set_note(args.run_id, message)
+
+    try:
+        cfg = RunConfig.from_dict(run["config"])
+    except (TypeError, ValueError) as err:
+        store.finish_run(args.run_id, "failed", f"bad settings: {err}")
+        raise ConfigError(f"run {args.run_id} has bad settings: {err}") from None
+    for _ in run_experiment(cfg, store=store, run_id=args.run_id, stop=stop, progress=progress):
+        pass
+    return 0
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from bench_core.store import RunStore
+
+    store = RunStore(_store_path(args))
+    rows = store.list_runs()
+    if not rows:
+        print(f"no runs in {store.path}")
+        return 0
+    print(f"{'id':>4}  {'status':<11} {'dataset':<13} {'E':>3} {'epochs':>6}  {'methods':<28} created")
+    for run in rows:
+        cfg = run.get("config") or {}
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created"]))
+        accs = run.get("summary") or {}
+        methods = ", ".join(
+            f"{m} {accs[m]['ensemble_accuracy']:.3f}" if accs.get(m, {}).get("ensemble_accuracy") is not None else m
+            for m in cfg.get("methods", [])
+        )
+        print(
+            f"{run['id']:>4}  {run['status']:<11} {cfg.get('data', {}).get('name', '?'):<13} "
+            f"{cfg.get('model', {}).get('ensemble_size', '?'):>3} {cfg.get('train', {}).get('epochs', '?'):>6}  "
+            f"{methods:<28} {created}"
+        )
+    return 0
+
+
+class ProgressBar:
+    """A one-line progress bar on stderr: method, epoch, loss, ETA."""
+
+    def __init__(self, cfg: RunConfig, enabled: bool = True, width: int = 28) -> None:
+        self.cfg = cfg
+        self.enabled = (enabled and sys.stderr.isatty()) or (enabled and os.environ.get("BENCH_PROGRESS") == "1")
+        self.plain = enabled and not self.enabled  # not a terminal: one line per epoch instead
+        self.width = width
+        self.total = len(cfg.methods) * cfg.train.epochs
+        self.t0 = time.perf_counter()
+        self.method_seconds: dict[str, float] = {}
+
+    def download(self, fraction: float, message: str) -> None:
+        if self.enabled:
+            sys.stderr.write(f"\r{message[:70]:<70} {fraction:6.1%}")
+            sys.stderr.flush()
+
+    def update(self, event) -> None:
+        kind = getattr(event, "kind", "")
+        if kind == "phase" and (self.enabled or self.plain):
+            sys.stderr.write(("\n" if self.enabled else "") + f"{event.message}\n")
+        elif kind in ("epoch", "step"):
+            idx = self.cfg.methods.index(event.method)
+            frac_epoch = event.epoch - 1 + (event.step / event.steps_per_epoch if kind == "step" else 1.0)
+            done = idx * self.cfg.train.epochs + frac_epoch
+            per_epoch = event.elapsed_seconds / max(frac_epoch, 1e-9)
+            eta = per_epoch * (self.total - done)
+            line = (
+                f"{event.method:<13} epoch {event.epoch:>3}/{self.cfg.train.epochs} "
+                f"loss {event.loss:7.4f}  ETA {_hms(eta)}"
+            )
+            if self.enabled:
+                filled = int(self.width * done / self.total)
+                bar = "#" * filled + "-" * (self.width - filled)
+                sys.stderr.write(f"\r[{bar}] {line}")
+                sys.stderr.flush()
+            elif self.plain and kind == "epoch":
+                sys.stderr.write(f"{line}  ({event.epoch_seconds:.1f} s)\n")
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def _hms(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"

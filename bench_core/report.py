@@ -1,0 +1,107 @@
+"""The figures of a run, side by side: one table for the CLI, rows for the dashboard, JSON."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+# (key, label, format) in the order a reader wants them.
+FIGURES: list[tuple[str, str, str]] = [
+    ("ensemble_accuracy", "ensemble accuracy (mean softmax)", "{:.4f}"),
+    ("mean_member_accuracy", "mean member accuracy (the seed's figure)", "{:.4f}"),
+    ("best_member_accuracy", "best member accuracy", "{:.4f}"),
+    ("worst_member_accuracy", "worst member accuracy", "{:.4f}"),
+    ("nll", "NLL", "{:.4f}"),
+    ("ece", "ECE (15 bins)", "{:.4f}"),
+    ("brier", "Brier score", "{:.4f}"),
+    ("disagreement", "mean pairwise disagreement", "{:.4f}"),
+    ("predictive_entropy", "predictive entropy (nats)", "{:.4f}"),
+    ("mutual_information", "mutual information (nats)", "{:.4f}"),
+    ("params", "parameters", "{:,d}"),
+    ("train_seconds", "training seconds", "{:.1f}"),
+    ("mean_epoch_seconds", "seconds per epoch (mean)", "{:.2f}"),
+    ("inference_examples_per_second", "inference examples / s", "{:,.0f}"),
+]
+
+METHOD_LABELS = {"single": "single", "classic": "classic", "batchensemble": "BatchEnsemble"}
+
+
+def derived(result: dict) -> dict:
+    """A result with the figures that are computed from others (best/worst member, mean epoch)."""
+    out = dict(result)
+    members = result.get("member_accuracy") or []
+    if members:
+        out["best_member_accuracy"] = max(members)
+        out["worst_member_accuracy"] = min(members)
+    epochs = result.get("epoch_seconds") or []
+    if epochs:
+        out["mean_epoch_seconds"] = statistics.fmean(epochs)
+    return out
+
+
+def figure_rows(results: dict[str, dict]) -> list[dict]:
+    """One row per figure: {"figure": label, <method>: value, ...} (values raw, not formatted)."""
+    full = {m: derived(r) for m, r in results.items()}
+    rows = []
+    for key, label, _ in FIGURES:
+        row = {"figure": label, "key": key}
+        for method, result in full.items():
+            row[method] = result.get(key)
+        rows.append(row)
+    return rows
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    """Classic / BatchEnsemble ratios of training time and parameters, where both are present."""
+    out: dict[str, float] = {}
+    classic, be = results.get("classic"), results.get("batchensemble")
+    if not classic or not be:
+        return out
+    for key in ("train_seconds", "params"):
+        a, b = classic.get(key), be.get(key)
+        if a and b:
+            out[key] = a / b
+    return out
+
+
+def format_value(value, fmt: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A plain-text table of every figure, methods side by side."""
+    if not results:
+        return "no method finished"
+    methods = list(results)
+    full = {m: derived(r) for m, r in results.items()}
+    label_w = max(len(label) for _, label, _ in FIGURES)
+    col_w = max(14, *(len(METHOD_LABELS.get(m, m)) for m in methods))
+    lines = [f"{'':<{label_w}}  " + "  ".join(f"{METHOD_LABELS.get(m, m):>{col_w}}" for m in methods)]
+    lines.append("-" * len(lines[0]))
+    for key, label, fmt in FIGURES:
+        cells = [format_value(full[m].get(key), fmt) for m in methods]
+        lines.append(f"{label:<{label_w}}  " + "  ".join(f"{c:>{col_w}}" for c in cells))
+    for key, value in ratios(results).items():
+        name = "training time" if key == "train_seconds" else "parameters"
+        lines.append(f"classic / BatchEnsemble {name}: {value:.2f}x")
+    return "\n".join(lines)
+
+
+def results_json(results: dict[str, dict]) -> dict:
+    """The --json object: one entry per method name, JSON-safe (NaN becomes null)."""
+    return {m: _json_safe(derived(r)) for m, r in results.items()}
+
+
+def _json_safe(value):
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value

@@ -1,0 +1,210 @@
+"""A whole experiment: load the data, train each method, evaluate it, store everything.
+
+``run_experiment`` is a generator of events (phases, training records, per-method results);
+the CLI and the dashboard's worker process consume it. With a store, every record is committed
+as it arrives, and the run's final status is always written, whatever ends it.
+"""
+
+from __future__ import annotations
+
+import platform
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from bench_core.config import RunConfig
+from bench_core.data import Dataset, load_dataset
+from bench_core.devices import resolve_device
+from bench_core.errors import BenchError, ConfigError, DeviceOutOfMemoryError, DivergedError
+from bench_core.evaluation import evaluate
+from bench_core.locks import device_lock
+from bench_core.models import build_model
+from bench_core.store import RunStore
+from bench_core.training import EpochRecord, StepRecord, train
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass
+class Phase:
+    """A stage of the run began (loading data, training a method, evaluating it)."""
+
+    message: str
+    method: str | None = None
+    kind: str = field(default="phase", init=False)
+
+
+@dataclass
+class MethodResult:
+    """A method's evaluation report plus its training figures."""
+
+    method: str
+    result: dict
+    kind: str = field(default="result", init=False)
+
+
+@dataclass
+class RunDone:
+    """The run ended: status is "finished" or "stopped"; results are keyed by method."""
+
+    status: str
+    results: dict[str, dict]
+    run_id: int | None = None
+    kind: str = field(default="done", init=False)
+
+
+Event = Phase | EpochRecord | StepRecord | MethodResult | RunDone
+
+
+def software_versions() -> dict:
+    """The versions stored with every run."""
+    import torchvision
+
+    from bench_core import __version__
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "bench_core": __version__,
+        "platform": platform.platform(),
+    }
+
+
+def check_fits(cfg: RunConfig, dataset: Dataset) -> None:
+    """Raise ConfigError when the dataset can't serve the batch size or ensemble size."""
+    n_train = dataset.n_train
+    if cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"batch size {cfg.train.batch_size} is larger than the {n_train} training examples of "
+            f"{dataset.name}: lower the batch size"
+        )
+    e = cfg.model.ensemble_size
+    if "batchensemble" in cfg.methods and cfg.model.be_batching == "split" and cfg.train.batch_size < e:
+        raise ConfigError(
+            f"batch size {cfg.train.batch_size} can't be split among {e} members: "
+            f"raise the batch size to at least {e}, lower the ensemble size, or use repeat batching"
+        )
+
+
+def run_experiment(
+    cfg: RunConfig,
+    *,
+    store: RunStore | None = None,
+    run_id: int | None = None,
+    stop: threading.Event | None = None,
+    progress: Progress | None = None,
+    source: str = "cli",
+) -> Iterator[Event]:
+    """Run every method of ``cfg`` and yield events as they happen.
+
+    Args:
+        cfg: the run's settings (validated here).
+        store: where records, results and weights go; None keeps nothing.
+        run_id: a run already created in ``store`` (the dashboard's worker); None creates one.
+        stop: when set, the method in training stops between two batches, is evaluated as
+            trained so far, and the methods after it are skipped.
+        progress: called with (fraction, message) while the dataset loads or downloads.
+        source: recorded with a new run ("cli", "dashboard", "test").
+
+    Raises:
+        BenchError: with a one-line message (bad settings, missing data, divergence, out of memory).
+    """
+    cfg.validate()
+    stop = stop or threading.Event()
+    if store is not None and run_id is None:
+        run_id = store.create_run(cfg.to_dict(), source=source, status="queued")
+    try:
+        device = resolve_device(cfg.train.device)
+        if store is not None:
+            store.start_run(run_id, device=str(device), versions=software_versions())
+        yield Phase(f"loading {cfg.data.name}")
+        dataset = load_dataset(cfg.data, device, progress=progress)
+        check_fits(cfg, dataset)
+        results: dict[str, dict] = {}
+        lock_dir = store.path.parent if store is not None else Path.cwd()
+        on_wait = (lambda: store.set_note(run_id, "waiting for the GPU: another run is using it")) if store else None
+        with device_lock(device, lock_dir, on_wait=on_wait):
+            if store is not None:
+                store.set_note(run_id, None)
+            for method in cfg.methods:
+                if stop.is_set():
+                    break
+                result = yield from _run_method(method, cfg, dataset, device, stop, store, run_id)
+                results[method] = result
+                yield MethodResult(method, result)
+        status = "stopped" if stop.is_set() else "finished"
+        if store is not None:
+            store.finish_run(run_id, status)
+        yield RunDone(status, results, run_id)
+    except BenchError as err:
+        if store is not None:
+            store.finish_run(run_id, "failed", str(err))
+        raise
+    except GeneratorExit:
+        if store is not None:
+            store.finish_run(run_id, "stopped", "the consumer went away")
+        raise
+    except BaseException as err:
+        if store is not None:
+            store.finish_run(run_id, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
+        raise
+
+
+def _run_method(
+    method: str,
+    cfg: RunConfig,
+    dataset: Dataset,
+    device: torch.device,
+    stop: threading.Event,
+    store: RunStore | None,
+    run_id: int | None,
+) -> Iterator[Event]:
+    torch.manual_seed(cfg.train.seed)  # every method starts from the same seed
+    mode = cfg.model.classic_mode if method == "classic" else ""
+    batching = cfg.model.be_batching if method == "batchensemble" else "repeat"
+    label = {"classic": f"classic ({mode})", "batchensemble": f"BatchEnsemble ({batching})"}.get(method, method)
+    yield Phase(f"training {label}", method)
+    epochs: list[EpochRecord] = []
+    try:
+        model = build_model(method, cfg.model, dataset.in_features, dataset.num_classes).to(device)
+        for record in train(model, dataset, cfg.train, method=method, batching=batching, stop=stop):
+            if store is not None:
+                store.add_record(run_id, record.to_dict())
+                if isinstance(record, EpochRecord):
+                    store.set_progress(run_id, _fraction(cfg, method, record.epoch))
+            if isinstance(record, EpochRecord):
+                epochs.append(record)
+            yield record
+        yield Phase(f"evaluating {label}", method)
+        try:
+            report = evaluate(model, dataset.x_test, dataset.y_test, batch_size=cfg.train.eval_batch_size)
+        except ValueError as err:  # non-finite outputs on the test split
+            raise DivergedError(f"{method} can't be evaluated: {err}; try a lower learning rate") from None
+    except torch.OutOfMemoryError:
+        raise DeviceOutOfMemoryError(
+            f"out of memory on {device} while running {method}: lower the ensemble size "
+            f"({cfg.model.ensemble_size}), hidden width ({cfg.model.hidden}) or batch size ({cfg.train.batch_size})"
+        ) from None
+    result = report.to_dict()
+    result.update(
+        method=method,
+        ensemble_size=getattr(model, "ensemble_size", 1),
+        train_seconds=epochs[-1].elapsed_seconds if epochs else 0.0,
+        epoch_seconds=[r.epoch_seconds for r in epochs],
+        epochs_done=sum(1 for r in epochs if not r.stopped),
+        stopped=any(r.stopped for r in epochs),
+        final_loss=epochs[-1].loss if epochs else None,
+    )
+    if store is not None:
+        store.set_result(run_id, method, result)
+        store.save_weights(run_id, method, model.state_dict())
+    return result
+
+
+def _fraction(cfg: RunConfig, method: str, epoch: int) -> float:
+    done = cfg.methods.index(method) * cfg.train.epochs + epoch
+    return done / (len(cfg.methods) * cfg.train.epochs)

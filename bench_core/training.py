@@ -1,0 +1,273 @@
+"""One training loop for every method, written as a generator of records.
+
+``train`` yields a ``StepRecord`` every ``log_every`` steps (when > 0) and an ``EpochRecord`` as
+each epoch ends. It never prints: the CLI and the dashboard consume the same records.
+
+The loop keeps the whole training split on the device and draws each batch by index from a
+per-epoch permutation (seeded, the same for every method of a run). Per-member losses are
+accumulated on the device, so a CUDA run synchronises only where a record is made.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench_core.config import TrainConfig
+from bench_core.devices import synchronize, tune_cpu_allocator
+from bench_core.errors import ConfigError, DivergedError
+from bench_core.models import BatchEnsembleMLP, SequentialEnsemble
+
+if TYPE_CHECKING:
+    from bench_core.data import Dataset
+
+
+@dataclass
+class EpochRecord:
+    method: str
+    epoch: int  # 1-based; a stopped epoch counts as begun
+    epochs: int  # epochs planned
+    member_loss: list[float]  # mean training loss of each member over the epoch
+    loss: float  # mean of member_loss
+    epoch_seconds: float  # wall clock of this epoch (synchronised on CUDA)
+    examples_per_second: float  # training examples consumed per second in this epoch
+    elapsed_seconds: float  # since this method's training began
+    steps: int  # optimizer steps in this epoch (per member for sequential)
+    stopped: bool = False  # the epoch was cut short by a stop request
+    kind: str = field(default="epoch", init=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class StepRecord:
+    method: str
+    epoch: int
+    step: int  # steps done in this epoch
+    steps_per_epoch: int
+    member_loss: list[float]  # mean training loss of each member since the last record
+    loss: float
+    examples_per_second: float  # since the last record
+    elapsed_seconds: float
+    kind: str = field(default="step", init=False)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def loss_reduction(model: nn.Module) -> str:
+    """How per-member losses combine: BatchEnsemble averages (as the paper), classic sums.
+
+    Summing keeps member k's gradient exactly what it would be if trained alone, so the
+    vectorized classic ensemble trains like E independent MLPs (Adam is elementwise).
+    """
+    return "mean" if isinstance(model, BatchEnsembleMLP) else "sum"
+
+
+def steps_per_epoch(n_train: int, batch_size: int, ensemble_size: int, batching: str) -> int:
+    """Optimizer steps in one epoch for a batching mode (see ``batch_plan``)."""
+    return len(batch_plan(n_train, batch_size, ensemble_size, batching))
+
+
+def batch_plan(n_train: int, batch_size: int, ensemble_size: int, batching: str) -> list[tuple[int, int]]:
+    """(start, stop) offsets into the epoch's permutation, one per step.
+
+    "repeat": batches of ``batch_size``; every member sees every example.
+    "split": each step takes E*b examples with b = batch_size // E, and member k gets the k-th
+    slice of b; a last partial step gives each member ``rest // E`` examples. At most E - 1
+    examples per epoch are left out, and every other example is seen by exactly one member.
+    """
+    if batching == "split":
+        per_member = batch_size // ensemble_size
+        if per_member < 1:
+            raise ConfigError(
+                f"batch size {batch_size} can't be split among {ensemble_size} members: "
+                f"use a batch size of at least {ensemble_size} or repeat batching"
+            )
+        if n_train < ensemble_size:
+            raise ConfigError(f"{n_train} training examples can't be split among {ensemble_size} members")
+        step = per_member * ensemble_size
+        plan = []
+        for start in range(0, n_train, step):
+            stop = min(start + step, n_train)
+            usable = (stop - start) // ensemble_size * ensemble_size
+            if usable:
+                plan.append((start, start + usable))
+        return plan
+    return [(start, min(start + batch_size, n_train)) for start in range(0, n_train, batch_size)]
+
+
+def make_optimizer(params, lr: float, device: torch.device) -> torch.optim.Optimizer:
+    """Adam, in its fused single-kernel form where this torch and device support it."""
+    params = list(params)
+    try:
+        return torch.optim.Adam(params, lr=lr, fused=device.type in ("cpu", "cuda"))
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.Adam(params, lr=lr)
+
+
+def train(
+    model: nn.Module,
+    dataset: Dataset,
+    cfg: TrainConfig,
+    *,
+    method: str,
+    batching: str = "repeat",
+    stop: threading.Event | None = None,
+) -> Iterator[EpochRecord | StepRecord]:
+    """Train ``model`` on ``dataset`` and yield records as it goes.
+
+    Args:
+        model: any model of ``bench_core.models`` (already on the dataset's device).
+        dataset: tensors on the training device.
+        cfg: epochs, batch size, learning rate, seed, log_every.
+        method: name written into the records.
+        batching: "repeat" (all members see the whole batch) or "split" (BatchEnsemble only:
+            each member gets its own 1/E of the batch).
+        stop: when set, the loop ends between two batches and yields a last EpochRecord with
+            ``stopped=True``; the model keeps what was trained.
+
+    Raises:
+        DivergedError: a training loss became NaN or infinite.
+        ConfigError: the batch can't be split among the members.
+    """
+    device = dataset.x_train.device
+    if device.type == "cpu":
+        tune_cpu_allocator()
+    n_members = getattr(model, "ensemble_size", 1)
+    if batching == "split" and not isinstance(model, BatchEnsembleMLP):
+        batching = "repeat"  # split batching is a BatchEnsemble option
+    plan = batch_plan(dataset.n_train, cfg.batch_size, n_members, batching)
+    if isinstance(model, SequentialEnsemble):
+        members = list(model.members)
+        optimizers = [make_optimizer(m.parameters(), cfg.lr, device) for m in members]
+    else:
+        members = [model]
+        optimizers = [make_optimizer(model.parameters(), cfg.lr, device)]
+    reduction = loss_reduction(model)
+    order_gen = torch.Generator().manual_seed(cfg.seed)
+    check_each_step = device.type == "cpu"  # reading a CPU scalar costs nothing; on CUDA it would sync
+    model.train()
+    synchronize(device)
+    t_start = time.perf_counter()
+
+    for epoch in range(1, cfg.epochs + 1):
+        perm = torch.randperm(dataset.n_train, generator=order_gen).to(device, non_blocking=True)
+        loss_sum = torch.zeros(n_members, device=device)
+        window_sum = torch.zeros(n_members, device=device)
+        window_steps, window_examples = 0, 0
+        member_steps = [0] * n_members
+        examples_done = 0
+        t_epoch = t_window = time.perf_counter()
+        stopped = False
+        for mi, (member, opt) in enumerate(zip(members, optimizers, strict=True)):
+            # Sequential classic: member mi makes its own pass; otherwise one pass for all.
+            rows = slice(mi, mi + 1) if len(members) > 1 else slice(None)
+            for step, (start, end) in enumerate(plan, start=1):
+                if stop is not None and stop.is_set():
+                    stopped = True
+                    break
+                idx = perm[start:end]
+                xb, yb = dataset.x_train[idx], dataset.y_train[idx]  # (B, D), (B,)
+                if batching == "split":
+                    xb = xb.view(n_members, -1, xb.size(1))  # (E, b, D)
+                    yb = yb.view(n_members, -1)  # (E, b)
+                logits = member(xb)  # (E, B, C), or (B, C) for one sequential member
+                if logits.dim() == 2:
+                    logits = logits.unsqueeze(0)
+                member_losses = per_member_cross_entropy(logits, yb)  # (E,)
+                loss = member_losses.sum() if reduction == "sum" else member_losses.mean()
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                detached = member_losses.detach()
+                if check_each_step and not math.isfinite(float(detached.sum())):
+                    raise _diverged(method, epoch)
+                loss_sum[rows] += detached
+                window_sum[rows] += detached
+                window_steps += 1
+                if len(members) > 1:
+                    member_steps[mi] += 1
+                else:
+                    member_steps = [s + 1 for s in member_steps]
+                window_examples += end - start
+                examples_done += end - start
+                if cfg.log_every and len(members) == 1 and step % cfg.log_every == 0:
+                    synchronize(device)
+                    now = time.perf_counter()
+                    member_loss = (window_sum / window_steps).tolist()
+                    _check_finite(member_loss, method, epoch)
+                    yield StepRecord(
+                        method=method,
+                        epoch=epoch,
+                        step=step,
+                        steps_per_epoch=len(plan),
+                        member_loss=member_loss,
+                        loss=sum(member_loss) / len(member_loss),
+                        examples_per_second=window_examples / max(now - t_window, 1e-9),
+                        elapsed_seconds=now - t_start,
+                    )
+                    window_sum.zero_()
+                    window_steps, window_examples, t_window = 0, 0, now
+            if stopped:
+                break
+        synchronize(device)
+        now = time.perf_counter()
+        seconds = now - t_epoch
+        steps_t = torch.tensor(member_steps, dtype=loss_sum.dtype)
+        # NaN marks a member that made no step this epoch (a stop before its turn).
+        member_loss = (loss_sum.cpu() / steps_t).tolist()
+        reached = [v for v, n in zip(member_loss, member_steps, strict=True) if n]
+        _check_finite(reached, method, epoch)
+        finite = [v for v in member_loss if math.isfinite(v)]
+        yield EpochRecord(
+            method=method,
+            epoch=epoch,
+            epochs=cfg.epochs,
+            member_loss=member_loss,
+            loss=sum(finite) / len(finite) if finite else float("nan"),
+            epoch_seconds=seconds,
+            examples_per_second=examples_done / len(members) / max(seconds, 1e-9),
+            elapsed_seconds=now - t_start,
+            steps=max(member_steps),
+            stopped=stopped,
+        )
+        if stopped:
+            return
+
+
+def per_member_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of each member.
+
+    Args:
+        logits: ``[E, B, C]``.
+        labels: ``[B]`` (shared by all members) or ``[E, B]`` (one batch per member).
+
+    Returns:
+        ``[E]``.
+    """
+    n_members, batch, n_classes = logits.shape
+    if labels.dim() == 1:
+        labels = labels.expand(n_members, batch)
+    losses = F.cross_entropy(logits.reshape(-1, n_classes), labels.reshape(-1), reduction="none")  # (E*B,)
+    return losses.view(n_members, batch).mean(dim=1)  # (E,)
+
+
+def _check_finite(values: list[float], method: str, epoch: int) -> None:
+    if not all(math.isfinite(v) for v in values):
+        raise _diverged(method, epoch)
+
+
+def _diverged(method: str, epoch: int) -> DivergedError:
+    return DivergedError(
+        f"{method} diverged in epoch {epoch}: the training loss became NaN or infinite; try a lower learning rate"
+    )

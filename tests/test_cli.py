@@ -1,0 +1,147 @@
+"""The command line, run as a user runs it: a real subprocess, its exit status and its output."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+FASHION = Path("/usr/share/datasets/fashion-mnist")
+TINY = ["--dataset", "synthetic", "--synthetic-train", "600", "--synthetic-test", "200", "--hidden", "16"]
+
+
+def cli(*args, tmp_path, timeout=300, **popen):
+    env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    env.pop("BENCH_STORE", None)
+    return subprocess.run(
+        [sys.executable, "-m", "bench_core", *args],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        **popen,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["--ensemble-size", "0"], "ensemble size must be at least 1"),
+        (["--epochs", "0"], "epochs must be at least 1"),
+        (["--dataset", "imagenet"], "unknown dataset 'imagenet'"),
+        (["--methods", "classic,bagging"], "unknown method 'bagging'"),
+        (["--methods", ""], "choose at least one method"),
+        (["--device", "tpu"], "unknown device 'tpu'"),
+        (["--device", "cuda:7"], "not available on this machine"),
+        (["--lr", "0"], "learning rate must be a positive number"),
+        (["--lr", "-1"], "learning rate must be a positive number"),
+        (["--lr", "abc"], "learning rate must be a positive number"),
+        (["--lr", "nan"], "learning rate must be a positive number"),
+        (["--batch-size", "x"], "batch size must be a whole number"),
+        (["--classic-mode", "parallel"], "unknown classic mode"),
+        (["--be-batching", "half"], "unknown BatchEnsemble batching"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(tmp_path, args, expected):
+    result = cli("train", *TINY, *args, tmp_path=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert expected in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_a_missing_device_creates_no_run(tmp_path):
+    cli("train", *TINY, "--device", "cuda", tmp_path=tmp_path, timeout=60)
+    assert not (tmp_path / "data" / "runs.sqlite").exists() or "no runs" in cli("runs", tmp_path=tmp_path).stdout
+
+
+def test_missing_dataset_without_download_is_one_line(tmp_path):
+    result = cli("train", "--dataset", "cifar10", "--no-download", tmp_path=tmp_path, timeout=60)
+    assert result.returncode == 2
+    last = result.stderr.strip().splitlines()[-1]  # progress lines come first, the error last
+    assert last.startswith("error: ") and "cifar10" in last and "BENCH_DATA_DIR" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_train_writes_json_table_and_store(tmp_path):
+    out = tmp_path / "figures.json"
+    result = cli("train", *TINY, "--epochs", "2", "--ensemble-size", "3", "--json", str(out), tmp_path=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "run 1 (store:" in result.stderr
+    assert "ensemble accuracy" in result.stdout and "BatchEnsemble" in result.stdout
+    figures = json.loads(out.read_text())
+    assert set(figures) == {"classic", "batchensemble"}
+    keys = {"ensemble_accuracy", "member_accuracy", "mean_member_accuracy", "agreement", "disagreement", "nll"}
+    keys |= {"ece", "brier", "params", "train_seconds", "epoch_seconds"}
+    for result_ in figures.values():
+        assert keys <= set(result_)
+        assert len(result_["member_accuracy"]) == 3
+        assert len(result_["agreement"]) == 3 and len(result_["agreement"][0]) == 3
+        assert len(result_["epoch_seconds"]) == 2
+    listing = cli("runs", tmp_path=tmp_path)
+    assert "finished" in listing.stdout and "synthetic" in listing.stdout
+
+
+def test_unwritable_json_path_is_one_line(tmp_path):
+    (tmp_path / "afile").write_text("")
+    result = cli("train", *TINY, "--epochs", "1", "--json", str(tmp_path / "afile" / "x.json"), tmp_path=tmp_path)
+    assert result.returncode == 2
+    assert "can't write --json" in result.stderr.splitlines()[-1]
+
+
+def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
+    env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    args = ["--dataset", "synthetic", "--synthetic-train", "20000", "--synthetic-test", "500", "--epochs", "50"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench_core", "train", *args, "--log-every", "1"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    line = ""
+    while "training classic" not in line and time.time() < deadline:
+        line = proc.stderr.readline()
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped early" in stderr
+    assert "ensemble accuracy" in stdout
+    listing = cli("runs", tmp_path=tmp_path)
+    assert "stopped" in listing.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_fashion_mnist_reaches_88_percent_for_both_methods(tmp_path):
+    """The issue's acceptance run, on real Fashion-MNIST: E = 4, 10 epochs, default settings."""
+    out = tmp_path / "fm.json"
+    result = cli(
+        "train",
+        "--dataset",
+        "fashion-mnist",
+        "--ensemble-size",
+        "4",
+        "--epochs",
+        "10",
+        "--json",
+        str(out),
+        tmp_path=tmp_path,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr
+    figures = json.loads(out.read_text())
+    for method in ("classic", "batchensemble"):
+        assert figures[method]["ensemble_accuracy"] >= 0.88, (method, figures[method]["ensemble_accuracy"])
+    assert figures["classic"]["ensemble_accuracy"] > figures["classic"]["mean_member_accuracy"]

@@ -1,0 +1,114 @@
+"""A whole experiment through the run store: records, results, weights, statuses, faults."""
+
+import threading
+
+import pytest
+import torch
+
+from bench_core.config import RunConfig
+from bench_core.errors import ConfigError, DivergedError
+from bench_core.models import build_model
+from bench_core.runner import MethodResult, RunDone, run_experiment
+from bench_core.store import RunStore
+from bench_core.training import EpochRecord
+
+
+def tiny_config(**train) -> RunConfig:
+    cfg = RunConfig(methods=("classic", "batchensemble"))
+    cfg.data.name = "synthetic"
+    cfg.data.synthetic_train, cfg.data.synthetic_test = 800, 200
+    cfg.data.synthetic_shape = (1, 6, 6)
+    cfg.model.hidden, cfg.model.ensemble_size = 16, 3
+    cfg.train.epochs, cfg.train.batch_size, cfg.train.device = 2, 64, "cpu"
+    for key, value in train.items():
+        setattr(cfg.train, key, value)
+    return cfg
+
+
+@pytest.fixture
+def store(tmp_path):
+    return RunStore(tmp_path / "runs.sqlite")
+
+
+def test_finished_run_is_stored_whole(store):
+    cfg = tiny_config()
+    events = list(run_experiment(cfg, store=store, source="test"))
+    done = events[-1]
+    assert isinstance(done, RunDone) and done.status == "finished"
+    assert set(done.results) == {"classic", "batchensemble"}
+    run = store.get_run(done.run_id)
+    assert run["status"] == "finished"
+    assert RunConfig.from_dict(run["config"]) == cfg  # asdict(config) round-trips through the store
+    assert [r["epoch"] for r in run["records"]] == [1, 2, 1, 2]
+    assert {"torch", "python"} <= set(run["versions"])
+    for method, result in run["results"].items():
+        assert len(result["member_accuracy"]) == 3
+        assert len(result["agreement"]) == 3
+        assert result["train_seconds"] > 0
+        assert len(result["epoch_seconds"]) == 2
+        state = store.load_weights(done.run_id, method)
+        model = build_model(method, cfg.model, 36, 10)
+        model.load_state_dict(state)  # the saved weights are the whole model
+
+
+def test_methods_start_from_the_same_seed_and_reproduce(store):
+    a = [e for e in run_experiment(tiny_config(), store=None) if isinstance(e, MethodResult)]
+    b = [e for e in run_experiment(tiny_config(), store=None) if isinstance(e, MethodResult)]
+    assert [r.result["ensemble_accuracy"] for r in a] == [r.result["ensemble_accuracy"] for r in b]
+
+
+def test_stop_keeps_what_was_trained_and_skips_later_methods(store):
+    stop = threading.Event()
+    events = []
+    for event in run_experiment(tiny_config(epochs=5), store=store, stop=stop):
+        events.append(event)
+        if isinstance(event, EpochRecord):
+            stop.set()
+    done = events[-1]
+    assert done.status == "stopped"
+    assert list(done.results) == ["classic"]
+    assert done.results["classic"]["epochs_done"] == 1
+    run = store.get_run(done.run_id)
+    assert run["status"] == "stopped"
+    assert "classic" in run["results"] and "batchensemble" not in run["results"]
+
+
+def test_divergence_fails_the_run_with_its_message(store):
+    with pytest.raises(DivergedError, match="lower learning rate"):
+        list(run_experiment(tiny_config(lr=1e12, epochs=5), store=store))
+    (run,) = store.list_runs()
+    assert run["status"] == "failed"
+    assert "lower learning rate" in run["message"]
+
+
+def test_batch_larger_than_the_dataset_is_a_config_error(store):
+    with pytest.raises(ConfigError, match="larger than the 800 training examples"):
+        list(run_experiment(tiny_config(batch_size=1000), store=store))
+    assert store.list_runs()[0]["status"] == "failed"
+
+
+def test_split_batch_smaller_than_ensemble_is_a_config_error(store):
+    cfg = tiny_config(batch_size=2)
+    cfg.model.be_batching = "split"
+    with pytest.raises(ConfigError, match="can't be split among 3 members"):
+        list(run_experiment(cfg, store=store))
+
+
+def test_out_of_memory_names_the_settings_to_lower(store, monkeypatch):
+    import bench_core.runner as runner
+
+    def boom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(runner, "build_model", boom)
+    with pytest.raises(runner.DeviceOutOfMemoryError, match="lower the ensemble size"):
+        list(run_experiment(tiny_config(), store=store))
+    assert store.list_runs()[0]["status"] == "failed"
+
+
+def test_unknown_device_is_refused(store):
+    from bench_core.errors import DeviceError
+
+    cfg = tiny_config(device="tpu")
+    with pytest.raises(DeviceError, match="unknown device"):
+        list(run_experiment(cfg, store=store))
