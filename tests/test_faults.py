@@ -93,7 +93,7 @@ def test_concurrent_trainings_threads_and_processes_share_one_store(tmp_path):
         try:
             cfg = tiny_config(seed=seed)
             list(run_experiment(cfg, store=RunStore(store_path), source="test"))
-        except Exception as err:  # noqa: BLE001 - collected and asserted below
+        except Exception as err:  # collected and asserted below
             errors.append(err)
 
     procs = [
