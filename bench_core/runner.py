@@ -20,7 +20,7 @@ from bench_core.data import Dataset, load_dataset
 from bench_core.devices import resolve_device
 from bench_core.errors import BenchError, ConfigError, DeviceOutOfMemoryError, DivergedError
 from bench_core.evaluation import evaluate
-from bench_core.locks import device_lock
+from bench_core.locks import LockCancelledError, device_lock
 from bench_core.models import build_model
 from bench_core.store import RunStore
 from bench_core.training import EpochRecord, StepRecord, train
@@ -127,7 +127,7 @@ def run_experiment(
         results: dict[str, dict] = {}
         lock_dir = store.path.parent if store is not None else Path.cwd()
         on_wait = (lambda: store.set_note(run_id, "waiting for the GPU: another run is using it")) if store else None
-        with device_lock(device, lock_dir, on_wait=on_wait):
+        with device_lock(device, lock_dir, on_wait=on_wait, cancel=stop):
             if store is not None:
                 store.set_note(run_id, None)
             for method in cfg.methods:
@@ -140,6 +140,11 @@ def run_experiment(
         if store is not None:
             store.finish_run(run_id, status)
         yield RunDone(status, results, run_id)
+    except LockCancelledError:
+        # Stopped while waiting for the GPU: nothing was trained, nothing failed.
+        if store is not None:
+            store.finish_run(run_id, "stopped", "stopped while waiting for the GPU")
+        yield RunDone("stopped", {}, run_id)
     except BenchError as err:
         if store is not None:
             store.finish_run(run_id, "failed", str(err))

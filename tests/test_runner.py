@@ -1,6 +1,7 @@
 """A whole experiment through the run store: records, results, weights, statuses, faults."""
 
 import threading
+import time
 
 import pytest
 import torch
@@ -112,3 +113,31 @@ def test_unknown_device_is_refused(store):
     cfg = tiny_config(device="tpu")
     with pytest.raises(DeviceError, match="unknown device"):
         list(run_experiment(cfg, store=store))
+
+
+def test_a_busy_gpu_makes_the_run_wait_and_say_so(store, monkeypatch, tmp_path):
+    """A CUDA device trains one run at a time: a second run waits, says so, and can be stopped."""
+    import bench_core.runner as runner
+    from bench_core.locks import device_lock
+
+    monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device("cuda"))
+    monkeypatch.setattr(runner, "load_dataset", lambda cfg, device, progress=None: _tiny_data())
+    stop = threading.Event()
+    events = []
+    with device_lock("cuda", store.path.parent):  # another run holds the GPU
+        worker = threading.Thread(target=lambda: events.extend(run_experiment(tiny_config(), store=store, stop=stop)))
+        worker.start()
+        deadline = time.time() + 10
+        while time.time() < deadline and not (store.list_runs() and store.list_runs()[0]["note"]):
+            time.sleep(0.05)
+        assert "waiting for the GPU" in store.list_runs()[0]["note"]
+        stop.set()
+        worker.join(timeout=10)
+    assert events[-1].status == "stopped"
+    assert store.list_runs()[0]["status"] == "stopped"
+
+
+def _tiny_data():
+    from bench_core.data import make_synthetic
+
+    return make_synthetic(800, 200, shape=(1, 6, 6), num_classes=10)
