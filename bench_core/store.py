@@ -41,6 +41,7 @@ SOURCES = ("cli", "dashboard", "test")
 BUSY_TIMEOUT_S = 30.0
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
+_CHECKED_FILES: set[tuple[int, int]] = set()  # (device, inode) of store files this process has opened
 _TABLES = ("runs", "records", "results")
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _LEAVE = "it was left untouched: move it away or set BENCH_STORE to another path"
@@ -86,6 +87,14 @@ CREATE INDEX runs_status ON runs(status);
 _LIST_COLUMNS = (
     "id, created, updated, name, source, status, message, device, config, note, progress, stop_requested, pid, host"
 )
+
+
+def _file_key(path: Path) -> tuple[int, int] | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino)
 
 
 def default_store_path() -> Path:
@@ -368,7 +377,11 @@ class RunStore:
         if not os.access(path.parent, os.W_OK):
             msg = f"can't write in the folder of run store {path}: set BENCH_STORE to a writable path"
             raise StoreError(msg)
-        if path.exists() and path.stat().st_size > 0:
+        if path.exists() and path.stat().st_size > 0 and _file_key(path) not in _CHECKED_FILES:
+            # Read the header only while this process holds no connection to the file: closing
+            # any descriptor of it drops all of this process's POSIX locks on it, after which
+            # another process may checkpoint and delete the WAL under our open connections
+            # (they then read stale pages, or report "database disk image is malformed").
             try:
                 with open(path, "rb") as f:
                     head = f.read(len(_SQLITE_HEADER))
@@ -383,6 +396,7 @@ class RunStore:
             self._check_or_create(conn)
         finally:
             conn.close()
+        _CHECKED_FILES.add(_file_key(path))
 
     def _check_or_create(self, conn: sqlite3.Connection) -> None:
         path = self.path
