@@ -1,0 +1,26 @@
+"""The dashboard's entry point: only routes to the pages (``streamlit run app.py``)."""
+
+import streamlit as st
+
+from bench_core.store import default_store_path
+from pages._common import DEEP_LINK_KEY, STORE_PATH_KEY, mark_routed
+
+st.set_page_config(page_title="Ensemble workbench", page_icon=":material/science:", layout="wide")
+
+# Shared state, set once per browser session: every page reads the store from here.
+if STORE_PATH_KEY not in st.session_state:
+    st.session_state[STORE_PATH_KEY] = str(default_store_path())
+
+mark_routed()
+page = st.navigation(
+    [
+        st.Page("pages/train.py", title="Train", icon=":material/model_training:", default=True),
+        st.Page("pages/results.py", title="Results", icon=":material/bar_chart:"),
+        st.Page("pages/runs.py", title="Runs", icon=":material/table_rows:"),
+        st.Page("pages/speed.py", title="Speed", icon=":material/speed:"),
+        st.Page("pages/learn.py", title="Learn", icon=":material/school:"),
+    ]
+)
+if DEEP_LINK_KEY in st.session_state:  # a page asked for before this router had run (see require_router)
+    st.switch_page(st.session_state.pop(DEEP_LINK_KEY))
+page.run()

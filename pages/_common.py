@@ -1,0 +1,655 @@
+"""Helpers shared by the dashboard's pages: the run store, method colours and labels, Plotly figures.
+
+The figure builders take plain data (records and results as the run store returns them) and
+return a ``plotly.graph_objects.Figure``; they never call Streamlit, so tests can check them
+directly. Every figure uses one colour per method and fonts big enough for a projector.
+"""
+
+from __future__ import annotations
+
+import csv
+import functools
+import io
+import itertools
+import json
+import math
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import numpy as np
+import plotly.express as px
+import plotly.graph_objects as go
+import streamlit as st
+from plotly.subplots import make_subplots
+
+from bench_core.config import METHODS, RunConfig
+from bench_core.errors import BenchError, ConfigError
+from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
+from bench_core.store import RunStore, default_store_path
+
+# Session-state keys shared by several pages.
+STORE_PATH_KEY = "store_path"  # the run store's path, set once per session by app.py
+LIVE_RUN_KEY = "live_run_id"  # the run this session launched last (the Train page's live view)
+LAST_RUN_KEY = "last_run_id"  # the run the Results page opens by default
+
+# One colour per method on every page (Okabe-Ito: distinguishable with colour-blindness).
+METHOD_COLORS = {"classic": "#0072B2", "batchensemble": "#D55E00", "single": "#009E73"}
+METHOD_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+
+DATASET_LABELS = {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "synthetic": "synthetic"}
+# Training-split sizes and example shapes of the real datasets, known without loading them.
+TRAIN_SIZES = {"cifar10": 50_000, "fashion-mnist": 60_000, "mnist": 60_000}
+DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
+DATASET_CLASSES = {"cifar10": 10, "fashion-mnist": 10, "mnist": 10}
+
+# Font sizes for a projector at the back of a classroom.
+TITLE_SIZE = 20
+AXIS_TITLE_SIZE = 17
+TICK_SIZE = 15
+LEGEND_SIZE = 15
+PLOT_CONFIG = {"displaylogo": False}
+
+
+# ----------------------------------------------------------------------------- labels
+
+
+def method_label(method: str) -> str:
+    """The name a reader sees: "classic", "BatchEnsemble", "single"."""
+    return METHOD_LABELS.get(method, method)
+
+
+def method_color(method: str) -> str:
+    return METHOD_COLORS.get(method, "#555555")
+
+
+def dataset_label(name: str) -> str:
+    return DATASET_LABELS.get(name, name)
+
+
+def ordered_methods(methods: Iterable[str]) -> list[str]:
+    """Methods in the order the config lists them (single, classic, BatchEnsemble), unknown ones last."""
+    methods = list(dict.fromkeys(methods))
+    known = [m for m in METHODS if m in methods]
+    return known + [m for m in methods if m not in METHODS]
+
+
+def run_label(run: dict) -> str:
+    """One line naming a run: "#12 finished · synthetic · classic, BatchEnsemble · E=5 · 10 epochs"."""
+    cfg = run.get("config") or {}
+    data = cfg.get("data") or {}
+    model = cfg.get("model") or {}
+    train = cfg.get("train") or {}
+    methods = ", ".join(method_label(m) for m in run.get("methods") or [])
+    created = time.strftime("%d %b %H:%M", time.localtime(run.get("created") or 0))
+    status = run.get("status", "?")
+    return (
+        f"#{run['id']} {status} · {dataset_label(data.get('name', '?'))} · "
+        f"{methods or '—'} · E={model.get('ensemble_size', '?')} · {train.get('epochs', '?')} epochs · {created}"
+    )
+
+
+def hms(seconds: float | None) -> str:
+    """Seconds as "1:02:03" or "2:03"."""
+    if seconds is None or not math.isfinite(seconds):
+        return "—"
+    seconds = max(0, round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+# ----------------------------------------------------------------------------- routing
+
+DEEP_LINK_KEY = "deep_link_page"  # a page asked for before app.py had ever run in this process
+_ROUTER = {"seen": False}  # whether app.py (st.navigation) has run in this process
+
+
+def mark_routed() -> None:
+    """Called by app.py on every run, before its st.navigation."""
+    _ROUTER["seen"] = True
+
+
+def require_router(page: str) -> None:
+    """Send a run that bypassed app.py through it, then on to ``page``.
+
+    Until some session has called st.navigation, Streamlit treats the ``pages/`` folder as an
+    old-style multipage app: the first request of a fresh server for ``/results`` would run
+    pages/results.py alone (no wide layout, every file of pages/ in the sidebar).
+    """
+    if not _ROUTER["seen"] and _old_style_pages():
+        st.session_state[DEEP_LINK_KEY] = page
+        st.switch_page("app.py")
+
+
+def _old_style_pages() -> bool:
+    """Whether Streamlit currently runs pages/ as an old-style multipage app (its internal flag)."""
+    try:
+        from streamlit.runtime.pages_manager import PagesManager
+    except ImportError:  # a Streamlit without this flag: nothing to correct
+        return False
+    return bool(getattr(PagesManager, "uses_pages_directory", False))
+
+
+# ----------------------------------------------------------------------------- the store
+
+
+def store_path() -> Path:
+    """The run store's path: set once per session (app.py does it), else ``default_store_path()``."""
+    if STORE_PATH_KEY not in st.session_state:
+        st.session_state[STORE_PATH_KEY] = str(default_store_path())
+    return Path(st.session_state[STORE_PATH_KEY])
+
+
+def open_store() -> RunStore:
+    """Open the run store; if it can't be, say why in one line and stop the page (or fragment)."""
+    try:
+        return RunStore(store_path())
+    except BenchError as err:
+        st.error(str(err), icon=":material/error:")
+        st.stop()
+
+
+def one_line_errors(func: Callable) -> Callable:
+    """Run ``func``; a BenchError becomes one ``st.error`` line instead of a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args, **kwargs):
+        try:
+            return func(*args, **kwargs)
+        except BenchError as err:
+            st.error(str(err), icon=":material/error:")
+            return None
+
+    return wrapper
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """``cfg.validate()`` plus the checks the worker would only make after loading the data.
+
+    Raises:
+        ConfigError: one line naming the setting to change.
+    """
+    cfg.validate()
+    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
+    if n_train is not None and cfg.train.batch_size > n_train:
+        raise ConfigError(
+            f"batch size {cfg.train.batch_size} is larger than the {n_train} training examples of "
+            f"{cfg.data.name}: lower the batch size"
+        )
+    e = cfg.model.ensemble_size
+    if "batchensemble" in cfg.methods and cfg.model.be_batching == "split":
+        if cfg.train.batch_size < e:
+            raise ConfigError(
+                f"batch size {cfg.train.batch_size} can't be split among {e} members: "
+                f"raise the batch size to at least {e}, lower the ensemble size, or use repeat batching"
+            )
+        if n_train is not None and n_train < e:
+            raise ConfigError(f"{n_train} training examples can't be split among {e} members")
+    return cfg
+
+
+def log_every_for(cfg: RunConfig, points_per_epoch: int) -> int:
+    """The ``log_every`` that gives about ``points_per_epoch`` loss points per epoch (0: epoch records only)."""
+    if points_per_epoch <= 0:
+        return 0
+    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name, 50_000)
+    steps = math.ceil(n_train / max(1, cfg.train.batch_size))
+    return max(1, steps // points_per_epoch)
+
+
+def show(fig: go.Figure, key: str | None = None) -> None:
+    """Draw a figure across the column's width, with our own (projector-sized) styling."""
+    st.plotly_chart(fig, width="stretch", theme=None, config=PLOT_CONFIG, key=key)
+
+
+# ----------------------------------------------------------------------------- figure styling
+
+
+def style(
+    fig: go.Figure, title: str, x_title: str | None = None, y_title: str | None = None, height: int = 420
+) -> go.Figure:
+    """Projector-readable fonts, a white template and room for the title."""
+    fig.update_layout(
+        template="plotly_white",
+        title={"text": title, "font": {"size": TITLE_SIZE}, "x": 0.0, "xanchor": "left"},
+        font={"size": TICK_SIZE},
+        height=height,
+        margin={"l": 70, "r": 20, "t": 70, "b": 60},
+        legend={"font": {"size": LEGEND_SIZE}},
+        hoverlabel={"font": {"size": TICK_SIZE}},
+    )
+    fig.update_xaxes(tickfont={"size": TICK_SIZE}, title_font={"size": AXIS_TITLE_SIZE})
+    fig.update_yaxes(tickfont={"size": TICK_SIZE}, title_font={"size": AXIS_TITLE_SIZE})
+    if x_title is not None:
+        fig.update_xaxes(title_text=x_title)
+    if y_title is not None:
+        fig.update_yaxes(title_text=y_title)
+    return fig
+
+
+# ----------------------------------------------------------------------------- training curves
+
+
+def _finite(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def _array(values: list) -> np.ndarray:
+    """Numbers as a float array (None: NaN, a gap in the line); Plotly validates arrays far faster than lists."""
+    return np.array([np.nan if v is None else v for v in values], dtype=float)
+
+
+def _member_loss(record: dict, k: int) -> float | None:
+    losses = record.get("member_loss") or []
+    return _finite(losses[k]) if k < len(losses) else None
+
+
+def loss_series(records: list[dict]) -> dict[str, dict]:
+    """Per method: x (fractional epoch), the members' losses and their mean, ready to plot.
+
+    A method's step records are used when it has any (x = epoch - 1 + step / steps per epoch);
+    otherwise its epoch records (x = epoch; a sequential classic ensemble logs only those).
+
+    Returns:
+        ``{method: {"x": [...], "members": [[loss of member k at each x], ...], "mean": [...]}}``.
+    """
+    out: dict[str, dict] = {}
+    methods = ordered_methods(r.get("method") for r in records if r.get("kind") in ("epoch", "step"))
+    for method in methods:
+        steps = [r for r in records if r.get("kind") == "step" and r.get("method") == method]
+        if steps:
+            xs = [r["epoch"] - 1 + r["step"] / max(1, r.get("steps_per_epoch") or 1) for r in steps]
+            chosen = steps
+        else:
+            chosen = [r for r in records if r.get("kind") == "epoch" and r.get("method") == method]
+            xs = [float(r["epoch"]) for r in chosen]
+        n_members = max((len(r.get("member_loss") or []) for r in chosen), default=0)
+        members = [[_member_loss(r, k) for r in chosen] for k in range(n_members)]
+        out[method] = {"x": xs, "members": members, "mean": [_finite(r.get("loss")) for r in chosen]}
+    return out
+
+
+def loss_figure(records: list[dict], title: str = "Training loss: members (thin) and their mean (thick)") -> go.Figure:
+    """Training loss per member (thin lines) and per method mean (thick line), all methods on one figure."""
+    fig = go.Figure()
+    for method, series in loss_series(records).items():
+        color = method_color(method)
+        label = method_label(method)
+        for k, losses in enumerate(series["members"]):
+            fig.add_trace(
+                go.Scatter(
+                    x=_array(series["x"]),
+                    y=_array(losses),
+                    mode="lines",
+                    line={"color": color, "width": 1},
+                    opacity=0.35,
+                    name=f"{label} member {k + 1}",
+                    legendgroup=method,
+                    showlegend=False,
+                    hovertemplate=f"{label} member {k + 1}<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
+                )
+            )
+        fig.add_trace(
+            go.Scatter(
+                x=_array(series["x"]),
+                y=_array(series["mean"]),
+                mode="lines+markers" if len(series["x"]) < 30 else "lines",
+                line={"color": color, "width": 4},
+                name=f"{label} (mean of members)",
+                legendgroup=method,
+                hovertemplate=f"{label} mean<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
+            )
+        )
+    style(fig, title, "epoch", "training loss (cross-entropy)")
+    fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
+    fig.update_xaxes(rangemode="tozero")
+    return fig
+
+
+def _epoch_records(records: list[dict], method: str) -> list[dict]:
+    """A method's full epochs (an epoch cut short by a stop would skew the timings)."""
+    return [r for r in records if r.get("kind") == "epoch" and r.get("method") == method and not r.get("stopped")]
+
+
+def epoch_metric_figure(records: list[dict], key: str, title: str, y_title: str) -> go.Figure:
+    """One line per method of an epoch record's number (``epoch_seconds``, ``examples_per_second``)."""
+    fig = go.Figure()
+    methods = ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
+    for method in methods:
+        rows = _epoch_records(records, method)
+        fig.add_trace(
+            go.Scatter(
+                x=_array([r["epoch"] for r in rows]),
+                y=_array([_finite(r.get(key)) for r in rows]),
+                mode="lines+markers",
+                line={"color": method_color(method), "width": 3},
+                marker={"size": 9},
+                name=method_label(method),
+            )
+        )
+    style(fig, title, "epoch", y_title, height=360)
+    fig.update_xaxes(dtick=1 if max((len(_epoch_records(records, m)) for m in methods), default=0) <= 20 else None)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
+    return fig
+
+
+def seconds_figure(records: list[dict]) -> go.Figure:
+    return epoch_metric_figure(records, "epoch_seconds", "Seconds per epoch (lower is faster)", "seconds")
+
+
+def throughput_figure(records: list[dict]) -> go.Figure:
+    return epoch_metric_figure(
+        records, "examples_per_second", "Training examples per second (higher is faster)", "examples / s"
+    )
+
+
+def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[float, float | None, str]:
+    """How far a run's training has come: (fraction, ETA in seconds or None, "classic · epoch 2/5").
+
+    The fraction counts finished epochs plus the part of the current one that step records show;
+    the ETA extrapolates the training seconds spent so far (loading and evaluation not included).
+    """
+    total = max(1, len(methods) * epochs)
+    done = 0.0
+    spent = 0.0
+    where = ""
+    for method in methods:
+        mine = [r for r in records if r.get("method") == method and r.get("kind") in ("epoch", "step")]
+        if not mine:
+            continue
+        full = [r for r in mine if r.get("kind") == "epoch" and not r.get("stopped")]
+        last = mine[-1]
+        fraction = float(len(full))
+        if last.get("kind") == "step" and last.get("epoch", 0) > len(full):
+            fraction += last["step"] / max(1, last.get("steps_per_epoch") or 1)
+        done += min(fraction, epochs)
+        spent += float(last.get("elapsed_seconds") or 0.0)
+        current = min(epochs, len(full) + (1 if len(full) < epochs else 0))
+        where = f"{method_label(method)} · epoch {current}/{epochs}"
+    eta = spent / done * (total - done) if done > 0 else None
+    return min(1.0, done / total), eta, where
+
+
+# ----------------------------------------------------------------------------- results
+
+
+def _accuracy_title(method: str, result: dict) -> str:
+    ens, mean = _finite(result.get("ensemble_accuracy")), _finite(result.get("mean_member_accuracy"))
+    parts = [f"ensemble {ens:.3f}"] if ens is not None else []
+    if mean is not None and len(result.get("member_accuracy") or []) > 1:
+        parts.append(f"mean member {mean:.3f}")
+    return f"<b>{method_label(method)}</b><br>{' · '.join(parts)}"
+
+
+def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
+    """Each method's members' test accuracy as bars, side by side, with the ensemble's accuracy marked."""
+    methods = ordered_methods(results)
+    fig = make_subplots(
+        rows=1,
+        cols=max(1, len(methods)),
+        shared_yaxes=True,
+        subplot_titles=[_accuracy_title(m, results[m]) for m in methods],
+        horizontal_spacing=0.06,
+    )
+    values: list[float] = []
+    for col, method in enumerate(methods, start=1):
+        result = results[method]
+        accs = [_finite(a) for a in result.get("member_accuracy") or []]
+        ens = _finite(result.get("ensemble_accuracy"))
+        mean = _finite(result.get("mean_member_accuracy"))
+        values += [a for a in accs if a is not None] + [v for v in (ens, mean) if v is not None]
+        members = [f"{k + 1}" for k in range(len(accs))]
+        fig.add_trace(
+            go.Bar(
+                x=members,
+                y=accs,
+                marker={"color": method_color(method)},
+                name=method_label(method),
+                text=[f"{a:.3f}" if a is not None else "" for a in accs],
+                textposition="inside" if len(accs) <= 8 else "none",
+                textfont={"size": TICK_SIZE, "color": "white"},
+                hovertemplate=f"{method_label(method)} member %{{x}}<br>accuracy %{{y:.4f}}<extra></extra>",
+                showlegend=False,
+            ),
+            row=1,
+            col=col,
+        )
+        if ens is not None:
+            fig.add_hline(
+                y=ens,
+                line={"color": "#222222", "width": 3, "dash": "dash"},
+                annotation_text=f"ensemble {ens:.3f}",
+                annotation_position="top left",
+                annotation_font={"size": TICK_SIZE, "color": "#222222"},
+                annotation_bgcolor="rgba(255,255,255,0.85)",
+                row=1,
+                col=col,
+            )
+        if mean is not None and len(accs) > 1:
+            fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, row=1, col=col)
+        fig.update_xaxes(title_text="member", row=1, col=col, type="category")
+    style(fig, "Test accuracy of each member; dashed: the ensemble, dotted: the mean member", height=470)
+    fig.update_layout(margin={"t": 120})
+    titles = {_accuracy_title(m, results[m]) for m in methods}
+    for ann in fig.layout.annotations:
+        if ann.text in titles:
+            ann.font = {"size": AXIS_TITLE_SIZE}
+    fig.update_yaxes(title_text="test accuracy", row=1, col=1)
+    if values:
+        lo, hi = min(values), max(values)
+        pad = max(0.02, (hi - lo) * 0.3)
+        # Zoomed in: members differ by a few points of accuracy, which a 0..1 axis would hide.
+        fig.update_yaxes(range=[max(0.0, lo - pad), min(1.0, hi + pad)], row=1, col=1)
+        fig.update_yaxes(title_text="test accuracy (axis zoomed)", row=1, col=1)
+    return fig
+
+
+def agreement_figure(result: dict, method: str) -> go.Figure:
+    """The E x E agreement matrix of a method as an annotated heatmap on a fixed 0..1 colour scale."""
+    matrix = result.get("agreement") or [[1.0]]
+    n = len(matrix)
+    labels = [str(k + 1) for k in range(n)]
+    fig = px.imshow(
+        matrix,
+        x=labels,
+        y=labels,
+        zmin=0,
+        zmax=1,
+        text_auto=".2f",
+        color_continuous_scale="Viridis",
+        labels={"x": "member", "y": "member", "color": "agreement"},
+        aspect="equal",
+    )
+    disagreement = _finite(result.get("disagreement"))
+    sub = f" · mean disagreement {disagreement:.3f}" if disagreement is not None and n > 1 else ""
+    style(fig, f"{method_label(method)}{sub}", "member", "member", height=460)
+    fig.update_traces(textfont={"size": 16 if n <= 6 else 13 if n <= 10 else 9})
+    fig.update_xaxes(type="category", side="bottom")
+    fig.update_yaxes(type="category")
+    fig.update_layout(title={"font": {"size": TITLE_SIZE - 2}})
+    return fig
+
+
+def reliability_figure(results: dict[str, dict]) -> go.Figure:
+    """Each method's reliability diagram (bin confidence against bin accuracy) and the diagonal."""
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=[0, 1],
+            y=[0, 1],
+            mode="lines",
+            line={"color": "#888888", "dash": "dash", "width": 2},
+            name="perfect calibration",
+        )
+    )
+    for method in ordered_methods(results):
+        curve = results[method].get("reliability") or {}
+        conf, acc, count = curve.get("confidence") or [], curve.get("accuracy") or [], curve.get("count") or []
+        points = [
+            (c, a, n)
+            for c, a, n in zip(conf, acc, count or [0] * len(conf), strict=False)
+            if c is not None and a is not None
+        ]
+        if not points:
+            continue
+        total = sum(n for _, _, n in points) or 1
+        ece = _finite(results[method].get("ece"))
+        name = method_label(method) + (f" (ECE {ece:.3f})" if ece is not None else "")
+        fig.add_trace(
+            go.Scatter(
+                x=[p[0] for p in points],
+                y=[p[1] for p in points],
+                customdata=[p[2] for p in points],
+                mode="lines+markers",
+                line={"color": method_color(method), "width": 3},
+                marker={"size": [8 + 22 * math.sqrt(p[2] / total) for p in points], "color": method_color(method)},
+                name=name,
+                hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} examples<extra></extra>",
+            )
+        )
+    style(fig, "Reliability diagram", "confidence (bin mean)", "accuracy", height=460)
+    fig.update_xaxes(range=[0, 1.02])
+    fig.update_yaxes(range=[0, 1.02], scaleanchor="x", scaleratio=1)
+    fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
+    return fig
+
+
+def runs_loss_figure(runs: list[dict]) -> go.Figure:
+    """Mean training loss per epoch of several runs, one line per run and method (colour: method, dash: run)."""
+    fig = go.Figure()
+    for i, run in enumerate(runs):
+        dash = METHOD_DASHES[i % len(METHOD_DASHES)]
+        records = run.get("records") or []
+        for method in ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch"):
+            rows = [r for r in records if r.get("kind") == "epoch" and r.get("method") == method]
+            fig.add_trace(
+                go.Scatter(
+                    x=[r["epoch"] for r in rows],
+                    y=[_finite(r.get("loss")) for r in rows],
+                    mode="lines+markers",
+                    line={"color": method_color(method), "width": 3, "dash": dash},
+                    marker={"size": 8},
+                    name=f"#{run['id']} {method_label(method)}",
+                )
+            )
+    style(fig, "Training loss per epoch (colour: method, line style: run)", "epoch", "training loss (mean of members)")
+    return fig
+
+
+# ----------------------------------------------------------------------------- parameter counts
+
+
+def mlp_params(sizes: list[int]) -> int:
+    """Weights and biases of one MLP with these layer widths."""
+    return sum(n_in * n_out + n_out for n_in, n_out in itertools.pairwise(sizes))
+
+
+def batchensemble_params(sizes: list[int], ensemble_size: int) -> int:
+    """Shared W per layer plus, per member and layer, r (in), s (out) and a bias (out)."""
+    return sum(n_in * n_out + ensemble_size * (n_in + 2 * n_out) for n_in, n_out in itertools.pairwise(sizes))
+
+
+def params_figure(sizes: list[int], max_members: int = 16, marked: int | None = None) -> go.Figure:
+    """Parameters against ensemble size: classic (E full MLPs), BatchEnsemble, and one MLP."""
+    es = list(range(1, max_members + 1))
+    single = mlp_params(sizes)
+    fig = go.Figure()
+    series = [
+        ("classic", [e * single for e in es]),
+        ("batchensemble", [batchensemble_params(sizes, e) for e in es]),
+        ("single", [single for _ in es]),
+    ]
+    for method, ys in series:
+        fig.add_trace(
+            go.Scatter(
+                x=es,
+                y=ys,
+                mode="lines+markers",
+                line={"color": method_color(method), "width": 3, "dash": "dot" if method == "single" else "solid"},
+                marker={"size": 8},
+                name=method_label(method) if method != "single" else "one MLP",
+                hovertemplate="E=%{x}<br>%{y:,} parameters<extra></extra>",
+            )
+        )
+    if marked is not None and 1 <= marked <= max_members:
+        fig.add_vline(x=marked, line={"color": "#444444", "dash": "dash"}, annotation_text=f"E={marked}")
+    style(fig, "Parameters against ensemble size", "ensemble size E", "parameters", height=420)
+    fig.update_xaxes(tickvals=[1, 2, 4, 6, 8, 10, 12, 14, 16][: max_members + 1], range=[0.5, max_members + 0.5])
+    fig.update_yaxes(rangemode="tozero", tickformat="~s")
+    return fig
+
+
+def matrix_figure(matrix: list[list[float]], title: str, zmax: float | None = None) -> go.Figure:
+    """A small weight matrix as an annotated heatmap, red negative and blue positive, centred on 0."""
+    n_out, n_in = len(matrix), len(matrix[0]) if matrix else 0
+    bound = zmax or max((abs(v) for row in matrix for v in row), default=1.0) or 1.0
+    fig = px.imshow(
+        matrix,
+        x=[str(i + 1) for i in range(n_in)],
+        y=[str(o + 1) for o in range(n_out)],
+        zmin=-bound,
+        zmax=bound,
+        color_continuous_scale="RdBu",
+        text_auto=".1f",
+        labels={"x": "input", "y": "output", "color": "value"},
+        aspect="auto",
+    )
+    style(fig, title, "input i", "output o", height=380)
+    fig.update_traces(textfont={"size": 14})
+    # No colour bar: every cell is labelled with its value (red negative, blue positive), and the
+    # three pictures need all the width they can get.
+    fig.update_layout(
+        margin={"l": 50, "r": 5, "t": 60, "b": 50},
+        title={"font": {"size": TITLE_SIZE - 2}},
+        coloraxis_showscale=False,
+    )
+    fig.update_xaxes(type="category")
+    fig.update_yaxes(type="category")
+    return fig
+
+
+# ----------------------------------------------------------------------------- exports
+
+
+def export_csv(runs: list[dict]) -> str:
+    """One row per run and method; the columns: the run's settings, then every figure of report.FIGURES."""
+    keys = [key for key, _, _ in FIGURES]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["run_id", "status", "dataset", "ensemble_size", "epochs", "device", "method", *keys])
+    for run in runs:
+        cfg = run.get("config") or {}
+        settings = [
+            run["id"],
+            run["status"],
+            (cfg.get("data") or {}).get("name"),
+            (cfg.get("model") or {}).get("ensemble_size"),
+            (cfg.get("train") or {}).get("epochs"),
+            run.get("device"),
+        ]
+        results = run.get("results") or {}
+        for method in ordered_methods(results):
+            full = derived(results[method])
+            writer.writerow([*settings, method, *(full.get(key) for key in keys)])
+    return buffer.getvalue()
+
+
+def export_json(runs: list[dict]) -> str:
+    """Every run with its settings, status, software versions, results and classic / BatchEnsemble ratios."""
+    out = [
+        {
+            "id": run["id"],
+            "created": run.get("created"),
+            "status": run["status"],
+            "message": run.get("message") or "",
+            "device": run.get("device"),
+            "config": run.get("config"),
+            "versions": run.get("versions"),
+            "results": results_json(run.get("results") or {}),
+            "ratios": ratios(run.get("results") or {}),
+        }
+        for run in runs
+    ]
+    return json.dumps(out, indent=2)

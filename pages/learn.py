@@ -1,0 +1,149 @@
+"""Learn: what BatchEnsemble is, with its formulas, a small layer to play with, and parameter counts."""
+
+from __future__ import annotations
+
+import streamlit as st
+import torch
+
+from bench_core.config import BE_INITS, DATASETS, DataConfig
+from bench_core.models import BatchEnsembleLinear, mlp_sizes
+from pages._common import (
+    DATASET_CLASSES,
+    DATASET_SHAPES,
+    batchensemble_params,
+    dataset_label,
+    matrix_figure,
+    mlp_params,
+    params_figure,
+    require_router,
+    show,
+)
+
+require_router("pages/learn.py")
+
+N_IN, N_OUT = 8, 6  # the small layer drawn below
+
+
+def layer_pictures() -> None:
+    """W, s_k r_kᵀ and W ∘ (s_k r_kᵀ) of one member of a small BatchEnsemble layer."""
+    controls = st.columns(4)
+    members = controls[0].slider("Ensemble size E", 1, 8, 4, key="learn_members")
+    if members > 1:
+        k = controls[1].slider("Member k", 1, members, 1, key="learn_member")
+    else:
+        k = 1
+        controls[1].caption("One member: k = 1")
+    init = controls[2].radio("Fast-weight init", BE_INITS, key="learn_init", horizontal=True)
+    std = controls[2].slider("std (normal init)", 0.0, 1.5, 0.5, 0.05, key="learn_std", disabled=init != "normal")
+    seed = controls[3].number_input("Seed", 0, 10_000, 0, key="learn_seed")
+
+    with torch.random.fork_rng(devices=[]):  # seed this picture without touching the server's RNG
+        torch.manual_seed(int(seed))
+        layer = BatchEnsembleLinear(N_IN, N_OUT, members, init=init, init_std=float(std))
+    with torch.no_grad():
+        shared = layer.weight  # (out, in)
+        fast = layer.s[k - 1].unsqueeze(1) * layer.r[k - 1].unsqueeze(0)  # (out, in): s_k r_kᵀ
+        member = layer.member_weight(k - 1)  # (out, in): W ∘ (s_k r_kᵀ)
+    cols = st.columns(3)
+    with cols[0]:
+        show(matrix_figure(shared.tolist(), "W (shared)"))
+    with cols[1]:
+        show(matrix_figure(fast.tolist(), f"s_{k} r_{k}ᵀ (member {k}, rank 1)"))
+    with cols[2]:
+        show(matrix_figure(member.tolist(), f"W_{k} = W ∘ s_{k} r_{k}ᵀ"))
+    r_text = ", ".join(f"{v:.2f}" for v in layer.r[k - 1].tolist())
+    s_text = ", ".join(f"{v:.2f}" for v in layer.s[k - 1].tolist())
+    st.caption(
+        f"r_{k} (one per input) = [{r_text}]  ·  s_{k} (one per output) = [{s_text}]. Values rounded to 0.1. "
+        f"Member {k}'s own numbers: {N_IN} + {N_OUT} + {N_OUT} (bias) = {N_IN + 2 * N_OUT}; "
+        f"W's {N_IN * N_OUT} are shared. Blue: positive, red: negative. "
+        "Move the member slider: W stays, the stripes of s_k r_kᵀ change."
+    )
+
+
+def params_section() -> None:
+    controls = st.columns(4)
+    name = controls[0].selectbox("Dataset shape", DATASETS, format_func=dataset_label, key="learn_dataset")
+    hidden = controls[1].number_input("Hidden width", 1, 4096, 128, step=16, key="learn_hidden")
+    depth = controls[2].number_input("Hidden layers", 1, 8, 2, key="learn_depth")
+    members = controls[3].slider("Mark E", 1, 16, 5, key="learn_mark")
+    if name == "synthetic":
+        shape, classes = tuple(DataConfig.synthetic_shape), DataConfig.synthetic_classes
+    else:
+        shape, classes = DATASET_SHAPES[name], DATASET_CLASSES[name]
+    in_features = 1
+    for d in shape:
+        in_features *= d
+    sizes = mlp_sizes(in_features, int(hidden), int(depth), classes)
+    left, right = st.columns([2, 1])
+    with left:
+        show(params_figure(sizes, 16, marked=members))
+    with right:
+        single = mlp_params(sizes)
+        be = batchensemble_params(sizes, members)
+        st.metric("One MLP", f"{single:,}")
+        st.metric(f"Classic ensemble, E={members}", f"{members * single:,}")
+        st.metric(f"BatchEnsemble, E={members}", f"{be:,}", f"{members * single / be:.2f}× fewer than classic")
+        st.caption(f"Layer widths: {' → '.join(map(str, sizes))} ({dataset_label(name)}: {shape}, {classes} classes)")
+
+
+st.title("Learn: BatchEnsemble")
+
+st.markdown(
+    r"""
+An **ensemble** trains several models (its *members*) and averages their predicted probabilities.
+A **classic ensemble** of E MLPs has E times the parameters and does E times the work.
+
+**BatchEnsemble** (Wen, Tran & Ba, ICLR 2020) lets the members share most of their weights. In each
+layer, one weight matrix $W$ (outputs × inputs) is shared by all members; member $k$ owns only two
+vectors, $r_k$ on the input side and $s_k$ on the output side, and its own bias $b_k$.
+Member $k$'s weight matrix is $W$ scaled, entry by entry, by the rank-1 matrix $s_k r_k^\top$:
+"""
+)
+st.latex(r"W_k \;=\; W \circ \left(s_k\, r_k^{\top}\right), \qquad (W_k)_{oi} = W_{oi}\, s_{k,o}\, r_{k,i}")
+st.markdown(
+    "It never has to be built: scale the input by $r_k$, multiply by the shared $W$, scale the output by $s_k$."
+)
+st.latex(r"y_k \;=\; W_k\, x + b_k \;=\; s_k \circ \big(W\,(r_k \circ x)\big) + b_k")
+st.markdown("For a layer with $d_{in}$ inputs and $d_{out}$ outputs, the parameters are:")
+st.latex(
+    r"\text{classic: } E\,(d_{in}\,d_{out} + d_{out})"
+    r"\qquad\qquad \text{BatchEnsemble: } d_{in}\,d_{out} + E\,(d_{in} + 2\,d_{out})"
+)
+
+st.subheader(f"One layer up close: {N_IN} inputs → {N_OUT} outputs")
+layer_pictures()
+
+st.subheader("Parameters against ensemble size")
+params_section()
+
+st.subheader("Why BatchEnsemble is fast on one device")
+st.markdown(
+    """
+- **One batched pass for all members.** Every member's forward and backward pass is a few large
+  matrix products over the shared W, not E small models run one after another.
+- **The input is read once.** In the first layer all members see the same batch (repeat batching):
+  the input is loaded once and multiplied by all members' weights side by side.
+- **Fewer parameters to update.** The optimizer (Adam) updates one W per layer plus small vectors,
+  instead of E full copies of every weight — less memory traffic on every step.
+- **Honestly:** with repeat batching each member still processes every example, so the multiply-adds
+  still grow with E (in the first layer as in the others). *Split* batching gives each member 1/E of
+  each batch instead: E times less work per step, but each member sees 1/E of the data per epoch.
+- A classic ensemble can be vectorized too (this workbench does it by default); the difference that
+  remains is the parameter count and the memory it moves.
+"""
+)
+
+st.subheader("Reading the results")
+st.markdown(
+    """
+- **Agreement matrix.** Cell (i, j) is the fraction of test examples on which members i and j
+  predict the same class; the diagonal is 1. Values near 1 everywhere mean the members are near
+  copies and the ensemble adds little; lower values off the diagonal mean more diverse members.
+  BatchEnsemble members share W, so they often agree more than independent MLPs do.
+- **Why the ensemble beats its average member.** Members make partly *different* mistakes.
+  Averaging their probabilities lets the right answer win where most members are right, and
+  cancels much of the noise of any single one. So ensemble accuracy is usually above the *mean*
+  member accuracy, often above the best member, and the gain is larger when members disagree more.
+"""
+)

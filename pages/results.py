@@ -1,0 +1,151 @@
+"""Results: the figures of one run, its methods side by side.
+
+Per-member accuracy with the ensemble's accuracy marked, the members' agreement matrices,
+every figure of ``bench_core.report`` in a table, the classic / BatchEnsemble ratios, a
+reliability diagram, and the training curves.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from bench_core.report import FIGURES, figure_rows, format_value, ratios
+from bench_core.store import FINAL_STATUSES
+from pages._common import (
+    LAST_RUN_KEY,
+    LIVE_RUN_KEY,
+    agreement_figure,
+    loss_figure,
+    member_accuracy_figure,
+    method_label,
+    open_store,
+    ordered_methods,
+    reliability_figure,
+    require_router,
+    run_label,
+    seconds_figure,
+    show,
+    throughput_figure,
+)
+
+require_router("pages/results.py")
+
+
+def pick_run(runs: list[dict]) -> int:
+    """The run to show: ?run=<id>, else this session's latest, else the newest finished one."""
+    ids = [r["id"] for r in runs]
+    wanted = st.query_params.get("run")
+    default = None
+    if wanted is not None and wanted.isdigit() and int(wanted) in ids:
+        default = int(wanted)
+    elif st.session_state.get(LAST_RUN_KEY) in ids:
+        default = st.session_state[LAST_RUN_KEY]
+    else:
+        default = next((r["id"] for r in runs if r["status"] == "finished"), ids[0])
+    by_id = {r["id"]: r for r in runs}
+    return st.selectbox("Run", ids, index=ids.index(default), format_func=lambda i: run_label(by_id[i]))
+
+
+def status_line(run: dict) -> None:
+    status, message = run["status"], run.get("message") or ""
+    if status == "stopped":
+        st.warning(
+            f"Run {run['id']} was stopped early: these figures are for the models as trained so far.",
+            icon=":material/stop_circle:",
+        )
+    elif status == "failed":
+        st.error(f"Run {run['id']} failed: {message or 'no message'}", icon=":material/error:")
+    elif status == "interrupted":
+        st.error(f"Run {run['id']} was interrupted: {message or 'its process ended'}", icon=":material/warning:")
+
+
+def headline(results: dict[str, dict], methods: list[str]) -> None:
+    """Ensemble accuracy per method, then the classic / BatchEnsemble ratios, as big numbers."""
+    for cell, method in zip(st.columns(max(2, len(methods))), methods, strict=False):
+        result = results[method]
+        ens, mean = result.get("ensemble_accuracy"), result.get("mean_member_accuracy")
+        gain = None
+        if isinstance(ens, (int, float)) and isinstance(mean, (int, float)) and result.get("ensemble_size", 1) > 1:
+            gain = f"{(ens - mean) * 100:+.1f} points vs. the mean member"
+        cell.metric(f"{method_label(method)}: ensemble accuracy", format_value(ens, "{:.1%}"), gain, border=True)
+    found = ratios(results)
+    if not found:
+        return
+    names = {
+        "train_seconds": ("Training time: classic ÷ BatchEnsemble", "training seconds of the classic ensemble"),
+        "params": ("Parameters: classic ÷ BatchEnsemble", "parameters of the classic ensemble"),
+    }
+    for cell, (key, value) in zip(st.columns(max(2, len(found))), found.items(), strict=False):
+        label, what = names[key]
+        cell.metric(label, f"{value:.2f}×", help=f"The {what} ÷ those of BatchEnsemble", border=True)
+
+
+def figure_table(results: dict[str, dict], methods: list[str]) -> pd.DataFrame:
+    """Every figure of report.FIGURES as a row, methods as columns, formatted for reading."""
+    formats = {key: fmt for key, _, fmt in FIGURES}
+    rows = figure_rows({m: results[m] for m in methods})
+    table = pd.DataFrame(
+        {method_label(m): [format_value(row[m], formats[row["key"]]) for row in rows] for m in methods},
+        index=[row["figure"] for row in rows],
+    )
+    table.index.name = "figure"
+    return table
+
+
+st.title("Results")
+store = open_store()
+runs = [r for r in store.list_runs() if r["status"] in FINAL_STATUSES]
+live = st.session_state.get(LIVE_RUN_KEY)
+if live is not None and live not in {r["id"] for r in runs}:
+    st.info(f"Run {live} is still training: its results appear here when it ends.", icon=":material/hourglass_top:")
+if not runs:
+    st.info("No run has ended yet: train one on the Train page.")
+    st.stop()
+
+run_id = pick_run(runs)
+run = store.get_run(run_id)
+status_line(run)
+results = run.get("results") or {}
+if not results:
+    st.info(f"Run {run_id} has no results: no method finished training.")
+    st.stop()
+methods = ordered_methods(results)
+missing = [m for m in run.get("methods") or [] if m not in results]
+if missing:
+    st.caption(f"Not trained in this run: {', '.join(method_label(m) for m in missing)}.")
+
+headline(results, methods)
+show(member_accuracy_figure(results))
+
+st.subheader("Do the members agree?")
+st.caption(
+    "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
+    "(1 on the diagonal). Lower off the diagonal means more diverse members; the colours share one 0–1 scale."
+)
+for cell, method in zip(st.columns(len(methods)), methods, strict=True):
+    with cell:
+        show(agreement_figure(results[method], method))
+
+left, right = st.columns([1.1, 1])
+with left:
+    st.subheader("Every figure")
+    st.table(figure_table(results, methods))
+with right:
+    show(reliability_figure(results))
+    st.caption(
+        "Test examples are binned by the ensemble's confidence; each dot is a bin (bigger: more examples). "
+        "Dots below the diagonal: over-confident; above: under-confident."
+    )
+
+records = run.get("records") or []
+if records:
+    with st.expander("Training curves"):
+        show(loss_figure(records))
+        cols = st.columns(2)
+        with cols[0]:
+            show(seconds_figure(records))
+        with cols[1]:
+            show(throughput_figure(records))
+with st.expander("Settings and software of this run"):
+    st.json({"config": run.get("config"), "device": run.get("device"), "versions": run.get("versions")})

@@ -1,0 +1,201 @@
+"""Runs: every run in the store; select some to compare, export or delete them."""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import pandas as pd
+import streamlit as st
+
+from bench_core import jobs
+from bench_core.errors import BenchError
+from bench_core.report import FIGURES, derived, format_value
+from bench_core.store import RunStore
+from pages._common import (
+    LAST_RUN_KEY,
+    dataset_label,
+    export_csv,
+    export_json,
+    method_label,
+    open_store,
+    ordered_methods,
+    require_router,
+    runs_loss_figure,
+    show,
+    store_path,
+)
+
+require_router("pages/runs.py")
+
+CONFIRM_KEY = "runs_confirm_delete"  # run ids waiting for the user to confirm their deletion
+ACCURACY_METHODS = ("classic", "batchensemble", "single")
+
+
+def runs_frame(runs: list[dict]) -> pd.DataFrame:
+    """One row per run: what a reader needs to tell runs apart and rank them."""
+    rows = []
+    for run in runs:
+        cfg = run.get("config") or {}
+        summary = run.get("summary") or {}
+        seconds = [s.get("train_seconds") for s in summary.values() if isinstance(s.get("train_seconds"), (int, float))]
+        row = {
+            "id": run["id"],
+            "created": datetime.fromtimestamp(run["created"]),  # local time
+            "status": run["status"],
+            "dataset": dataset_label((cfg.get("data") or {}).get("name", "?")),
+            "methods": ", ".join(method_label(m) for m in ordered_methods(run.get("methods") or [])),
+            "E": (cfg.get("model") or {}).get("ensemble_size"),
+            "epochs": (cfg.get("train") or {}).get("epochs"),
+        }
+        for method in ACCURACY_METHODS:
+            row[f"acc. {method_label(method)}"] = (summary.get(method) or {}).get("ensemble_accuracy")
+        row["training s"] = sum(seconds) if seconds else None
+        row["device"] = run.get("device") or (cfg.get("train") or {}).get("device")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+COLUMN_CONFIG = {
+    "id": st.column_config.NumberColumn("id", format="%d", width="small"),
+    "created": st.column_config.DatetimeColumn("created", format="D MMM HH:mm"),
+    "E": st.column_config.NumberColumn("E", width="small"),
+    "epochs": st.column_config.NumberColumn("epochs", width="small"),
+    **{
+        f"acc. {method_label(m)}": st.column_config.NumberColumn(
+            f"acc. {method_label(m)}", format="%.4f", help=f"ensemble test accuracy of {method_label(m)}"
+        )
+        for m in ACCURACY_METHODS
+    },
+    "training s": st.column_config.NumberColumn("training s", format="%.1f", help="training seconds, all methods"),
+}
+
+
+def fetch_runs(run_ids: list[int], path: str) -> list[dict]:
+    """The runs' full records for a download, read when the user clicks (in Streamlit's download thread)."""
+    with RunStore(path) as store:
+        return [store.get_run(run_id) for run_id in run_ids]
+
+
+def compare_table(runs: list[dict]) -> pd.DataFrame:
+    """Every figure of the selected runs side by side: one column per run and method."""
+    columns = {}
+    for run in runs:
+        results = run.get("results") or {}
+        for method in ordered_methods(results):
+            full = derived(results[method])
+            columns[f"#{run['id']} {method_label(method)}"] = [format_value(full.get(k), f) for k, _, f in FIGURES]
+    return pd.DataFrame(columns, index=[label for _, label, _ in FIGURES]).rename_axis("figure")
+
+
+def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
+    """Delete selected runs, after a confirmation; runs still going are refused."""
+    pending = st.session_state.get(CONFIRM_KEY)
+    if pending:
+        st.warning(
+            f"Delete run{'s' if len(pending) > 1 else ''} {', '.join(map(str, pending))}? "
+            "Their records, results and weights go too; this can't be undone.",
+            icon=":material/delete:",
+        )
+        yes, no, _ = st.columns([1, 1, 4])
+        if yes.button("Yes, delete", type="primary", key="runs_delete_yes"):
+            st.session_state.pop(CONFIRM_KEY, None)
+            store = open_store()
+            try:
+                for run_id in pending:
+                    store.delete_run(run_id)
+            except BenchError as err:
+                st.error(str(err), icon=":material/error:")
+                return
+            st.session_state.pop("runs_table", None)  # the old selection points at rows that are gone
+            st.toast(f"Deleted {len(pending)} run{'s' if len(pending) > 1 else ''}.")
+            st.rerun()
+        if no.button("Cancel", key="runs_delete_no"):
+            st.session_state.pop(CONFIRM_KEY, None)
+            st.rerun()
+        return
+    if not selected:
+        return
+    active = [i for i in selected if jobs.is_active(by_id[i]["status"])]
+    if st.button(
+        f"Delete {len(selected)} selected run{'s' if len(selected) > 1 else ''}",
+        key="runs_delete",
+        icon=":material/delete:",
+    ):
+        if active:
+            st.error(
+                f"Run{'s' if len(active) > 1 else ''} {', '.join(map(str, active))} still "
+                f"train{'' if len(active) > 1 else 's'}: stop {'them' if len(active) > 1 else 'it'} first."
+            )
+        else:
+            st.session_state[CONFIRM_KEY] = list(selected)
+            st.rerun()
+
+
+st.title("Runs")
+store = open_store()
+runs = store.list_runs()
+if not runs:
+    st.info("The run store is empty: train a run on the Train page.")
+    st.caption(f"Run store: {store_path()}")
+    st.stop()
+by_id = {r["id"]: r for r in runs}
+
+frame = runs_frame(runs)
+st.caption("Click a column title to sort. Tick runs at the left to compare, export or delete them.")
+event = st.dataframe(
+    frame,
+    key="runs_table",
+    on_select="rerun",
+    selection_mode="multi-row",
+    hide_index=True,
+    width="stretch",
+    column_config=COLUMN_CONFIG,
+)
+selected = [int(frame.iloc[i]["id"]) for i in event.selection.rows if 0 <= i < len(frame)]
+
+delete_block(selected, by_id)
+
+chosen = selected or [r["id"] for r in runs]
+which = "selected" if selected else "all"
+path = str(store_path())
+row = st.container(horizontal=True, vertical_alignment="center")
+row.download_button(
+    "CSV",
+    icon=":material/download:",
+    data=lambda: export_csv(fetch_runs(chosen, path)),
+    file_name=f"ensemble-runs-{which}.csv",
+    mime="text/csv",
+    on_click="ignore",
+    key="runs_csv",
+)
+row.download_button(
+    "JSON",
+    icon=":material/download:",
+    data=lambda: export_json(fetch_runs(chosen, path)),
+    file_name=f"ensemble-runs-{which}.json",
+    mime="application/json",
+    on_click="ignore",
+    key="runs_json",
+)
+row.caption(
+    f"Download the figures of the {len(chosen)} selected run{'s' if len(chosen) > 1 else ''}."
+    if selected
+    else f"Download the figures of all {len(chosen)} run{'s' if len(chosen) > 1 else ''} (or select some first)."
+)
+
+if selected:
+    full = [store.get_run(run_id) for run_id in selected]
+    if len(selected) == 1:
+        st.session_state[LAST_RUN_KEY] = selected[0]
+        st.page_link(
+            "pages/results.py", label=f"Open run {selected[0]} on the Results page", icon=":material/bar_chart:"
+        )
+    if any(r.get("records") for r in full):
+        show(runs_loss_figure(full))
+    table = compare_table(full)
+    if not table.empty:
+        st.subheader("Figures side by side")
+        st.table(table)
+    else:
+        st.caption("None of the selected runs has results.")
+st.caption(f"Run store: {store_path()}")

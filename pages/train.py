@@ -1,0 +1,347 @@
+"""Train: choose a dataset, methods and sizes; launch a background run; watch it live; stop it.
+
+Training runs in a worker process (``bench_core.jobs.launch_run``), never in this script.
+This page remembers the run it launched in ``st.session_state`` and polls the run store
+about once a second from a fragment, so the page stays responsive and a user can leave
+and come back to a run still going.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import streamlit as st
+
+from bench_core import jobs
+from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, METHODS, RunConfig
+from bench_core.data import dataset_status
+from bench_core.devices import available_devices
+from bench_core.errors import BenchError, StoreError
+from pages._common import (
+    LAST_RUN_KEY,
+    LIVE_RUN_KEY,
+    dataset_label,
+    hms,
+    log_every_for,
+    loss_figure,
+    method_label,
+    one_line_errors,
+    open_store,
+    ordered_methods,
+    preflight,
+    progress_of,
+    require_router,
+    seconds_figure,
+    show,
+    store_path,
+    throughput_figure,
+)
+
+require_router("pages/train.py")
+
+POLL_SECONDS = 1.0
+FIGURES_KEY = "train_live_figures"  # (run id, number of records) and the live charts built from them
+P = "train_set_"  # prefix of the settings' widget keys
+
+DEFAULTS = {
+    "dataset": "cifar10",
+    "methods": ["classic", "batchensemble"],
+    "ensemble_size": 5,
+    "epochs": 5,
+    "device": "auto",
+    "hidden": 128,
+    "depth": 2,
+    "batch_size": 128,
+    "lr": 1e-3,
+    "seed": 0,
+    "classic_mode": "vectorized",
+    "be_batching": "repeat",
+    "be_init": "normal",
+    "be_init_std": 0.5,
+    "synthetic_train": 50_000,
+    "synthetic_test": 10_000,
+    "points_per_epoch": 10,
+}
+SAVED_KEY = "train_saved_settings"  # a copy of the settings that outlives the widgets (Streamlit drops
+# the state of widgets a page run does not draw, so a visit to another page would reset them)
+DEVICES = ["auto", *available_devices()]
+
+
+def settings_of(config: dict) -> dict:
+    """The widget values that describe a stored run's settings."""
+    cfg = RunConfig.from_dict(config)
+    return {
+        "dataset": cfg.data.name,
+        "methods": list(cfg.methods),
+        "ensemble_size": cfg.model.ensemble_size,
+        "epochs": cfg.train.epochs,
+        "device": cfg.train.device if cfg.train.device in DEVICES else "auto",
+        "hidden": cfg.model.hidden,
+        "depth": cfg.model.depth,
+        "batch_size": cfg.train.batch_size,
+        "lr": float(cfg.train.lr),
+        "seed": cfg.train.seed,
+        "classic_mode": cfg.model.classic_mode,
+        "be_batching": cfg.model.be_batching,
+        "be_init": cfg.model.be_init,
+        "be_init_std": float(cfg.model.be_init_std),
+        "synthetic_train": cfg.data.synthetic_train,
+        "synthetic_test": cfg.data.synthetic_test,
+    }
+
+
+def restore_settings(live_config: dict | None) -> None:
+    """Put values into the settings' widgets before they are drawn.
+
+    While this session's run is active its own settings are shown (locked); otherwise the
+    user's last settings come back after a visit to another page.
+    """
+    saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
+    if live_config is not None:
+        saved.update(settings_of(live_config))
+    if saved["device"] not in DEVICES:  # a device that went away since
+        saved["device"] = "auto"
+    for name, value in saved.items():
+        if live_config is not None or P + name not in st.session_state:
+            st.session_state[P + name] = value
+
+
+def remember_settings() -> None:
+    st.session_state[SAVED_KEY] = {name: st.session_state[P + name] for name in DEFAULTS}
+
+
+def settings(locked: bool) -> RunConfig:
+    """Draw the settings (disabled while ``locked``) and return the RunConfig they describe."""
+    top = st.columns([1, 1.4, 0.8])
+    name = top[0].selectbox("Dataset", DATASETS, key=P + "dataset", format_func=dataset_label, disabled=locked)
+    top[1].multiselect(
+        "Methods",
+        METHODS,
+        key=P + "methods",
+        format_func=method_label,
+        disabled=locked,
+        help="classic: E independent MLPs. BatchEnsemble: one shared weight per layer plus cheap per-member "
+        "vectors. single: one MLP, the baseline.",
+    )
+    top[2].selectbox("Device", DEVICES, key=P + "device", disabled=locked, help="auto: the fastest device here")
+
+    usable, reason = dataset_status(name)
+    if usable:
+        st.caption(f"{dataset_label(name)}: {reason}.")
+    else:
+        available = [dataset_label(d) for d in DATASETS if dataset_status(d)[0]]
+        st.warning(
+            f"{dataset_label(name)}: {reason}. Available now: {', '.join(available)}.", icon=":material/cloud_off:"
+        )
+
+    sliders = st.columns(2)
+    sliders[0].slider("Ensemble size E (members)", 1, 16, key=P + "ensemble_size", disabled=locked)
+    sliders[1].slider("Epochs", 1, 50, key=P + "epochs", disabled=locked)
+
+    with st.expander("Advanced settings"):
+        a = st.columns(4)
+        a[0].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
+        a[0].number_input("Hidden layers", 1, 8, key=P + "depth", disabled=locked)
+        a[1].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
+        a[1].number_input("Learning rate (Adam)", 0.0, 1.0, step=1e-4, format="%.4f", key=P + "lr", disabled=locked)
+        a[1].number_input("Seed", 0, 2**31 - 1, key=P + "seed", disabled=locked)
+        a[2].radio(
+            "Classic mode",
+            CLASSIC_MODES,
+            key=P + "classic_mode",
+            disabled=locked,
+            help="vectorized: all members in one batched pass. sequential: one member after another.",
+        )
+        a[2].radio(
+            "BatchEnsemble batching",
+            BE_BATCHINGS,
+            key=P + "be_batching",
+            disabled=locked,
+            help="repeat: every member sees every example. split: each member gets 1/E of each batch.",
+        )
+        a[3].radio("Fast-weight init", BE_INITS, key=P + "be_init", disabled=locked)
+        a[3].number_input(
+            "Fast-weight init std",
+            0.0,
+            5.0,
+            step=0.05,
+            key=P + "be_init_std",
+            disabled=locked or st.session_state[P + "be_init"] != "normal",
+            help="normal init: r and s start as N(1, std²)",
+        )
+        b = st.columns(4)
+        if name == "synthetic":
+            b[0].number_input(
+                "Synthetic training examples", 10, 1_000_000, step=1000, key=P + "synthetic_train", disabled=locked
+            )
+            b[1].number_input(
+                "Synthetic test examples", 10, 1_000_000, step=500, key=P + "synthetic_test", disabled=locked
+            )
+        b[2].number_input(
+            "Loss points per epoch",
+            0,
+            50,
+            key=P + "points_per_epoch",
+            disabled=locked,
+            help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
+        )
+
+    s = {name: st.session_state[P + name] for name in DEFAULTS}
+    cfg = RunConfig(methods=tuple(m for m in METHODS if m in s["methods"]))
+    cfg.data.name = s["dataset"]
+    cfg.data.synthetic_train = int(s["synthetic_train"])
+    cfg.data.synthetic_test = int(s["synthetic_test"])
+    cfg.model.hidden = int(s["hidden"])
+    cfg.model.depth = int(s["depth"])
+    cfg.model.ensemble_size = int(s["ensemble_size"])
+    cfg.model.classic_mode = s["classic_mode"]
+    cfg.model.be_batching = s["be_batching"]
+    cfg.model.be_init = s["be_init"]
+    cfg.model.be_init_std = float(s["be_init_std"])
+    cfg.train.epochs = int(s["epochs"])
+    cfg.train.batch_size = int(s["batch_size"])
+    cfg.train.lr = float(s["lr"])
+    cfg.train.seed = int(s["seed"])
+    cfg.train.device = s["device"]
+    cfg.train.log_every = log_every_for(cfg, int(s["points_per_epoch"]))
+    return cfg
+
+
+def launch(cfg: RunConfig) -> None:
+    """Check the settings and start a worker; a bad setting is one st.error line and launches nothing."""
+    try:
+        preflight(cfg)
+        run_id, proc = jobs.launch_run(cfg.to_dict(), store_path())
+    except BenchError as err:
+        st.error(str(err), icon=":material/error:")
+        return
+    # Wait for the worker in a daemon thread, so that it is reaped (no zombie) as soon as it ends,
+    # whichever page this session is on by then.
+    threading.Thread(target=proc.wait, name=f"reap-worker-{run_id}", daemon=True).start()
+    st.session_state[LIVE_RUN_KEY] = run_id
+    st.session_state[LAST_RUN_KEY] = run_id
+    st.rerun()  # draw the settings locked
+
+
+def final_status(run: dict) -> None:
+    """One line on how the run ended, and the way to its results."""
+    status, run_id = run["status"], run["id"]
+    results = run.get("results") or {}
+    accs = " · ".join(
+        f"{method_label(m)} {results[m]['ensemble_accuracy']:.3f}"
+        for m in ordered_methods(results)
+        if isinstance(results[m].get("ensemble_accuracy"), (int, float))
+    )
+    if status == "finished":
+        st.success(f"Run {run_id} finished. Ensemble accuracy: {accs}." if accs else f"Run {run_id} finished.")
+    elif status == "stopped":
+        kept = f" Ensemble accuracy so far: {accs}." if accs else ""
+        st.warning(f"Run {run_id} was stopped; what was trained is kept.{kept}", icon=":material/stop_circle:")
+    elif status == "failed":
+        st.error(f"Run {run_id} failed: {run.get('message') or 'no message'}", icon=":material/error:")
+    else:
+        st.error(
+            f"Run {run_id} was interrupted: {run.get('message') or 'its process ended'}", icon=":material/warning:"
+        )
+    if results:
+        st.page_link("pages/results.py", label=f"See the results of run {run_id}", icon=":material/bar_chart:")
+
+
+@one_line_errors
+def live_view(run_id: int, was_active: bool) -> None:
+    """The run's state and charts, redrawn from the store on every poll."""
+    store = open_store()
+    try:
+        run = store.get_run(run_id)
+    except StoreError:
+        st.info(f"Run {run_id} is no longer in the run store (deleted?).")
+        st.session_state.pop(LIVE_RUN_KEY, None)
+        return
+    active = jobs.is_active(run["status"])
+    if was_active and not active:
+        st.rerun()  # the whole page: unlock the settings, stop polling
+
+    cfg = run.get("config") or {}
+    methods = ordered_methods(run.get("methods") or [])
+    epochs = int((cfg.get("train") or {}).get("epochs") or 1)
+    records = run.get("records") or []
+
+    if active:
+        head = st.columns([3, 1])
+        fraction, eta, where = progress_of(records, methods, epochs)
+        fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
+        elapsed = time.time() - (run.get("created") or time.time())
+        state = "stopping after this batch…" if run.get("stop_requested") else run["status"]
+        text = f"Run {run_id} {state}"
+        text += f" · {where}" if where else ""
+        text += f" · elapsed {hms(elapsed)} · ETA {hms(eta)}" if eta is not None else f" · elapsed {hms(elapsed)}"
+        head[0].progress(fraction, text=text)
+        if head[1].button("Stop", key="train_stop", icon=":material/stop:", disabled=bool(run.get("stop_requested"))):
+            jobs.request_stop(store_path(), run_id)
+            st.rerun(scope="fragment")
+        if run.get("note"):
+            st.info(run["note"], icon=":material/hourglass_top:")
+    else:
+        final_status(run)
+
+    if not records:
+        if active:
+            st.caption("The charts appear with the first training records.")
+        return
+    loss, seconds, throughput = live_figures(run_id, records)
+    show(loss)
+    if seconds is None:
+        st.caption("The speed charts appear when a first epoch is complete.")
+        return
+    cols = st.columns(2)
+    with cols[0]:
+        show(seconds)
+    with cols[1]:
+        show(throughput)
+
+
+def live_figures(run_id: int, records: list[dict]) -> tuple:
+    """The live charts, rebuilt only when new records came (a poll without news costs nothing)."""
+    key = (run_id, len(records))
+    cached = st.session_state.get(FIGURES_KEY)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    has_epochs = any(r.get("kind") == "epoch" and not r.get("stopped") for r in records)
+    figures = (
+        loss_figure(records),
+        seconds_figure(records) if has_epochs else None,
+        throughput_figure(records) if has_epochs else None,
+    )
+    st.session_state[FIGURES_KEY] = (key, figures)
+    return figures
+
+
+st.title("Train")
+st.caption("Compare a classic ensemble of MLPs with BatchEnsemble: accuracy, agreement between members, speed.")
+
+store = open_store()
+live_id = st.session_state.get(LIVE_RUN_KEY)
+live_active = False
+live_config = None
+if live_id is not None:
+    try:
+        live_run = store.get_run(live_id)
+    except StoreError:
+        st.session_state.pop(LIVE_RUN_KEY, None)
+        live_id = None
+    else:
+        live_active = jobs.is_active(live_run["status"])
+        live_config = live_run["config"] if live_active else None
+
+restore_settings(live_config)
+config = settings(locked=live_active)
+remember_settings()
+if live_active:
+    st.caption(f"Settings are locked while run {live_id} trains; stop it to change them.")
+if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start"):
+    launch(config)
+
+if live_id is not None:
+    st.divider()
+    st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)

@@ -1,0 +1,347 @@
+"""The dashboard, page by page, through Streamlit's AppTest (no browser).
+
+Every test points BENCH_STORE and BENCH_DATA_DIR into its own tmp_path. The Train test
+starts a real worker process and waits for it; the other pages get their runs from
+``run_experiment`` called in-process on a tiny synthetic dataset.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import time
+from pathlib import Path
+
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from bench_core.config import RunConfig
+from bench_core.errors import ConfigError
+from bench_core.models import build_model
+from bench_core.runner import run_experiment
+from bench_core.store import RunStore
+from pages._common import (
+    agreement_figure,
+    batchensemble_params,
+    export_csv,
+    export_json,
+    loss_series,
+    member_accuracy_figure,
+    mlp_params,
+    preflight,
+    progress_of,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
+APP = str(ROOT / "app.py")
+PAGES = ["train", "results", "runs", "speed", "learn"]
+WORKER_TIMEOUT_S = 60
+
+
+@pytest.fixture
+def store_file(tmp_path, monkeypatch) -> Path:
+    path = tmp_path / "store" / "runs.sqlite"
+    monkeypatch.setenv("BENCH_STORE", str(path))
+    monkeypatch.setenv("BENCH_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("BENCH_FASHION_MNIST_DIR", str(tmp_path / "no-fashion-mnist"))
+    return path
+
+
+def open_page(page: str) -> AppTest:
+    """The app as a user reaches ``page``: app.py first, then the page."""
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.run()
+    assert not at.exception, at.exception
+    if page != "train":
+        at.switch_page(f"pages/{page}.py").run()
+    return at
+
+
+def tiny_config(methods=("classic", "batchensemble"), ensemble_size: int = 3) -> RunConfig:
+    cfg = RunConfig(methods=tuple(methods))
+    cfg.data.name = "synthetic"
+    cfg.data.synthetic_train = 256
+    cfg.data.synthetic_test = 128
+    cfg.data.synthetic_shape = (1, 4, 4)
+    cfg.model.hidden = 16
+    cfg.model.ensemble_size = ensemble_size
+    cfg.train.epochs = 2
+    cfg.train.batch_size = 64
+    cfg.train.device = "cpu"
+    cfg.train.log_every = 2
+    return cfg
+
+
+def make_run(store_file: Path, cfg: RunConfig | None = None) -> int:
+    """A finished run in the store, trained in-process in well under a second."""
+    with RunStore(store_file) as store:
+        done = list(run_experiment(cfg or tiny_config(), store=store, source="test"))[-1]
+    return done.run_id
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def charts(at: AppTest) -> list[dict]:
+    """The Plotly figures on the page, as dicts (data, layout)."""
+    return [json.loads(c.proto.spec) for c in at.get("plotly_chart")]
+
+
+def heatmaps(at: AppTest) -> list[dict]:
+    return [f for f in charts(at) if f["data"] and f["data"][0]["type"] == "heatmap"]
+
+
+# ----------------------------------------------------------------------------- every page
+
+
+@pytest.mark.parametrize("page", PAGES)
+def test_every_page_runs_on_an_empty_store(store_file, page):
+    at = open_page(page)
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    assert at.title, "each page has a title"
+
+
+@pytest.mark.parametrize("page", ["train", "results", "runs"])  # the pages that read the store
+def test_a_corrupt_store_is_one_error_line(store_file, page):
+    store_file.parent.mkdir(parents=True)
+    store_file.write_bytes(b"\x00this is not a database" * 50)
+    at = open_page(page)
+    assert not at.exception, at.exception
+    errors = texts(at.error)
+    assert len(errors) == 1, errors
+    assert "corrupt" in errors[0] and "\n" not in errors[0]
+
+
+# ----------------------------------------------------------------------------- Train
+
+
+def test_train_launches_a_worker_that_finishes(store_file):
+    at = open_page("train")
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    at.number_input(key="train_set_synthetic_train").set_value(2000)
+    at.number_input(key="train_set_synthetic_test").set_value(500)
+    at.slider(key="train_set_ensemble_size").set_value(3)
+    at.slider(key="train_set_epochs").set_value(2)
+    at.selectbox(key="train_set_device").set_value("cpu")
+    at.run()
+    at.button(key="train_start").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    run_id = at.session_state["live_run_id"]
+    assert at.session_state["last_run_id"] == run_id
+    assert at.slider(key="train_set_epochs").disabled, "settings are locked while the run is active"
+    assert at.get("progress"), "a progress bar while the run is active"
+
+    with RunStore(store_file) as store:
+        deadline = time.monotonic() + WORKER_TIMEOUT_S
+        while store.status(run_id) in ("queued", "running") and time.monotonic() < deadline:
+            time.sleep(0.25)
+        run = store.get_run(run_id)
+    assert run["status"] == "finished", (run["status"], run["message"])
+    assert set(run["results"]) == {"classic", "batchensemble"}
+    assert len(run["results"]["batchensemble"]["member_accuracy"]) == 3
+    assert run["config"]["data"]["synthetic_train"] == 2000
+
+    at.run()
+    assert not at.exception, at.exception
+    assert any(f"Run {run_id} finished" in s for s in texts(at.success))
+    assert not at.slider(key="train_set_epochs").disabled, "settings unlock when the run ends"
+    assert len(charts(at)) == 3, "loss, seconds per epoch, examples per second"
+    assert at.get("page_link"), "a link to the results"
+
+
+@pytest.mark.parametrize(
+    ("settings", "needle"),
+    [
+        ({"train_set_be_batching": "split", "train_set_batch_size": 2}, "can't be split among"),
+        ({"train_set_lr": 0.0}, "learning rate"),
+        ({"train_set_methods": []}, "at least one method"),
+        ({"train_set_batch_size": 4000}, "larger than the"),
+    ],
+)
+def test_a_bad_setting_is_one_error_and_launches_nothing(store_file, settings, needle):
+    at = open_page("train")
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    at.number_input(key="train_set_synthetic_train").set_value(2000)
+    at.slider(key="train_set_ensemble_size").set_value(3)
+    for key, value in settings.items():
+        at.session_state[key] = value
+    at.run()
+    at.button(key="train_start").click().run()
+    assert not at.exception, at.exception
+    errors = texts(at.error)
+    assert len(errors) == 1 and needle in errors[0], errors
+    assert "live_run_id" not in at.session_state
+    with RunStore(store_file) as store:
+        assert store.list_runs() == []
+
+
+def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
+    at = open_page("train")  # CIFAR-10 by default; the data folder is empty and nothing is downloaded here
+    warnings = texts(at.warning)
+    assert len(warnings) == 1, warnings
+    assert "not on disk" in warnings[0] and "Available now: synthetic" in warnings[0]
+
+
+# ----------------------------------------------------------------------------- Results
+
+
+def test_results_shows_the_latest_finished_run(store_file):
+    make_run(store_file)
+    run_id = make_run(store_file)
+    at = open_page("results")
+    assert not at.exception, at.exception
+    assert at.selectbox[0].value == run_id
+    found = heatmaps(at)
+    assert len(found) == 2, "one agreement matrix per method"
+    for figure in found:
+        assert (figure["layout"]["coloraxis"]["cmin"], figure["layout"]["coloraxis"]["cmax"]) == (0, 1)
+        assert figure["data"][0]["z"]["shape"] == "3, 3"  # E x E, as Plotly encodes arrays
+    assert [f["layout"]["title"]["text"].split(" ·")[0] for f in found] == ["classic", "BatchEnsemble"]
+    ratios = {m.label: m.value for m in at.metric if "÷" in m.label}
+    assert list(ratios) == ["Training time: classic ÷ BatchEnsemble", "Parameters: classic ÷ BatchEnsemble"]
+    assert float(ratios["Parameters: classic ÷ BatchEnsemble"].rstrip("×")) > 1, "classic has more parameters"
+    table = at.table[0].value
+    assert list(table.columns) == ["classic", "BatchEnsemble"]
+    assert "ensemble accuracy (mean softmax)" in table.index
+
+
+def test_results_of_a_single_model_with_one_member(store_file):
+    make_run(store_file, tiny_config(methods=("single",), ensemble_size=1))
+    at = open_page("results")
+    assert not at.exception, at.exception
+    assert not at.error
+    assert len(heatmaps(at)) == 1
+    assert [m.label for m in at.metric] == ["single: ensemble accuracy"], "no ratios without both ensembles"
+
+
+def test_results_of_a_failed_run_say_so(store_file):
+    with RunStore(store_file) as store:
+        run_id = store.create_run(tiny_config().to_dict(), source="test", status="queued")
+        store.finish_run(run_id, "failed", "synthetic went wrong on purpose")
+    at = open_page("results")
+    assert not at.exception, at.exception
+    assert any("failed: synthetic went wrong on purpose" in e for e in texts(at.error))
+    assert any("no results" in i for i in texts(at.info))
+
+
+# ----------------------------------------------------------------------------- Runs
+
+
+def test_runs_lists_compares_and_deletes(store_file):
+    first = make_run(store_file)
+    second = make_run(store_file)
+    with RunStore(store_file) as store:
+        gone = store.create_run(tiny_config().to_dict(), source="test", status="queued")
+        store.finish_run(gone, "interrupted", "its process ended")
+    at = open_page("runs")
+    assert not at.exception, at.exception
+    table = at.dataframe[0].value
+    assert list(table["id"]) == [gone, second, first]
+    assert "interrupted" in table.loc[table["id"] == gone, "status"].iloc[0]
+    assert len(at.get("download_button")) == 2
+
+    at.session_state["runs_table"] = {"selection": {"rows": [1, 2], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert len(charts(at)) == 1, "the selected runs' loss curves"
+    compared = at.table[0].value
+    assert f"#{first} classic" in compared.columns and f"#{second} BatchEnsemble" in compared.columns
+
+    at.button(key="runs_delete").click().run()
+    assert any("can't be undone" in w for w in texts(at.warning))
+    at.button(key="runs_delete_yes").click().run()
+    assert not at.exception, at.exception
+    with RunStore(store_file) as store:
+        assert [r["id"] for r in store.list_runs()] == [gone]
+    assert list(at.dataframe[0].value["id"]) == [gone]
+
+
+def test_exports_hold_every_figure_of_every_method(store_file):
+    run_id = make_run(store_file)
+    with RunStore(store_file) as store:
+        runs = [store.get_run(run_id)]
+    rows = list(csv.DictReader(io.StringIO(export_csv(runs))))
+    assert [r["method"] for r in rows] == ["classic", "batchensemble"]
+    assert float(rows[0]["ensemble_accuracy"]) == pytest.approx(runs[0]["results"]["classic"]["ensemble_accuracy"])
+    assert rows[1]["params"] == str(runs[0]["results"]["batchensemble"]["params"])
+    data = json.loads(export_json(runs))
+    assert data[0]["id"] == run_id and set(data[0]["results"]) == {"classic", "batchensemble"}
+    assert data[0]["ratios"]["params"] > 1
+
+
+# ----------------------------------------------------------------------------- Learn
+
+
+def test_learn_with_sliders_moved(store_file):
+    at = open_page("learn")
+    assert len(charts(at)) == 4, "W, s r^T, W_k and the parameter count"
+    at.slider(key="learn_members").set_value(8).run()
+    at.slider(key="learn_member").set_value(6).run()
+    at.radio(key="learn_init").set_value("random_sign").run()
+    at.slider(key="learn_members").set_value(1).run()
+    at.selectbox(key="learn_dataset").set_value("mnist").run()
+    assert not at.exception, at.exception
+    assert at.latex, "the formulas"
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+@pytest.mark.parametrize("ensemble_size", [1, 4])
+def test_parameter_formulas_match_the_models(ensemble_size):
+    cfg = tiny_config().model
+    cfg.ensemble_size = ensemble_size
+    sizes = [16, cfg.hidden, cfg.hidden, 10]
+
+    def count(method):
+        return sum(p.numel() for p in build_model(method, cfg, 16, 10).parameters())
+
+    assert count("single") == mlp_params(sizes)
+    assert count("classic") == ensemble_size * mlp_params(sizes)
+    assert count("batchensemble") == batchensemble_params(sizes, ensemble_size)
+
+
+def test_loss_series_prefers_step_records_and_falls_back_to_epochs():
+    records = [
+        {"kind": "step", "method": "batchensemble", "epoch": 1, "step": 2, "steps_per_epoch": 4,
+         "member_loss": [1.0, 2.0], "loss": 1.5},
+        {"kind": "epoch", "method": "batchensemble", "epoch": 1, "member_loss": [0.9, 1.9], "loss": 1.4},
+        {"kind": "epoch", "method": "classic", "epoch": 1, "member_loss": [0.5, None], "loss": 0.5},
+    ]  # fmt: skip
+    series = loss_series(records)
+    assert list(series) == ["classic", "batchensemble"]
+    assert series["batchensemble"] == {"x": [0.5], "members": [[1.0], [2.0]], "mean": [1.5]}
+    assert series["classic"] == {"x": [1.0], "members": [[0.5], [None]], "mean": [0.5]}
+
+
+def test_progress_counts_epochs_and_the_current_one():
+    records = [
+        {"kind": "epoch", "method": "classic", "epoch": 1, "elapsed_seconds": 2.0},
+        {"kind": "epoch", "method": "classic", "epoch": 2, "elapsed_seconds": 4.0},
+        {"kind": "step", "method": "batchensemble", "epoch": 1, "step": 1, "steps_per_epoch": 2,
+         "elapsed_seconds": 1.0},
+    ]  # fmt: skip
+    fraction, eta, where = progress_of(records, ["classic", "batchensemble"], epochs=2)
+    assert fraction == pytest.approx(2.5 / 4)
+    assert eta == pytest.approx(5.0 / 2.5 * 1.5)
+    assert where == "BatchEnsemble · epoch 1/2"
+    assert progress_of([], ["classic"], epochs=3) == (0.0, None, "")
+
+
+def test_figures_handle_one_member_and_missing_values():
+    result = {"member_accuracy": [0.5], "ensemble_accuracy": 0.5, "mean_member_accuracy": 0.5, "agreement": [[1.0]]}
+    assert member_accuracy_figure({"single": result}).data
+    heatmap = agreement_figure(result, "single")
+    assert (heatmap.layout.coloraxis.cmin, heatmap.layout.coloraxis.cmax) == (0, 1)
+
+
+def test_preflight_checks_what_validate_cannot():
+    cfg = tiny_config()
+    cfg.model.be_batching = "split"
+    cfg.train.batch_size = 2
+    with pytest.raises(ConfigError, match="can't be split among 3 members"):
+        preflight(cfg)
