@@ -82,6 +82,9 @@ def launch_run(
             store.finish_run(run_id, "failed", message)
             raise BenchError(f"run {run_id}: {message}") from None
         store.set_process(run_id, proc.pid)
+    # Wait for the worker in a daemon thread, so it is reaped (no zombie) as soon as it ends,
+    # whoever holds the Popen; proc.wait() stays usable by the caller.
+    threading.Thread(target=proc.wait, name=f"reap-worker-{run_id}", daemon=True).start()
     return run_id, proc
 
 

@@ -8,7 +8,6 @@ and come back to a run still going.
 
 from __future__ import annotations
 
-import threading
 import time
 
 import streamlit as st
@@ -212,13 +211,10 @@ def launch(cfg: RunConfig) -> None:
     """Check the settings and start a worker; a bad setting is one st.error line and launches nothing."""
     try:
         preflight(cfg)
-        run_id, proc = jobs.launch_run(cfg.to_dict(), store_path())
+        run_id, _ = jobs.launch_run(cfg.to_dict(), store_path())  # the worker is reaped by jobs
     except BenchError as err:
         st.error(str(err), icon=":material/error:")
         return
-    # Wait for the worker in a daemon thread, so that it is reaped (no zombie) as soon as it ends,
-    # whichever page this session is on by then.
-    threading.Thread(target=proc.wait, name=f"reap-worker-{run_id}", daemon=True).start()
     st.session_state[LIVE_RUN_KEY] = run_id
     st.session_state[LAST_RUN_KEY] = run_id
     st.rerun()  # draw the settings locked

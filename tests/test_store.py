@@ -502,3 +502,27 @@ def test_store_is_usable_after_fork_safe_reopen(store, monkeypatch):
     monkeypatch.setattr(store_mod.os, "getpid", lambda: -1)
     assert store._conn() is not old
     assert store.get_run(run_id)["id"] == run_id
+
+
+def test_a_second_store_object_does_not_break_the_first_ones_view_of_another_process(tmp_path):
+    """Regression: opening a second RunStore on the same file in this process must not drop
+    SQLite's locks, or a writer in another process may delete the WAL under our connections."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    path = tmp_path / "runs.sqlite"
+    first = RunStore(path)
+    run_id = first.create_run({"methods": ["classic"]}, source="test")
+    assert first.status(run_id) == "queued"
+    second = RunStore(path)  # the header check must not close a descriptor of the live database
+    assert second.status(run_id) == "queued"
+    root = Path(__file__).resolve().parent.parent
+    code = (
+        "import sys; sys.path.insert(0, sys.argv[1]); from bench_core.store import RunStore; "
+        "s = RunStore(sys.argv[2]); s.finish_run(int(sys.argv[3]), 'finished'); s.close()"
+    )
+    subprocess.run([sys.executable, "-c", code, str(root), str(path), str(run_id)], check=True, timeout=60)
+    assert first.status(run_id) == "finished"
+    assert second.status(run_id) == "finished"
+    assert first.get_run(run_id)["status"] == "finished"
