@@ -330,6 +330,9 @@ if live_id is not None:
         live_active = jobs.is_active(live_run["status"])
         live_config = live_run["config"] if live_active else None
 
+# While this session's run is active, its live view comes first, above the locked settings,
+# so that on a projector's first screen the class sees the charts, not the form.
+live_slot = st.container()
 restore_settings(live_config)
 config = settings(locked=live_active)
 remember_settings()
@@ -339,5 +342,6 @@ if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=liv
     launch(config)
 
 if live_id is not None:
-    st.divider()
-    st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)
+    with live_slot if live_active else st.container():
+        st.divider()
+        st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)
