@@ -153,6 +153,38 @@ def test_train_launches_a_worker_that_finishes(store_file):
     assert at.get("page_link"), "a link to the results"
 
 
+def test_two_browser_sessions_each_see_only_their_own_live_run(store_file):
+    """Two sessions train at once on one store: each shows its own run as its live run, both are stored."""
+    sessions = []
+    for seed in (1, 2):
+        at = open_page("train")
+        at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+        at.number_input(key="train_set_synthetic_train").set_value(1500)
+        at.number_input(key="train_set_synthetic_test").set_value(300)
+        at.slider(key="train_set_ensemble_size").set_value(2)
+        at.slider(key="train_set_epochs").set_value(2)
+        at.number_input(key="train_set_seed").set_value(seed)
+        at.selectbox(key="train_set_device").set_value("cpu")
+        at.run()
+        at.button(key="train_start").click().run()
+        assert not at.exception, at.exception
+        sessions.append(at)
+    ids = [at.session_state["live_run_id"] for at in sessions]
+    assert ids[0] != ids[1]
+    with RunStore(store_file) as store:
+        deadline = time.monotonic() + 2 * WORKER_TIMEOUT_S
+        while any(store.status(i) in ("queued", "running") for i in ids) and time.monotonic() < deadline:
+            time.sleep(0.25)
+        assert [store.status(i) for i in ids] == ["finished", "finished"]
+        assert [store.get_run(i)["config"]["train"]["seed"] for i in ids] == [1, 2]
+    for at, own, other in zip(sessions, ids, reversed(ids), strict=True):
+        at.run()
+        assert not at.exception, at.exception
+        shown = " ".join(texts(at.success))
+        assert f"Run {own} finished" in shown
+        assert f"Run {other} " not in shown
+
+
 @pytest.mark.parametrize(
     ("settings", "needle"),
     [
