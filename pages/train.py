@@ -39,7 +39,8 @@ from pages._common import (
 
 require_router("pages/train.py")
 
-POLL_SECONDS = 1.0
+POLL_SECONDS = 1.0  # the progress line and Stop button
+CHART_SECONDS = 3.0  # the live charts (see live_charts)
 FIGURES_KEY = "train_live_figures"  # (run id, number of records) and the live charts built from them
 P = "train_set_"  # prefix of the settings' widget keys
 
@@ -60,7 +61,7 @@ DEFAULTS = {
     "be_init_std": 0.5,
     "synthetic_train": 50_000,
     "synthetic_test": 10_000,
-    "points_per_epoch": 10,
+    "points_per_epoch": 2,
 }
 SAVED_KEY = "train_saved_settings"  # a copy of the settings that outlives the widgets (Streamlit drops
 # the state of widgets a page run does not draw, so a visit to another page would reset them)
@@ -246,7 +247,7 @@ def final_status(run: dict) -> None:
 
 @one_line_errors
 def live_view(run_id: int, was_active: bool) -> None:
-    """The run's state and charts, redrawn from the store on every poll."""
+    """The run's progress line, note and Stop button, redrawn from the store on every poll."""
     store = open_store()
     try:
         run = store.get_run(run_id)
@@ -258,29 +259,36 @@ def live_view(run_id: int, was_active: bool) -> None:
     if was_active and not active:
         st.rerun()  # the whole page: unlock the settings, stop polling
 
+    if not active:
+        final_status(run)
+        return
     cfg = run.get("config") or {}
     methods = ordered_methods(run.get("methods") or [])
     epochs = int((cfg.get("train") or {}).get("epochs") or 1)
     records = run.get("records") or []
+    head = st.columns([3, 1])
+    fraction, eta, where = progress_of(records, methods, epochs)
+    fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
+    elapsed = time.time() - (run.get("created") or time.time())
+    state = "stopping after this batch…" if run.get("stop_requested") else run["status"]
+    text = f"Run {run_id} {state}"
+    text += f" · {where}" if where else ""
+    text += f" · elapsed {hms(elapsed)} · ETA {hms(eta)}" if eta is not None else f" · elapsed {hms(elapsed)}"
+    head[0].progress(fraction, text=text)
+    if head[1].button("Stop", key="train_stop", icon=":material/stop:", disabled=bool(run.get("stop_requested"))):
+        jobs.request_stop(store_path(), run_id)
+        st.rerun(scope="fragment")
+    if run.get("note"):
+        st.info(run["note"], icon=":material/hourglass_top:")
 
-    if active:
-        head = st.columns([3, 1])
-        fraction, eta, where = progress_of(records, methods, epochs)
-        fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
-        elapsed = time.time() - (run.get("created") or time.time())
-        state = "stopping after this batch…" if run.get("stop_requested") else run["status"]
-        text = f"Run {run_id} {state}"
-        text += f" · {where}" if where else ""
-        text += f" · elapsed {hms(elapsed)} · ETA {hms(eta)}" if eta is not None else f" · elapsed {hms(elapsed)}"
-        head[0].progress(fraction, text=text)
-        if head[1].button("Stop", key="train_stop", icon=":material/stop:", disabled=bool(run.get("stop_requested"))):
-            jobs.request_stop(store_path(), run_id)
-            st.rerun(scope="fragment")
-        if run.get("note"):
-            st.info(run["note"], icon=":material/hourglass_top:")
-    else:
-        final_status(run)
 
+@one_line_errors
+def live_charts(run_id: int, active: bool) -> None:
+    """The run's charts, redrawn every CHART_SECONDS while it trains (not every poll).
+
+    Drawing Plotly figures costs the server and the browser CPU that the training shares.
+    """
+    records = [data for _, data in open_store().records(run_id)]
     if not records:
         if active:
             st.caption("The charts appear with the first training records.")
@@ -345,3 +353,4 @@ if live_id is not None:
     with live_slot if live_active else st.container():
         st.divider()
         st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)
+        st.fragment(run_every=CHART_SECONDS if live_active else None)(live_charts)(live_id, live_active)

@@ -1,0 +1,209 @@
+"""The dashboard end to end, in headless Chromium: train, watch, stop, and click while a run goes.
+
+One ``streamlit run app.py`` serves every test of this module, with its data and run store in a
+temporary folder (never ./data). Each test opens its own browser session. Screenshots of every
+stage go to ``artifacts/browser/`` (look at them: they are what a projector shows).
+
+Needs Debian's chromium (``/usr/bin/chromium``, or ``$BENCH_CHROMIUM``) and Playwright from PyPI;
+without them the module is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import browser as ui
+
+pytestmark = pytest.mark.browser
+
+_MISSING = ui.missing_requirements()
+if _MISSING:
+    pytest.skip(f"browser tests skipped: {_MISSING}", allow_module_level=True)
+
+from playwright.sync_api import expect, sync_playwright  # noqa: E402
+
+from bench_core import jobs  # noqa: E402
+
+VIEWPORT = {"width": 1280, "height": 720}  # a classroom projector
+CLICK_LIMIT_S = float(os.environ.get("BENCH_CLICK_LIMIT_S", "1.0"))  # the issue: a click answers within 1 s
+RUN_TIMEOUT_S = 240.0  # generous: other work may share the machine's two cores
+# Synthetic data. WATCHED: 2 epochs that last long enough (~10 s of training on an idle 2-core
+# machine) to watch the loss curve grow, short enough for CI. SMALL: quick epochs for the long
+# runs that the tests stop.
+WATCHED = {"train": 24_000, "test": 1_000}
+SMALL = {"train": 6000, "test": 500}
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = ui.DashboardServer(tmp_path_factory.mktemp("dashboard"))
+    srv.start()
+    yield srv
+    srv.stop()
+    assert not ui.worker_pids(srv.store), "worker processes were left running"
+
+
+@pytest.fixture(scope="module")
+def chromium():
+    with sync_playwright() as p:
+        browser = ui.launch_chromium(p)
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium, server, request):
+    """A fresh browser session (so a fresh Streamlit session) on the Train page."""
+    context = chromium.new_context(viewport=VIEWPORT)
+    context.set_default_timeout(30_000)
+    tab = context.new_page()
+    js_errors: list[str] = []
+    tab.on("pageerror", lambda err: js_errors.append(str(err)))
+    ui.open_app(tab, server.url)
+    failed_before = request.session.testsfailed
+    yield tab
+    if request.session.testsfailed > failed_before:
+        with contextlib.suppress(Exception):
+            ui.screenshot(tab, f"FAILED-{request.node.name}")
+    context.close()
+    _end_active_runs(server.store)
+    assert not js_errors, f"JavaScript errors in the page: {js_errors}"
+
+
+def _end_active_runs(store: Path) -> None:
+    """Stop whatever a test left running, so the next test trains alone."""
+    active = [r["id"] for r in ui.store_rows(store) if r["status"] in ("queued", "running")]
+    for run_id in active:
+        with contextlib.suppress(Exception):
+            jobs.request_stop(store, run_id)
+    with contextlib.suppress(TimeoutError):
+        ui.wait_for(
+            lambda: not any(ui.run_status(store, i) in ("queued", "running") for i in active), 60, what="runs to stop"
+        )
+    ui.kill_workers(store)
+
+
+def _loss_points(page) -> int:
+    fig = ui.plot(page, "Training loss")
+    return fig["points"] if fig else 0
+
+
+def _start_long_run(page, server, epochs: int = 40) -> int:
+    """Launch a run that lasts minutes and wait until its loss curve is drawn."""
+    ui.configure_run(page, ensemble_size=3, epochs=epochs, **SMALL, points_per_epoch=10)
+    run_id, _ = ui.start_run(page, server.store)
+    ui.wait_for(lambda: _loss_points(page) > 0, RUN_TIMEOUT_S, what="the first loss points")
+    return run_id
+
+
+def test_train_watch_the_loss_grow_then_see_agreement_heatmaps(page, server):
+    ui.configure_run(page, ensemble_size=3, epochs=2, **WATCHED, points_per_epoch=10)
+    assert ui.slider_value(page, "Ensemble size E (members)") == "3"
+    assert ui.slider_value(page, "Epochs") == "2"
+    ui.screenshot(page, "1-train-settings")
+
+    run_id, _ = ui.start_run(page, server.store)
+    run = next(r for r in ui.store_rows(server.store) if r["id"] == run_id)
+    assert run["source"] == "dashboard"
+    cfg = run["config"]
+    assert cfg["data"]["name"] == "synthetic"
+    assert (cfg["data"]["synthetic_train"], cfg["data"]["synthetic_test"]) == (WATCHED["train"], WATCHED["test"])
+    assert (cfg["model"]["ensemble_size"], cfg["train"]["epochs"]) == (3, 2)
+    expect(ui.stop_button(page)).to_be_visible(timeout=30_000)
+
+    # Watch the run: the loss chart must get more points at least twice while it trains.
+    counts: list[int] = []
+    texts: set[str] = set()
+    deadline = time.monotonic() + RUN_TIMEOUT_S
+    while ui.run_status(server.store, run_id) in ("queued", "running"):
+        assert time.monotonic() < deadline, f"run {run_id} did not end within {RUN_TIMEOUT_S:.0f} s"
+        texts.add(ui.progress_text(page))
+        n = _loss_points(page)
+        if n > (counts[-1] if counts else 0):
+            counts.append(n)
+            if len(counts) == 3:  # grown twice: now what a user sees, the page scrolled to the live view
+                ui.screenshot(page, "2-train-live-full")
+                ui.scroll_to_plot(page, "scatter", above=120)
+                ui.screenshot(page, "2-train-live-1280x720", full_page=False)
+                page.set_viewport_size({"width": 1920, "height": 1080})
+                ui.scroll_to_plot(page, "scatter", above=120)
+                ui.screenshot(page, "2-train-live-1920x1080", full_page=False)
+                page.set_viewport_size(VIEWPORT)
+        time.sleep(0.25)
+    status = ui.run_status(server.store, run_id)
+    assert len(counts) >= 3, f"the loss chart grew fewer than twice while run {run_id} trained: {counts}, {status}"
+    texts = {t for t in texts if f"Run {run_id}" in t}
+    assert len(texts) >= 2, f"the progress line never changed: {texts}"
+
+    assert ui.run_status(server.store, run_id) == "finished"
+    expect(page.get_by_text(f"Run {run_id} finished")).to_be_visible(timeout=30_000)
+    assert not ui.error_texts(page)
+    ui.screenshot(page, "3-train-finished")
+
+    ui.go_to(page, "Results")
+    ui.wait_for(lambda: len(ui.heatmaps(page)) == 2, 30, what="two agreement heatmaps")
+    titles = sorted(fig["title"] for fig in ui.heatmaps(page))  # e.g. "classic · mean disagreement 0.231"
+    assert titles[0].startswith("BatchEnsemble"), titles
+    assert titles[1].startswith("classic"), titles
+    assert all(fig["points"] == 3 for fig in ui.heatmaps(page)), "a 3 x 3 agreement matrix per method"
+    assert f"#{run_id} " in page.get_by_role("combobox", name="Run").input_value()
+    assert not ui.error_texts(page)
+    ui.screenshot(page, "4-results-1280-full")
+    page.set_viewport_size({"width": 1600, "height": 1000})
+    page.wait_for_timeout(800)
+    ui.screenshot(page, "4-results-1600x1000", full_page=False)
+    ui.scroll_to_plot(page, "heatmap", above=190)
+    ui.screenshot(page, "4-results-agreement-1600x1000", full_page=False)
+
+
+def test_stop_ends_the_run_as_stopped(page, server):
+    run_id = _start_long_run(page, server)
+    assert ui.run_status(server.store, run_id) == "running"
+    ui.stop_button(page).click()
+    expect(page.get_by_text(f"Run {run_id} was stopped")).to_be_visible(timeout=60_000)
+    assert ui.run_status(server.store, run_id) == "stopped"
+    assert not ui.error_texts(page)
+    # The settings are unlocked again.
+    expect(ui.train_button(page)).to_be_enabled()
+    ui.screenshot(page, "5-train-stopped")
+
+
+def test_clicks_answer_within_a_second_while_a_run_trains(page, server):
+    run_id = _start_long_run(page, server)
+    latencies = ui.click_round(page)  # Train -> Learn (two sliders) -> Runs -> Train
+    assert ui.run_status(server.store, run_id) == "running", "the run ended before the clicks were done"
+
+    # The run is still live there: its progress line, and a loss curve that keeps growing.
+    expect(page.get_by_test_id("stProgress")).to_contain_text(f"Run {run_id}", timeout=10_000)
+    before = ui.wait_for(lambda: _loss_points(page), 30, what="the loss chart")
+    ui.wait_for(lambda: _loss_points(page) > before, 60, what="the loss chart to grow again")
+    assert ui.run_status(server.store, run_id) == "running"
+    assert not ui.error_texts(page)
+    ui.screenshot(page, "7-train-still-live")
+    ui.go_to(page, "Learn")
+    ui.wait_settled(page)
+    ui.screenshot(page, "8-learn-while-training")
+
+    median = statistics.median(latencies.values())
+    report = ", ".join(f"{name} {seconds:.2f} s" for name, seconds in latencies.items())
+    print(f"\nclick latencies while run {run_id} trained: {report}; median {median:.2f} s")
+    # The issue's bound is on the typical click; a single click may meet a scheduling hiccup
+    # on a shared two-core machine, so it gets twice the bound.
+    assert median <= CLICK_LIMIT_S, f"median click latency {median:.2f} s > {CLICK_LIMIT_S} s: {report}"
+    slow = {name: round(s, 2) for name, s in latencies.items() if s > 2 * CLICK_LIMIT_S}
+    assert not slow, f"clicks over {2 * CLICK_LIMIT_S} s while run {run_id} trained: {slow}"
+
+
+def test_every_page_opens_without_errors(page, server):
+    for title in ("Results", "Runs", "Speed", "Learn", "Train"):
+        ui.go_to(page, title)
+        ui.wait_settled(page)
+        assert not ui.error_texts(page), f"{title}: {ui.error_texts(page)}"
