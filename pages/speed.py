@@ -1,0 +1,354 @@
+"""Speed: the benchmark of ``python -m bench_core bench``, run on this machine from the dashboard.
+
+The benchmark runs in its own process (``python -m bench_core bench --json ... --progress-jsonl ...``),
+never in this script: the page keeps that process in ``st.session_state``, reads the events
+it appends to its progress file about once a second from a fragment, and draws the rows as
+they come. Stop sends the process SIGTERM; it then abandons the row it is on and writes the
+rows measured so far.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import plotly.graph_objects as go
+import streamlit as st
+
+from bench_core import jobs
+from bench_core.bench import (
+    DATASET_SHAPES,
+    REFERENCE_ROWS,
+    ROW_LABELS,
+    ROWS,
+    BenchSettings,
+    check_targets,
+    compare_rows,
+)
+from bench_core.devices import available_devices
+from bench_core.errors import BenchError
+from pages._common import dataset_label, hms, method_color, require_router, show, style
+
+POLL_SECONDS = 1.0
+JOB_KEY = "speed_job"  # the SpeedJob this session launched last
+P = "speed_set_"  # prefix of the settings' widget keys
+SIZES = [1, 2, 3, 4, 5, 6, 8, 12, 16]
+DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
+    "shape": "cifar10",
+    "sizes": [1, 2, 4, 8],
+    "rows": [r for r in ROWS if r not in REFERENCE_ROWS],
+    "reference": False,
+    "steps": 20,
+    "warmup": 5,
+    "repeats": 2,
+    "batch_size": 128,
+    "hidden": 128,
+    "device": "auto",
+}
+for _name, _value in DEFAULTS.items():
+    st.session_state.setdefault(P + _name, _value)
+DEVICES = ["auto", *available_devices()]
+if st.session_state[P + "device"] not in DEVICES:
+    st.session_state[P + "device"] = "auto"
+
+ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LABELS.items()}
+ROW_DASHES = {"sequential": "dash", "split": "dot", "batchensemble": "dash"}
+REFERENCE_COLOR = "#777777"
+
+
+@dataclass
+class SpeedJob:
+    """A benchmark process and the files it writes."""
+
+    proc: subprocess.Popen
+    folder: Path
+    settings: dict
+    started: float = field(default_factory=time.time)
+    stop_requested: bool = False
+
+    @property
+    def progress_path(self) -> Path:
+        return self.folder / "progress.jsonl"
+
+    @property
+    def log_path(self) -> Path:
+        return self.folder / "log.txt"
+
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def events(self) -> list[dict]:
+        """The events written so far (a line still being written is skipped)."""
+        try:
+            text = self.progress_path.read_text()
+        except OSError:
+            return []
+        out = []
+        for line in text.splitlines():
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+        return out
+
+    def error(self) -> str | None:
+        """The one-line reason the process failed, or None."""
+        if self.running() or self.proc.returncode == 0:
+            return None
+        try:
+            lines = [line.strip() for line in self.log_path.read_text().splitlines() if line.strip()]
+        except OSError:
+            lines = []
+        return lines[-1] if lines else f"the benchmark ended with status {self.proc.returncode}"
+
+
+def settings_widgets(locked: bool) -> BenchSettings:
+    """Draw the settings (disabled while ``locked``) and return the BenchSettings they describe."""
+    top = st.columns([1, 1.6, 0.8])
+    top[0].selectbox("Dataset shape", list(DATASET_SHAPES), key=P + "shape", format_func=dataset_label, disabled=locked)
+    top[1].multiselect("Ensemble sizes E", SIZES, key=P + "sizes", disabled=locked)
+    top[2].selectbox("Device", DEVICES, key=P + "device", disabled=locked)
+    st.multiselect(
+        "Rows",
+        [r for r in ROWS if r not in REFERENCE_ROWS],
+        key=P + "rows",
+        format_func=ROW_NAMES.get,
+        disabled=locked,
+        help="classic sequential: E MLPs one after another. vectorized: all E in one batched pass. "
+        "BatchEnsemble repeat: every member sees every example; split: each member 1/E of each batch.",
+    )
+    st.checkbox(
+        "Also time the seed notebook's pipeline (reference rows: per-image transforms, DataLoader with 2 workers)",
+        key=P + "reference",
+        disabled=locked,
+        help="Slow: it shows how much faster the workbench's training loop is than the seed's.",
+    )
+    with st.expander("Timing settings"):
+        c = st.columns(5)
+        c[0].number_input("Timed steps", 1, 10_000, key=P + "steps", disabled=locked)
+        c[1].number_input("Warm-up steps", 0, 10_000, key=P + "warmup", disabled=locked)
+        c[2].number_input("Repeats (median)", 1, 20, key=P + "repeats", disabled=locked)
+        c[3].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
+        c[4].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
+    s = {name: st.session_state[P + name] for name in DEFAULTS}
+    rows = [r for r in ROWS if r in s["rows"]] + (list(REFERENCE_ROWS) if s["reference"] else [])
+    return BenchSettings(
+        dataset_shape=s["shape"],
+        ensemble_sizes=tuple(sorted(s["sizes"])),
+        rows=tuple(rows),
+        batch_size=int(s["batch_size"]),
+        hidden=int(s["hidden"]),
+        steps=int(s["steps"]),
+        warmup=int(s["warmup"]),
+        repeats=int(s["repeats"]),
+        device=s["device"],
+        reference=bool(s["reference"]),
+    )
+
+
+def command(settings: BenchSettings, folder: Path) -> list[str]:
+    """The ``python -m bench_core bench`` command line of ``settings``."""
+    return [
+        sys.executable,
+        "-m",
+        "bench_core",
+        "bench",
+        *("--dataset-shape", settings.dataset_shape),
+        *("--ensemble-sizes", ",".join(str(e) for e in settings.ensemble_sizes)),
+        *("--methods", ",".join(settings.rows)),
+        *("--batch-size", str(settings.batch_size), "--hidden", str(settings.hidden)),
+        *("--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats)),
+        *("--device", settings.device),
+        *([] if settings.reference else ["--no-reference"]),
+        *("--json", str(folder / "bench.json"), "--progress-jsonl", str(folder / "progress.jsonl"), "--quiet"),
+    ]
+
+
+def launch(settings: BenchSettings) -> None:
+    """Check the settings and start the benchmark process; a bad setting is one st.error line."""
+    try:
+        settings.validate()
+    except BenchError as err:
+        st.error(str(err), icon="🛑")
+        return
+    folder = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+    with open(folder / "log.txt", "wb") as log:
+        proc = subprocess.Popen(
+            command(settings, folder),
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=jobs.worker_env(),
+            start_new_session=True,
+        )
+    st.session_state[JOB_KEY] = SpeedJob(proc, folder, settings.to_dict())
+    st.rerun()  # draw the settings locked
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _row_style(name: str) -> tuple[str, str]:
+    method, mode = ROW_LABELS[name]
+    color = REFERENCE_COLOR if method == "reference" else method_color(method)
+    return color, ROW_DASHES.get(mode, "solid")
+
+
+def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str, log_y: bool = False) -> go.Figure:
+    """One line per row kind of ``row[key]`` against the ensemble size E."""
+    fig = go.Figure()
+    for name in ROWS:
+        mine = sorted((r for r in rows if r["name"] == name), key=lambda r: r["ensemble_size"])
+        if not mine:
+            continue
+        color, dash = _row_style(name)
+        fig.add_trace(
+            go.Scatter(
+                x=[r["ensemble_size"] for r in mine],
+                y=[r[key] for r in mine],
+                mode="lines+markers",
+                line={"color": color, "dash": dash, "width": 3},
+                marker={"size": 10},
+                name=ROW_NAMES[name],
+            )
+        )
+    if key == "epoch_seconds":
+        floors = sorted(
+            {r["ensemble_size"]: r["floor_seconds"] for r in rows if r["name"] == "classic-vectorized"}.items()
+        )
+        if floors:
+            fig.add_trace(
+                go.Scatter(
+                    x=[e for e, _ in floors],
+                    y=[f for _, f in floors],
+                    mode="lines",
+                    line={"color": "#222222", "dash": "dot", "width": 2},
+                    name="floor (matmul FLOPs / rate), repeat batching",
+                )
+            )
+    style(fig, title, "ensemble size E", y_title, height=420)
+    fig.update_xaxes(tickvals=sorted({r["ensemble_size"] for r in rows}))
+    fig.update_yaxes(type="log" if log_y else "linear", rangemode="tozero")
+    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
+    return fig
+
+
+def table_rows(rows: list[dict]) -> list[dict]:
+    """The benchmark's rows as the table shows them."""
+
+    def ratio(value):
+        return None if value is None else round(value, 2)
+
+    return [
+        {
+            "method": r["method"],
+            "mode": r["mode"],
+            "E": r["ensemble_size"],
+            "s / epoch": round(r["epoch_seconds"], 3),
+            "× floor": round(r["x_floor"], 2),
+            "× classic vectorized": ratio(r.get("x_classic_vectorized")),
+            "× faster than reference": ratio(r.get("speedup_over_reference")),
+            "inference examples / s": round(r["inference_examples_per_second"]),
+            "parameters": r["params"],
+            "peak MiB": round(r["peak_mib"], 1),
+        }
+        for r in rows
+    ]
+
+
+def results_view(header: dict | None, rows: list[dict], targets: list[dict] | None = None, key: str = "live") -> None:
+    """Plots, table and targets of (possibly partial) results; ``key`` tells two views on one page apart."""
+    if header:
+        st.caption(
+            f"{header.get('cpu', '?')} · torch {header.get('torch', '?')} · {header.get('threads', '?')} threads · "
+            f"device {header.get('device', '?')} · matmul rate "
+            f"{header.get('matmul_flops_per_second', 0) / 1e9:.1f} GFLOP/s · s/epoch {header.get('epochs', '')}"
+        )
+    if not rows:
+        return
+    rows = compare_rows(rows)
+    log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")
+    cols = st.columns(2)
+    with cols[0]:
+        fig = by_ensemble_size_figure(rows, "epoch_seconds", "Seconds per training epoch", "seconds", log_y)
+        show(fig, key=f"speed_seconds_{key}")
+    with cols[1]:
+        show(
+            by_ensemble_size_figure(rows, "peak_mib", "Peak training memory", "MiB above the data"),
+            key=f"speed_mem_{key}",
+        )
+    st.dataframe(table_rows(rows), hide_index=True, width="stretch", key=f"speed_table_{key}")
+    targets = targets if targets is not None else check_targets(rows)
+    if any(t["value"] is not None for t in targets):
+        st.markdown(f"**Targets at E = {targets[0]['ensemble_size']}**")
+        for t in targets:
+            if t["value"] is None:
+                st.markdown(f"- ➖ {t['target']}: row not measured")
+            else:
+                st.markdown(f"- {'✅' if t['met'] else '❌'} {t['target']}: {t['value']:.2f}×")
+
+
+def live_view(was_running: bool) -> None:
+    """The benchmark's progress and rows so far, redrawn from its progress file on every poll."""
+    job: SpeedJob = st.session_state[JOB_KEY]
+    running = job.running()
+    if was_running and not running:
+        st.rerun()  # the whole page: unlock the settings, stop polling
+    events = job.events()
+    header = next((e["header"] for e in events if e["kind"] == "header"), None)
+    done = next((e for e in events if e["kind"] == "done"), None)
+    rows = [e["row"] for e in events if e["kind"] == "row"]
+    if running:
+        last = events[-1] if events else {"fraction": 0.0, "message": "starting (importing torch)…"}
+        head = st.columns([4, 1])
+        state = "stopping…" if job.stop_requested else last["message"]
+        head[0].progress(min(1.0, float(last["fraction"])), text=f"{state} · elapsed {hms(time.time() - job.started)}")
+        if head[1].button("⏹ Stop", key="speed_stop", disabled=job.stop_requested):
+            job.proc.terminate()  # SIGTERM: the benchmark stops and writes what it measured
+            job.stop_requested = True
+            st.rerun(scope="fragment")
+    elif job.error():
+        st.error(f"The benchmark failed: {job.error()}", icon="❌")
+    elif done is not None and done.get("stopped"):
+        st.warning("The benchmark was stopped; these are the rows measured before.", icon="⏹️")
+    elif done is not None:
+        st.success(f"Done in {hms(time.time() - job.started)}.", icon="✅")
+    results_view(header, rows, done.get("targets") if done else None)
+
+
+require_router("pages/speed.py")
+st.title("Speed")
+st.caption(
+    "Seconds per training epoch, inference throughput and peak memory of each method against the "
+    "ensemble size, measured now on this machine — the same benchmark as `python -m bench_core bench`. "
+    "Epochs are extrapolated from a few timed steps; the floor is the matrix products' FLOPs at the "
+    "matrix-multiply rate measured at the start."
+)
+
+job = st.session_state.get(JOB_KEY)
+job_running = job is not None and job.running()
+bench_settings = settings_widgets(locked=job_running)
+if job_running:
+    st.caption("Settings are locked while the benchmark runs; stop it to change them.")
+if st.button("▶ Run benchmark", type="primary", disabled=job_running, key="speed_start"):
+    launch(bench_settings)
+
+with st.expander("Show results saved by the command line (`--json`)"):
+    upload = st.file_uploader("bench JSON", type=["json"], key="speed_upload", label_visibility="collapsed")
+    if upload is not None:
+        try:
+            saved = json.loads(upload.getvalue())
+            results_view(saved["header"], saved["rows"], saved.get("targets"), key="upload")
+        except (ValueError, KeyError, TypeError) as err:
+            st.error(f"That is not a file written by `python -m bench_core bench --json`: {err}", icon="🛑")
+
+if job is not None:
+    st.divider()
+    st.caption(f"Command: `{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(job.proc.args))}`")
+    st.fragment(run_every=POLL_SECONDS if job_running else None)(live_view)(job_running)

@@ -1,0 +1,290 @@
+"""The speed benchmark: FLOP formula, floor arithmetic, a tiny run, the table, the CLI, the Speed page."""
+
+import json
+import os
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from bench_core import bench
+from bench_core.bench import (
+    ROWS,
+    BenchSettings,
+    RowSpec,
+    check_targets,
+    compare_rows,
+    derive_row,
+    epoch_flops,
+    floor_seconds,
+    format_table,
+    plan_rows,
+    run_benchmark,
+)
+from bench_core.errors import BenchError
+
+ROOT = Path(__file__).resolve().parent.parent
+TINY = {
+    "dataset_shape": "1x8x8",
+    "ensemble_sizes": (1, 2),
+    "steps": 3,
+    "warmup": 1,
+    "repeats": 1,
+    "train_examples": 1024,
+    "inference_examples": 300,
+    "threads": 1,  # tiny ops on a busy 2-core machine are far faster on one thread
+}
+
+
+@pytest.fixture
+def one_thread():
+    saved = torch.get_num_threads()
+    yield
+    torch.set_num_threads(saved)
+
+
+# --- FLOPs and the floor -------------------------------------------------------------------------
+
+
+def test_epoch_flops_hand_computed():
+    # Layers 4->3 and 3->2, n = 10 examples, E = 2, repeat batching:
+    #   first layer (no input grad): 2 passes * 2*10*4*3 = 480 per member
+    #   second layer: 3 passes * 2*10*3*2 = 360 per member  -> (480 + 360) * 2 members = 1680
+    assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="repeat") == 1680
+    # split: each member sees n / E = 5 examples -> half of that
+    assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split") == 840
+    # a single MLP
+    assert epoch_flops([4, 3, 2], 10) == 840
+
+
+def test_epoch_flops_seed_shape():
+    # CIFAR-10, hidden 128, two hidden layers: per example per member
+    # 4*3072*128 + 6*128*128 + 6*128*10 = 1,678,848 FLOPs.
+    sizes = [3072, 128, 128, 10]
+    assert epoch_flops(sizes, 50_000, ensemble_size=5) == 5 * 50_000 * 1_678_848
+
+
+def test_floor_arithmetic():
+    assert floor_seconds(3e9, 1.5e9) == pytest.approx(2.0)
+    settings = BenchSettings(dataset_shape="1x2x2", hidden=3, depth=1, train_examples=10)
+    raw = {"name": "classic-vectorized", "method": "classic", "mode": "vectorized", "ensemble_size": 2}
+    raw["epoch_seconds"] = 4.0
+    row = derive_row(raw, settings, rate=100.0)
+    # sizes [4, 3, 10]: per member 2*2*10*4*3 + 3*2*10*3*10 = 480 + 1800; two members
+    assert row["flops_per_epoch"] == 2 * (480 + 1800)
+    assert row["floor_seconds"] == pytest.approx(45.6)
+    assert row["x_floor"] == pytest.approx(4.0 / 45.6)
+
+
+def test_split_floor_is_a_single_models():
+    settings = BenchSettings(dataset_shape="3x32x32")
+    rows = {
+        name: derive_row({"name": name, "ensemble_size": e, "epoch_seconds": 1.0}, settings, rate=1e9)
+        for name, e in [("single", 1), ("batchensemble-split", 5)]
+    }
+    assert rows["batchensemble-split"]["flops_per_epoch"] == pytest.approx(rows["single"]["flops_per_epoch"])
+
+
+# --- comparisons and targets ---------------------------------------------------------------------
+
+
+def _row(name, e, seconds, x_floor=1.0):
+    method, mode = bench.ROW_LABELS[name]
+    return {
+        "name": name,
+        "method": method,
+        "mode": mode,
+        "ensemble_size": e,
+        "epoch_seconds": seconds,
+        "x_floor": x_floor,
+    }
+
+
+def test_compare_rows_and_targets():
+    rows = compare_rows(
+        [
+            _row("classic-vectorized", 5, 2.0, x_floor=1.2),
+            _row("batchensemble-repeat", 5, 2.1),
+            _row("batchensemble-split", 5, 0.8),
+            _row("reference-classic", 5, 10.0),
+            _row("reference-batchensemble", 5, 4.0),
+            _row("classic-vectorized", 2, 1.0),
+        ]
+    )
+    by = {(r["name"], r["ensemble_size"]): r for r in rows}
+    assert by[("batchensemble-repeat", 5)]["x_classic_vectorized"] == pytest.approx(1.05)
+    assert by[("batchensemble-repeat", 5)]["speedup_over_reference"] == pytest.approx(4.0 / 2.1)
+    assert by[("classic-vectorized", 5)]["speedup_over_reference"] == pytest.approx(5.0)
+    assert by[("classic-vectorized", 2)]["speedup_over_reference"] is None
+    assert by[("reference-classic", 5)]["speedup_over_reference"] is None
+    targets = check_targets(rows)
+    assert [t["met"] for t in targets] == [True, True, False, False, False]
+    assert [t["value"] for t in targets] == pytest.approx([1.2, 1.05, 0.4, 5.0, 4.0 / 2.1])
+    assert all(t["met"] is None for t in check_targets(rows, ensemble_size=8))
+
+
+def test_plan_rows_single_once_and_no_reference():
+    specs = plan_rows(BenchSettings(ensemble_sizes=(2, 4), reference=False))
+    assert specs[0] == RowSpec("single", 1)
+    assert [s.name for s in specs].count("single") == 1
+    assert not any(s.name.startswith("reference") for s in specs)
+    assert len(specs) == 1 + 2 * 4
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"ensemble_sizes": (0,)},
+        {"ensemble_sizes": ()},
+        {"steps": 0},
+        {"repeats": 0},
+        {"rows": ("bogus",)},
+        {"dataset_shape": "3x0x2"},
+        {"rows": ("reference-classic",), "reference": False},
+        {"batch_size": 4, "ensemble_sizes": (8,)},
+        {"depth": 3},  # the reference rows are the seed's 2-hidden-layer models
+        {"device": "tpu"},
+    ],
+)
+def test_bad_settings_raise(change):
+    with pytest.raises(BenchError) as info:
+        BenchSettings(**change).validate()
+    assert "\n" not in str(info.value)
+
+
+# --- a tiny benchmark, in this process -----------------------------------------------------------
+
+
+def test_tiny_benchmark_every_row(one_thread):
+    settings = BenchSettings(**TINY, isolate=False)
+    events = list(run_benchmark(settings))
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "progress"
+    assert kinds[-1] == "done"
+    assert "header" in kinds
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions)
+    done = events[-1]
+    assert not done.stopped
+    names = {(r["name"], r["ensemble_size"]) for r in done.rows}
+    expected = {("single", 1)} | {(name, e) for name in ROWS if name != "single" for e in (1, 2)}
+    assert names == expected
+    for row in done.rows:
+        for key in ("epoch_seconds", "floor_seconds", "x_floor", "inference_examples_per_second", "flops_per_epoch"):
+            assert row[key] > 0, (row["name"], key)
+        assert row["params"] > 0
+        assert row["peak_mib"] >= 0
+        assert row["steps_per_epoch"] >= row["timed_steps"] > 0
+    cv = next(r for r in done.rows if r["name"] == "classic-vectorized" and r["ensemble_size"] == 2)
+    assert cv["x_classic_vectorized"] == pytest.approx(1.0)
+    assert cv["speedup_over_reference"] > 0
+    # 1024 examples, batch 128: 8 steps per epoch; split with E = 2 also 8; sequential E = 2: 2 passes.
+    seq = next(r for r in done.rows if r["name"] == "classic-sequential" and r["ensemble_size"] == 2)
+    assert (seq["timed_steps"], seq["steps_per_epoch"]) == (6, 16)
+    json.loads(json.dumps([e.to_dict() for e in events]))  # every event is plain JSON
+    table = format_table(done.header, done.rows, done.targets)
+    for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
+        assert label in table
+    assert "targets" not in table  # E = 5 was not measured
+
+
+def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):
+    monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e10)
+    stop = threading.Event()
+    settings = BenchSettings(**{**TINY, "ensemble_sizes": (2,)}, isolate=False, reference=False)
+    rows = []
+    for event in run_benchmark(settings, stop):
+        if event.kind == "row":
+            rows.append(event.row)
+            stop.set()
+        last = event
+    assert last.kind == "done"
+    assert last.stopped
+    assert len(last.rows) == len(rows) == 1
+
+
+# --- the command line ----------------------------------------------------------------------------
+
+
+def _cli(*args, timeout=300):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    return subprocess.run(
+        [sys.executable, "-m", "bench_core", "bench", *args],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=timeout,
+    )
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["--ensemble-sizes", "0"], "ensemble size"),
+        (["--steps", "-1"], "steps"),
+        (["--methods", "bogus"], "bogus"),
+    ],
+)
+def test_cli_bad_input_exits_2_with_one_line(args, word):
+    proc = _cli(*args)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert word in lines[0]
+    assert proc.stdout == ""
+
+
+@pytest.mark.parametrize(
+    ("args", "word"),
+    [
+        (["--dataset-shape", "cifar100"], "cifar100"),
+        (["--batch-size", "4", "--ensemble-sizes", "8"], "split"),
+        (["--depth", "3"], "reference"),
+        (["--ensemble-sizes", "2,x"], "ensemble size"),
+        (["--json", "/nonexistent-folder/out.json", "--no-reference"], "nonexistent"),
+    ],
+)
+def test_cli_bad_input_in_process(args, word, capsys):
+    from bench_core.cli import main
+
+    try:
+        status = main(["bench", *args])
+    except SystemExit as exc:  # argparse's own errors
+        status = exc.code
+    assert status == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert word in err[0]
+
+
+def test_cli_tiny_run_in_row_processes(tmp_path):
+    out, progress = tmp_path / "bench.json", tmp_path / "progress.jsonl"
+    proc = _cli(
+        *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "batchensemble-split"),
+        *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "1", "--train-examples", "512"),
+        *("--inference-examples", "100", "--threads", "1", "--json", str(out), "--progress-jsonl", str(progress)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "split" in proc.stdout
+    data = json.loads(out.read_text())
+    assert [r["name"] for r in data["rows"]] == ["batchensemble-split"]
+    assert data["header"]["matmul_flops_per_second"] > 0
+    assert all(r["peak_mib"] >= 0 and r["epoch_seconds"] > 0 for r in data["rows"])
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert events[-1]["kind"] == "done"
+    assert sum(e["kind"] == "row" for e in events) == 1
+
+
+# --- the Speed page ------------------------------------------------------------------------------
+
+
+def test_speed_page_renders():
+    from streamlit.testing.v1 import AppTest
+
+    at = AppTest.from_file(str(ROOT / "pages" / "speed.py"), default_timeout=30).run()
+    assert not at.exception
+    assert any("Speed" in t.value for t in at.title)
