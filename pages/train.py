@@ -40,7 +40,7 @@ from pages._common import (
 require_router("pages/train.py")
 
 POLL_SECONDS = 1.0  # the progress line and Stop button
-CHARTED_KEY = "train_charted_records"  # (run id, number of records) the charts on screen were drawn from
+CHART_SECONDS = 3.0  # the live charts (see live_charts)
 FIGURES_KEY = "train_live_figures"  # (run id, number of records) and the live charts built from them
 P = "train_set_"  # prefix of the settings' widget keys
 
@@ -266,10 +266,6 @@ def live_view(run_id: int, was_active: bool) -> None:
     methods = ordered_methods(run.get("methods") or [])
     epochs = int((cfg.get("train") or {}).get("epochs") or 1)
     records = run.get("records") or []
-    if st.session_state.get(CHARTED_KEY) != (run_id, len(records)):
-        # New records: redraw the page, charts included. Between records the charts are left
-        # alone, so neither the server nor the browser spends CPU (which training shares) on them.
-        st.rerun()
     head = st.columns([3, 1])
     fraction, eta, where = progress_of(records, methods, epochs)
     fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
@@ -288,9 +284,11 @@ def live_view(run_id: int, was_active: bool) -> None:
 
 @one_line_errors
 def live_charts(run_id: int, active: bool) -> None:
-    """The run's charts, drawn in a whole-page run; live_view asks for one when records arrive."""
+    """The run's charts, redrawn every CHART_SECONDS while it trains (not every poll).
+
+    Drawing Plotly figures costs the server and the browser CPU that the training shares.
+    """
     records = [data for _, data in open_store().records(run_id)]
-    st.session_state[CHARTED_KEY] = (run_id, len(records))
     if not records:
         if active:
             st.caption("The charts appear with the first training records.")
@@ -354,7 +352,5 @@ if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=liv
 if live_id is not None:
     with live_slot if live_active else st.container():
         st.divider()
-        status_slot = st.container()  # drawn above the charts, but after them: see live_view
-        live_charts(live_id, live_active)
-        with status_slot:
-            st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)
+        st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)
+        st.fragment(run_every=CHART_SECONDS if live_active else None)(live_charts)(live_id, live_active)
