@@ -42,6 +42,7 @@ BUSY_TIMEOUT_S = 30.0
 
 _SQLITE_HEADER = b"SQLite format 3\x00"
 _CHECKED_FILES: set[tuple[int, int]] = set()  # (device, inode) of store files this process has opened
+_CHECK_LOCK = threading.Lock()  # one header check at a time, so no thread reads it beside a live connection
 _TABLES = ("runs", "records", "results")
 _METHOD_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 _LEAVE = "it was left untouched: move it away or set BENCH_STORE to another path"
@@ -377,26 +378,27 @@ class RunStore:
         if not os.access(path.parent, os.W_OK):
             msg = f"can't write in the folder of run store {path}: set BENCH_STORE to a writable path"
             raise StoreError(msg)
-        if path.exists() and path.stat().st_size > 0 and _file_key(path) not in _CHECKED_FILES:
-            # Read the header only while this process holds no connection to the file: closing
-            # any descriptor of it drops all of this process's POSIX locks on it, after which
-            # another process may checkpoint and delete the WAL under our open connections
-            # (they then read stale pages, or report "database disk image is malformed").
-            try:
-                with open(path, "rb") as f:
-                    head = f.read(len(_SQLITE_HEADER))
-            except OSError as err:
-                msg = f"can't read run store {path} ({_one_line(err)}): check its permissions or set BENCH_STORE"
-                raise StoreError(msg) from None
-            if head != _SQLITE_HEADER:
-                raise StoreError(f"run store {path} is corrupt (file is not a database); {_LEAVE}")
+        with _CHECK_LOCK:
+            if path.exists() and path.stat().st_size > 0 and _file_key(path) not in _CHECKED_FILES:
+                # Read the header only while this process holds no connection to the file: closing
+                # any descriptor of it drops all of this process's POSIX locks on it, after which
+                # another process may checkpoint and delete the WAL under our open connections
+                # (they then read stale pages, or report "database disk image is malformed").
+                try:
+                    with open(path, "rb") as f:
+                        head = f.read(len(_SQLITE_HEADER))
+                except OSError as err:
+                    msg = f"can't read run store {path} ({_one_line(err)}): check its permissions or set BENCH_STORE"
+                    raise StoreError(msg) from None
+                if head != _SQLITE_HEADER:
+                    raise StoreError(f"run store {path} is corrupt (file is not a database); {_LEAVE}")
 
-        conn = self._connect()
-        try:
-            self._check_or_create(conn)
-        finally:
-            conn.close()
-        _CHECKED_FILES.add(_file_key(path))
+            conn = self._connect()
+            try:
+                self._check_or_create(conn)
+            finally:
+                conn.close()
+            _CHECKED_FILES.add(_file_key(path))
 
     def _check_or_create(self, conn: sqlite3.Connection) -> None:
         path = self.path
