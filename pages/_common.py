@@ -340,9 +340,7 @@ def seconds_figure(records: list[dict]) -> go.Figure:
 
 
 def throughput_figure(records: list[dict]) -> go.Figure:
-    return epoch_metric_figure(
-        records, "examples_per_second", "Training examples per second (higher is faster)", "examples / s"
-    )
+    return epoch_metric_figure(records, "examples_per_second", "Examples per second (higher: faster)", "examples / s")
 
 
 def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[float, float | None, str]:
