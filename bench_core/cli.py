@@ -180,15 +180,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _store_path(args: argparse.Namespace) -> Path:
-    from bench_core.data import default_data_dir
+    """--store, else $BENCH_STORE, else the store in --data-dir, else the default store."""
     from bench_core.store import default_store_path
 
     if getattr(args, "store", None):
         return Path(args.store)
-    if os.environ.get("BENCH_STORE"):
-        return default_store_path()
     data_dir = getattr(args, "data_dir", None)
-    return Path(data_dir) / "runs.sqlite" if data_dir else default_data_dir() / "runs.sqlite"
+    if data_dir and not os.environ.get("BENCH_STORE"):
+        return Path(data_dir) / "runs.sqlite"
+    return default_store_path()
 
 
 def _install_stop_handler(stop: threading.Event) -> None:

@@ -74,20 +74,26 @@ def software_versions() -> dict:
     }
 
 
-def check_fits(cfg: RunConfig, dataset: Dataset) -> None:
-    """Raise ConfigError when the dataset can't serve the batch size or ensemble size."""
-    n_train = dataset.n_train
-    if cfg.train.batch_size > n_train:
+def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:
+    """Raise ConfigError when a dataset of ``n_train`` examples can't serve the batch or ensemble size.
+
+    ``n_train`` None (not known before loading) checks only what does not depend on it; the
+    dashboard calls this before launching a run, the runner again once the data is loaded.
+    """
+    if n_train is not None and cfg.train.batch_size > n_train:
         raise ConfigError(
             f"batch size {cfg.train.batch_size} is larger than the {n_train} training examples of "
-            f"{dataset.name}: lower the batch size"
+            f"{dataset_name}: lower the batch size"
         )
     e = cfg.model.ensemble_size
-    if "batchensemble" in cfg.methods and cfg.model.be_batching == "split" and cfg.train.batch_size < e:
-        raise ConfigError(
-            f"batch size {cfg.train.batch_size} can't be split among {e} members: "
-            f"raise the batch size to at least {e}, lower the ensemble size, or use repeat batching"
-        )
+    if "batchensemble" in cfg.methods and cfg.model.be_batching == "split":
+        if cfg.train.batch_size < e:
+            raise ConfigError(
+                f"batch size {cfg.train.batch_size} can't be split among {e} members: "
+                f"raise the batch size to at least {e}, lower the ensemble size, or use repeat batching"
+            )
+        if n_train is not None and n_train < e:
+            raise ConfigError(f"{n_train} training examples can't be split among {e} members")
 
 
 def run_experiment(
@@ -123,7 +129,7 @@ def run_experiment(
             store.start_run(run_id, device=str(device), versions=software_versions())
         yield Phase(f"loading {cfg.data.name}")
         dataset = load_dataset(cfg.data, device, progress=progress)
-        check_fits(cfg, dataset)
+        check_fits(cfg, dataset.n_train, dataset.name)
         results: dict[str, dict] = {}
         lock_dir = store.path.parent if store is not None else Path.cwd()
         on_wait = (lambda: store.set_note(run_id, "waiting for the GPU: another run is using it")) if store else None

@@ -24,8 +24,9 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from bench_core.config import METHODS, RunConfig
-from bench_core.errors import BenchError, ConfigError
+from bench_core.errors import BenchError
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
+from bench_core.runner import check_fits
 from bench_core.store import RunStore, default_store_path
 
 # Session-state keys shared by several pages.
@@ -172,20 +173,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
     """
     cfg.validate()
     n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
-    if n_train is not None and cfg.train.batch_size > n_train:
-        raise ConfigError(
-            f"batch size {cfg.train.batch_size} is larger than the {n_train} training examples of "
-            f"{cfg.data.name}: lower the batch size"
-        )
-    e = cfg.model.ensemble_size
-    if "batchensemble" in cfg.methods and cfg.model.be_batching == "split":
-        if cfg.train.batch_size < e:
-            raise ConfigError(
-                f"batch size {cfg.train.batch_size} can't be split among {e} members: "
-                f"raise the batch size to at least {e}, lower the ensemble size, or use repeat batching"
-            )
-        if n_train is not None and n_train < e:
-            raise ConfigError(f"{n_train} training examples can't be split among {e} members")
+    check_fits(cfg, n_train, cfg.data.name)
     return cfg
 
 
