@@ -20,6 +20,7 @@ from bench_core.bench import (
     derive_row,
     epoch_flops,
     floor_seconds,
+    conventional_epoch_flops,
     format_table,
     plan_rows,
     run_benchmark,
@@ -67,6 +68,16 @@ def test_epoch_flops_seed_shape():
     assert epoch_flops(sizes, 50_000, ensemble_size=5) == 5 * 50_000 * 1_678_848
 
 
+def test_conventional_flops_hand_computed():
+    # The usual 3x-forward count: every layer 3 passes, the first layer's input gradient included.
+    # Layers 4->3 and 3->2, n = 10, E = 2: 3 * 2*10*(4*3 + 3*2) = 1080 per member.
+    assert conventional_epoch_flops([4, 3, 2], 10, ensemble_size=2) == 2160
+    assert conventional_epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split") == 1080
+    # The seed's shape: 3 * 2*(3072*128 + 128*128 + 128*10) = 2,465,280 per example and member,
+    # 616 GFLOP an epoch for 5 members: the "about 4 s" at ~150 GFLOP/s.
+    assert conventional_epoch_flops([3072, 128, 128, 10], 50_000, 5) == 5 * 50_000 * 2_465_280
+
+
 def test_floor_arithmetic():
     assert floor_seconds(3e9, 1.5e9) == pytest.approx(2.0)
     settings = BenchSettings(dataset_shape="1x2x2", hidden=3, depth=1, train_examples=10)
@@ -77,6 +88,9 @@ def test_floor_arithmetic():
     assert row["flops_per_epoch"] == 2 * (480 + 1800)
     assert row["floor_seconds"] == pytest.approx(45.6)
     assert row["x_floor"] == pytest.approx(4.0 / 45.6)
+    # beside it, for information, the usual count: 2 * 3*2*10*(4*3 + 3*10) = 5040 FLOPs
+    assert row["floor_seconds_3x_forward"] == pytest.approx(50.4)
+    assert row["x_floor_3x_forward"] == pytest.approx(4.0 / 50.4)
 
 
 def test_split_floor_is_a_single_models():
