@@ -44,20 +44,26 @@ def layer_pictures() -> None:
         shared = layer.weight  # (out, in)
         fast = layer.s[k - 1].unsqueeze(1) * layer.r[k - 1].unsqueeze(0)  # (out, in): s_k r_kᵀ
         member = layer.member_weight(k - 1)  # (out, in): W ∘ (s_k r_kᵀ)
-    cols = st.columns(3)
-    with cols[0]:
+    # Two pictures a row: three side by side left the cells' values running together at 1280 px.
+    top = st.columns(2)
+    with top[0]:
         show(matrix_figure(shared.tolist(), "W (shared)"))
-    with cols[1]:
+    with top[1]:
         show(matrix_figure(fast.tolist(), f"s_{k} r_{k}ᵀ (member {k}, rank 1)"))
-    with cols[2]:
+    bottom = st.columns(2)
+    with bottom[0]:
         show(matrix_figure(member.tolist(), f"W_{k} = W ∘ s_{k} r_{k}ᵀ"))
     r_text = ", ".join(f"{v:.2f}" for v in layer.r[k - 1].tolist())
     s_text = ", ".join(f"{v:.2f}" for v in layer.s[k - 1].tolist())
-    st.caption(
-        f"r_{k} (one per input) = [{r_text}]  ·  s_{k} (one per output) = [{s_text}]. Values rounded to 0.1. "
+    bottom[1].markdown(
+        f"**Member {k}** scales each column i of W by its input-side weight r_{k},i and each row o by "
+        f"its output-side weight s_{k},o:\n\n"
+        f"- r_{k} (one per input) = [{r_text}]\n"
+        f"- s_{k} (one per output) = [{s_text}]\n\n"
         f"Member {k}'s own numbers: {N_IN} + {N_OUT} + {N_OUT} (bias) = {N_IN + 2 * N_OUT}; "
-        f"W's {N_IN * N_OUT} are shared. Blue: positive, red: negative. "
-        "Move the member slider: W stays, the stripes of s_k r_kᵀ change."
+        f"W's {N_IN * N_OUT} are shared.\n\n"
+        "Blue: positive, red: negative; cells show values rounded to 0.1. Move the member slider: "
+        "W stays, the stripes of s_k r_kᵀ change."
     )
 
 

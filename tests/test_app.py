@@ -313,6 +313,7 @@ def test_learn_with_sliders_moved(store_file):
     assert len(charts(at)) == 4, "W, s r^T, W_k and the parameter count"
     at.slider(key="learn_members").set_value(8).run()
     at.slider(key="learn_member").set_value(6).run()
+    assert any("**Member 6**" in m.value for m in at.markdown), "the picked member's r and s beside W_k"
     at.radio(key="learn_init").set_value("random_sign").run()
     at.slider(key="learn_members").set_value(1).run()
     at.selectbox(key="learn_dataset").set_value("mnist").run()
