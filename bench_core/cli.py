@@ -133,26 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
-    cfg = RunConfig(methods=args.methods)
-    cfg.data.name = args.dataset
-    cfg.data.data_dir = args.data_dir
-    cfg.data.download = not args.no_download
-    cfg.data.synthetic_train = args.synthetic_train
-    cfg.data.synthetic_test = args.synthetic_test
-    cfg.model.hidden = args.hidden
-    cfg.model.depth = args.depth
-    cfg.model.ensemble_size = args.ensemble_size
-    cfg.model.classic_mode = args.classic_mode
-    cfg.model.be_batching = args.be_batching
-    cfg.model.be_init = args.be_init
-    cfg.model.be_init_std = args.be_init_std
-    cfg.train.epochs = args.epochs
-    cfg.train.batch_size = args.batch_size
-    cfg.train.lr = args.lr
-    cfg.train.seed = args.seed
-    cfg.train.device = args.device
-    cfg.train.log_every = args.log_every
-    return cfg.validate()
+    return RunConfig.from_flat({**vars(args), "download": not args.no_download}).validate()
 
 
 def main(argv: list[str] | None = None) -> int:

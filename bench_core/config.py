@@ -1,13 +1,14 @@
 """Settings of a run: three small dataclasses with commented defaults.
 
-The CLI and the dashboard build a RunConfig; ``asdict(config)`` is stored with every run,
-and ``RunConfig.from_dict`` rebuilds it. ``validate()`` raises ConfigError with a one-line
-message for every value a user can get wrong.
+The CLI and the dashboard build a RunConfig from their flat settings (``RunConfig.from_flat``);
+``asdict(config)`` is stored with every run, and ``RunConfig.from_dict`` rebuilds it.
+``validate()`` raises ConfigError with a one-line message for every value a user can get wrong.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, fields
 
 from bench_core.errors import ConfigError
@@ -105,6 +106,22 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_flat(cls, values: Mapping) -> RunConfig:
+        """A config from one flat mapping of settings, as the CLI and the Train page give them.
+
+        Keys: ``methods``, ``dataset`` (the data's name) and any field of the three sections by its
+        own name; other keys are ignored. Not validated: call ``validate()``.
+        """
+        cfg = cls(methods=tuple(values.get("methods", cls.methods)))
+        if "dataset" in values:
+            cfg.data.name = values["dataset"]
+        for section in (cfg.data, cfg.model, cfg.train):
+            for f in fields(section):
+                if f.name != "name" and f.name in values:
+                    setattr(section, f.name, values[f.name])
+        return cfg
 
     @classmethod
     def from_dict(cls, raw: dict) -> RunConfig:

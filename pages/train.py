@@ -188,22 +188,7 @@ def settings(locked: bool) -> RunConfig:
         )
 
     s = {name: st.session_state[P + name] for name in DEFAULTS}
-    cfg = RunConfig(methods=tuple(m for m in METHODS if m in s["methods"]))
-    cfg.data.name = s["dataset"]
-    cfg.data.synthetic_train = int(s["synthetic_train"])
-    cfg.data.synthetic_test = int(s["synthetic_test"])
-    cfg.model.hidden = int(s["hidden"])
-    cfg.model.depth = int(s["depth"])
-    cfg.model.ensemble_size = int(s["ensemble_size"])
-    cfg.model.classic_mode = s["classic_mode"]
-    cfg.model.be_batching = s["be_batching"]
-    cfg.model.be_init = s["be_init"]
-    cfg.model.be_init_std = float(s["be_init_std"])
-    cfg.train.epochs = int(s["epochs"])
-    cfg.train.batch_size = int(s["batch_size"])
-    cfg.train.lr = float(s["lr"])
-    cfg.train.seed = int(s["seed"])
-    cfg.train.device = s["device"]
+    cfg = RunConfig.from_flat({**s, "methods": tuple(m for m in METHODS if m in s["methods"])})
     cfg.train.log_every = log_every_for(cfg, int(s["points_per_epoch"]))
     return cfg
 

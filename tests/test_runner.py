@@ -26,6 +26,44 @@ def tiny_config(**train) -> RunConfig:
     return cfg
 
 
+def test_from_flat_sets_each_field_by_its_name():
+    flat = {
+        "methods": ("single", "classic"),
+        "dataset": "synthetic",
+        "download": False,
+        "synthetic_train": 800,
+        "hidden": 16,
+        "ensemble_size": 3,
+        "be_init": "random_sign",
+        "epochs": 2,
+        "lr": 0.01,
+        "device": "cpu",
+        "log_every": 5,
+        "points_per_epoch": 4,  # not a config field: ignored
+        "command": "train",  # ignored
+        "name": "not-a-dataset",  # only "dataset" names the data
+    }
+    expected = RunConfig(methods=("single", "classic"))
+    expected.data.name, expected.data.download, expected.data.synthetic_train = "synthetic", False, 800
+    expected.model.hidden, expected.model.ensemble_size, expected.model.be_init = 16, 3, "random_sign"
+    expected.train.epochs, expected.train.lr, expected.train.device, expected.train.log_every = 2, 0.01, "cpu", 5
+    assert RunConfig.from_flat(flat) == expected
+    assert RunConfig.from_flat({}) == RunConfig()
+
+
+def test_cli_arguments_become_the_config():
+    from bench_core.cli import build_parser, config_from_args
+
+    argv = "train --dataset synthetic --no-download --methods batchensemble --hidden 16 --ensemble-size 3"
+    argv += " --be-batching split --epochs 2 --lr 0.01 --log-every 7"
+    args = build_parser().parse_args(argv.split())
+    cfg = config_from_args(args)
+    assert cfg.methods == ("batchensemble",)
+    assert (cfg.data.name, cfg.data.download) == ("synthetic", False)
+    assert (cfg.model.hidden, cfg.model.ensemble_size, cfg.model.be_batching) == (16, 3, "split")
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.log_every) == (2, 0.01, 7)
+
+
 @pytest.fixture
 def store(tmp_path):
     return RunStore(tmp_path / "runs.sqlite")
