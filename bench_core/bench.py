@@ -200,7 +200,13 @@ class BenchEvent:
 # ------------------------------------------------------------------------------------------------
 
 
-def epoch_flops(sizes: list[int], n_examples: float, ensemble_size: int = 1, batching: str = "repeat") -> float:
+def epoch_flops(
+    sizes: list[int],
+    n_examples: float,
+    ensemble_size: int = 1,
+    batching: str = "repeat",
+    first_input_grad: bool = False,
+) -> float:
     """Matrix-product FLOPs of one training epoch of an E-member MLP with layer widths ``sizes``.
 
     Each linear layer (in → out) of each member processing n examples costs
@@ -209,26 +215,18 @@ def epoch_flops(sizes: list[int], n_examples: float, ensemble_size: int = 1, bat
     n = ``n_examples`` per member; "split": n = ``n_examples / E`` per member; a single MLP
     has E = 1. Element-wise work (biases, ReLU, BatchEnsemble's r/s scaling, the loss, Adam)
     is not counted: the floor is what the matrix products alone would take.
+
+    ``first_input_grad=True`` gives the usual training count, 3× the forward FLOPs: it adds the
+    first layer's input gradient, which training never computes. It is the count behind the
+    speed issue's "about 4 s" for a CIFAR-10-shaped epoch of 5 members, reported beside the
+    strict count for comparison, never as the floor.
     """
     n = n_examples / ensemble_size if batching == "split" else float(n_examples)
     per_member = 0.0
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        passes = 2 if i == 0 else 3  # forward + weight grad (+ input grad after the first layer)
+        passes = 2 if i == 0 and not first_input_grad else 3  # forward + weight grad (+ input grad)
         per_member += passes * 2.0 * n * n_in * n_out
     return ensemble_size * per_member
-
-
-def conventional_epoch_flops(
-    sizes: list[int], n_examples: float, ensemble_size: int = 1, batching: str = "repeat"
-) -> float:
-    """The usual training count, 3× the forward FLOPs (``6·n·in·out`` per layer and member).
-
-    It includes the first layer's input gradient, which training never computes; it is the
-    count behind the speed issue's "about 4 s" for a CIFAR-10-shaped epoch of 5 members and is
-    reported beside the stricter ``epoch_flops`` for comparison, never as the floor.
-    """
-    n = n_examples / ensemble_size if batching == "split" else float(n_examples)
-    return ensemble_size * sum(3 * 2.0 * n * n_in * n_out for n_in, n_out in itertools.pairwise(sizes))
 
 
 def floor_seconds(flops: float, rate: float) -> float:
@@ -487,11 +485,10 @@ def derive_row(raw: dict, settings: BenchSettings, rate: float) -> dict:
 
     shape, n_train, classes = settings.shape_info()
     sizes = mlp_sizes(math.prod(shape), settings.hidden, settings.depth, classes)
-    flops = epoch_flops(sizes, n_train, raw["ensemble_size"], row_batching(raw["name"]))
+    count = (sizes, n_train, raw["ensemble_size"], row_batching(raw["name"]))
+    flops = epoch_flops(*count)
     floor = floor_seconds(flops, rate)
-    usual = floor_seconds(
-        conventional_epoch_flops(sizes, n_train, raw["ensemble_size"], row_batching(raw["name"])), rate
-    )
+    usual = floor_seconds(epoch_flops(*count, first_input_grad=True), rate)
     return {
         **raw,
         "flops_per_epoch": flops,

@@ -17,7 +17,6 @@ from bench_core.bench import (
     RowSpec,
     check_targets,
     compare_rows,
-    conventional_epoch_flops,
     derive_row,
     epoch_flops,
     floor_seconds,
@@ -71,11 +70,11 @@ def test_epoch_flops_seed_shape():
 def test_conventional_flops_hand_computed():
     # The usual 3x-forward count: every layer 3 passes, the first layer's input gradient included.
     # Layers 4->3 and 3->2, n = 10, E = 2: 3 * 2*10*(4*3 + 3*2) = 1080 per member.
-    assert conventional_epoch_flops([4, 3, 2], 10, ensemble_size=2) == 2160
-    assert conventional_epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split") == 1080
+    assert epoch_flops([4, 3, 2], 10, ensemble_size=2, first_input_grad=True) == 2160
+    assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split", first_input_grad=True) == 1080
     # The seed's shape: 3 * 2*(3072*128 + 128*128 + 128*10) = 2,465,280 per example and member,
     # 616 GFLOP an epoch for 5 members: the "about 4 s" at ~150 GFLOP/s.
-    assert conventional_epoch_flops([3072, 128, 128, 10], 50_000, 5) == 5 * 50_000 * 2_465_280
+    assert epoch_flops([3072, 128, 128, 10], 50_000, 5, first_input_grad=True) == 5 * 50_000 * 2_465_280
 
 
 def test_floor_arithmetic():
