@@ -203,6 +203,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def worker_env(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the experiment options give the dashboard server and so its workers."""
+    env = {"OMP_NUM_THREADS": str(args.worker_threads)} if args.worker_threads else {}
+    env.update(item.split("=", 1) for item in args.worker_env)
+    return env
+
+
 def log_every(args: argparse.Namespace, batch_size: int = 128) -> int:
     """What the Train page turns 'Loss points per epoch' into (pages/_common.log_every_for)."""
     if args.points_per_epoch <= 0:
@@ -402,7 +409,7 @@ def table(runs: list[dict], info: dict, args: argparse.Namespace) -> str:
         }[args.clicks]
         + ", "
         f"{'live Train page watched to the end' if args.watch == 'train' else 'tab closed after the click'}"
-        + (f", dashboard workers with OMP_NUM_THREADS={args.worker_threads}" if args.worker_threads else ""),
+        + "".join(f", dashboard workers with {name}={value}" for name, value in worker_env(args).items()),
         "runs (in order): " + ", ".join(f"{r['way']} #{r['run_id']} {r['wall_s']:.1f} s" for r in runs),
         "",
         f"{'':<38}{'CLI':>8}{'dashboard':>11}{'ratio':>8}   bound",
@@ -463,9 +470,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(tempfile.mkdtemp(prefix="bench-dashboard-"))
     runs: list[dict] = []
     try:
-        extra = {"OMP_NUM_THREADS": str(args.worker_threads)} if args.worker_threads else {}
-        extra.update(item.split("=", 1) for item in args.worker_env)
-        server = ui.DashboardServer(work, env=extra, file_watcher=None).start()  # as a user's `streamlit run`
+        # no file-watcher flag: .streamlit/config.toml applies, as to a user's `streamlit run`
+        server = ui.DashboardServer(work, env=worker_env(args), file_watcher=None).start()
         try:
             with sync_playwright() as p:
                 chromium = ui.launch_chromium(p)
