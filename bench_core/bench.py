@@ -114,6 +114,7 @@ class BenchSettings:
     inference_examples: int = 10_000  # examples of the timed inference pass
     isolate: bool = True  # each row in its own process (clean memory figures)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    cuda_graph: bool = True  # on CUDA, replay each full-batch training step as a CUDA graph
     seed: int = 0
 
     def validate(self) -> BenchSettings:
@@ -364,16 +365,17 @@ def _measure_workbench(
         cfg.classic_mode = mode
     model = build_model(method, cfg, data.in_features, classes).to(device)
     passes = n_members if mode == "sequential" else 1  # sequential: each member its own pass
+    graph = settings.cuda_graph
     train_cfg = TrainConfig(epochs=1, batch_size=bs, seed=settings.seed, device=str(device))
     if n_warm:
         report(0.0, "warm-up")
         warm = replace(data, x_train=data.x_train[:n_warm], y_train=data.y_train[:n_warm])
-        for _ in train(model, warm, train_cfg, method=method, batching=batching, stop=stop):
+        for _ in train(model, warm, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
             pass
     train_cfg.epochs = settings.repeats
     scale = steps_per_epoch(n_full, bs, n_members, batching) / steps_per_epoch(n_timed, bs, n_members, batching)
     epochs = []
-    for rec in train(model, timed, train_cfg, method=method, batching=batching, stop=stop):
+    for rec in train(model, timed, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
         if rec.kind == "epoch":
             if rec.stopped:
                 raise _StoppedError
@@ -605,6 +607,11 @@ def machine_header(settings: BenchSettings) -> dict:
         "floor": "matrix-product FLOPs of an epoch / the 2048³ matmul rate; element-wise work not counted",
         "memory": "peak of training above the row's data: "
         + ("cuda max_memory_allocated" if device.type == "cuda" else "RSS"),
+        "steps": (
+            ("each full-batch step replayed as one CUDA graph" if settings.cuda_graph else "eager (no CUDA graphs)")
+            if device.type == "cuda"
+            else "eager"
+        ),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
 
@@ -820,6 +827,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         + f", median of {s['repeats']} repeats; reference rows: the seed's DataLoader pipeline, "
         "worker start-up counted once per member per epoch",
         f"floor: {header['floor']}",
+        *([f"workbench training steps: {header['steps']}"] if header.get("steps", "eager") != "eager" else []),
         f"peak MiB: {header['memory']}, each row {'in its own process' if s['isolate'] else 'in this process'}",
     ]
     load, cores = header.get("load_average"), header.get("cores") or 1
@@ -968,6 +976,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reference", action="store_true", help="skip the seed-pipeline reference rows")
     parser.add_argument("--full-epoch", action="store_true", help="time whole epochs instead of extrapolating")
     parser.add_argument("--in-process", action="store_true", help="measure every row in this process")
+    parser.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run every training step eagerly")
     parser.add_argument("--json", dest="json_path", default=None, help="write the header and rows to this file")
     parser.add_argument("--progress-jsonl", default=None, help="append every event to this file as a JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -992,6 +1001,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         inference_examples=args.inference_examples,
         isolate=not args.in_process,
         threads=args.threads,
+        cuda_graph=not args.no_cuda_graph,
     ).validate()
 
 

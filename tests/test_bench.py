@@ -1,5 +1,6 @@
 """The speed benchmark: FLOP formula, floor arithmetic, a tiny run, the table, the CLI, the Speed page."""
 
+import argparse
 import json
 import os
 import subprocess
@@ -15,6 +16,7 @@ from bench_core.bench import (
     ROWS,
     BenchSettings,
     RowSpec,
+    add_arguments,
     check_targets,
     compare_rows,
     derive_row,
@@ -23,6 +25,7 @@ from bench_core.bench import (
     format_table,
     plan_rows,
     run_benchmark,
+    settings_from_args,
 )
 from bench_core.errors import BenchError
 
@@ -202,6 +205,9 @@ def test_tiny_benchmark_every_row(one_thread):
     for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
         assert label in table
     assert "targets" not in table  # E = 5 was not measured
+    assert done.header["steps"] == "eager" and "training steps" not in table  # CUDA graphs: CUDA only
+    cuda_header = {**done.header, "steps": "each full-batch step replayed as one CUDA graph"}
+    assert "workbench training steps: each full-batch step replayed" in format_table(cuda_header, done.rows)
 
 
 def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):
@@ -272,6 +278,14 @@ def test_cli_bad_input_in_process(args, word, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
     assert word in err[0]
+
+
+def test_cuda_graph_option():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert settings_from_args(parser.parse_args([])).cuda_graph is True
+    assert settings_from_args(parser.parse_args(["--no-cuda-graph"])).cuda_graph is False
+    assert BenchSettings.from_dict({"cuda_graph": False}).cuda_graph is False
 
 
 def test_cli_tiny_run_in_row_processes(tmp_path):
