@@ -29,6 +29,12 @@ How each figure is measured:
   ``/proc/self/clear_refs``; otherwise ``ru_maxrss``, which may under-count) minus the resident
   size at that moment. Each row runs in its own process (``isolate``), so rows share no
   allocator state; the reference's DataLoader workers are separate processes and not included.
+
+The rows of one ensemble size take turns: every row sets up and warms up, then each runs its
+first timed repeat while the others wait, then each its second, and so on, and last each its
+inference pass (``measure_row``'s ``gate``). On a shared machine whose speed drifts by tens of
+per cent within a minute, the ratios between rows (× classic vectorized, × faster than the
+reference) then compare repeats taken a few seconds apart, not minutes apart.
 """
 
 from __future__ import annotations
@@ -322,24 +328,41 @@ def _ru_maxrss_bytes() -> int:
 # ------------------------------------------------------------------------------------------------
 
 Report = Callable[[float, str], None]
+Gate = Callable[[str], None]
 
 
 def measure_row(
-    spec: RowSpec, settings: BenchSettings, report: Report | None = None, stop: threading.Event | None = None
+    spec: RowSpec,
+    settings: BenchSettings,
+    report: Report | None = None,
+    stop: threading.Event | None = None,
+    gate: Gate | None = None,
 ) -> dict:
-    """Measure one row in this process; returns its raw figures (``derive_row`` adds the floor)."""
+    """Measure one row in this process; returns its raw figures (``derive_row`` adds the floor).
+
+    ``gate(phase)`` is called before each timed repeat ("repeat 1", ...) and before the inference
+    pass ("finish"); it returns when the row may go on. ``run_benchmark`` uses it to take turns
+    between the rows of one ensemble size, so that a drift of the machine's speed (other load)
+    falls on every row alike.
+    """
     device = resolve_device(settings.device)
     report = report or (lambda fraction, message: None)
+    gate = gate or (lambda phase: None)
     if settings.threads:
         torch.set_num_threads(settings.threads)
     torch.manual_seed(settings.seed)
     if spec.name in REFERENCE_ROWS:
-        return _measure_reference(spec, settings, device, report)
-    return _measure_workbench(spec, settings, device, report, stop)
+        return _measure_reference(spec, settings, device, report, gate)
+    return _measure_workbench(spec, settings, device, report, stop, gate)
 
 
 def _measure_workbench(
-    spec: RowSpec, settings: BenchSettings, device: torch.device, report: Report, stop: threading.Event | None
+    spec: RowSpec,
+    settings: BenchSettings,
+    device: torch.device,
+    report: Report,
+    stop: threading.Event | None,
+    gate: Gate,
 ) -> dict:
     from bench_core.data import make_synthetic
     from bench_core.evaluation import count_parameters, predict_logits
@@ -375,14 +398,18 @@ def _measure_workbench(
     train_cfg.epochs = settings.repeats
     scale = steps_per_epoch(n_full, bs, n_members, batching) / steps_per_epoch(n_timed, bs, n_members, batching)
     epochs = []
+    gate("repeat 1")
     for rec in train(model, timed, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
         if rec.kind == "epoch":
             if rec.stopped:
                 raise _StoppedError
             epochs.append(rec.epoch_seconds * scale)
             report(0.8 * len(epochs) / settings.repeats, f"repeat {len(epochs)}/{settings.repeats}")
+            if len(epochs) < settings.repeats:
+                gate(f"repeat {len(epochs) + 1}")  # the generator waits here, between two epochs
 
     peak = probe.peak_mib()  # of training; inference is not counted
+    gate("finish")
 
     x = data.x_test  # (M, D)
     predict_logits(model, x[:INFERENCE_BATCH], INFERENCE_BATCH)  # warm-up
@@ -410,7 +437,9 @@ def _measure_workbench(
     }
 
 
-def _measure_reference(spec: RowSpec, settings: BenchSettings, device: torch.device, report: Report) -> dict:
+def _measure_reference(
+    spec: RowSpec, settings: BenchSettings, device: torch.device, report: Report, gate: Gate
+) -> dict:
     from torch.utils.data import DataLoader, Subset
 
     from bench_core import reference as ref
@@ -441,6 +470,7 @@ def _measure_reference(spec: RowSpec, settings: BenchSettings, device: torch.dev
             learner.step(xb, yb)
     epochs, startups = [], []
     for r in range(settings.repeats):
+        gate(f"repeat {r + 1}")
         # Members one after another, each with its own pass (and its own worker start-up).
         timings = []
         for k, learner in enumerate(learners):
@@ -451,6 +481,7 @@ def _measure_reference(spec: RowSpec, settings: BenchSettings, device: torch.dev
         startups.append(sum(t.startup_seconds + t.shutdown_seconds for t in timings))
     peak = probe.peak_mib()  # of training; inference is not counted
     workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    gate("finish")
     if settings.warmup:
         warm_subset = Subset(test_images, range(min(2 * ref.SEED_EVAL_BATCH_SIZE, len(test_images))))
         warm_loader = ref.seed_loader(warm_subset, batch_size=ref.SEED_EVAL_BATCH_SIZE, shuffle=False)
@@ -661,29 +692,43 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
     yield BenchEvent("progress", 0.0, "measuring the matrix-multiply rate")
     header = machine_header(settings)
     yield BenchEvent("header", 0.0, "matmul rate measured", header=header)
-    weights = [_row_weight(s) for s in specs]
-    total, done = sum(weights), 0.0
+    weights = {spec: _row_weight(spec) for spec in specs}
+    total = sum(weights.values())
+    progress = dict.fromkeys(specs, 0.0)  # each row's own fraction done
     rows: list[dict] = []
     stopped = False
-    for spec, weight in zip(specs, weights, strict=True):
-        if stop is not None and stop.is_set():
-            stopped = True
+    for group in _turn_groups(specs):
+        runners = {spec: (_ProcessRow if settings.isolate else _ThreadRow)(spec, settings, stop) for spec in group}
+        try:
+            # Round-robin: each row in turn runs up to its next gate (set-up and warm-up, one
+            # timed repeat, or the inference pass), the others wait; then the next row.
+            while not stopped and any(not r.done for r in runners.values()):
+                for spec, runner in runners.items():
+                    if runner.done:
+                        continue
+                    if stop is not None and stop.is_set():
+                        stopped = True
+                        break
+                    label = f"{spec.name} E={spec.ensemble_size}"
+                    for fraction, message in runner.advance():
+                        progress[spec] = fraction
+                        done = sum(weights[k] * f for k, f in progress.items()) / total
+                        yield BenchEvent("progress", done, f"{label}: {message}")
+                    if runner.stopped:
+                        stopped = True
+                        break
+        finally:
+            for runner in runners.values():
+                runner.close()
+        if stopped:
             break
-        label = f"{spec.name} E={spec.ensemble_size}"
-        events = _row_in_subprocess(spec, settings, stop) if settings.isolate else _row_here(spec, settings, stop)
-        raw = None
-        for fraction, message, result in events:
-            if result is not None:
-                raw = result
-            else:
-                yield BenchEvent("progress", (done + weight * fraction) / total, f"{label}: {message}")
-        if raw is None:
-            stopped = True
-            break
-        done += weight
-        row = derive_row(raw, settings, header["matmul_flops_per_second"])
-        rows.append(row)
-        yield BenchEvent("row", done / total, f"{label}: {row['epoch_seconds']:.3g} s/epoch", row=row)
+        for spec, runner in runners.items():
+            progress[spec] = 1.0
+            row = derive_row(runner.result, settings, header["matmul_flops_per_second"])
+            rows.append(row)
+            label = f"{spec.name} E={spec.ensemble_size}"
+            done = sum(weights[k] * f for k, f in progress.items()) / total
+            yield BenchEvent("row", done, f"{label}: {row['epoch_seconds']:.3g} s/epoch", row=row)
     rows = compare_rows(rows)
     if not stopped:
         # Measured again to show whether the machine's speed changed during the run (other load).
@@ -692,7 +737,7 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
         header["matmul_flops_per_second_end"] = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
     yield BenchEvent(
         "done",
-        1.0 if not stopped else done / total,
+        1.0 if not stopped else sum(weights[k] * f for k, f in progress.items()) / total,
         "stopped" if stopped else "done",
         header=header,
         rows=rows,
@@ -701,85 +746,154 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
     )
 
 
-def _row_here(spec: RowSpec, settings: BenchSettings, stop: threading.Event | None):
-    """Measure a row in a thread of this process, yielding (fraction, message, None) and then (1, "", row)."""
-    updates: queue.Queue = queue.Queue()
-    outcome: dict = {}
+def _turn_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:
+    """The rows that take turns: those of one ensemble size (the single row with the first size)."""
+    groups: dict[int, list[RowSpec]] = {}
+    first = next((s.ensemble_size for s in specs if s.name != "single"), 1)
+    for spec in specs:
+        groups.setdefault(first if spec.name == "single" else spec.ensemble_size, []).append(spec)
+    return list(groups.values())
 
-    def work() -> None:
+
+class _ThreadRow:
+    """A row measured in a thread of this process, one phase per ``advance``."""
+
+    def __init__(self, spec: RowSpec, settings: BenchSettings, stop: threading.Event | None) -> None:
+        self.spec, self.settings, self.stop = spec, settings, stop
+        self.updates: queue.Queue = queue.Queue()
+        self.go = threading.Semaphore(0)
+        self.thread: threading.Thread | None = None
+        self.done = self.stopped = self.closing = False
+        self.result: dict | None = None
+
+    def _gate(self, phase: str) -> None:
+        self.updates.put(("gate", phase))
+        self.go.acquire()
+        if self.closing:
+            raise _StoppedError
+
+    def _work(self) -> None:
         try:
-            outcome["row"] = measure_row(spec, settings, lambda f, m: updates.put((f, m, None)), stop)
-        except BaseException as err:  # handed to the caller's thread below
-            outcome["error"] = err
-        updates.put(None)
+            report = lambda f, m: self.updates.put(("progress", f, m))  # noqa: E731
+            self.updates.put(("end", measure_row(self.spec, self.settings, report, self.stop, self._gate)))
+        except BaseException as err:  # handed to the caller's thread in advance()
+            self.updates.put(("error", err))
 
-    threading.Thread(target=work, daemon=True).start()
-    while (item := updates.get()) is not None:
-        yield item
-    err = outcome.get("error")
-    if isinstance(err, _StoppedError):
-        return
-    if err is not None:
-        raise err
-    yield 1.0, "", outcome["row"]
+    def advance(self) -> Iterator[tuple[float, str]]:
+        """Run the row up to its next gate (or its end), yielding (fraction, message) progress."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, daemon=True)
+            self.thread.start()
+        else:
+            self.go.release()
+        while True:
+            item = self.updates.get()
+            if item[0] == "progress":
+                yield item[1], item[2]
+            elif item[0] == "gate":
+                return
+            elif item[0] == "end":
+                self.done, self.result = True, item[1]
+                return
+            else:
+                self.done = True
+                if isinstance(item[1], _StoppedError):
+                    self.stopped = True
+                    return
+                raise item[1]
+
+    def close(self) -> None:
+        if self.thread is not None and not self.done:
+            self.closing = True
+            self.go.release()
+            self.thread.join(timeout=30)
 
 
-def _row_in_subprocess(spec: RowSpec, settings: BenchSettings, stop: threading.Event | None):
-    """Measure a row in a fresh ``python -m bench_core bench --row`` process, streaming its JSON lines."""
-    payload = json.dumps({"settings": settings.to_dict(), "row": asdict(spec)})
-    cmd = [sys.executable, "-m", "bench_core", "bench", "--row", payload]
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    package_parent = str(Path(__file__).resolve().parent.parent)
-    env["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))])
-    with tempfile.TemporaryFile(mode="w+") as err:
+class _ProcessRow:
+    """A row measured in a fresh ``python -m bench_core bench --row`` process, one phase per ``advance``.
+
+    The child prints JSON lines (progress, "gate", the row) and waits at each gate for a line on
+    its standard input.
+    """
+
+    def __init__(self, spec: RowSpec, settings: BenchSettings, stop: threading.Event | None) -> None:
+        self.spec, self.settings, self.stop = spec, settings, stop
+        self.proc: subprocess.Popen | None = None
+        self.lines: queue.Queue = queue.Queue()
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        self.done = self.stopped = False
+        self.result: dict | None = None
+
+    def _start(self) -> None:
+        payload = json.dumps({"settings": self.settings.to_dict(), "row": asdict(self.spec)})
+        cmd = [sys.executable, "-m", "bench_core", "bench", "--row", payload]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        package_parent = str(Path(__file__).resolve().parent.parent)
+        paths = [package_parent, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
         # Its own session: a Ctrl-C reaches only us (we stop it), and stopping it also ends its DataLoader workers.
-        proc = subprocess.Popen(
+        self.proc = subprocess.Popen(
             cmd,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
-            stderr=err,
+            stderr=self.err,
             text=True,
             env=env,
             start_new_session=os.name == "posix",
         )
-        lines: queue.Queue = queue.Queue()
 
         def pump() -> None:
-            for line in proc.stdout:
-                lines.put(line)
-            lines.put(None)
+            for line in self.proc.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
 
         threading.Thread(target=pump, daemon=True).start()
-        raw = None
-        try:
-            while True:
-                try:
-                    line = lines.get(timeout=0.2)
-                except queue.Empty:
-                    if stop is not None and stop.is_set():
-                        return
-                    continue
-                if line is None:
-                    break
-                try:
-                    msg = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # not ours (a library printed something)
-                if msg.get("event") == "progress":
-                    yield msg["fraction"], msg["message"], None
-                elif msg.get("event") == "row":
-                    raw = msg["row"]
-            proc.wait()
-        finally:
-            _end_row_process(proc)
-        if stop is not None and stop.is_set():
+
+    def advance(self) -> Iterator[tuple[float, str]]:
+        """Run the row up to its next gate (or its end), yielding (fraction, message) progress."""
+        if self.proc is None:
+            self._start()
+        else:
+            try:
+                self.proc.stdin.write("go\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # it ended: the reason is read below
+        while True:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop is not None and self.stop.is_set():
+                    self.done = self.stopped = True
+                    return
+                continue
+            if line is None:
+                break
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not ours (a library printed something)
+            if msg.get("event") == "progress":
+                yield msg["fraction"], msg["message"]
+            elif msg.get("event") == "gate":
+                return
+            elif msg.get("event") == "row":
+                self.result = msg["row"]
+        self.proc.wait()
+        self.done = True
+        if self.stop is not None and self.stop.is_set():
+            self.stopped = True
             return
-        if proc.returncode != 0 or raw is None:
-            err.seek(0)
-            tail = [line.strip() for line in err.read().splitlines() if line.strip()]
-            reason = tail[-1] if tail else f"exit status {proc.returncode}"
-            raise BenchError(f"the {spec.name} row (E = {spec.ensemble_size}) failed: {reason}")
-        yield 1.0, "", raw
+        if self.proc.returncode != 0 or self.result is None:
+            self.err.seek(0)
+            tail = [line.strip() for line in self.err.read().splitlines() if line.strip()]
+            reason = tail[-1] if tail else f"exit status {self.proc.returncode}"
+            raise BenchError(f"the {self.spec.name} row (E = {self.spec.ensemble_size}) failed: {reason}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _end_row_process(self.proc)
+        self.err.close()
 
 
 def _end_row_process(proc: subprocess.Popen) -> None:
@@ -1050,7 +1164,12 @@ def _cmd_row(payload: str) -> int:
     def report(fraction: float, message: str) -> None:
         print(json.dumps({"event": "progress", "fraction": fraction, "message": message}), flush=True)
 
-    raw = measure_row(spec, settings, report)
+    def gate(phase: str) -> None:
+        print(json.dumps({"event": "gate", "phase": phase}), flush=True)
+        if not sys.stdin.readline():  # the benchmark ended: nothing more to measure
+            raise SystemExit(0)
+
+    raw = measure_row(spec, settings, report, gate=gate)
     print(json.dumps({"event": "row", "row": raw}), flush=True)
     return 0
 

@@ -213,16 +213,28 @@ def test_tiny_benchmark_every_row(one_thread):
 def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):
     monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e10)
     stop = threading.Event()
-    settings = BenchSettings(**{**TINY, "ensemble_sizes": (2,)}, isolate=False, reference=False)
+    settings = BenchSettings(**TINY, isolate=False, reference=False)
     rows = []
     for event in run_benchmark(settings, stop):
         if event.kind == "row":
             rows.append(event.row)
-            stop.set()
+            stop.set()  # the rows of E = 1 were measured together: they all come; E = 2 does not start
         last = event
     assert last.kind == "done"
     assert last.stopped
-    assert len(last.rows) == len(rows) == 1
+    assert len(last.rows) == len(rows) == 5
+    assert {r["ensemble_size"] for r in rows} == {1}
+
+
+def test_stop_within_a_group_abandons_its_rows(monkeypatch, one_thread):
+    monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e10)
+    stop = threading.Event()
+    settings = BenchSettings(**{**TINY, "ensemble_sizes": (2,)}, isolate=False, reference=False)
+    for event in run_benchmark(settings, stop):
+        if "classic-vectorized E=2: repeat 1" in event.message:
+            stop.set()
+        last = event
+    assert last.kind == "done" and last.stopped and last.rows == []
 
 
 # --- the command line ----------------------------------------------------------------------------
@@ -280,6 +292,29 @@ def test_cli_bad_input_in_process(args, word, capsys):
     assert word in err[0]
 
 
+def test_rows_of_one_ensemble_size_take_turns(monkeypatch, one_thread):
+    turns = []
+    gate = bench._ThreadRow._gate
+    monkeypatch.setattr(
+        bench._ThreadRow, "_gate", lambda self, phase: turns.append((self.spec, phase)) or gate(self, phase)
+    )
+    methods = ("single", "classic-vectorized", "batchensemble-split")
+    settings = BenchSettings(**{**TINY, "repeats": 2}, rows=methods, reference=False, isolate=False)
+    done = list(run_benchmark(settings))[-1]
+    assert [(r["name"], r["ensemble_size"]) for r in done.rows] == [
+        ("single", 1),
+        ("classic-vectorized", 1),
+        ("batchensemble-split", 1),
+        ("classic-vectorized", 2),
+        ("batchensemble-split", 2),
+    ]
+    e1 = [RowSpec(name, 1) for name in methods]
+    e2 = [RowSpec(name, 2) for name in methods[1:]]
+    # Each row of a group stops at the same gates in turn; E = 2 starts once E = 1 is done.
+    expected = [(spec, phase) for group in (e1, e2) for phase in ("repeat 1", "repeat 2", "finish") for spec in group]
+    assert turns == expected
+
+
 def test_cuda_graph_option():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
@@ -304,6 +339,24 @@ def test_cli_tiny_run_in_row_processes(tmp_path):
     events = [json.loads(line) for line in progress.read_text().splitlines()]
     assert events[-1]["kind"] == "done"
     assert sum(e["kind"] == "row" for e in events) == 1
+
+
+def test_row_processes_take_turns(tmp_path):
+    progress = tmp_path / "progress.jsonl"
+    proc = _cli(
+        *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "classic-vectorized,batchensemble-split"),
+        *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "2", "--train-examples", "512"),
+        *("--inference-examples", "100", "--threads", "1", "--progress-jsonl", str(progress)),
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    repeats = [e["message"] for e in events if e["kind"] == "progress" and ": repeat " in e["message"]]
+    assert repeats == [
+        "classic-vectorized E=2: repeat 1/2",
+        "batchensemble-split E=2: repeat 1/2",
+        "classic-vectorized E=2: repeat 2/2",
+        "batchensemble-split E=2: repeat 2/2",
+    ]
 
 
 # --- the Speed page ------------------------------------------------------------------------------
