@@ -264,20 +264,23 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
     for method, series in loss_series(records).items():
         color = method_color(method)
         label = method_label(method)
-        for k, losses in enumerate(series["members"]):
-            fig.add_trace(
-                go.Scatter(
-                    x=_array(series["x"]),
-                    y=_array(losses),
-                    mode="lines",
-                    line={"color": color, "width": 1},
-                    opacity=0.35,
-                    name=f"{label} member {k + 1}",
-                    legendgroup=method,
-                    showlegend=False,
-                    hovertemplate=f"{label} member {k + 1}<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
-                )
+        # All members in one trace, a gap (NaN) between two members: a live chart is redrawn
+        # every few seconds, and the browser's cost of a redraw grows with the number of traces.
+        n_points = len(series["x"])
+        fig.add_trace(
+            go.Scatter(
+                x=_array([*series["x"], None] * len(series["members"])),
+                y=_array([v for losses in series["members"] for v in [*losses, None]]),
+                customdata=np.repeat(np.arange(1, len(series["members"]) + 1), n_points + 1),
+                mode="lines",
+                line={"color": color, "width": 1},
+                opacity=0.35,
+                name=f"{label} members",
+                legendgroup=method,
+                showlegend=False,
+                hovertemplate=f"{label} member %{{customdata}}<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
             )
+        )
         fig.add_trace(
             go.Scatter(
                 x=_array(series["x"]),
@@ -329,6 +332,47 @@ def seconds_figure(records: list[dict]) -> go.Figure:
 
 def throughput_figure(records: list[dict]) -> go.Figure:
     return epoch_metric_figure(records, "examples_per_second", "Examples per second (higher: faster)", "examples / s")
+
+
+def speed_figure(records: list[dict]) -> go.Figure:
+    """Seconds per epoch and examples per second side by side, one line per method, in one figure.
+
+    The Train page redraws its live charts every few seconds; one figure with two panels costs
+    the browser one redraw where two figures cost two.
+    """
+    fig = make_subplots(
+        rows=1,
+        cols=2,
+        subplot_titles=("Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"),
+        horizontal_spacing=0.12,
+    )
+    methods = ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
+    for col, key in ((1, "epoch_seconds"), (2, "examples_per_second")):
+        for method in methods:
+            rows = _epoch_records(records, method)
+            fig.add_trace(
+                go.Scatter(
+                    x=_array([r["epoch"] for r in rows]),
+                    y=_array([_finite(r.get(key)) for r in rows]),
+                    mode="lines+markers",
+                    line={"color": method_color(method), "width": 3},
+                    marker={"size": 9},
+                    name=method_label(method),
+                    legendgroup=method,
+                    showlegend=col == 1,
+                ),
+                row=1,
+                col=col,
+            )
+    style(fig, "Speed per epoch", "epoch", height=380)
+    fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the panels' titles
+    fig.update_yaxes(title_text="seconds", row=1, col=1)
+    fig.update_yaxes(title_text="examples / s", row=1, col=2)
+    n_epochs = max((len(_epoch_records(records, m)) for m in methods), default=0)
+    fig.update_xaxes(dtick=1 if n_epochs <= 20 else None)
+    fig.update_yaxes(rangemode="tozero")
+    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
+    return fig
 
 
 def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[float, float | None, str]:

@@ -31,10 +31,9 @@ from pages._common import (
     preflight,
     progress_of,
     require_router,
-    seconds_figure,
     show,
+    speed_figure,
     store_path,
-    throughput_figure,
 )
 
 require_router("pages/train.py")
@@ -278,16 +277,12 @@ def live_charts(run_id: int, active: bool) -> None:
         if active:
             st.caption("The charts appear with the first training records.")
         return
-    loss, seconds, throughput = live_figures(run_id, records)
+    loss, speed = live_figures(run_id, records)
     show(loss)
-    if seconds is None:
+    if speed is None:
         st.caption("The speed charts appear when a first epoch is complete.")
         return
-    cols = st.columns(2)
-    with cols[0]:
-        show(seconds)
-    with cols[1]:
-        show(throughput)
+    show(speed)
 
 
 def live_figures(run_id: int, records: list[dict]) -> tuple:
@@ -297,11 +292,7 @@ def live_figures(run_id: int, records: list[dict]) -> tuple:
     if cached is not None and cached[0] == key:
         return cached[1]
     has_epochs = any(r.get("kind") == "epoch" and not r.get("stopped") for r in records)
-    figures = (
-        loss_figure(records),
-        seconds_figure(records) if has_epochs else None,
-        throughput_figure(records) if has_epochs else None,
-    )
+    figures = (loss_figure(records), speed_figure(records) if has_epochs else None)
     st.session_state[FIGURES_KEY] = (key, figures)
     return figures
 

@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
@@ -26,11 +27,13 @@ from pages._common import (
     batchensemble_params,
     export_csv,
     export_json,
+    loss_figure,
     loss_series,
     member_accuracy_figure,
     mlp_params,
     preflight,
     progress_of,
+    speed_figure,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -149,7 +152,10 @@ def test_train_launches_a_worker_that_finishes(store_file):
     assert not at.exception, at.exception
     assert any(f"Run {run_id} finished" in s for s in texts(at.success))
     assert not at.slider(key="train_set_epochs").disabled, "settings unlock when the run ends"
-    assert len(charts(at)) == 3, "loss, seconds per epoch, examples per second"
+    loss, speed = charts(at)  # the speed figure: seconds per epoch and examples per second side by side
+    assert loss["layout"]["title"]["text"].startswith("Training loss")
+    panels = [a["text"] for a in speed["layout"]["annotations"]]
+    assert panels == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
     assert at.get("page_link"), "a link to the results"
 
 
@@ -349,6 +355,37 @@ def test_loss_series_prefers_step_records_and_falls_back_to_epochs():
     assert list(series) == ["classic", "batchensemble"]
     assert series["batchensemble"] == {"x": [0.5], "members": [[1.0], [2.0]], "mean": [1.5]}
     assert series["classic"] == {"x": [1.0], "members": [[0.5], [None]], "mean": [0.5]}
+
+
+def test_loss_figure_one_members_trace_and_one_mean_per_method():
+    records = [
+        {"kind": "step", "method": "classic", "epoch": 1, "step": s, "steps_per_epoch": 2,
+         "member_loss": [1.0 * s, 2.0 * s, 3.0 * s], "loss": 2.0 * s}
+        for s in (1, 2)
+    ]  # fmt: skip
+    members, mean = loss_figure(records).data
+    assert members.name == "classic members" and mean.name == "classic (mean of members)"
+    # The members one after another, a gap (NaN) after each; customdata says which member.
+    assert np.allclose(members.y, [1, 2, np.nan, 2, 4, np.nan, 3, 6, np.nan], equal_nan=True)
+    assert np.allclose(members.x, [0.5, 1.0, np.nan] * 3, equal_nan=True)
+    assert list(members.customdata) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
+    assert list(mean.y) == [2.0, 4.0]
+
+
+def test_speed_figure_two_panels_one_legend_entry_per_method():
+    records = [
+        {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 2.0 * e, "examples_per_second": 100.0 / e}
+        for m in ("batchensemble", "classic")
+        for e in (1, 2)
+    ]
+    fig = speed_figure(records)
+    assert [(t.name, t.xaxis, t.showlegend) for t in fig.data] == [
+        ("classic", "x", True),
+        ("BatchEnsemble", "x", True),
+        ("classic", "x2", False),
+        ("BatchEnsemble", "x2", False),
+    ]
+    assert list(fig.data[0].y) == [2.0, 4.0] and list(fig.data[2].y) == [100.0, 50.0]
 
 
 def test_progress_counts_epochs_and_the_current_one():

@@ -38,7 +38,7 @@ RUN_TIMEOUT_S = 240.0  # generous: other work may share the machine's two cores
 # Synthetic data. WATCHED: 2 epochs that last long enough (~10 s of training on an idle 2-core
 # machine) to watch the loss curve grow, short enough for CI. SMALL: quick epochs for the long
 # runs that the tests stop.
-WATCHED = {"train": 24_000, "test": 1_000}
+WATCHED = {"train": 40_000, "test": 1_000}
 SMALL = {"train": 6000, "test": 500}
 
 
