@@ -308,22 +308,26 @@ def epoch_metric_figure(records: list[dict], key: str, title: str, y_title: str)
     fig = go.Figure()
     methods = ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
     for method in methods:
-        rows = _epoch_records(records, method)
-        fig.add_trace(
-            go.Scatter(
-                x=_array([r["epoch"] for r in rows]),
-                y=_array([_finite(r.get(key)) for r in rows]),
-                mode="lines+markers",
-                line={"color": method_color(method), "width": 3},
-                marker={"size": 9},
-                name=method_label(method),
-            )
-        )
+        fig.add_trace(_epoch_metric_trace(records, method, key))
     style(fig, title, "epoch", y_title, height=360)
     fig.update_xaxes(dtick=1 if max((len(_epoch_records(records, m)) for m in methods), default=0) <= 20 else None)
     fig.update_yaxes(rangemode="tozero")
     fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
     return fig
+
+
+def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> go.Scatter:
+    """A method's line of an epoch record's number against the epoch."""
+    rows = _epoch_records(records, method)
+    return go.Scatter(
+        x=_array([r["epoch"] for r in rows]),
+        y=_array([_finite(r.get(key)) for r in rows]),
+        mode="lines+markers",
+        line={"color": method_color(method), "width": 3},
+        marker={"size": 9},
+        name=method_label(method),
+        **extra,
+    )
 
 
 def seconds_figure(records: list[dict]) -> go.Figure:
@@ -349,21 +353,8 @@ def speed_figure(records: list[dict]) -> go.Figure:
     methods = ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
     for col, key in ((1, "epoch_seconds"), (2, "examples_per_second")):
         for method in methods:
-            rows = _epoch_records(records, method)
-            fig.add_trace(
-                go.Scatter(
-                    x=_array([r["epoch"] for r in rows]),
-                    y=_array([_finite(r.get(key)) for r in rows]),
-                    mode="lines+markers",
-                    line={"color": method_color(method), "width": 3},
-                    marker={"size": 9},
-                    name=method_label(method),
-                    legendgroup=method,
-                    showlegend=col == 1,
-                ),
-                row=1,
-                col=col,
-            )
+            trace = _epoch_metric_trace(records, method, key, legendgroup=method, showlegend=col == 1)
+            fig.add_trace(trace, row=1, col=col)
     style(fig, "Speed per epoch", "epoch", height=380)
     fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the panels' titles
     fig.update_yaxes(title_text="seconds", row=1, col=1)
