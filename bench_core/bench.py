@@ -695,6 +695,10 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
     weights = {spec: _row_weight(spec) for spec in specs}
     total = sum(weights.values())
     progress = dict.fromkeys(specs, 0.0)  # each row's own fraction done
+
+    def overall() -> float:
+        return sum(weights[k] * f for k, f in progress.items()) / total
+
     rows: list[dict] = []
     stopped = False
     for group in _turn_groups(specs):
@@ -709,11 +713,9 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
                     if stop is not None and stop.is_set():
                         stopped = True
                         break
-                    label = f"{spec.name} E={spec.ensemble_size}"
                     for fraction, message in runner.advance():
                         progress[spec] = fraction
-                        done = sum(weights[k] * f for k, f in progress.items()) / total
-                        yield BenchEvent("progress", done, f"{label}: {message}")
+                        yield BenchEvent("progress", overall(), f"{_row_label(spec)}: {message}")
                     if runner.stopped:
                         stopped = True
                         break
@@ -726,9 +728,7 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
             progress[spec] = 1.0
             row = derive_row(runner.result, settings, header["matmul_flops_per_second"])
             rows.append(row)
-            label = f"{spec.name} E={spec.ensemble_size}"
-            done = sum(weights[k] * f for k, f in progress.items()) / total
-            yield BenchEvent("row", done, f"{label}: {row['epoch_seconds']:.3g} s/epoch", row=row)
+            yield BenchEvent("row", overall(), f"{_row_label(spec)}: {row['epoch_seconds']:.3g} s/epoch", row=row)
     rows = compare_rows(rows)
     if not stopped:
         # Measured again to show whether the machine's speed changed during the run (other load).
@@ -737,13 +737,17 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
         header["matmul_flops_per_second_end"] = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
     yield BenchEvent(
         "done",
-        1.0 if not stopped else sum(weights[k] * f for k, f in progress.items()) / total,
+        1.0 if not stopped else overall(),
         "stopped" if stopped else "done",
         header=header,
         rows=rows,
         targets=check_targets(rows),
         stopped=stopped,
     )
+
+
+def _row_label(spec: RowSpec) -> str:
+    return f"{spec.name} E={spec.ensemble_size}"
 
 
 def _turn_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:

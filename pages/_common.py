@@ -264,8 +264,9 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
     for method, series in loss_series(records).items():
         color = method_color(method)
         label = method_label(method)
-        # All members in one trace, a gap (NaN) between two members: a live chart is redrawn
-        # every few seconds, and the browser's cost of a redraw grows with the number of traces.
+        # All members in one trace, a gap (NaN) between two members: fewer traces for the browser
+        # to lay out on every live redraw (12 became 4 for two methods of 5; no change in the
+        # browser's CPU above the noise was measured, see the README's dashboard section).
         n_points = len(series["x"])
         fig.add_trace(
             go.Scatter(
@@ -303,17 +304,23 @@ def _epoch_records(records: list[dict], method: str) -> list[dict]:
     return [r for r in records if r.get("kind") == "epoch" and r.get("method") == method and not r.get("stopped")]
 
 
+# An epoch record's timing figures: (key, title, y-axis title).
+SECONDS_METRIC = ("epoch_seconds", "Seconds per epoch (lower is faster)", "seconds")
+THROUGHPUT_METRIC = ("examples_per_second", "Examples per second (higher: faster)", "examples / s")
+
+
 def epoch_metric_figure(records: list[dict], key: str, title: str, y_title: str) -> go.Figure:
     """One line per method of an epoch record's number (``epoch_seconds``, ``examples_per_second``)."""
     fig = go.Figure()
-    methods = ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
+    methods = _epoch_methods(records)
     for method in methods:
         fig.add_trace(_epoch_metric_trace(records, method, key))
     style(fig, title, "epoch", y_title, height=360)
-    fig.update_xaxes(dtick=1 if max((len(_epoch_records(records, m)) for m in methods), default=0) <= 20 else None)
-    fig.update_yaxes(rangemode="tozero")
-    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
-    return fig
+    return _epoch_axes(fig, records, methods)
+
+
+def _epoch_methods(records: list[dict]) -> list[str]:
+    return ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
 
 
 def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> go.Scatter:
@@ -330,40 +337,41 @@ def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> 
     )
 
 
-def seconds_figure(records: list[dict]) -> go.Figure:
-    return epoch_metric_figure(records, "epoch_seconds", "Seconds per epoch (lower is faster)", "seconds")
-
-
-def throughput_figure(records: list[dict]) -> go.Figure:
-    return epoch_metric_figure(records, "examples_per_second", "Examples per second (higher: faster)", "examples / s")
-
-
-def speed_figure(records: list[dict]) -> go.Figure:
-    """Seconds per epoch and examples per second side by side, one line per method, in one figure.
-
-    The Train page redraws its live charts every few seconds; one figure with two panels costs
-    the browser one redraw where two figures cost two.
-    """
-    fig = make_subplots(
-        rows=1,
-        cols=2,
-        subplot_titles=("Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"),
-        horizontal_spacing=0.12,
-    )
-    methods = ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
-    for col, key in ((1, "epoch_seconds"), (2, "examples_per_second")):
-        for method in methods:
-            trace = _epoch_metric_trace(records, method, key, legendgroup=method, showlegend=col == 1)
-            fig.add_trace(trace, row=1, col=col)
-    style(fig, "Speed per epoch", "epoch", height=380)
-    fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the panels' titles
-    fig.update_yaxes(title_text="seconds", row=1, col=1)
-    fig.update_yaxes(title_text="examples / s", row=1, col=2)
+def _epoch_axes(fig: go.Figure, records: list[dict], methods: list[str]) -> go.Figure:
+    """Whole epochs on x (while they are few), y from zero, the legend below."""
     n_epochs = max((len(_epoch_records(records, m)) for m in methods), default=0)
     fig.update_xaxes(dtick=1 if n_epochs <= 20 else None)
     fig.update_yaxes(rangemode="tozero")
     fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
     return fig
+
+
+def seconds_figure(records: list[dict]) -> go.Figure:
+    return epoch_metric_figure(records, *SECONDS_METRIC)
+
+
+def throughput_figure(records: list[dict]) -> go.Figure:
+    return epoch_metric_figure(records, *THROUGHPUT_METRIC)
+
+
+def speed_figure(records: list[dict]) -> go.Figure:
+    """Seconds per epoch and examples per second side by side, one line per method, in one figure.
+
+    The Train page re-sends its live charts every few seconds, and each figure re-sent cost the
+    browser about 90 ms even unchanged (scripts/bench_dashboard.py's CPU table): one figure with
+    two panels is one re-send where two figures were two.
+    """
+    metrics = (SECONDS_METRIC, THROUGHPUT_METRIC)
+    fig = make_subplots(rows=1, cols=2, subplot_titles=[title for _, title, _ in metrics], horizontal_spacing=0.12)
+    methods = _epoch_methods(records)
+    for col, (key, _, y_title) in enumerate(metrics, start=1):
+        for method in methods:
+            trace = _epoch_metric_trace(records, method, key, legendgroup=method, showlegend=col == 1)
+            fig.add_trace(trace, row=1, col=col)
+        fig.update_yaxes(title_text=y_title, row=1, col=col)
+    style(fig, "Speed per epoch", "epoch", height=380)
+    fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the panels' titles
+    return _epoch_axes(fig, records, methods)
 
 
 def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[float, float | None, str]:
