@@ -299,6 +299,24 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
     return fig
 
 
+def empty_loss_figure(epochs: int) -> go.Figure:
+    """The loss chart before a run: its title and axes (x up to ``epochs``) and what will appear in it."""
+    fig = loss_figure([])
+    fig.update_xaxes(range=[0, max(1, epochs)])
+    fig.update_yaxes(range=[0, 1], showticklabels=False)
+    fig.add_annotation(
+        text="Press Train: every member's training loss appears here, live",
+        xref="paper",
+        yref="paper",
+        x=0.5,
+        y=0.5,
+        showarrow=False,
+        font={"size": AXIS_TITLE_SIZE, "color": "#666666"},
+    )
+    fig.update_layout(height=320)
+    return fig
+
+
 def _epoch_records(records: list[dict], method: str) -> list[dict]:
     """A method's full epochs (an epoch cut short by a stop would skew the timings)."""
     return [r for r in records if r.get("kind") == "epoch" and r.get("method") == method and not r.get("stopped")]
@@ -354,24 +372,47 @@ def throughput_figure(records: list[dict]) -> go.Figure:
     return epoch_metric_figure(records, *THROUGHPUT_METRIC)
 
 
-def speed_figure(records: list[dict]) -> go.Figure:
-    """Seconds per epoch and examples per second side by side, one line per method, in one figure.
+def live_figure(records: list[dict]) -> go.Figure:
+    """The Train page's live chart: the training loss on top, seconds per epoch and examples per second below.
 
-    The Train page re-sends its live charts every few seconds, and each figure re-sent cost the
-    browser about 90 ms even unchanged (scripts/bench_dashboard.py's CPU table): one figure with
-    two panels is one re-send where two figures were two.
+    One figure for the three, because every time a live chart's figure changes Streamlit mounts a
+    new Plotly chart in the browser (~65 ms of CPU per figure at 1280x720 in headless Chromium),
+    CPU that the training worker shares on a small machine; one figure of three panels cost about
+    30 % less to redraw than the loss and speed figures apart (``scripts/probe_chart_cost.py``).
+    Before a first epoch ends it is the loss figure alone.
     """
-    metrics = (SECONDS_METRIC, THROUGHPUT_METRIC)
-    fig = make_subplots(rows=1, cols=2, subplot_titles=[title for _, title, _ in metrics], horizontal_spacing=0.12)
+    loss = loss_figure(records)
     methods = _epoch_methods(records)
+    if not methods:
+        return loss
+    metrics = (SECONDS_METRIC, THROUGHPUT_METRIC)
+    fig = make_subplots(
+        rows=2,
+        cols=2,
+        specs=[[{"colspan": 2}, None], [{}, {}]],
+        row_heights=[0.56, 0.44],
+        vertical_spacing=0.16,
+        horizontal_spacing=0.12,
+        subplot_titles=["", *(title for _, title, _ in metrics)],
+    )
+    for trace in loss.data:
+        if trace.showlegend is not False:  # a method's mean: its legend entry stands for all its lines
+            trace.name = method_label(trace.legendgroup)
+        fig.add_trace(trace, row=1, col=1)
     for col, (key, _, y_title) in enumerate(metrics, start=1):
         for method in methods:
-            trace = _epoch_metric_trace(records, method, key, legendgroup=method, showlegend=col == 1)
-            fig.add_trace(trace, row=1, col=col)
-        fig.update_yaxes(title_text=y_title, row=1, col=col)
-    style(fig, "Speed per epoch", "epoch", height=380)
-    fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the panels' titles
-    return _epoch_axes(fig, records, methods)
+            fig.add_trace(
+                _epoch_metric_trace(records, method, key, legendgroup=method, showlegend=False), row=2, col=col
+            )
+        fig.update_yaxes(title_text=y_title, rangemode="tozero", row=2, col=col)
+    style(fig, loss.layout.title.text, "epoch", height=820)
+    fig.update_yaxes(title_text=loss.layout.yaxis.title.text, row=1, col=1)
+    fig.update_xaxes(rangemode="tozero", row=1, col=1)
+    n_epochs = max(len(_epoch_records(records, m)) for m in methods)
+    fig.update_xaxes(dtick=1 if n_epochs <= 20 else None, row=2)
+    fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the speed panels' titles
+    fig.update_layout(legend={"orientation": "h", "y": -0.1, "x": 0})
+    return fig
 
 
 def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[float, float | None, str]:

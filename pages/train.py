@@ -2,7 +2,7 @@
 
 Training runs in a worker process (``bench_core.jobs.launch_run``), never in this script.
 This page remembers the run it launched in ``st.session_state`` and polls the run store
-about once a second from a fragment, so the page stays responsive and a user can leave
+every two seconds from one fragment, so the page stays responsive and a user can leave
 and come back to a run still going.
 """
 
@@ -21,9 +21,10 @@ from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
     dataset_label,
+    empty_loss_figure,
     hms,
+    live_figure,
     log_every_for,
-    loss_figure,
     method_label,
     one_line_errors,
     open_store,
@@ -32,15 +33,15 @@ from pages._common import (
     progress_of,
     require_router,
     show,
-    speed_figure,
     store_path,
 )
 
 require_router("pages/train.py")
 
-POLL_SECONDS = 1.0  # the progress line and Stop button
-CHART_SECONDS = 3.0  # the live charts (see live_charts)
-FIGURES_KEY = "train_live_figures"  # (run id, number of records) and the live charts built from them
+POLL_SECONDS = 2.0  # the live view: progress line, Stop button, charts (a click on Stop answers at once)
+CHART_SECONDS = 4.0  # between epochs' ends the loss chart takes new points at most this often
+FIGURES_KEY = "train_live_figure"  # the live chart and what it was built from (see live_chart_figure)
+LAUNCH_ERROR_KEY = "train_launch_error"  # why the last press of Train launched nothing
 P = "train_set_"  # prefix of the settings' widget keys
 
 DEFAULTS = {
@@ -186,23 +187,33 @@ def settings(locked: bool) -> RunConfig:
             help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
         )
 
+    return config_from_state()
+
+
+def config_from_state() -> RunConfig:
+    """The RunConfig that the settings' widgets describe now."""
     s = {name: st.session_state[P + name] for name in DEFAULTS}
     cfg = RunConfig.from_flat({**s, "methods": tuple(m for m in METHODS if m in s["methods"])})
     cfg.train.log_every = log_every_for(cfg, int(s["points_per_epoch"]))
     return cfg
 
 
-def launch(cfg: RunConfig) -> None:
-    """Check the settings and start a worker; a bad setting is one st.error line and launches nothing."""
+def launch() -> None:
+    """The Train button's callback: check the settings and start a worker.
+
+    As a callback it runs before the page's script, which then draws the new run (settings locked,
+    live view) in one pass; launching from the script took a second full rerun, which the browser
+    redraws while the run's first seconds train. A bad setting launches nothing and is kept for
+    the page to show as one line.
+    """
     try:
-        preflight(cfg)
+        cfg = preflight(config_from_state())
         run_id, _ = jobs.launch_run(cfg.to_dict(), store_path())  # the worker is reaped by jobs
     except BenchError as err:
-        st.error(str(err), icon=":material/error:")
+        st.session_state[LAUNCH_ERROR_KEY] = str(err)
         return
     st.session_state[LIVE_RUN_KEY] = run_id
     st.session_state[LAST_RUN_KEY] = run_id
-    st.rerun()  # draw the settings locked
 
 
 def final_status(run: dict) -> None:
@@ -231,7 +242,12 @@ def final_status(run: dict) -> None:
 
 @one_line_errors
 def live_view(run_id: int, was_active: bool) -> None:
-    """The run's progress line, note and Stop button, redrawn from the store on every poll."""
+    """The run's progress line, note, Stop button and charts, redrawn from the store on every poll.
+
+    One fragment draws them all: every fragment rerun costs the browser ~30 ms of CPU even when
+    it only changes a line of text (measured in headless Chromium at 1280x720), CPU that the
+    training worker shares on a small machine, so the page polls once, not once per part.
+    """
     store = open_store()
     try:
         run = store.get_run(run_id)
@@ -243,13 +259,20 @@ def live_view(run_id: int, was_active: bool) -> None:
     if was_active and not active:
         st.rerun()  # the whole page: unlock the settings, stop polling
 
+    records = run.get("records") or []
     if not active:
         final_status(run)
-        return
+    else:
+        progress_line(run, records)
+    live_charts(run_id, records, active)
+
+
+def progress_line(run: dict, records: list[dict]) -> None:
+    """The progress bar with where the run is, elapsed time and ETA; the Stop button; the worker's note."""
+    run_id = run["id"]
     cfg = run.get("config") or {}
     methods = ordered_methods(run.get("methods") or [])
     epochs = int((cfg.get("train") or {}).get("epochs") or 1)
-    records = run.get("records") or []
     head = st.columns([3, 1])
     fraction, eta, where = progress_of(records, methods, epochs)
     fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
@@ -266,35 +289,42 @@ def live_view(run_id: int, was_active: bool) -> None:
         st.info(run["note"], icon=":material/hourglass_top:")
 
 
-@one_line_errors
-def live_charts(run_id: int, active: bool) -> None:
-    """The run's charts, redrawn every CHART_SECONDS while it trains (not every poll).
-
-    Drawing Plotly figures costs the server and the browser CPU that the training shares.
-    """
-    records = [data for _, data in open_store().records(run_id)]
+def live_charts(run_id: int, records: list[dict], active: bool) -> None:
+    """The run's live chart: loss, seconds per epoch and examples per second (see live_chart_figure)."""
     if not records:
         if active:
             st.caption("The charts appear with the first training records.")
         return
-    loss, speed = live_figures(run_id, records)
-    show(loss)
-    if speed is None:
+    show(live_chart_figure(run_id, records, active))
+    if not any(r.get("kind") == "epoch" for r in records):
         st.caption("The speed charts appear when a first epoch is complete.")
-        return
-    show(speed)
 
 
-def live_figures(run_id: int, records: list[dict]) -> tuple:
-    """The live charts, rebuilt only when new records came (a poll without news costs nothing)."""
-    key = (run_id, len(records))
+def live_chart_figure(run_id: int, records: list[dict], active: bool):
+    """The live chart's figure: rebuilt when an epoch ends, and otherwise at most every CHART_SECONDS.
+
+    A figure re-sent unchanged costs the browser little (~8 ms), a changed one a new Plotly chart
+    (~65 ms and more; Streamlit remounts a chart whose figure changed; scripts/probe_chart_cost.py).
+    So between epochs' ends the loss takes new points at most every CHART_SECONDS. A run that
+    ended shows every record.
+    """
+    n_epochs = sum(1 for r in records if r.get("kind") == "epoch")
+    now = time.monotonic()
     cached = st.session_state.get(FIGURES_KEY)
-    if cached is not None and cached[0] == key:
-        return cached[1]
-    has_epochs = any(r.get("kind") == "epoch" and not r.get("stopped") for r in records)
-    figures = (loss_figure(records), speed_figure(records) if has_epochs else None)
-    st.session_state[FIGURES_KEY] = (key, figures)
-    return figures
+    if cached is not None and cached["run"] == run_id:
+        if cached["records"] == len(records):
+            return cached["figure"]
+        if active and cached["epochs"] == n_epochs and now - cached["at"] < CHART_SECONDS:
+            return cached["figure"]
+    figure = live_figure(records)
+    st.session_state[FIGURES_KEY] = {
+        "run": run_id,
+        "records": len(records),
+        "epochs": n_epochs,
+        "at": now,
+        "figure": figure,
+    }
+    return figure
 
 
 st.title("Train")
@@ -322,11 +352,20 @@ config = settings(locked=live_active)
 remember_settings()
 if live_active:
     st.caption(f"Settings are locked while run {live_id} trains; stop it to change them.")
-if st.button("Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start"):
-    launch(config)
+st.button(
+    "Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start", on_click=launch
+)
+if LAUNCH_ERROR_KEY in st.session_state:
+    st.error(st.session_state.pop(LAUNCH_ERROR_KEY), icon=":material/error:")
 
-if live_id is not None:
+if live_id is None:
+    # The loss chart's empty frame, where this session's first run will draw. It also has the browser
+    # load its Plotly code now rather than in the run's first seconds, where it took ~1.2 CPU-s from
+    # the training on a 2-core machine (headless Chromium; only ~0.25 CPU-s for the first chart once
+    # loaded).
+    st.divider()
+    show(empty_loss_figure(config.train.epochs))
+else:
     with live_slot if live_active else st.container():
         st.divider()
         st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)
-        st.fragment(run_every=CHART_SECONDS if live_active else None)(live_charts)(live_id, live_active)

@@ -25,15 +25,16 @@ from bench_core.store import RunStore
 from pages._common import (
     agreement_figure,
     batchensemble_params,
+    empty_loss_figure,
     export_csv,
     export_json,
+    live_figure,
     loss_figure,
     loss_series,
     member_accuracy_figure,
     mlp_params,
     preflight,
     progress_of,
-    speed_figure,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -152,9 +153,9 @@ def test_train_launches_a_worker_that_finishes(store_file):
     assert not at.exception, at.exception
     assert any(f"Run {run_id} finished" in s for s in texts(at.success))
     assert not at.slider(key="train_set_epochs").disabled, "settings unlock when the run ends"
-    loss, speed = charts(at)  # the speed figure: seconds per epoch and examples per second side by side
-    assert loss["layout"]["title"]["text"].startswith("Training loss")
-    panels = [a["text"] for a in speed["layout"]["annotations"]]
+    (live,) = charts(at)  # one figure: the loss on top, seconds per epoch and examples per second below
+    assert live["layout"]["title"]["text"].startswith("Training loss")
+    panels = [a["text"] for a in live["layout"]["annotations"]]
     assert panels == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
     assert at.get("page_link"), "a link to the results"
 
@@ -372,20 +373,42 @@ def test_loss_figure_one_members_trace_and_one_mean_per_method():
     assert list(mean.y) == [2.0, 4.0]
 
 
-def test_speed_figure_two_panels_one_legend_entry_per_method():
+def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method():
     records = [
-        {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 2.0 * e, "examples_per_second": 100.0 / e}
+        {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 2.0 * e, "examples_per_second": 100.0 / e,
+         "loss": 1.0 / e, "member_loss": [1.0 / e, 1.1 / e]}
         for m in ("batchensemble", "classic")
         for e in (1, 2)
-    ]
-    fig = speed_figure(records)
+    ]  # fmt: skip
+    fig = live_figure(records)
     assert [(t.name, t.xaxis, t.showlegend) for t in fig.data] == [
-        ("classic", "x", True),
-        ("BatchEnsemble", "x", True),
+        ("classic members", "x", False),
+        ("classic", "x", None),
+        ("BatchEnsemble members", "x", False),
+        ("BatchEnsemble", "x", None),
         ("classic", "x2", False),
         ("BatchEnsemble", "x2", False),
+        ("classic", "x3", False),
+        ("BatchEnsemble", "x3", False),
     ]
-    assert list(fig.data[0].y) == [2.0, 4.0] and list(fig.data[2].y) == [100.0, 50.0]
+    assert list(fig.data[1].y) == [1.0, 0.5]
+    assert list(fig.data[4].y) == [2.0, 4.0] and list(fig.data[6].y) == [100.0, 50.0]
+    assert fig.layout.title.text.startswith("Training loss")
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
+    assert fig.layout.yaxis2.title.text == "seconds" and fig.layout.yaxis3.title.text == "examples / s"
+    # Before a first epoch ends: the loss alone.
+    steps = [{"kind": "step", "method": "classic", "epoch": 1, "step": 1, "steps_per_epoch": 4, "loss": 2.0,
+              "member_loss": [2.0, 2.1]}]  # fmt: skip
+    alone = live_figure(steps)
+    assert [t.name for t in alone.data] == ["classic members", "classic (mean of members)"]
+    assert not alone.layout.annotations
+
+
+def test_empty_loss_figure_shows_the_coming_epochs_and_no_data():
+    fig = empty_loss_figure(7)
+    assert not fig.data and tuple(fig.layout.xaxis.range) == (0, 7)
+    assert fig.layout.title.text.startswith("Training loss") and "Press Train" in fig.layout.annotations[0].text
 
 
 def test_progress_counts_epochs_and_the_current_one():
