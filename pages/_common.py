@@ -415,6 +415,24 @@ def live_figure(records: list[dict]) -> go.Figure:
     return fig
 
 
+def live_chart_due(
+    cached: dict | None, run_id: int, n_records: int, n_epochs: int, active: bool, now: float, min_seconds: float
+) -> bool:
+    """Whether the Train page rebuilds its live figure, given what the last one was built from.
+
+    ``cached``: ``{"run", "records", "epochs", "at"}`` of the last figure (None: there is none).
+    Yes for another run or a first figure; no without new records; for a run that ended, yes; while
+    it trains, yes when an epoch ended since, or when ``min_seconds`` passed since the last one.
+    """
+    if cached is None or cached["run"] != run_id:
+        return True
+    if cached["records"] == n_records:
+        return False
+    if not active:
+        return True
+    return cached["epochs"] != n_epochs or now - cached["at"] >= min_seconds
+
+
 def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[float, float | None, str]:
     """How far a run's training has come: (fraction, ETA in seconds or None, "classic · epoch 2/5").
 

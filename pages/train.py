@@ -23,6 +23,7 @@ from pages._common import (
     dataset_label,
     empty_loss_figure,
     hms,
+    live_chart_due,
     live_figure,
     log_every_for,
     method_label,
@@ -311,11 +312,8 @@ def live_chart_figure(run_id: int, records: list[dict], active: bool):
     n_epochs = sum(1 for r in records if r.get("kind") == "epoch")
     now = time.monotonic()
     cached = st.session_state.get(FIGURES_KEY)
-    if cached is not None and cached["run"] == run_id:
-        if cached["records"] == len(records):
-            return cached["figure"]
-        if active and cached["epochs"] == n_epochs and now - cached["at"] < CHART_SECONDS:
-            return cached["figure"]
+    if not live_chart_due(cached, run_id, len(records), n_epochs, active, now, CHART_SECONDS):
+        return cached["figure"]
     figure = live_figure(records)
     st.session_state[FIGURES_KEY] = {
         "run": run_id,

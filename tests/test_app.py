@@ -28,6 +28,7 @@ from pages._common import (
     empty_loss_figure,
     export_csv,
     export_json,
+    live_chart_due,
     live_figure,
     loss_figure,
     loss_series,
@@ -216,6 +217,15 @@ def test_a_bad_setting_is_one_error_and_launches_nothing(store_file, settings, n
     assert "live_run_id" not in at.session_state
     with RunStore(store_file) as store:
         assert store.list_runs() == []
+
+
+def test_train_before_a_run_shows_the_empty_loss_chart_over_the_chosen_epochs(store_file):
+    at = open_page("train")
+    at.slider(key="train_set_epochs").set_value(9).run()
+    assert not at.exception, at.exception
+    (empty,) = charts(at)
+    assert empty["layout"]["title"]["text"].startswith("Training loss") and not empty["data"]
+    assert empty["layout"]["xaxis"]["range"] == [0, 9]
 
 
 def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
@@ -409,6 +419,17 @@ def test_empty_loss_figure_shows_the_coming_epochs_and_no_data():
     fig = empty_loss_figure(7)
     assert not fig.data and tuple(fig.layout.xaxis.range) == (0, 7)
     assert fig.layout.title.text.startswith("Training loss") and "Press Train" in fig.layout.annotations[0].text
+
+
+def test_live_chart_is_redrawn_at_epoch_ends_and_at_most_every_few_seconds_between():
+    last = {"run": 3, "records": 10, "epochs": 2, "at": 100.0}
+    assert live_chart_due(None, 3, 10, 2, True, 100.0, 4.0), "a first figure"
+    assert live_chart_due(last, 4, 10, 2, True, 100.0, 4.0), "another run"
+    assert not live_chart_due(last, 3, 10, 2, True, 200.0, 4.0), "nothing new"
+    assert not live_chart_due(last, 3, 11, 2, True, 103.9, 4.0), "a new loss point, too soon"
+    assert live_chart_due(last, 3, 11, 2, True, 104.0, 4.0), "a new loss point, 4 s later"
+    assert live_chart_due(last, 3, 11, 3, True, 100.5, 4.0), "an epoch ended"
+    assert live_chart_due(last, 3, 11, 2, False, 100.5, 4.0), "the run ended: every record"
 
 
 def test_progress_counts_epochs_and_the_current_one():
