@@ -235,6 +235,33 @@ def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
     assert "not on disk" in warnings[0] and "Available now: synthetic" in warnings[0]
 
 
+# ----------------------------------------------------------------------------- Speed
+
+
+def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
+    at = open_page("speed")
+    for name, value in {"shape": "mnist", "sizes": [2], "rows": ["classic-vectorized", "batchensemble-repeat"],
+                        "steps": 2, "warmup": 1, "repeats": 1, "hidden": 16, "device": "cpu"}.items():  # fmt: skip
+        at.session_state[f"speed_set_{name}"] = value
+    at.run()
+    at.button(key="speed_start").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    job = at.session_state["speed_job"]
+    assert job.proc.wait(timeout=WORKER_TIMEOUT_S) == 0, job.log_path.read_text()[-2000:]
+    at.run()
+    assert not at.exception, at.exception
+    assert any("Done in" in t for t in texts(at.success))
+    seconds, memory = charts(at)
+    assert seconds["layout"]["title"]["text"].startswith("Seconds per training epoch")
+    assert memory["layout"]["title"]["text"].startswith("Peak training memory")
+    assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "batchensemble repeat"}
+    (table,) = at.dataframe
+    assert len(table.value) == 2
+    signature, _ = at.session_state["speed_built_views"]
+    assert signature == ((job.started, 2), True), "the live view's figures are kept until a row comes"
+
+
 # ----------------------------------------------------------------------------- Results
 
 
