@@ -216,6 +216,19 @@ def style(
     return fig
 
 
+def log_ticks(values: list[float]) -> list[float]:
+    """Ticks 1, 2, 5 times a power of ten from just below the smallest value to just above the largest."""
+    if not values:
+        return []
+    low, high = min(values), max(values)
+    ticks = []
+    for power in range(math.floor(math.log10(low)) - 1, math.ceil(math.log10(high)) + 1):
+        ticks += [m * 10.0**power for m in (1, 2, 5)]
+    below = max((t for t in ticks if t <= low), default=ticks[0])
+    above = min((t for t in ticks if t >= high), default=ticks[-1])
+    return [float(f"{t:.3g}") for t in ticks if below <= t <= above]
+
+
 # ----------------------------------------------------------------------------- training curves
 
 

@@ -33,7 +33,7 @@ from bench_core.bench import (
 )
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError
-from pages._common import dataset_label, hms, method_color, require_router, show, style
+from pages._common import dataset_label, hms, log_ticks, method_color, require_router, show, style
 
 POLL_SECONDS = 2.0  # the live view (each poll re-sends its figures and table: browser CPU the benchmark shares)
 JOB_KEY = "speed_job"  # the SpeedJob this session launched last
@@ -236,6 +236,9 @@ def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str
     style(fig, title, "ensemble size E", y_title, height=420)
     fig.update_xaxes(tickvals=sorted({r["ensemble_size"] for r in rows}))
     fig.update_yaxes(type="log" if log_y else "linear", rangemode="tozero")
+    if log_y:  # Plotly's own log ticks label 0.5 as "5"; these read as numbers
+        values = [y for trace in fig.data for y in trace.y if isinstance(y, (int, float)) and y > 0]
+        fig.update_yaxes(tickvals=log_ticks(values), tickformat="~g")
     fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
     return fig
 

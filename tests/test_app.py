@@ -30,6 +30,7 @@ from pages._common import (
     export_json,
     live_chart_due,
     live_figure,
+    log_ticks,
     loss_figure,
     loss_series,
     member_accuracy_figure,
@@ -457,6 +458,13 @@ def test_live_chart_is_redrawn_at_epoch_ends_and_at_most_every_few_seconds_betwe
     assert live_chart_due(last, 3, 11, 2, True, 104.0, 4.0), "a new loss point, 4 s later"
     assert live_chart_due(last, 3, 11, 3, True, 100.5, 4.0), "an epoch ended"
     assert live_chart_due(last, 3, 11, 2, False, 100.5, 4.0), "the run ended: every record"
+
+
+def test_log_ticks_are_one_two_five_around_the_values():
+    assert log_ticks([0.43, 12.0]) == [0.2, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0]
+    assert log_ticks([1.0, 5.0]) == [1.0, 2.0, 5.0]
+    assert log_ticks([3.0]) == [2.0, 5.0]
+    assert log_ticks([]) == []
 
 
 def test_progress_counts_epochs_and_the_current_one():
