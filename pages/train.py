@@ -245,9 +245,9 @@ def final_status(run: dict) -> None:
 def live_view(run_id: int, was_active: bool) -> None:
     """The run's progress line, note, Stop button and charts, redrawn from the store on every poll.
 
-    One fragment draws them all: every fragment rerun costs the browser ~30 ms of CPU even when
-    it only changes a line of text (measured in headless Chromium at 1280x720), CPU that the
-    training worker shares on a small machine, so the page polls once, not once per part.
+    One fragment draws them all: every fragment rerun costs the browser ~25 ms of CPU even when it
+    only changes a line of text (scripts/probe_chart_cost.py: headless Chromium, 1280x720), CPU
+    that the training worker shares on a small machine, so the page polls once, not once per part.
     """
     store = open_store()
     try:
