@@ -7,7 +7,7 @@ from pages._common import DEEP_LINK_KEY, STORE_PATH_KEY, mark_routed
 
 st.set_page_config(page_title="Ensemble workbench", page_icon=":material/science:", layout="wide")
 # A progress bar's value change slides for 0.5 s: 30 frames of work for the browser every time
-# the live view polls (once a second), which on a small machine is CPU taken from the training.
+# the live view polls, which on a small machine is CPU taken from the training.
 st.html("<style>[data-testid='stProgress'] * { transition: none !important; }</style>")
 
 # Shared state, set once per browser session: every page reads the store from here.

@@ -368,10 +368,15 @@ def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> 
     )
 
 
+def _epoch_dtick(records: list[dict], methods: list[str]) -> int | None:
+    """A tick at every epoch while there are at most 20 full ones; None: Plotly's own ticks."""
+    n_epochs = max((len(_epoch_records(records, m)) for m in methods), default=0)
+    return 1 if n_epochs <= 20 else None
+
+
 def _epoch_axes(fig: go.Figure, records: list[dict], methods: list[str]) -> go.Figure:
     """Whole epochs on x (while they are few), y from zero, the legend below."""
-    n_epochs = max((len(_epoch_records(records, m)) for m in methods), default=0)
-    fig.update_xaxes(dtick=1 if n_epochs <= 20 else None)
+    fig.update_xaxes(dtick=_epoch_dtick(records, methods))
     fig.update_yaxes(rangemode="tozero")
     fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
     return fig
@@ -389,9 +394,9 @@ def live_figure(records: list[dict]) -> go.Figure:
     """The Train page's live chart: the training loss on top, seconds per epoch and examples per second below.
 
     One figure for the three, because every time a live chart's figure changes Streamlit mounts a
-    new Plotly chart in the browser (~65 ms of CPU per figure at 1280x720 in headless Chromium),
-    CPU that the training worker shares on a small machine; one figure of three panels cost about
-    30 % less to redraw than the loss and speed figures apart (``scripts/probe_chart_cost.py``).
+    new Plotly chart in the browser, CPU that the training worker shares on a small machine:
+    ``scripts/probe_chart_cost.py`` (headless Chromium, 1280x720) measured 140-159 ms of browser
+    CPU to redraw this figure against 160-215 ms for the loss and speed figures apart.
     Before a first epoch ends it is the loss figure alone.
     """
     loss = loss_figure(records)
@@ -421,8 +426,7 @@ def live_figure(records: list[dict]) -> go.Figure:
     style(fig, loss.layout.title.text, "epoch", height=820)
     fig.update_yaxes(title_text=loss.layout.yaxis.title.text, row=1, col=1)
     fig.update_xaxes(rangemode="tozero", row=1, col=1)
-    n_epochs = max(len(_epoch_records(records, m)) for m in methods)
-    fig.update_xaxes(dtick=1 if n_epochs <= 20 else None, row=2)
+    fig.update_xaxes(dtick=_epoch_dtick(records, methods), row=2)
     fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the speed panels' titles
     fig.update_layout(legend={"orientation": "h", "y": -0.1, "x": 0})
     return fig

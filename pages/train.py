@@ -304,8 +304,9 @@ def live_charts(run_id: int, records: list[dict], active: bool) -> None:
 def live_chart_figure(run_id: int, records: list[dict], active: bool):
     """The live chart's figure: rebuilt when an epoch ends, and otherwise at most every CHART_SECONDS.
 
-    A figure re-sent unchanged costs the browser little (~8 ms), a changed one a new Plotly chart
-    (~65 ms and more; Streamlit remounts a chart whose figure changed; scripts/probe_chart_cost.py).
+    A figure re-sent unchanged costs the browser little (+16 ms), a changed one a new Plotly chart
+    (140-159 ms for this figure; Streamlit remounts a chart whose figure changed;
+    scripts/probe_chart_cost.py).
     So between epochs' ends the loss takes new points at most every CHART_SECONDS. A run that
     ended shows every record.
     """
