@@ -14,6 +14,7 @@ from bench_core.models import (
     build_mlp,
     build_model,
     ensemble_linear,
+    shared_input_linear,
 )
 
 SIZES = [12, 7, 5, 3]
@@ -51,7 +52,9 @@ def test_vectorized_gradients_equal_plain_mlp_gradients():
         nn.functional.cross_entropy(ref(x), y).backward()
         linears = [m for m in ref if isinstance(m, nn.Linear)]
         for li, lin in enumerate(linears):
-            torch.testing.assert_close(model.weights[li].grad[k], lin.weight.grad, rtol=1e-5, atol=1e-6)
+            grad = model.weights[li].grad  # layer 0 [in, E, out], later layers [E, in, out]
+            grad_k = (grad[:, k] if li == 0 else grad[k]).t()
+            torch.testing.assert_close(grad_k, lin.weight.grad, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(model.biases[li].grad[k], lin.bias.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -90,6 +93,7 @@ def test_batchensemble_linear_member_equals_nn_linear(shared, init):
     assert out.shape == (3, 5, 4)
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()
+    assert layer.weight.shape == (6, 4)  # [in, out], the paper's layout
     grad_w = torch.zeros_like(layer.weight)
     for k in range(3):
         # The reference is built from the raw tensors, by the formula, not from the layer's helpers.
@@ -98,7 +102,7 @@ def test_batchensemble_linear_member_equals_nn_linear(shared, init):
         s = layer.s.detach()[k].clone().requires_grad_(True)
         b = layer.bias.detach()[k].clone().requires_grad_(True)
         xk = x if shared else x[k]
-        ref = nn.functional.linear(xk, w * torch.outer(s, r), b)
+        ref = xk @ (w * torch.outer(r, s)) + b
         torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6)
         (ref * grad_out[k]).sum().backward()
         torch.testing.assert_close(layer.r.grad[k], r.grad, rtol=1e-5, atol=1e-5)
@@ -113,7 +117,7 @@ def test_batchensemble_as_linear_is_an_nn_linear_with_folded_weight():
     layer = BatchEnsembleLinear(6, 4, ensemble_size=2)
     lin = layer.as_linear(1)
     assert isinstance(lin, nn.Linear)
-    expected = layer.weight * torch.outer(layer.s[1], layer.r[1])
+    expected = (layer.weight * torch.outer(layer.r[1], layer.s[1])).t()
     torch.testing.assert_close(lin.weight, expected)
     torch.testing.assert_close(lin.bias, layer.bias[1])
 
@@ -195,8 +199,55 @@ def test_shared_input_batchensemble_gradcheck_including_input():
 
     torch.manual_seed(7)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     s = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_SharedInputBatchEnsemble.apply, (x, w, r, s, b))
+
+
+def test_shared_input_linear_gradcheck_including_input():
+    """The classic first layer's hand-written backward against finite differences (float64)."""
+    from bench_core.models import _SharedInputLinear
+
+    torch.manual_seed(8)
+    x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(_SharedInputLinear.apply, (x, w, b))
+
+
+def test_shared_input_linear_matches_each_member_and_rejects_a_wrong_input():
+    torch.manual_seed(9)
+    x, w, b = torch.randn(6, 5), torch.randn(5, 3, 4), torch.randn(3, 4)
+    out = shared_input_linear(x, w, b)
+    assert out.shape == (3, 6, 4)
+    for k in range(3):
+        torch.testing.assert_close(out[k], x @ w[:, k] + b[k])
+    with pytest.raises(ValueError, match=r"expected input \[B, 5\]"):
+        shared_input_linear(torch.randn(6, 4), w, b)
+
+
+@pytest.mark.parametrize("kind", ["classic", "batchensemble"])
+def test_weights_saved_in_the_old_out_in_layout_load_converted(kind, tmp_path):
+    """State dicts of version 1 stored every weight nn.Linear-style [out, in]; they load converted."""
+    torch.manual_seed(10)
+    model = build_model(kind, ModelConfig(hidden=7, ensemble_size=3), 12, 4)
+    x = torch.randn(5, 12)
+    expected = model(x)
+    old = model.state_dict()
+    for key in list(old):
+        if key.endswith("weight") and kind == "batchensemble":
+            old[key] = old[key].t().contiguous()
+        elif key == "weights.0":
+            old[key] = old[key].permute(1, 2, 0).contiguous()  # [in, E, out] -> [E, out, in]
+        elif key.startswith("weights."):
+            old[key] = old[key].transpose(1, 2).contiguous()  # [E, in, out] -> [E, out, in]
+    for meta in old._metadata.values():
+        meta["version"] = 1
+    torch.save(old, tmp_path / "old.pt")
+    fresh = build_model(kind, ModelConfig(hidden=7, ensemble_size=3), 12, 4)
+    fresh.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
+    torch.testing.assert_close(fresh(x), expected)
+    fresh.load_state_dict(model.state_dict())  # the current layout loads as it is
+    torch.testing.assert_close(fresh(x), expected)
