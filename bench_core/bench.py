@@ -226,7 +226,7 @@ def epoch_flops(
     ``first_input_grad=True`` gives the usual training count, 3× the forward FLOPs: it adds the
     first layer's input gradient, which training never computes. It is the count behind the
     speed issue's "about 4 s" for a CIFAR-10-shaped epoch of 5 members, reported beside the
-    strict count for comparison, never as the floor.
+    strict count: the targets check the floor by both counts (``check_targets``).
     """
     n = n_examples / ensemble_size if batching == "split" else float(n_examples)
     per_member = 0.0
@@ -557,7 +557,12 @@ def compare_rows(rows: list[dict]) -> list[dict]:
 
 
 def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]:
-    """The five speed targets at ``ensemble_size``: text, value, limit, met (None: a row is missing)."""
+    """The speed targets at ``ensemble_size``: text, value, limit, met (None: a row is missing).
+
+    The floor target is checked twice: against the strict count of the products training computes
+    (``x_floor``) and against the issue's own count, 3× the forward FLOPs (``x_floor_3x_forward``,
+    the count behind its "about 4 s" for this epoch). Both verdicts are printed; neither hides the other.
+    """
     by_name = {r["name"]: r for r in rows if r["ensemble_size"] == ensemble_size}
 
     def epoch(name: str) -> float | None:
@@ -567,9 +572,10 @@ def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]
         return a / b if a is not None and b is not None else None
 
     cv, be, split = epoch("classic-vectorized"), epoch("batchensemble-repeat"), epoch("batchensemble-split")
-    cv_floor = by_name["classic-vectorized"]["x_floor"] if "classic-vectorized" in by_name else None
+    cv_row = by_name.get("classic-vectorized", {})
     checks = [
-        ("classic vectorized ≤ 1.25× its floor", cv_floor, "<=", 1.25),
+        ("classic vectorized ≤ 1.25× its floor (strict count)", cv_row.get("x_floor"), "<=", 1.25),
+        ("classic vectorized ≤ 1.25× its floor (3× forward count)", cv_row.get("x_floor_3x_forward"), "<=", 1.25),
         ("BatchEnsemble repeat ≤ 1.1× classic vectorized", ratio(be, cv), "<=", 1.1),
         ("BatchEnsemble split ≤ 0.35× classic vectorized", ratio(split, cv), "<=", 0.35),
         ("classic vectorized ≥ 6× faster than reference classic", ratio(epoch("reference-classic"), cv), ">=", 6.0),
@@ -612,8 +618,10 @@ def machine_header(settings: BenchSettings) -> dict:
     rate = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
     model_rates = {
         str(e): {
-            "forward": gemm_rate(settings.batch_size, in_dim, e * settings.hidden, device),
-            "weight_grad": gemm_rate(e * settings.hidden, settings.batch_size, in_dim, device),
+            # The first layer's two products as the models lay them out (bench_core.models,
+            # _SharedInputLinear): forward zᵀ = Wᵀ xᵀ [E·h, B], weight gradient xᵀ dz [in, E·h].
+            "forward": gemm_rate(e * settings.hidden, in_dim, settings.batch_size, device),
+            "weight_grad": gemm_rate(in_dim, settings.batch_size, e * settings.hidden, device),
         }
         for e in settings.ensemble_sizes
     }
@@ -939,7 +947,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         f"matmul rate: {header['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s at the start"
         + (f", {end / 1e9:.1f} at the end" if (end := header.get("matmul_flops_per_second_end")) else "")
         + f" ({header['matmul_shape']}, fastest of 9)",
-        f"model GEMM rates B×in @ in×E·h, forward/weight-grad GFLOP/s: {model_rates}",
+        f"first-layer GEMM rates, forward E·h×in @ in×B / weight-grad in×B @ B×E·h, GFLOP/s: {model_rates}",
         f"s/epoch: {header['epochs']}"
         + ("" if s["full_epoch"] else f" (after {s['warmup']} warm-up steps)")
         + f", median of {s['repeats']} repeats; reference rows: the seed's DataLoader pipeline, "
@@ -1002,10 +1010,9 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         )
         if cv is not None and "x_floor_3x_forward" in cv:
             lines.append(
-                f"  (information) classic vectorized against the usual 3×-forward count of its FLOPs "
-                f'({cv["floor_seconds_3x_forward"]:.2f} s at this rate; the count behind the issue\'s "about 4 s"): '
-                f"{cv['x_floor_3x_forward']:.2f}×; the verdict above uses the strict count of the products computed "
-                f"({cv['floor_seconds']:.2f} s)"
+                f"  (the floor: strict, the products training computes, {cv['floor_seconds']:.2f} s at this rate; "
+                f'3× forward, the usual count and the issue\'s "about 4 s", '
+                f"{cv['floor_seconds_3x_forward']:.2f} s: it adds the first layer's input gradient, never computed)"
             )
     return "\n".join(lines)
 
