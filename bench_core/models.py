@@ -361,12 +361,36 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
         grad_s = (grad_y * z).sum(1)  # (E, out)
         grad_z = (grad_y * s.unsqueeze(1)).transpose(0, 1).reshape(x.size(0), -1)  # (B, E*out)
         grad_folded = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
-        grad_weight = (grad_folded * r.t().unsqueeze(2)).sum(1)  # (in, out)
-        grad_r = (grad_folded * weight.unsqueeze(1)).sum(2).t().contiguous()  # (E, in)
+        grad_weight, grad_r_t = _fold_grads(grad_folded, weight, r)
+        grad_r = grad_r_t.t().contiguous()  # (E, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_z @ _fold(weight, r).view(n_in, -1).t()  # (B, in)
         return grad_x, grad_weight, grad_r, grad_s, grad_bias
+
+
+FOLD_GRAD_ROWS = 512  # input rows per block of _fold_grads: an [512, E, out] block stays in cache
+
+
+def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and ``dr_k = Σ_o G_k ∘ W`` as ``[in, E]``, from ``G [in, E, out]``.
+
+    Both products and sums go block by block over the input rows, so that each block of ``G`` is
+    read from cache by the second reduction and the temporaries stay block-sized: over the whole
+    ``[in, E, out]`` at once they took 2.0-3.1 ms, in blocks of 512 rows 1.4-2.0 ms (in 3072, E 5,
+    out 128, ``G`` cold; ad-hoc timing on this project's machine). The loop is over input blocks,
+    never over members.
+    """
+    n_in, n_members, n_out = grad_folded.shape
+    r_t = r.t()  # (in, E)
+    grad_weight = weight.new_empty(n_in, n_out)
+    grad_r_t = weight.new_empty(n_in, n_members)
+    for a in range(0, n_in, FOLD_GRAD_ROWS):
+        b = min(a + FOLD_GRAD_ROWS, n_in)
+        block = grad_folded[a:b]  # (rows, E, out)
+        torch.sum(block * r_t[a:b].unsqueeze(2), 1, out=grad_weight[a:b])
+        torch.sum(block * weight[a:b].unsqueeze(1), 2, out=grad_r_t[a:b])
+    return grad_weight, grad_r_t
 
 
 def _fold(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:

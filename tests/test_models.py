@@ -193,9 +193,16 @@ def test_parameter_counts():
     assert be == weights + fast_and_bias
 
 
-def test_shared_input_batchensemble_gradcheck_including_input():
-    """The hand-written backward of the first layer against finite differences (float64)."""
+@pytest.mark.parametrize("block_rows", [512, 2])
+def test_shared_input_batchensemble_gradcheck_including_input(block_rows, monkeypatch):
+    """The hand-written backward of the first layer against finite differences (float64).
+
+    With blocks of 2 input rows, its gradient reductions go over three blocks, the last one short.
+    """
+    from bench_core import models
     from bench_core.models import _SharedInputBatchEnsemble
+
+    monkeypatch.setattr(models, "FOLD_GRAD_ROWS", block_rows)
 
     torch.manual_seed(7)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
