@@ -195,8 +195,7 @@ def shared_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tenso
     Returns:
         ``[E, B, out]`` (a transposed view of an ``[E, out, B]`` result).
     """
-    if x.dim() != 2 or x.size(1) != weight.size(0):
-        raise ValueError(f"expected input [B, {weight.size(0)}], got {tuple(x.shape)}")
+    _check_shared_input(x, weight.size(0))
     return _SharedInputLinear.apply(x, weight, bias)
 
 
@@ -300,8 +299,7 @@ class BatchEnsembleLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() == 2:
-            if x.size(1) != self.in_features:
-                raise ValueError(f"expected input [B, {self.in_features}], got {tuple(x.shape)}")
+            _check_shared_input(x, self.in_features)
             return _SharedInputBatchEnsemble.apply(x, self.weight, self.r, self.s, self.bias)  # (E, B, out)
         _check_members_dim(x, self.ensemble_size)
         # Per-member input: scale by r, one GEMM with the shared W over all E*B rows, scale by s.
@@ -458,3 +456,8 @@ def _check_member(k: int, ensemble_size: int) -> None:
 def _check_members_dim(x: torch.Tensor, ensemble_size: int) -> None:
     if x.dim() != 3 or x.size(0) != ensemble_size:
         raise ValueError(f"expected input [B, D] or [{ensemble_size}, B, D], got {tuple(x.shape)}")
+
+
+def _check_shared_input(x: torch.Tensor, n_in: int) -> None:
+    if x.dim() != 2 or x.size(1) != n_in:
+        raise ValueError(f"expected input [B, {n_in}], got {tuple(x.shape)}")
