@@ -367,24 +367,26 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
         return grad_x, grad_weight, grad_r, grad_s, grad_bias
 
 
-FOLD_GRAD_ROWS = 512  # input rows per block of _fold_grads: an [512, E, out] block stays in cache
+FOLD_GRAD_ROWS = 512  # CPU: input rows per block of _fold_grads; an [512, E, out] block stays in cache
 
 
 def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and ``dr_k = Σ_o G_k ∘ W`` as ``[in, E]``, from ``G [in, E, out]``.
 
-    Both products and sums go block by block over the input rows, so that each block of ``G`` is
-    read from cache by the second reduction and the temporaries stay block-sized: over the whole
-    ``[in, E, out]`` at once they took 2.0-3.1 ms, in blocks of 512 rows 1.4-2.0 ms (in 3072, E 5,
-    out 128, ``G`` cold; ad-hoc timing on this project's machine). The loop is over input blocks,
-    never over members.
+    On the CPU both products and sums go block by block over the input rows, so that each block of
+    ``G`` is read from cache by the second reduction and the temporaries stay block-sized: over the
+    whole ``[in, E, out]`` at once they took 2.0-3.1 ms, in blocks of 512 rows 1.4-2.0 ms (in 3072,
+    E 5, out 128, ``G`` cold; ad-hoc timing on this project's machine). The loop is over input
+    blocks, never over members. Elsewhere (CUDA) it is one block: each block costs four kernel
+    launches, and a GPU step of these small models is bound by its launches, not its memory traffic.
     """
     n_in, n_members, n_out = grad_folded.shape
+    rows = FOLD_GRAD_ROWS if grad_folded.device.type == "cpu" else n_in
     r_t = r.t()  # (in, E)
     grad_weight = weight.new_empty(n_in, n_out)
     grad_r_t = weight.new_empty(n_in, n_members)
-    for a in range(0, n_in, FOLD_GRAD_ROWS):
-        b = min(a + FOLD_GRAD_ROWS, n_in)
+    for a in range(0, n_in, rows):
+        b = min(a + rows, n_in)
         block = grad_folded[a:b]  # (rows, E, out)
         torch.sum(block * r_t[a:b].unsqueeze(2), 1, out=grad_weight[a:b])
         torch.sum(block * weight[a:b].unsqueeze(1), 2, out=grad_r_t[a:b])

@@ -124,3 +124,26 @@ def test_a_failed_capture_falls_back_to_eager_training(monkeypatch):
     assert any("training eagerly" in str(w.message) for w in caught)
     for p_eager, p_graph in zip(trained[0].parameters(), trained[1].parameters(), strict=True):
         torch.testing.assert_close(p_graph, p_eager, rtol=1e-4, atol=1e-5)
+
+
+def test_batchensemble_first_layer_reductions_are_one_block_on_cuda():
+    """On the CPU the first layer's two gradient reductions go in blocks of input rows (three here,
+    the last short); on CUDA in one block, two reduction kernels. Same gradients either way."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench_core.models import FOLD_GRAD_ROWS, BatchEnsembleLinear
+
+    n_in = 2 * FOLD_GRAD_ROWS + 76
+    torch.manual_seed(0)
+    cpu = BatchEnsembleLinear(n_in, 24, E)
+    gpu = copy.deepcopy(cpu).cuda()
+    x, g = torch.randn(B, n_in), torch.randn(E, B, 24)
+    cpu(x).backward(g)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        gpu(x.cuda()).backward(g.cuda())
+        torch.cuda.synchronize()
+    # the reductions' input is a block of G [rows, E, out]; the other sums' inputs are [E, B, out]
+    sums = [e.input_shapes[0] for e in prof.events() if e.name == "aten::sum" and e.input_shapes]
+    assert [shape for shape in sums if shape[1:] == [E, 24]] == [[n_in, E, 24], [n_in, E, 24]]
+    for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
+        torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-4, atol=1e-5, msg=name)
