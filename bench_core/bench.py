@@ -220,8 +220,11 @@ def epoch_flops(
     ``2·n·in·out`` forward, ``2·n·in·out`` for the weight gradient and ``2·n·in·out`` for the
     input gradient, except the first layer, whose input needs no gradient. "repeat" batching:
     n = ``n_examples`` per member; "split": n = ``n_examples / E`` per member; a single MLP
-    has E = 1. Element-wise work (biases, ReLU, BatchEnsemble's r/s scaling, the loss, Adam)
-    is not counted: the floor is what the matrix products alone would take.
+    has E = 1. Split batching (BatchEnsemble) computes the first layer's input-side product as
+    well: each member's input is scaled by its r before the shared W, and r's gradient needs
+    ``dz Wᵀ`` (repeat batching folds r into the weights instead and derives r's gradient from the
+    weight gradient). Element-wise work (biases, ReLU, BatchEnsemble's r/s scaling, the loss,
+    Adam) is not counted: the floor is what the matrix products alone would take.
 
     ``first_input_grad=True`` gives the usual training count, 3× the forward FLOPs: it adds the
     first layer's input gradient, which training never computes. It is the count behind the
@@ -231,7 +234,8 @@ def epoch_flops(
     n = n_examples / ensemble_size if batching == "split" else float(n_examples)
     per_member = 0.0
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        passes = 2 if i == 0 and not first_input_grad else 3  # forward + weight grad (+ input grad)
+        first_two = i == 0 and not first_input_grad and batching != "split"
+        passes = 2 if first_two else 3  # forward + weight grad (+ input grad)
         per_member += passes * 2.0 * n * n_in * n_out
     return ensemble_size * per_member
 
@@ -616,12 +620,20 @@ def machine_header(settings: BenchSettings) -> dict:
     shape, n_train, _ = settings.shape_info()
     in_dim = math.prod(shape)
     rate = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
+    h, bs = settings.hidden, settings.batch_size
     model_rates = {
         str(e): {
             # The first layer's two products as the models lay them out (bench_core.models,
             # _SharedInputLinear): forward zᵀ = Wᵀ xᵀ [E·h, B], weight gradient xᵀ dz [in, E·h].
-            "forward": gemm_rate(e * settings.hidden, in_dim, settings.batch_size, device),
-            "weight_grad": gemm_rate(in_dim, settings.batch_size, e * settings.hidden, device),
+            "forward": gemm_rate(e * h, in_dim, bs, device),
+            "weight_grad": gemm_rate(in_dim, bs, e * h, device),
+            # BatchEnsemble split batching: one member-width product over the B' = B // E · E
+            # examples of a step, three of them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient).
+            "split": {
+                "forward": gemm_rate(bs // e * e, in_dim, h, device),
+                "weight_grad": gemm_rate(in_dim, bs // e * e, h, device),
+                "input_grad": gemm_rate(bs // e * e, h, in_dim, device),
+            },
         }
         for e in settings.ensemble_sizes
     }
@@ -936,7 +948,9 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
     shape = "×".join(str(d) for d in header["dataset_shape"])
     rates = header["model_gemm_flops_per_second"]
     model_rates = ", ".join(
-        f"E={e}: {r['forward'] / 1e9:.0f}/{r['weight_grad'] / 1e9:.0f}" for e, r in sorted(rates.items(), key=_e_key)
+        f"E={e}: {r['forward'] / 1e9:.0f}/{r['weight_grad'] / 1e9:.0f}"
+        + (f" (split {'/'.join(f'{v / 1e9:.0f}' for v in r['split'].values())})" if "split" in r else "")
+        for e, r in sorted(rates.items(), key=_e_key)
     )
     lines = [
         f"speed benchmark: {s['dataset_shape']} shape ({shape}), {header['train_examples']:,} training examples "
@@ -947,7 +961,8 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         f"matmul rate: {header['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s at the start"
         + (f", {end / 1e9:.1f} at the end" if (end := header.get("matmul_flops_per_second_end")) else "")
         + f" ({header['matmul_shape']}, fastest of 9)",
-        f"first-layer GEMM rates, forward E·h×in @ in×B / weight-grad in×B @ B×E·h, GFLOP/s: {model_rates}",
+        "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B / weight-grad in×B @ B×E·h"
+        f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"
         + ("" if s["full_epoch"] else f" (after {s['warmup']} warm-up steps)")
         + f", median of {s['repeats']} repeats; reference rows: the seed's DataLoader pipeline, "

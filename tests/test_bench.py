@@ -3,6 +3,7 @@
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -57,8 +58,9 @@ def test_epoch_flops_hand_computed():
     #   first layer (no input grad): 2 passes * 2*10*4*3 = 480 per member
     #   second layer: 3 passes * 2*10*3*2 = 360 per member  -> (480 + 360) * 2 members = 1680
     assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="repeat") == 1680
-    # split: each member sees n / E = 5 examples -> half of that
-    assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split") == 840
+    # split: each member sees n / E = 5 examples, and the first layer's input-side product is
+    # computed (r's gradient): (3 * 2*5*4*3 + 3 * 2*5*3*2) * 2 members = 1080
+    assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split") == 1080
     # a single MLP
     assert epoch_flops([4, 3, 2], 10) == 840
 
@@ -95,13 +97,18 @@ def test_floor_arithmetic():
     assert row["x_floor_3x_forward"] == pytest.approx(4.0 / 50.4)
 
 
-def test_split_floor_is_a_single_models():
+def test_split_floor_is_a_single_models_with_the_first_layers_input_product():
+    # Split batching: E members of n/E examples each, so a single model's products, plus the first
+    # layer's input-side product (r's gradient), which a single model never computes.
     settings = BenchSettings(dataset_shape="3x32x32")
     rows = {
         name: derive_row({"name": name, "ensemble_size": e, "epoch_seconds": 1.0}, settings, rate=1e9)
-        for name, e in [("single", 1), ("batchensemble-split", 5)]
+        for name, e in [("single", 1), ("batchensemble-split", 5), ("batchensemble-repeat", 5)]
     }
-    assert rows["batchensemble-split"]["flops_per_epoch"] == pytest.approx(rows["single"]["flops_per_epoch"])
+    split, single = rows["batchensemble-split"], rows["single"]
+    assert split["flops_per_epoch"] == pytest.approx(single["floor_seconds_3x_forward"] * 1e9)
+    assert split["flops_per_epoch"] - single["flops_per_epoch"] == pytest.approx(2 * 50_000 * 3072 * 128)
+    assert rows["batchensemble-repeat"]["flops_per_epoch"] == pytest.approx(5 * single["flops_per_epoch"])
 
 
 # --- comparisons and targets ---------------------------------------------------------------------
@@ -206,6 +213,11 @@ def test_tiny_benchmark_every_row(one_thread):
     for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
         assert label in table
     assert "targets" not in table  # E = 5 was not measured
+    assert set(done.header["model_gemm_flops_per_second"]["2"]["split"]) == {"forward", "weight_grad", "input_grad"}
+    assert re.search(r"E=2: \d+/\d+ \(split \d+/\d+/\d+\)", table)
+    old_header = {**done.header, "model_gemm_flops_per_second": {"2": {"forward": 1e9, "weight_grad": 2e9}}}
+    old_table = format_table(old_header, done.rows)  # a JSON of an earlier run, without the split rates
+    assert "E=2: 1/2" in old_table and "E=2: 1/2 (split" not in old_table
     assert done.header["steps"] == "eager" and "training steps" not in table  # CUDA graphs: CUDA only
     cuda_header = {**done.header, "steps": "each full-batch step replayed as one CUDA graph"}
     assert "workbench training steps: each full-batch step replayed" in format_table(cuda_header, done.rows)
