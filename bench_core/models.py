@@ -357,7 +357,9 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
         n_out = weight.size(1)
         grad_bias = grad_y.sum(1)  # (E, out)
         grad_s = (grad_y * z).sum(1)  # (E, out)
-        grad_z = (grad_y * s.unsqueeze(1)).transpose(0, 1).reshape(x.size(0), -1)  # (B, E*out)
+        grad_z = grad_y.new_empty(x.size(0), n_members, n_out)  # (B, E, out): written as [E, B, out]
+        torch.mul(grad_y, s.unsqueeze(1), out=grad_z.transpose(0, 1))  # one pass, no transposing copy
+        grad_z = grad_z.view(x.size(0), -1)  # (B, E*out)
         grad_folded = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
         grad_weight, grad_r_t = _fold_grads(grad_folded, weight, r)
         grad_r = grad_r_t.t().contiguous()  # (E, in)
