@@ -227,9 +227,9 @@ def epoch_flops(
     Adam) is not counted: the floor is what the matrix products alone would take.
 
     ``first_input_grad=True`` gives the usual training count, 3× the forward FLOPs: it adds the
-    first layer's input gradient, which training never computes. It is the count behind the
-    speed issue's "about 4 s" for a CIFAR-10-shaped epoch of 5 members, reported beside the
-    strict count: the targets check the floor by both counts (``check_targets``).
+    first layer's input gradient, which repeat-batched training never computes. It is the count
+    behind the speed issue's "about 4 s" for a CIFAR-10-shaped epoch of 5 members, reported beside
+    the strict count: the targets check the floor by both counts (``check_targets``).
     """
     n = n_examples / ensemble_size if batching == "split" else float(n_examples)
     per_member = 0.0
