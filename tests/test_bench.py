@@ -223,6 +223,28 @@ def test_tiny_benchmark_every_row(one_thread):
     assert "workbench training steps: each full-batch step replayed" in format_table(cuda_header, done.rows)
 
 
+def test_an_untimed_first_epoch_is_left_out_of_the_repeats(monkeypatch, one_thread):
+    """On CUDA with graphs the timed call's first epoch captures the graph: it runs, untimed."""
+    from bench_core import training
+
+    assert bench.untimed_epochs(torch.device("cpu"), True) == 0
+    assert bench.untimed_epochs(torch.device("cuda"), True) == 1
+    assert bench.untimed_epochs(torch.device("cuda"), False) == 0
+    calls = []
+    real_train = training.train
+
+    def spy(model, data, cfg, **kwargs):
+        calls.append(cfg.epochs)
+        yield from real_train(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    monkeypatch.setattr(bench, "untimed_epochs", lambda device, graph: 1)
+    settings = BenchSettings(**{**TINY, "repeats": 2}, isolate=False, reference=False)
+    row = bench.measure_row(RowSpec("classic-vectorized", 2), settings)
+    assert calls == [1, 3]  # the warm-up call, then 1 untimed + 2 timed epochs
+    assert len(row["epoch_seconds_repeats"]) == 2
+
+
 def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):
     monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e10)
     stop = threading.Event()
