@@ -244,12 +244,12 @@ def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str
 
 
 def table_rows(rows: list[dict]) -> list[dict]:
-    """The benchmark's rows as the table shows them."""
+    """The benchmark's rows as the table shows them; without reference rows, no column for them."""
 
     def ratio(value):
         return None if value is None else round(value, 2)
 
-    return [
+    table = [
         {
             "method": r["method"],
             "mode": r["mode"],
@@ -264,6 +264,10 @@ def table_rows(rows: list[dict]) -> list[dict]:
         }
         for r in rows
     ]
+    if all(t["× faster than reference"] is None for t in table):
+        for t in table:
+            del t["× faster than reference"]
+    return table
 
 
 def results_view(

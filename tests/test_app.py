@@ -259,6 +259,8 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "batchensemble repeat"}
     (table,) = at.dataframe
     assert len(table.value) == 2
+    assert "× classic vectorized" in table.value.columns
+    assert "× faster than reference" not in table.value.columns, "no reference rows were run"
     signature, _ = at.session_state["speed_built_views"]
     assert signature == ((job.started, 2), True), "the live view's figures are kept until a row comes"
 
