@@ -305,7 +305,9 @@ def results_view(
             if t["value"] is None:
                 st.markdown(f"- ➖ {t['target']}: row not measured")
             else:
-                st.markdown(f"- {'✅' if t['met'] else '❌'} {t['target']}: {t['value']:.2f}×")
+                turns = t.get("per_turn") or []
+                by_turn = f" (turn by turn: {', '.join(f'{v:.2f}' for v in turns)})" if len(turns) > 1 else ""
+                st.markdown(f"- {'✅' if t['met'] else '❌'} {t['target']}: {t['value']:.2f}×{by_turn}")
 
 
 def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple:

@@ -150,6 +150,39 @@ def test_compare_rows_and_targets():
     assert all(t["met"] is None for t in check_targets(rows, ensemble_size=8))
 
 
+def test_targets_turn_by_turn():
+    # Repeat i of every row of one E ran in turn i: each target's figure per turn, beside the medians' verdict.
+    classic = {
+        **_row("classic-vectorized", 5, 2.0, x_floor=1.0, x_floor_3x=0.5),
+        "floor_seconds": 2.0,
+        "floor_seconds_3x_forward": 4.0,
+        "epoch_seconds_repeats": [2.2, 2.0, 1.8],
+    }
+    rows = compare_rows(
+        [
+            classic,
+            {**_row("batchensemble-repeat", 5, 2.1), "epoch_seconds_repeats": [2.2, 2.1, 2.7]},
+            {**_row("batchensemble-split", 5, 0.8), "epoch_seconds_repeats": [0.8, 0.9]},  # one repeat short
+            {**_row("reference-batchensemble", 5, 4.2), "epoch_seconds_repeats": [4.4, 4.2, 5.4]},
+        ]
+    )
+    targets = check_targets(rows)
+    turns = [t["per_turn"] for t in targets]
+    assert turns[0] == pytest.approx([1.1, 1.0, 0.9])  # repeats / strict floor
+    assert turns[1] == pytest.approx([0.55, 0.5, 0.45])  # repeats / 3x-forward floor
+    assert turns[2] == pytest.approx([1.0, 1.05, 1.5])  # BatchEnsemble repeat / classic, turn by turn
+    assert turns[3] is None  # split's repeats don't pair with classic's
+    assert turns[4] is None  # no reference classic row
+    assert turns[5] == pytest.approx([2.0, 2.0, 2.0])  # reference / BatchEnsemble repeat
+    assert bench.target_line(targets[2]) == (
+        "[  met  ] BatchEnsemble repeat ≤ 1.1× classic vectorized: 1.05× (turn by turn: 1.00, 1.05, 1.50)"
+    )
+    assert bench.target_line(targets[3]) == "[NOT met] BatchEnsemble split ≤ 0.35× classic vectorized: 0.40×"
+    assert bench.target_line(targets[4]).endswith("reference classic: row missing")
+    one_turn = {**targets[2], "per_turn": [1.05]}
+    assert "turn by turn" not in bench.target_line(one_turn)
+
+
 def test_plan_rows_single_once_and_no_reference():
     specs = plan_rows(BenchSettings(ensemble_sizes=(2, 4), reference=False))
     assert specs[0] == RowSpec("single", 1)
