@@ -223,8 +223,9 @@ def epoch_flops(
     has E = 1. Split batching (BatchEnsemble) computes the first layer's input-side product as
     well: each member's input is scaled by its r before the shared W, and r's gradient needs
     ``dz Wᵀ`` (repeat batching folds r into the weights instead and derives r's gradient from the
-    weight gradient). Element-wise work (biases, ReLU, BatchEnsemble's r/s scaling, the loss,
-    Adam) is not counted: the floor is what the matrix products alone would take.
+    weight gradient; with one member, split batching trains as repeat batching). Element-wise
+    work (biases, ReLU, BatchEnsemble's r/s scaling, the loss, Adam) is not counted: the floor is
+    what the matrix products alone would take.
 
     ``first_input_grad=True`` gives the usual training count, 3× the forward FLOPs: it adds the
     first layer's input gradient, which repeat-batched training never computes. It is the count
@@ -232,9 +233,10 @@ def epoch_flops(
     the strict count: the targets check the floor by both counts (``check_targets``).
     """
     n = n_examples / ensemble_size if batching == "split" else float(n_examples)
+    split_inputs = batching == "split" and ensemble_size > 1  # E = 1 trains as repeat batching
     per_member = 0.0
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        first_two = i == 0 and not first_input_grad and batching != "split"
+        first_two = i == 0 and not first_input_grad and not split_inputs
         passes = 2 if first_two else 3  # forward + weight grad (+ input grad)
         per_member += passes * 2.0 * n * n_in * n_out
     return ensemble_size * per_member

@@ -61,6 +61,8 @@ def test_epoch_flops_hand_computed():
     # split: each member sees n / E = 5 examples, and the first layer's input-side product is
     # computed (r's gradient): (3 * 2*5*4*3 + 3 * 2*5*3*2) * 2 members = 1080
     assert epoch_flops([4, 3, 2], 10, ensemble_size=2, batching="split") == 1080
+    # one member: split batching trains as repeat batching, no input-side product
+    assert epoch_flops([4, 3, 2], 10, ensemble_size=1, batching="split") == 840
     # a single MLP
     assert epoch_flops([4, 3, 2], 10) == 840
 

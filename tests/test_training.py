@@ -21,7 +21,7 @@ def tiny():
 
 def _model(method, tiny, **kw):
     torch.manual_seed(0)
-    cfg = ModelConfig(hidden=16, ensemble_size=3, **kw)
+    cfg = ModelConfig(**{"hidden": 16, "ensemble_size": 3, **kw})
     return build_model(method, cfg, tiny.in_features, tiny.num_classes)
 
 
@@ -157,6 +157,20 @@ def test_split_batching_gives_each_member_its_own_slice(tiny):
     layer.forward = spy
     _run(model, tiny, batching="split", epochs=1, batch_size=60)
     assert seen[0] == (3, 20, tiny.in_features)
+
+
+def test_split_batching_with_one_member_is_repeat_batching(tiny):
+    """E = 1: the member's slice is the whole batch; it trains as with repeat batching, input shared."""
+    split, repeat = _model("batchensemble", tiny, ensemble_size=1), _model("batchensemble", tiny, ensemble_size=1)
+    seen = []
+    original = split.layers[0].forward
+    split.layers[0].forward = lambda x: seen.append(tuple(x.shape)) or original(x)
+    rec_split = _run(split, tiny, batching="split", batch_size=60)
+    rec_repeat = _run(repeat, tiny, batching="repeat", batch_size=60)
+    assert seen[0] == (60, tiny.in_features)
+    assert [r.member_loss for r in rec_split] == [r.member_loss for r in rec_repeat]
+    for a, b in zip(split.parameters(), repeat.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_per_member_cross_entropy_matches_plain_cross_entropy():
