@@ -79,6 +79,16 @@ def steps_per_epoch(n_train: int, batch_size: int, ensemble_size: int, batching:
     return len(batch_plan(n_train, batch_size, ensemble_size, batching))
 
 
+def effective_batching(batching: str, ensemble_size: int) -> str:
+    """The batching a BatchEnsemble of ``ensemble_size`` members trains with.
+
+    One member's slice of a split batch is the whole batch: the same steps as repeat batching,
+    through the first layer's shared-input path (two products instead of three: 1.33 against
+    1.53 s per CIFAR-10 epoch on this project's 2-core CPU, docs/bench/cpu-sizes-2026-11-26-session4.txt).
+    """
+    return "repeat" if batching == "split" and ensemble_size == 1 else batching
+
+
 def batch_plan(n_train: int, batch_size: int, ensemble_size: int, batching: str) -> list[tuple[int, int]]:
     """(start, stop) offsets into the epoch's permutation, one per step.
 
@@ -254,11 +264,7 @@ def train(
     n_members = getattr(model, "ensemble_size", 1)
     if batching == "split" and not isinstance(model, BatchEnsembleMLP):
         batching = "repeat"  # split batching is a BatchEnsemble option
-    if batching == "split" and n_members == 1:
-        # One member's slice is the whole batch: the same steps as repeat batching, through the first
-        # layer's shared-input path (two products instead of three: 1.33 against 1.53 s per CIFAR-10
-        # epoch on this project's 2-core CPU, docs/bench/cpu-sizes-2026-11-26-session4.txt).
-        batching = "repeat"
+    batching = effective_batching(batching, n_members)
     plan = batch_plan(dataset.n_train, cfg.batch_size, n_members, batching)
     members = list(model.members) if isinstance(model, SequentialEnsemble) else [model]
     graphed = cuda_graph and device.type == "cuda" and bool(plan)

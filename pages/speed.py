@@ -30,6 +30,7 @@ from bench_core.bench import (
     BenchSettings,
     check_targets,
     compare_rows,
+    turns_text,
 )
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError
@@ -305,9 +306,7 @@ def results_view(
             if t["value"] is None:
                 st.markdown(f"- ➖ {t['target']}: row not measured")
             else:
-                turns = t.get("per_turn") or []
-                by_turn = f" (turn by turn: {', '.join(f'{v:.2f}' for v in turns)})" if len(turns) > 1 else ""
-                st.markdown(f"- {'✅' if t['met'] else '❌'} {t['target']}: {t['value']:.2f}×{by_turn}")
+                st.markdown(f"- {'✅' if t['met'] else '❌'} {t['target']}: {t['value']:.2f}×{turns_text(t)}")
 
 
 def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple:
