@@ -24,8 +24,10 @@ from bench_core.bench import (
     epoch_flops,
     floor_seconds,
     format_table,
+    measure,
     plan_rows,
     run_benchmark,
+    schedule,
     settings_from_args,
 )
 from bench_core.errors import BenchError
@@ -273,7 +275,7 @@ def test_an_untimed_first_epoch_is_left_out_of_the_repeats(monkeypatch, one_thre
         yield from real_train(model, data, cfg, **kwargs)
 
     monkeypatch.setattr(training, "train", spy)
-    monkeypatch.setattr(bench, "untimed_epochs", lambda device, graph: 1)
+    monkeypatch.setattr(measure, "untimed_epochs", lambda device, graph: 1)
     settings = BenchSettings(**{**TINY, "repeats": 2}, isolate=False, reference=False)
     row = bench.measure_row(RowSpec("classic-vectorized", 2), settings)
     assert calls == [1, 3]  # the warm-up call, then 1 untimed + 2 timed epochs
@@ -281,7 +283,7 @@ def test_an_untimed_first_epoch_is_left_out_of_the_repeats(monkeypatch, one_thre
 
 
 def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):
-    monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e10)
+    monkeypatch.setattr(schedule, "gemm_rate", lambda *a, **k: 1e10)
     stop = threading.Event()
     settings = BenchSettings(**TINY, isolate=False, reference=False)
     rows = []
@@ -297,7 +299,7 @@ def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):
 
 
 def test_stop_within_a_group_abandons_its_rows(monkeypatch, one_thread):
-    monkeypatch.setattr(bench, "gemm_rate", lambda *a, **k: 1e10)
+    monkeypatch.setattr(schedule, "gemm_rate", lambda *a, **k: 1e10)
     stop = threading.Event()
     settings = BenchSettings(**{**TINY, "ensemble_sizes": (2,)}, isolate=False, reference=False)
     for event in run_benchmark(settings, stop):
@@ -364,9 +366,9 @@ def test_cli_bad_input_in_process(args, word, capsys):
 
 def test_rows_of_one_ensemble_size_take_turns(monkeypatch, one_thread):
     turns = []
-    gate = bench._ThreadRow._gate
+    gate = schedule._ThreadRow._gate
     monkeypatch.setattr(
-        bench._ThreadRow, "_gate", lambda self, phase: turns.append((self.spec, phase)) or gate(self, phase)
+        schedule._ThreadRow, "_gate", lambda self, phase: turns.append((self.spec, phase)) or gate(self, phase)
     )
     methods = ("single", "classic-vectorized", "batchensemble-split")
     settings = BenchSettings(**{**TINY, "repeats": 2}, rows=methods, reference=False, isolate=False)

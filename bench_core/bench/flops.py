@@ -1,0 +1,76 @@
+"""FLOPs of a training epoch, the floor they set, and the measured matrix-product rate."""
+
+from __future__ import annotations
+
+import itertools
+import time
+
+import torch
+
+from bench_core.devices import synchronize
+
+
+def epoch_flops(
+    sizes: list[int],
+    n_examples: float,
+    ensemble_size: int = 1,
+    batching: str = "repeat",
+    first_input_grad: bool = False,
+) -> float:
+    """Matrix-product FLOPs of one training epoch of an E-member MLP with layer widths ``sizes``.
+
+    Each linear layer (in → out) of each member processing n examples costs
+    ``2·n·in·out`` forward, ``2·n·in·out`` for the weight gradient and ``2·n·in·out`` for the
+    input gradient, except the first layer, whose input needs no gradient. "repeat" batching:
+    n = ``n_examples`` per member; "split": n = ``n_examples / E`` per member; a single MLP
+    has E = 1. Split batching (BatchEnsemble) computes the first layer's input-side product as
+    well: each member's input is scaled by its r before the shared W, and r's gradient needs
+    ``dz Wᵀ`` (repeat batching folds r into the weights instead and derives r's gradient from the
+    weight gradient; with one member, split batching trains as repeat batching). Element-wise
+    work (biases, ReLU, BatchEnsemble's r/s scaling, the loss, Adam) is not counted: the floor is
+    what the matrix products alone would take.
+
+    ``first_input_grad=True`` gives the usual training count, 3× the forward FLOPs: it adds the
+    first layer's input gradient, which repeat-batched training never computes. It is the count
+    behind the speed issue's "about 4 s" for a CIFAR-10-shaped epoch of 5 members, reported beside
+    the strict count: the targets check the floor by both counts (``check_targets``).
+    """
+    from bench_core.training import effective_batching
+
+    batching = effective_batching(batching, ensemble_size)
+    n = n_examples / ensemble_size if batching == "split" else float(n_examples)
+    per_member = 0.0
+    for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
+        first_two = i == 0 and not first_input_grad and batching != "split"
+        passes = 2 if first_two else 3  # forward + weight grad (+ input grad)
+        per_member += passes * 2.0 * n * n_in * n_out
+    return ensemble_size * per_member
+
+
+def floor_seconds(flops: float, rate: float) -> float:
+    """Seconds the matrix products would take at ``rate`` FLOP/s."""
+    return flops / rate
+
+
+def gemm_rate(m: int, k: int, n: int, device: torch.device, warmup: int = 2, repeats: int = 9) -> float:
+    """Float32 FLOP/s of ``[m, k] @ [k, n]`` on ``device``: 2·m·k·n over the fastest of ``repeats`` timings.
+
+    The fastest, not the median: the floor is meant as a bound the hardware can reach, and on a
+    shared machine other processes only ever make a product slower.
+    """
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(device)
+    b = torch.randn(k, n, generator=gen).to(device)
+    # Enough products per timing that each is well above the clock's resolution.
+    inner = max(1, int(2e8 // (2 * m * k * n)))
+    for _ in range(warmup):
+        torch.mm(a, b)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        for _ in range(inner):
+            torch.mm(a, b)
+        synchronize(device)
+        times.append((time.perf_counter() - t0) / inner)
+    return 2.0 * m * k * n / min(times)

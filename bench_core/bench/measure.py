@@ -1,0 +1,274 @@
+"""Measuring one row: training epochs, inference throughput and peak memory, in this process."""
+
+from __future__ import annotations
+
+import gc
+import math
+import resource
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import replace
+
+import torch
+
+from bench_core.bench.settings import INFERENCE_BATCH, REFERENCE_ROWS, ROW_LABELS, BenchSettings, RowSpec, row_batching
+from bench_core.config import ModelConfig, TrainConfig
+from bench_core.devices import resolve_device, synchronize
+
+# ------------------------------------------------------------------------------------------------
+# Memory
+# ------------------------------------------------------------------------------------------------
+
+
+class MemoryProbe:
+    """Peak memory of what runs between ``start()`` and ``peak_mib()`` (see the module docstring)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.method = ""
+        self.base = 0
+
+    def start(self) -> None:
+        gc.collect()
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self.base = torch.cuda.memory_allocated(self.device)
+            self.method = "cuda max_memory_allocated"
+            return
+        try:
+            with open("/proc/self/clear_refs", "w") as f:
+                f.write("5")  # reset VmHWM to the current RSS
+            self.base = _proc_status_kib("VmRSS") * 1024
+            self.method = "peak RSS (VmHWM)"
+        except (OSError, KeyError, ValueError):
+            self.base = _ru_maxrss_bytes()
+            self.method = "peak RSS (ru_maxrss, may under-count)"
+
+    def peak_mib(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            peak = torch.cuda.max_memory_allocated(self.device)
+        elif self.method.startswith("peak RSS (VmHWM"):
+            peak = _proc_status_kib("VmHWM") * 1024
+        else:
+            peak = _ru_maxrss_bytes()
+        return max(peak - self.base, 0) / 2**20
+
+
+def _proc_status_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise KeyError(key)
+
+
+def _ru_maxrss_bytes() -> int:
+    scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+
+
+# ------------------------------------------------------------------------------------------------
+# One row
+# ------------------------------------------------------------------------------------------------
+
+Report = Callable[[float, str], None]
+Gate = Callable[[str], None]
+
+
+def measure_row(
+    spec: RowSpec,
+    settings: BenchSettings,
+    report: Report | None = None,
+    stop: threading.Event | None = None,
+    gate: Gate | None = None,
+) -> dict:
+    """Measure one row in this process; returns its raw figures (``derive_row`` adds the floor).
+
+    ``gate(phase)`` is called before each timed repeat ("repeat 1", ...) and before the inference
+    pass ("finish"); it returns when the row may go on. ``run_benchmark`` uses it to take turns
+    between the rows of one ensemble size, so that a drift of the machine's speed (other load)
+    falls on every row alike.
+    """
+    device = resolve_device(settings.device)
+    report = report or (lambda fraction, message: None)
+    gate = gate or (lambda phase: None)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    torch.manual_seed(settings.seed)
+    if spec.name in REFERENCE_ROWS:
+        return _measure_reference(spec, settings, device, report, gate)
+    return _measure_workbench(spec, settings, device, report, stop, gate)
+
+
+def _measure_workbench(
+    spec: RowSpec,
+    settings: BenchSettings,
+    device: torch.device,
+    report: Report,
+    stop: threading.Event | None,
+    gate: Gate,
+) -> dict:
+    from bench_core.data import make_synthetic
+    from bench_core.evaluation import count_parameters, predict_logits
+    from bench_core.models import build_model
+    from bench_core.training import steps_per_epoch, train
+
+    shape, n_full, classes = settings.shape_info()
+    method, mode = ROW_LABELS[spec.name]
+    n_members = spec.ensemble_size if method != "single" else 1
+    batching = row_batching(spec.name)
+    bs = settings.batch_size
+    step_examples = bs if batching == "repeat" else bs // n_members * n_members
+    n_timed = n_full if settings.full_epoch else settings.steps * step_examples
+    n_warm = settings.warmup * step_examples
+    data = make_synthetic(max(n_timed, n_warm, 1), settings.inference_examples, shape, classes, settings.seed)
+    data = data.to(device)
+    timed = replace(data, x_train=data.x_train[:n_timed], y_train=data.y_train[:n_timed])
+    probe = MemoryProbe(device)
+    probe.start()
+
+    cfg = ModelConfig(hidden=settings.hidden, depth=settings.depth, ensemble_size=n_members)
+    if mode in ("sequential", "vectorized"):
+        cfg.classic_mode = mode
+    model = build_model(method, cfg, data.in_features, classes).to(device)
+    passes = n_members if mode == "sequential" else 1  # sequential: each member its own pass
+    graph = settings.cuda_graph
+    train_cfg = TrainConfig(epochs=1, batch_size=bs, seed=settings.seed, device=str(device))
+    if n_warm:
+        report(0.0, "warm-up")
+        warm = replace(data, x_train=data.x_train[:n_warm], y_train=data.y_train[:n_warm])
+        for _ in train(model, warm, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
+            pass
+    untimed = untimed_epochs(device, graph)
+    train_cfg.epochs = settings.repeats + untimed
+    scale = steps_per_epoch(n_full, bs, n_members, batching) / steps_per_epoch(n_timed, bs, n_members, batching)
+    epochs = []
+    gate("repeat 1")
+    for rec in train(model, timed, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
+        if rec.kind == "epoch":
+            if rec.stopped:
+                raise RowStoppedError
+            if untimed:
+                untimed -= 1
+                continue
+            epochs.append(rec.epoch_seconds * scale)
+            report(0.8 * len(epochs) / settings.repeats, f"repeat {len(epochs)}/{settings.repeats}")
+            if len(epochs) < settings.repeats:
+                gate(f"repeat {len(epochs) + 1}")  # the generator waits here, between two epochs
+
+    peak = probe.peak_mib()  # of training; inference is not counted
+    gate("finish")
+
+    x = data.x_test  # (M, D)
+    predict_logits(model, x[:INFERENCE_BATCH], INFERENCE_BATCH)  # warm-up
+    infer = []
+    for _ in range(settings.repeats):
+        synchronize(device)
+        t0 = time.perf_counter()
+        predict_logits(model, x, INFERENCE_BATCH)
+        synchronize(device)
+        infer.append(time.perf_counter() - t0)
+    report(1.0, "done")
+    return {
+        "name": spec.name,
+        "method": method,
+        "mode": mode,
+        "ensemble_size": n_members,
+        "epoch_seconds": statistics.median(epochs),
+        "epoch_seconds_repeats": epochs,
+        "timed_steps": steps_per_epoch(n_timed, bs, n_members, batching) * passes,
+        "steps_per_epoch": steps_per_epoch(n_full, bs, n_members, batching) * passes,
+        "inference_examples_per_second": settings.inference_examples / statistics.median(infer),
+        "params": count_parameters(model),
+        "peak_mib": peak,
+        "memory_method": probe.method,
+    }
+
+
+def untimed_epochs(device: torch.device, cuda_graph: bool) -> int:
+    """Untimed epochs the timed ``train`` call runs first: 1 where that epoch captures CUDA graphs.
+
+    A new ``train`` call makes new steps, which warm up and capture their graph again (that epoch
+    took 0.16 against 0.067 s for classic vectorized on an H200); elsewhere 0.
+    """
+    return 1 if cuda_graph and device.type == "cuda" else 0
+
+
+def _measure_reference(
+    spec: RowSpec, settings: BenchSettings, device: torch.device, report: Report, gate: Gate
+) -> dict:
+    from torch.utils.data import DataLoader, Subset
+
+    from bench_core import reference as ref
+    from bench_core.evaluation import count_parameters
+
+    shape, n_full, classes = settings.shape_info()
+    n_members = spec.ensemble_size
+    in_dim, bs = math.prod(shape), settings.batch_size
+    images = ref.InMemoryImages(n_full, shape, classes, seed=settings.seed)
+    test_images = ref.InMemoryImages(settings.inference_examples, shape, classes, seed=settings.seed + 1)
+    loader = ref.seed_loader(images, batch_size=bs)
+    test_loader = ref.seed_loader(test_images, batch_size=ref.SEED_EVAL_BATCH_SIZE, shuffle=False)
+    full_steps = len(loader)
+    n_steps = full_steps if settings.full_epoch else min(settings.steps, full_steps)
+    probe = MemoryProbe(device)
+    probe.start()
+
+    args = (in_dim, settings.hidden, classes)
+    if spec.name == "reference-classic":
+        learners = [ref.classic_learner(*args, device) for _ in range(n_members)]
+    else:
+        learners = [ref.batchensemble_learner(*args, n_members, device)]
+    if settings.warmup:
+        report(0.0, "warm-up")
+        ref.timed_pass(loader, learners[0].step, settings.warmup)  # the loader, and the first member
+        xb, yb = next(iter(DataLoader(images, batch_size=bs)))  # the other members: one step each
+        for learner in learners[1:]:
+            learner.step(xb, yb)
+    epochs, startups = [], []
+    for r in range(settings.repeats):
+        gate(f"repeat {r + 1}")
+        # Members one after another, each with its own pass (and its own worker start-up).
+        timings = []
+        for k, learner in enumerate(learners):
+            timings.append(ref.timed_pass(loader, learner.step, n_steps))
+            done = (r * len(learners) + k + 1) / (settings.repeats * len(learners))
+            report(0.8 * done, f"repeat {r + 1}/{settings.repeats}, member {k + 1}/{len(learners)}")
+        epochs.append(sum(t.epoch_seconds(full_steps) for t in timings))
+        startups.append(sum(t.startup_seconds + t.shutdown_seconds for t in timings))
+    peak = probe.peak_mib()  # of training; inference is not counted
+    workers_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    gate("finish")
+    if settings.warmup:
+        warm_subset = Subset(test_images, range(min(2 * ref.SEED_EVAL_BATCH_SIZE, len(test_images))))
+        warm_loader = ref.seed_loader(warm_subset, batch_size=ref.SEED_EVAL_BATCH_SIZE, shuffle=False)
+        ref.seed_inference_seconds([lr.model for lr in learners], warm_loader, device)
+    infer = [
+        ref.seed_inference_seconds([lr.model for lr in learners], test_loader, device) for _ in range(settings.repeats)
+    ]
+    report(1.0, "done")
+    return {
+        "name": spec.name,
+        "method": "reference",
+        "mode": ROW_LABELS[spec.name][1],
+        "ensemble_size": n_members,
+        "epoch_seconds": statistics.median(epochs),
+        "epoch_seconds_repeats": epochs,
+        "timed_steps": n_steps * len(learners),
+        "steps_per_epoch": full_steps * len(learners),
+        "worker_startup_seconds": statistics.median(startups),
+        "inference_examples_per_second": settings.inference_examples / statistics.median(infer),
+        "params": sum(count_parameters(lr.model) for lr in learners),
+        "peak_mib": peak,
+        "memory_method": probe.method + ", main process only",
+        "worker_peak_rss_mib": workers_kib / 1024,  # the largest DataLoader worker, shared pages included
+    }
+
+
+class RowStoppedError(Exception):
+    """A stop request ended a row early."""

@@ -1,0 +1,384 @@
+"""The whole benchmark: the rows of one ensemble size take turns, each in its own process or thread."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import queue
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from bench_core.bench.flops import gemm_rate
+from bench_core.bench.measure import RowStoppedError, measure_row
+from bench_core.bench.results import check_targets, compare_rows, derive_row
+from bench_core.bench.settings import MATMUL_SIZE, BenchEvent, BenchSettings, RowSpec
+from bench_core.devices import resolve_device
+from bench_core.errors import BenchError, ConfigError
+
+
+def plan_rows(settings: BenchSettings) -> list[RowSpec]:
+    """The rows to measure, grouped by E: ``single`` once (E = 1) first, then each E in ROWS order."""
+    active = settings.active_rows()
+    specs = [RowSpec("single", 1)] if "single" in active else []
+    for e in settings.ensemble_sizes:
+        specs += [RowSpec(name, e) for name in active if name != "single"]
+    return specs
+
+
+def machine_header(settings: BenchSettings) -> dict:
+    """The machine, the settings and the matmul rates measured now on the benchmark's device."""
+    load = _load_average()  # before our own work adds to it
+    device = resolve_device(settings.device)
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    shape, n_train, _ = settings.shape_info()
+    in_dim = math.prod(shape)
+    rate = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
+    h, bs = settings.hidden, settings.batch_size
+    model_rates = {
+        str(e): {
+            # The first layer's two products as the models lay them out (bench_core.models,
+            # _SharedInputLinear): forward zᵀ = Wᵀ xᵀ [E·h, B], weight gradient xᵀ dz [in, E·h].
+            "forward": gemm_rate(e * h, in_dim, bs, device),
+            "weight_grad": gemm_rate(in_dim, bs, e * h, device),
+            # BatchEnsemble split batching: one member-width product over the B' = B // E · E
+            # examples of a step, three of them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient).
+            "split": {
+                "forward": gemm_rate(bs // e * e, in_dim, h, device),
+                "weight_grad": gemm_rate(in_dim, bs // e * e, h, device),
+                "input_grad": gemm_rate(bs // e * e, h, in_dim, device),
+            },
+        }
+        for e in settings.ensemble_sizes
+    }
+    gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    return {
+        "load_average": load,  # 1-minute load when the benchmark started (None: unknown)
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "gpu": gpu,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device": str(device),
+        "matmul_flops_per_second": rate,
+        "matmul_shape": f"{MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} float32",
+        "model_gemm_flops_per_second": model_rates,
+        "dataset_shape": list(shape),
+        "train_examples": n_train,
+        "settings": settings.to_dict(),
+        "epochs": "timed whole epochs" if settings.full_epoch else f"extrapolated from {settings.steps} timed steps",
+        "floor": "matrix-product FLOPs of an epoch / the 2048³ matmul rate; element-wise work not counted",
+        "memory": "peak of training above the row's data: "
+        + ("cuda max_memory_allocated" if device.type == "cuda" else "RSS"),
+        "steps": (
+            ("each full-batch step replayed as one CUDA graph" if settings.cuda_graph else "eager (no CUDA graphs)")
+            if device.type == "cuda"
+            else "eager"
+        ),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _load_average() -> float | None:
+    try:
+        return os.getloadavg()[0]
+    except (AttributeError, OSError):
+        return None
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _row_weight(spec: RowSpec) -> float:
+    """Rough relative cost of a row, for the progress fraction only."""
+    if spec.name == "reference-classic":
+        return 3.0 * spec.ensemble_size
+    if spec.name == "reference-batchensemble":
+        return 3.0 + spec.ensemble_size
+    if spec.name == "classic-sequential":
+        return 1.0 + spec.ensemble_size
+    return 1.0 + spec.ensemble_size / 4
+
+
+def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) -> Iterator[BenchEvent]:
+    """Run the benchmark, yielding progress, the header, each row as it is measured, and "done".
+
+    Args:
+        settings: what to measure; validated first.
+        stop: when set, the row being measured is abandoned and "done" comes with ``stopped=True``.
+
+    Raises:
+        ConfigError: a setting is invalid.
+        BenchError: a row failed (its one-line reason).
+    """
+    settings.validate()
+    specs = plan_rows(settings)
+    yield BenchEvent("progress", 0.0, "measuring the matrix-multiply rate")
+    header = machine_header(settings)
+    yield BenchEvent("header", 0.0, "matmul rate measured", header=header)
+    weights = {spec: _row_weight(spec) for spec in specs}
+    total = sum(weights.values())
+    progress = dict.fromkeys(specs, 0.0)  # each row's own fraction done
+
+    def overall() -> float:
+        return sum(weights[k] * f for k, f in progress.items()) / total
+
+    rows: list[dict] = []
+    stopped = False
+    for group in _turn_groups(specs):
+        runners = {spec: (_ProcessRow if settings.isolate else _ThreadRow)(spec, settings, stop) for spec in group}
+        try:
+            # Round-robin: each row in turn runs up to its next gate (set-up and warm-up, one
+            # timed repeat, or the inference pass), the others wait; then the next row.
+            while not stopped and any(not r.done for r in runners.values()):
+                for spec, runner in runners.items():
+                    if runner.done:
+                        continue
+                    if stop is not None and stop.is_set():
+                        stopped = True
+                        break
+                    for fraction, message in runner.advance():
+                        progress[spec] = fraction
+                        yield BenchEvent("progress", overall(), f"{_row_label(spec)}: {message}")
+                    if runner.stopped:
+                        stopped = True
+                        break
+        finally:
+            for runner in runners.values():
+                runner.close()
+        if stopped:
+            break
+        for spec, runner in runners.items():
+            progress[spec] = 1.0
+            row = derive_row(runner.result, settings, header["matmul_flops_per_second"])
+            rows.append(row)
+            yield BenchEvent("row", overall(), f"{_row_label(spec)}: {row['epoch_seconds']:.3g} s/epoch", row=row)
+    rows = compare_rows(rows)
+    if not stopped:
+        # Measured again to show whether the machine's speed changed during the run (other load).
+        yield BenchEvent("progress", 1.0, "measuring the matrix-multiply rate again")
+        device = resolve_device(settings.device)
+        header["matmul_flops_per_second_end"] = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
+    yield BenchEvent(
+        "done",
+        1.0 if not stopped else overall(),
+        "stopped" if stopped else "done",
+        header=header,
+        rows=rows,
+        targets=check_targets(rows),
+        stopped=stopped,
+    )
+
+
+def _row_label(spec: RowSpec) -> str:
+    return f"{spec.name} E={spec.ensemble_size}"
+
+
+def _turn_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:
+    """The rows that take turns: those of one ensemble size (the single row with the first size)."""
+    groups: dict[int, list[RowSpec]] = {}
+    first = next((s.ensemble_size for s in specs if s.name != "single"), 1)
+    for spec in specs:
+        groups.setdefault(first if spec.name == "single" else spec.ensemble_size, []).append(spec)
+    return list(groups.values())
+
+
+class _ThreadRow:
+    """A row measured in a thread of this process, one phase per ``advance``."""
+
+    def __init__(self, spec: RowSpec, settings: BenchSettings, stop: threading.Event | None) -> None:
+        self.spec, self.settings, self.stop = spec, settings, stop
+        self.updates: queue.Queue = queue.Queue()
+        self.go = threading.Semaphore(0)
+        self.thread: threading.Thread | None = None
+        self.done = self.stopped = self.closing = False
+        self.result: dict | None = None
+
+    def _gate(self, phase: str) -> None:
+        self.updates.put(("gate", phase))
+        self.go.acquire()
+        if self.closing:
+            raise RowStoppedError
+
+    def _work(self) -> None:
+        try:
+            report = lambda f, m: self.updates.put(("progress", f, m))  # noqa: E731
+            self.updates.put(("end", measure_row(self.spec, self.settings, report, self.stop, self._gate)))
+        except BaseException as err:  # handed to the caller's thread in advance()
+            self.updates.put(("error", err))
+
+    def advance(self) -> Iterator[tuple[float, str]]:
+        """Run the row up to its next gate (or its end), yielding (fraction, message) progress."""
+        if self.thread is None:
+            self.thread = threading.Thread(target=self._work, daemon=True)
+            self.thread.start()
+        else:
+            self.go.release()
+        while True:
+            item = self.updates.get()
+            if item[0] == "progress":
+                yield item[1], item[2]
+            elif item[0] == "gate":
+                return
+            elif item[0] == "end":
+                self.done, self.result = True, item[1]
+                return
+            else:
+                self.done = True
+                if isinstance(item[1], RowStoppedError):
+                    self.stopped = True
+                    return
+                raise item[1]
+
+    def close(self) -> None:
+        if self.thread is not None and not self.done:
+            self.closing = True
+            self.go.release()
+            self.thread.join(timeout=30)
+
+
+class _ProcessRow:
+    """A row measured in a fresh ``python -m bench_core bench --row`` process, one phase per ``advance``.
+
+    The child prints JSON lines (progress, "gate", the row) and waits at each gate for a line on
+    its standard input.
+    """
+
+    def __init__(self, spec: RowSpec, settings: BenchSettings, stop: threading.Event | None) -> None:
+        self.spec, self.settings, self.stop = spec, settings, stop
+        self.proc: subprocess.Popen | None = None
+        self.lines: queue.Queue = queue.Queue()
+        self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
+        self.done = self.stopped = False
+        self.result: dict | None = None
+
+    def _start(self) -> None:
+        payload = json.dumps({"settings": self.settings.to_dict(), "row": asdict(self.spec)})
+        cmd = [sys.executable, "-m", "bench_core", "bench", "--row", payload]
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        package_parent = str(Path(__file__).resolve().parents[2])
+        paths = [package_parent, *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+        env["PYTHONPATH"] = os.pathsep.join(paths)
+        # Its own session: a Ctrl-C reaches only us (we stop it), and stopping it also ends its DataLoader workers.
+        self.proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self.err,
+            text=True,
+            env=env,
+            start_new_session=os.name == "posix",
+        )
+
+        def pump() -> None:
+            for line in self.proc.stdout:
+                self.lines.put(line)
+            self.lines.put(None)
+
+        threading.Thread(target=pump, daemon=True).start()
+
+    def advance(self) -> Iterator[tuple[float, str]]:
+        """Run the row up to its next gate (or its end), yielding (fraction, message) progress."""
+        if self.proc is None:
+            self._start()
+        else:
+            try:
+                self.proc.stdin.write("go\n")
+                self.proc.stdin.flush()
+            except (BrokenPipeError, OSError):
+                pass  # it ended: the reason is read below
+        while True:
+            try:
+                line = self.lines.get(timeout=0.2)
+            except queue.Empty:
+                if self.stop is not None and self.stop.is_set():
+                    self.done = self.stopped = True
+                    return
+                continue
+            if line is None:
+                break
+            try:
+                msg = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # not ours (a library printed something)
+            if msg.get("event") == "progress":
+                yield msg["fraction"], msg["message"]
+            elif msg.get("event") == "gate":
+                return
+            elif msg.get("event") == "row":
+                self.result = msg["row"]
+        self.proc.wait()
+        self.done = True
+        if self.stop is not None and self.stop.is_set():
+            self.stopped = True
+            return
+        if self.proc.returncode != 0 or self.result is None:
+            self.err.seek(0)
+            tail = [line.strip() for line in self.err.read().splitlines() if line.strip()]
+            reason = tail[-1] if tail else f"exit status {self.proc.returncode}"
+            raise BenchError(f"the {self.spec.name} row (E = {self.spec.ensemble_size}) failed: {reason}")
+
+    def close(self) -> None:
+        if self.proc is not None:
+            _end_row_process(self.proc)
+        self.err.close()
+
+
+def _end_row_process(proc: subprocess.Popen) -> None:
+    """Terminate a row's process and its process group (its DataLoader workers), if still running."""
+    if proc.poll() is None:
+        try:
+            if os.name == "posix":
+                os.killpg(proc.pid, signal.SIGTERM)
+            else:  # pragma: no cover - Windows
+                proc.terminate()
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def cmd_row(payload: str) -> int:
+    """Child-process side of ``isolate``: measure one row, one JSON line per progress update and the row."""
+    try:
+        msg = json.loads(payload)
+        settings = BenchSettings.from_dict(msg["settings"])
+        spec = RowSpec(**msg["row"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise ConfigError(f"bad --row payload: {err}") from None
+
+    def report(fraction: float, message: str) -> None:
+        print(json.dumps({"event": "progress", "fraction": fraction, "message": message}), flush=True)
+
+    def gate(phase: str) -> None:
+        print(json.dumps({"event": "gate", "phase": phase}), flush=True)
+        if not sys.stdin.readline():  # the benchmark ended: nothing more to measure
+            raise SystemExit(0)
+
+    raw = measure_row(spec, settings, report, gate=gate)
+    print(json.dumps({"event": "row", "row": raw}), flush=True)
+    return 0

@@ -1,0 +1,169 @@
+"""What a benchmark measures: its rows, dataset shapes, settings, and the events it yields."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, fields
+
+from bench_core.devices import resolve_device
+from bench_core.errors import ConfigError
+
+ROWS = (
+    "single",
+    "classic-sequential",
+    "classic-vectorized",
+    "batchensemble-repeat",
+    "batchensemble-split",
+    "reference-classic",
+    "reference-batchensemble",
+)
+REFERENCE_ROWS = ("reference-classic", "reference-batchensemble")
+ROW_GROUPS = {  # shorthands accepted by --methods
+    "classic": ("classic-sequential", "classic-vectorized"),
+    "batchensemble": ("batchensemble-repeat", "batchensemble-split"),
+    "reference": REFERENCE_ROWS,
+}
+# (method, mode) of each row, as the table shows them.
+ROW_LABELS = {
+    "single": ("single", ""),
+    "classic-sequential": ("classic", "sequential"),
+    "classic-vectorized": ("classic", "vectorized"),
+    "batchensemble-repeat": ("batchensemble", "repeat"),
+    "batchensemble-split": ("batchensemble", "split"),
+    "reference-classic": ("reference", "classic"),
+    "reference-batchensemble": ("reference", "batchensemble"),
+}
+# Shape of one example, training examples per epoch, classes.
+DATASET_SHAPES = {
+    "cifar10": ((3, 32, 32), 50_000, 10),
+    "fashion-mnist": ((1, 28, 28), 60_000, 10),
+    "mnist": ((1, 28, 28), 60_000, 10),
+}
+MATMUL_SIZE = 2048  # the square product whose rate sets the floor
+INFERENCE_BATCH = 1024
+TARGET_E = 5  # the ensemble size the targets are stated for
+
+
+@dataclass
+class BenchSettings:
+    dataset_shape: str = "cifar10"  # a name of DATASET_SHAPES or "CxHxW", e.g. "1x8x8"
+    ensemble_sizes: tuple[int, ...] = (1, 2, 4, 8)  # E of each ensemble row
+    rows: tuple[str, ...] = ROWS  # which rows of ROWS to measure
+    batch_size: int = 128  # examples per step (the seed: 128)
+    hidden: int = 128  # hidden width (the seed: 128)
+    depth: int = 2  # hidden layers (the seed: 2)
+    steps: int = 60  # timed steps per repeat (per member for sequential rows)
+    warmup: int = 10  # untimed steps before timing
+    repeats: int = 3  # timed repeats; the median is reported
+    device: str = "auto"  # "auto", "cpu", "cuda" or "mps"
+    reference: bool = True  # measure the reference rows (when in rows)
+    full_epoch: bool = False  # time whole epochs instead of extrapolating from `steps`
+    train_examples: int | None = None  # examples per epoch; None: the dataset's (50,000 for CIFAR-10)
+    inference_examples: int = 10_000  # examples of the timed inference pass
+    isolate: bool = True  # each row in its own process (clean memory figures)
+    threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
+    cuda_graph: bool = True  # on CUDA, replay each full-batch training step as a CUDA graph
+    seed: int = 0
+
+    def validate(self) -> BenchSettings:
+        """Check every setting (ConfigError with one line); returns self."""
+        _, n_train, _ = self.shape_info()
+        if not self.ensemble_sizes:
+            raise ConfigError("choose at least one ensemble size")
+        for e in self.ensemble_sizes:
+            _check_int("ensemble size", e, 1, 256)
+        for label, value, low in [
+            ("batch size", self.batch_size, 1),
+            ("hidden width", self.hidden, 1),
+            ("depth", self.depth, 1),
+            ("steps", self.steps, 1),
+            ("warm-up steps", self.warmup, 0),
+            ("repeats", self.repeats, 1),
+            ("inference examples", self.inference_examples, 1),
+            ("training examples", n_train, 1),
+            ("threads", self.threads or 1, 1),
+        ]:
+            _check_int(label, value, low)
+        for name in self.rows:
+            if name not in ROWS:
+                raise ConfigError(f"unknown row {name!r}: choose from {', '.join(ROWS)}")
+        if not self.active_rows():
+            raise ConfigError("no rows to measure: choose rows other than the reference, or drop --no-reference")
+        if self.depth != 2 and any(r in REFERENCE_ROWS for r in self.active_rows()):
+            raise ConfigError(
+                f"the reference rows run the seed's models, which have 2 hidden layers, not {self.depth}: "
+                "use --depth 2 or --no-reference"
+            )
+        if "batchensemble-split" in self.rows and self.batch_size < max(self.ensemble_sizes):
+            raise ConfigError(
+                f"split batching needs a batch size of at least E = {max(self.ensemble_sizes)}, got {self.batch_size}"
+            )
+        resolve_device(self.device)
+        return self
+
+    def shape_info(self) -> tuple[tuple[int, ...], int, int]:
+        """(shape of one example, training examples per epoch, classes)."""
+        if self.dataset_shape in DATASET_SHAPES:
+            shape, n_train, classes = DATASET_SHAPES[self.dataset_shape]
+        else:
+            shape, n_train, classes = parse_shape(self.dataset_shape), 50_000, 10
+        return shape, self.train_examples or n_train, classes
+
+    def active_rows(self) -> tuple[str, ...]:
+        return tuple(r for r in ROWS if r in self.rows and (self.reference or r not in REFERENCE_ROWS))
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> BenchSettings:
+        names = {f.name for f in fields(cls)}
+        out = cls(**{k: v for k, v in raw.items() if k in names})
+        out.ensemble_sizes, out.rows = tuple(out.ensemble_sizes), tuple(out.rows)
+        return out
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    name: str  # one of ROWS
+    ensemble_size: int
+
+
+@dataclass
+class BenchEvent:
+    kind: str  # "progress", "header", "row" or "done"
+    fraction: float = 0.0  # of the whole benchmark, 0..1
+    message: str = ""
+    header: dict | None = None  # kind "header" and "done"
+    row: dict | None = None  # kind "row"
+    rows: list[dict] = field(default_factory=list)  # kind "done": every row, compared (compare_rows)
+    targets: list[dict] = field(default_factory=list)  # kind "done"
+    stopped: bool = False  # kind "done": a stop request cut the benchmark short
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def row_batching(name: str) -> str:
+    return "split" if name == "batchensemble-split" else "repeat"
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """A shape written "CxHxW" (or with ×); ConfigError when it is not three positive whole numbers."""
+    parts = text.lower().replace("×", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        names = ", ".join(DATASET_SHAPES)
+        raise ConfigError(f"unknown dataset shape {text!r}: choose one of {names} or give CxHxW, e.g. 3x32x32")
+    return shape
+
+
+def _check_int(label: str, value, minimum: int, maximum: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{label} must be a whole number, got {value!r}")
+    if value < minimum:
+        raise ConfigError(f"{label} must be at least {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(f"{label} must be at most {maximum}, got {value}")
