@@ -27,9 +27,11 @@ from bench_core.bench import (
     REFERENCE_ROWS,
     ROW_LABELS,
     ROWS,
+    TIME_PARTS,
     BenchSettings,
     check_targets,
     compare_rows,
+    time_parts,
     turns_text,
 )
 from bench_core.devices import available_devices
@@ -62,6 +64,7 @@ if st.session_state[P + "device"] not in DEVICES:
 ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LABELS.items()}
 ROW_DASHES = {"sequential": "dash", "split": "dot", "batchensemble": "dash"}
 REFERENCE_COLOR = "#777777"
+PART_COLORS = dict(zip(TIME_PARTS, ("#1b9e77", "#d95f02", "#bbbbbb"), strict=True))
 
 
 @dataclass
@@ -244,6 +247,35 @@ def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str
     return fig
 
 
+def time_parts_figure(rows: list[dict]) -> go.Figure:
+    """Where an epoch goes, as shares of it, for every row of the largest ensemble size measured."""
+    size = max(r["ensemble_size"] for r in rows)
+    mine = sorted((r for r in rows if r["ensemble_size"] == size), key=lambda r: ROWS.index(r["name"]))
+    labels = [f"{ROW_NAMES[r['name']]} · {r['epoch_seconds']:.3g} s" for r in mine]
+    parts = [time_parts(r) for r in mine]
+    fig = go.Figure()
+    for part in TIME_PARTS:
+        seconds = [p[part] for p in parts]
+        if part == TIME_PARTS[1] and not any(seconds):
+            continue  # no reference rows: no workers
+        fig.add_trace(
+            go.Bar(
+                y=labels,
+                x=[100 * s / r["epoch_seconds"] for s, r in zip(seconds, mine, strict=True)],
+                customdata=seconds,
+                orientation="h",
+                name=part,
+                marker={"color": PART_COLORS[part]},
+                hovertemplate="%{y}: %{customdata:.3g} s (%{x:.0f} %)<extra>" + part + "</extra>",
+            )
+        )
+    style(fig, f"Where an epoch goes, E = {size}", "% of the epoch", None, height=120 + 48 * len(mine))
+    fig.update_layout(barmode="stack", legend={"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"})
+    fig.update_xaxes(range=[0, 100])
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
 def table_rows(rows: list[dict]) -> list[dict]:
     """The benchmark's rows as the table shows them; without reference rows, no column for them."""
 
@@ -292,13 +324,21 @@ def results_view(
     if not rows:
         return
     log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")
-    seconds_fig, memory_fig, table, computed_targets = built_views(rows, log_y, signature)
+    seconds_fig, memory_fig, parts_fig, table, computed_targets = built_views(rows, log_y, signature)
     cols = st.columns(2)
     with cols[0]:
         show(seconds_fig, key=f"speed_seconds_{key}")
     with cols[1]:
         show(memory_fig, key=f"speed_mem_{key}")
     st.dataframe(table, hide_index=True, width="stretch", key=f"speed_table_{key}")
+    show(parts_fig, key=f"speed_parts_{key}")
+    st.caption(
+        "The green part is the floor: the time the epoch's matrix products would take at the matrix-multiply "
+        "rate measured at the start (a lower bound; what they take beyond it counts as everything else). "
+        "Everything else: element-wise work, Adam, Python, the batches' gather and, for the seed's pipeline, "
+        "its per-image transforms and the wait for its DataLoader. `python scripts/profile_step.py` splits a "
+        "workbench step by operator."
+    )
     targets = targets if targets is not None else computed_targets
     if any(t["value"] is not None for t in targets):
         st.markdown(f"**Targets at E = {targets[0]['ensemble_size']}**")
@@ -310,7 +350,7 @@ def results_view(
 
 
 def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple:
-    """(seconds figure, memory figure, table, targets) of ``rows``; kept in the session under ``signature``.
+    """(seconds, memory and time-parts figures, table, targets) of ``rows``; kept in the session under ``signature``.
 
     Building them took the server ~55 ms per poll, CPU taken from the benchmark it shows (which
     measures speed on the same cores); while no new row comes they are re-sent as they were.
@@ -322,6 +362,7 @@ def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple
     built = (
         by_ensemble_size_figure(rows, "epoch_seconds", "Seconds per training epoch", "seconds", log_y),
         by_ensemble_size_figure(rows, "peak_mib", "Peak training memory", "MiB above the data"),
+        time_parts_figure(rows),
         table_rows(rows),
         check_targets(rows),
     )

@@ -253,10 +253,16 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     at.run()
     assert not at.exception, at.exception
     assert any("Done in" in t for t in texts(at.success))
-    seconds, memory = charts(at)
+    seconds, memory, parts = charts(at)
     assert seconds["layout"]["title"]["text"].startswith("Seconds per training epoch")
     assert memory["layout"]["title"]["text"].startswith("Peak training memory")
     assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "batchensemble repeat"}
+    assert parts["layout"]["title"]["text"] == "Where an epoch goes, E = 2"
+    names = [tr["name"] for tr in parts["data"]]
+    assert names == ["matrix products at the floor rate", "everything else"], "no workers without reference rows"
+    assert [y.split(" · ")[0] for y in parts["data"][0]["y"]] == ["classic vectorized", "batchensemble repeat"]
+    shares = np.array([tr["x"] for tr in parts["data"]], dtype=float)
+    assert shares.sum(0) == pytest.approx([100, 100]), "each row's parts add up to its epoch"
     (table,) = at.dataframe
     assert len(table.value) == 2
     assert "× classic vectorized" in table.value.columns

@@ -15,6 +15,7 @@ import torch
 from bench_core import bench
 from bench_core.bench import (
     ROWS,
+    TIME_PARTS,
     BenchSettings,
     RowSpec,
     add_arguments,
@@ -29,6 +30,7 @@ from bench_core.bench import (
     run_benchmark,
     schedule,
     settings_from_args,
+    time_parts,
 )
 from bench_core.errors import BenchError
 
@@ -152,6 +154,20 @@ def test_compare_rows_and_targets():
     assert [t["met"] for t in targets] == [False, True, True, False, False, False]
     assert [t["value"] for t in targets] == pytest.approx([1.3, 0.9, 1.05, 0.4, 5.0, 4.0 / 2.1])
     assert all(t["met"] is None for t in check_targets(rows, ensemble_size=8))
+
+
+def test_time_parts_add_up_to_the_epoch():
+    floor, workers, rest = TIME_PARTS
+    workbench = {"epoch_seconds": 3.0, "floor_seconds": 2.0}
+    assert time_parts(workbench) == {floor: 2.0, workers: 0.0, rest: 1.0}
+    seed = {"epoch_seconds": 40.0, "floor_seconds": 2.0, "worker_startup_seconds": 5.0}
+    assert time_parts(seed) == {floor: 2.0, workers: 5.0, rest: 33.0}
+    # A run faster than its floor (a rate measured in a slow moment) or a start-up longer than what
+    # the floor leaves: each part is cut to what the epoch leaves, never negative.
+    assert time_parts({"epoch_seconds": 1.5, "floor_seconds": 2.0}) == {floor: 1.5, workers: 0.0, rest: 0.0}
+    cut = time_parts({"epoch_seconds": 4.0, "floor_seconds": 3.0, "worker_startup_seconds": 2.0})
+    assert cut == {floor: 3.0, workers: 1.0, rest: 0.0}
+    assert time_parts({**workbench, "worker_startup_seconds": None})[workers] == 0.0
 
 
 def test_targets_turn_by_turn():

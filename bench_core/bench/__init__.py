@@ -45,7 +45,16 @@ reference) then compare repeats taken a few seconds apart, not minutes apart.
 from bench_core.bench.cli import add_arguments, cmd_bench, settings_from_args
 from bench_core.bench.flops import epoch_flops, floor_seconds, gemm_rate
 from bench_core.bench.measure import measure_row, untimed_epochs
-from bench_core.bench.results import check_targets, compare_rows, derive_row, format_table, target_line, turns_text
+from bench_core.bench.results import (
+    TIME_PARTS,
+    check_targets,
+    compare_rows,
+    derive_row,
+    format_table,
+    target_line,
+    time_parts,
+    turns_text,
+)
 from bench_core.bench.schedule import plan_rows, run_benchmark
 from bench_core.bench.settings import (
     DATASET_SHAPES,
@@ -67,6 +76,7 @@ __all__ = [
     "ROW_GROUPS",
     "ROW_LABELS",
     "TARGET_E",
+    "TIME_PARTS",
     "BenchEvent",
     "BenchSettings",
     "RowSpec",
@@ -85,6 +95,7 @@ __all__ = [
     "run_benchmark",
     "settings_from_args",
     "target_line",
+    "time_parts",
     "turns_text",
     "untimed_epochs",
 ]

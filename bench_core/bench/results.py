@@ -52,6 +52,24 @@ def compare_rows(rows: list[dict]) -> list[dict]:
     return out
 
 
+TIME_PARTS = ("matrix products at the floor rate", "DataLoader workers starting and stopping", "everything else")
+
+
+def time_parts(row: dict) -> dict[str, float]:
+    """Where a row's epoch goes, in seconds, keyed by ``TIME_PARTS``; they add up to the epoch.
+
+    The first part is the row's floor: its matrix products' FLOPs at the measured 2048³ rate, a lower
+    bound on what they take (what they take beyond it falls in "everything else", with element-wise
+    work, Adam, Python and, for the reference rows, the per-image transforms and the batches' wait).
+    The second is what the reference rows' DataLoader workers take to start and stop, once per member
+    per epoch (0 for the workbench's rows). Each part is cut to what the epoch leaves of it.
+    """
+    epoch = row["epoch_seconds"]
+    floor = min(row["floor_seconds"], epoch)
+    workers = min(row.get("worker_startup_seconds") or 0.0, epoch - floor)
+    return dict(zip(TIME_PARTS, (floor, workers, epoch - floor - workers), strict=True))
+
+
 def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]:
     """The speed targets at ``ensemble_size``: text, value, limit, met (None: a row is missing).
 
