@@ -89,6 +89,11 @@ def effective_batching(batching: str, ensemble_size: int) -> str:
     return "repeat" if batching == "split" and ensemble_size == 1 else batching
 
 
+def examples_per_step(batch_size: int, ensemble_size: int, batching: str) -> int:
+    """Examples one full step takes: the batch ("repeat"), or E slices of ``batch_size // E`` ("split")."""
+    return batch_size // ensemble_size * ensemble_size if batching == "split" else batch_size
+
+
 def batch_plan(n_train: int, batch_size: int, ensemble_size: int, batching: str) -> list[tuple[int, int]]:
     """(start, stop) offsets into the epoch's permutation, one per step.
 
@@ -106,7 +111,7 @@ def batch_plan(n_train: int, batch_size: int, ensemble_size: int, batching: str)
             )
         if n_train < ensemble_size:
             raise ConfigError(f"{n_train} training examples can't be split among {ensemble_size} members")
-        step = per_member * ensemble_size
+        step = examples_per_step(batch_size, ensemble_size, batching)
         plan = []
         for start in range(0, n_train, step):
             stop = min(start + step, n_train)

@@ -116,14 +116,14 @@ def _measure_workbench(
     from bench_core.data import make_synthetic
     from bench_core.evaluation import count_parameters, predict_logits
     from bench_core.models import build_model
-    from bench_core.training import steps_per_epoch, train
+    from bench_core.training import examples_per_step, steps_per_epoch, train
 
     shape, n_full, classes = settings.shape_info()
     method, mode = ROW_LABELS[spec.name]
     n_members = spec.ensemble_size if method != "single" else 1
     batching = row_batching(spec.name)
     bs = settings.batch_size
-    step_examples = bs if batching == "repeat" else bs // n_members * n_members
+    step_examples = examples_per_step(bs, n_members, batching)
     n_timed = n_full if settings.full_epoch else settings.steps * step_examples
     n_warm = settings.warmup * step_examples
     data = make_synthetic(max(n_timed, n_warm, 1), settings.inference_examples, shape, classes, settings.seed)

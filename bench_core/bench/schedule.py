@@ -45,21 +45,8 @@ def machine_header(settings: BenchSettings) -> dict:
     shape, n_train, _ = settings.shape_info()
     in_dim = math.prod(shape)
     rate = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
-    h, bs = settings.hidden, settings.batch_size
     model_rates = {
-        str(e): {
-            # The first layer's two products as the models lay them out (bench_core.models,
-            # _SharedInputLinear): forward zᵀ = Wᵀ xᵀ [E·h, B], weight gradient xᵀ dz [in, E·h].
-            "forward": gemm_rate(e * h, in_dim, bs, device),
-            "weight_grad": gemm_rate(in_dim, bs, e * h, device),
-            # BatchEnsemble split batching: one member-width product over the B' = B // E · E
-            # examples of a step, three of them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient).
-            "split": {
-                "forward": gemm_rate(bs // e * e, in_dim, h, device),
-                "weight_grad": gemm_rate(in_dim, bs // e * e, h, device),
-                "input_grad": gemm_rate(bs // e * e, h, in_dim, device),
-            },
-        }
+        str(e): _first_layer_rates(e, in_dim, settings.hidden, settings.batch_size, device)
         for e in settings.ensemble_sizes
     }
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else None
@@ -89,6 +76,26 @@ def machine_header(settings: BenchSettings) -> dict:
             else "eager"
         ),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+
+
+def _first_layer_rates(e: int, in_dim: int, h: int, bs: int, device: torch.device) -> dict:
+    """FLOP/s of the first layer's products at E = ``e``, shaped as the models compute them."""
+    from bench_core.training import examples_per_step
+
+    rows = examples_per_step(bs, e, "split")  # a split step's B' = B // E · E examples
+    return {
+        # As the models lay them out (bench_core.models, _SharedInputLinear): forward zᵀ = Wᵀ xᵀ
+        # [E·h, B], weight gradient xᵀ dz [in, E·h].
+        "forward": gemm_rate(e * h, in_dim, bs, device),
+        "weight_grad": gemm_rate(in_dim, bs, e * h, device),
+        # BatchEnsemble split batching: one member-width product over the step's examples, three
+        # of them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient).
+        "split": {
+            "forward": gemm_rate(rows, in_dim, h, device),
+            "weight_grad": gemm_rate(in_dim, rows, h, device),
+            "input_grad": gemm_rate(rows, h, in_dim, device),
+        },
     }
 
 
