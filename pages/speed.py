@@ -27,10 +27,12 @@ from bench_core.bench import (
     REFERENCE_ROWS,
     ROW_LABELS,
     ROWS,
+    STEP_PARTS,
     TIME_PARTS,
     BenchSettings,
     check_targets,
     compare_rows,
+    step_parts,
     time_parts,
     turns_text,
 )
@@ -53,6 +55,7 @@ DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
     "repeats": 2,
     "batch_size": 128,
     "hidden": 128,
+    "profile_steps": 20,
     "device": "auto",
 }
 for _name, _value in DEFAULTS.items():
@@ -65,6 +68,7 @@ ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LA
 ROW_DASHES = {"sequential": "dash", "split": "dot", "batchensemble": "dash"}
 REFERENCE_COLOR = "#777777"
 PART_COLORS = dict(zip(TIME_PARTS, ("#1b9e77", "#d95f02", "#bbbbbb"), strict=True))
+STEP_COLORS = dict(zip(STEP_PARTS, ("#1b9e77", "#7570b3", "#e7298a", "#e6ab02", "#999999"), strict=True))
 
 
 @dataclass
@@ -135,12 +139,20 @@ def settings_widgets(locked: bool) -> BenchSettings:
         help="Slow: it shows how much faster the workbench's training loop is than the seed's.",
     )
     with st.expander("Timing settings"):
-        c = st.columns(5)
+        c = st.columns(6)
         c[0].number_input("Timed steps", 1, 10_000, key=P + "steps", disabled=locked)
         c[1].number_input("Warm-up steps", 0, 10_000, key=P + "warmup", disabled=locked)
         c[2].number_input("Repeats (median)", 1, 20, key=P + "repeats", disabled=locked)
         c[3].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
         c[4].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
+        c[5].number_input(
+            "Profiled steps",
+            0,
+            10_000,
+            key=P + "profile_steps",
+            disabled=locked,
+            help="CPU: steps of each row run under torch.profiler for where a step goes (0: none).",
+        )
     s = {name: st.session_state[P + name] for name in DEFAULTS}
     rows = [r for r in ROWS if r in s["rows"]] + (list(REFERENCE_ROWS) if s["reference"] else [])
     return BenchSettings(
@@ -152,6 +164,7 @@ def settings_widgets(locked: bool) -> BenchSettings:
         steps=int(s["steps"]),
         warmup=int(s["warmup"]),
         repeats=int(s["repeats"]),
+        profile_steps=int(s["profile_steps"]),
         device=s["device"],
         reference=bool(s["reference"]),
     )
@@ -169,7 +182,7 @@ def command(settings: BenchSettings, folder: Path) -> list[str]:
         *("--methods", ",".join(settings.rows)),
         *("--batch-size", str(settings.batch_size), "--hidden", str(settings.hidden)),
         *("--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats)),
-        *("--device", settings.device),
+        *("--device", settings.device, "--profile-steps", str(settings.profile_steps)),
         *([] if settings.reference else ["--no-reference"]),
         *("--json", str(folder / "bench.json"), "--progress-jsonl", str(folder / "progress.jsonl"), "--quiet"),
     ]
@@ -276,6 +289,52 @@ def time_parts_figure(rows: list[dict]) -> go.Figure:
     return fig
 
 
+def step_parts_figure(rows: list[dict]) -> go.Figure | None:
+    """Where a step goes by operator kind, in seconds per epoch, for the profiled rows of the largest E.
+
+    One stacked bar per row (``bench.step_parts``), and a tick at each row's floor, so that the
+    matrix products' part reads against what they would take at the measured rate. None when no
+    row of that size was profiled (GPU runs, files written before profiling, ``--profile-steps 0``).
+    """
+    size = max(r["ensemble_size"] for r in rows)
+    mine = sorted(
+        (r for r in rows if r["ensemble_size"] == size and step_parts(r)), key=lambda r: ROWS.index(r["name"])
+    )
+    if not mine:
+        return None
+    labels = [f"{ROW_NAMES[r['name']]} · {r['epoch_seconds']:.3g} s" for r in mine]
+    parts = [step_parts(r) for r in mine]
+    fig = go.Figure()
+    for part in STEP_PARTS:
+        seconds = [p[part] for p in parts]
+        fig.add_trace(
+            go.Bar(
+                y=labels,
+                x=seconds,
+                customdata=[100 * s / r["epoch_seconds"] for s, r in zip(seconds, mine, strict=True)],
+                orientation="h",
+                name=part,
+                marker={"color": STEP_COLORS[part]},
+                hovertemplate="%{y}: %{x:.3g} s (%{customdata:.0f} %)<extra>" + part + "</extra>",
+            )
+        )
+    fig.add_trace(
+        go.Scatter(
+            y=labels,
+            x=[r["floor_seconds"] for r in mine],
+            mode="markers",
+            marker={"symbol": "line-ns", "size": 34, "line": {"width": 4, "color": "#111111"}},
+            name="floor: the matrix products at the measured rate",
+            hovertemplate="%{y}: floor %{x:.3g} s<extra></extra>",
+        )
+    )
+    style(fig, f"Where a training step goes, E = {size}", "seconds per epoch", None, height=150 + 56 * len(mine))
+    fig.update_layout(barmode="stack", legend={"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"})
+    fig.update_xaxes(rangemode="tozero")
+    fig.update_yaxes(autorange="reversed")
+    return fig
+
+
 def table_rows(rows: list[dict]) -> list[dict]:
     """The benchmark's rows as the table shows them; without reference rows, no column for them."""
 
@@ -324,7 +383,7 @@ def results_view(
     if not rows:
         return
     log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")
-    seconds_fig, memory_fig, parts_fig, table, computed_targets = built_views(rows, log_y, signature)
+    seconds_fig, memory_fig, parts_fig, steps_fig, table, computed_targets = built_views(rows, log_y, signature)
     cols = st.columns(2)
     with cols[0]:
         show(seconds_fig, key=f"speed_seconds_{key}")
@@ -336,9 +395,19 @@ def results_view(
         "The green part is the floor: the time the epoch's matrix products would take at the matrix-multiply "
         "rate measured at the start (a lower bound; what they take beyond it counts as everything else). "
         "Everything else: element-wise work, Adam, Python, the batches' gather and, for the seed's pipeline, "
-        "its per-image transforms and the wait for its DataLoader. `python scripts/profile_step.py` splits a "
-        "workbench step by operator."
+        "its per-image transforms and the wait for its DataLoader."
     )
+    if steps_fig is not None:
+        show(steps_fig, key=f"speed_steps_{key}")
+        st.caption(
+            "Measured with `torch.profiler` over a few more steps of each row (the workbench's rows, on a CPU), "
+            "as shares of a step applied to the row's timed epoch: each operator's own time, the matrix "
+            "products apart from every other operator (element-wise work, sums, copies); Adam with zeroing "
+            "the gradients; the batch's gather by index; and the time spent outside any operator, in Python "
+            "and the autograd engine. The black tick is the floor: the gap between it and the green part is "
+            "what the matrix products lose to their small shapes and cold caches. Operator by operator: "
+            "`python scripts/profile_step.py`."
+        )
     targets = targets if targets is not None else computed_targets
     if any(t["value"] is not None for t in targets):
         st.markdown(f"**Targets at E = {targets[0]['ensemble_size']}**")
@@ -350,7 +419,7 @@ def results_view(
 
 
 def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple:
-    """(seconds, memory and time-parts figures, table, targets) of ``rows``; kept in the session under ``signature``.
+    """(seconds, memory, epoch-parts, step-parts figures, table, targets) of ``rows``, kept under ``signature``.
 
     Building them took the server ~55 ms per poll, CPU taken from the benchmark it shows (which
     measures speed on the same cores); while no new row comes they are re-sent as they were.
@@ -363,6 +432,7 @@ def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple
         by_ensemble_size_figure(rows, "epoch_seconds", "Seconds per training epoch", "seconds", log_y),
         by_ensemble_size_figure(rows, "peak_mib", "Peak training memory", "MiB above the data"),
         time_parts_figure(rows),
+        step_parts_figure(rows),
         table_rows(rows),
         check_targets(rows),
     )

@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
+from bench_core.bench import STEP_PARTS
 from bench_core.config import RunConfig
 from bench_core.errors import ConfigError
 from bench_core.models import build_model
@@ -253,7 +254,7 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     at.run()
     assert not at.exception, at.exception
     assert any("Done in" in t for t in texts(at.success))
-    seconds, memory, parts = charts(at)
+    seconds, memory, parts, steps = charts(at)
     assert seconds["layout"]["title"]["text"].startswith("Seconds per training epoch")
     assert memory["layout"]["title"]["text"].startswith("Peak training memory")
     assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "batchensemble repeat"}
@@ -263,6 +264,12 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert [y.split(" · ")[0] for y in parts["data"][0]["y"]] == ["classic vectorized", "batchensemble repeat"]
     shares = np.array([tr["x"] for tr in parts["data"]], dtype=float)
     assert shares.sum(0) == pytest.approx([100, 100]), "each row's parts add up to its epoch"
+    assert steps["layout"]["title"]["text"] == "Where a training step goes, E = 2"
+    assert [tr["name"] for tr in steps["data"]][:-1] == list(STEP_PARTS)
+    assert steps["data"][-1]["name"].startswith("floor"), "a tick at each row's floor"
+    epochs = np.array([float(y.split(" · ")[1].rstrip(" s")) for y in steps["data"][0]["y"]])
+    per_epoch = np.array([tr["x"] for tr in steps["data"][:-1]], dtype=float).sum(0)
+    assert per_epoch == pytest.approx(epochs, rel=0.01), "each bar is its row's epoch (labels print 3 digits)"
     (table,) = at.dataframe
     assert len(table.value) == 2
     assert "× classic vectorized" in table.value.columns

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,6 +16,7 @@ import torch
 from bench_core import bench
 from bench_core.bench import (
     ROWS,
+    STEP_PARTS,
     TIME_PARTS,
     BenchSettings,
     RowSpec,
@@ -30,8 +32,10 @@ from bench_core.bench import (
     run_benchmark,
     schedule,
     settings_from_args,
+    step_parts,
     time_parts,
 )
+from bench_core.bench.breakdown import classify, part_seconds, shares
 from bench_core.errors import BenchError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -170,6 +174,82 @@ def test_time_parts_add_up_to_the_epoch():
     assert time_parts({**workbench, "worker_startup_seconds": None})[workers] == 0.0
 
 
+# --- where a step goes ---------------------------------------------------------------------------
+
+
+def _event(name, micros, parent=None):
+    return SimpleNamespace(name=name, self_cpu_time_total=micros, cpu_parent=parent)
+
+
+def test_step_parts_by_operator_and_ancestors():
+    products, other, adam, draw, python = STEP_PARTS
+    step = _event("ProfilerStep#1", 50.0)  # the window's own Python: the training loop between operators
+    gather = _event("aten::index_select", 40.0, step)
+    linear = _event("aten::linear", 3.0, step)
+    addmm = _event("aten::addmm", 900.0, linear)
+    node = _event("autograd::engine::evaluate_function: MmBackward0", 20.0, step)
+    mm = _event("aten::mm", 700.0, _event("MmBackward0", 5.0, node))
+    opt = _event("Optimizer.step#Adam.step", 30.0, step)
+    zero = _event("Optimizer.zero_grad#Adam.zero_grad", 4.0, step)
+    events = [
+        step,
+        gather,
+        _event("aten::empty", 2.0, gather),  # the gathered batch's allocation: the draw's
+        linear,  # not a product itself: its own time is dispatch, an "other" operator's
+        addmm,
+        _event("aten::empty", 6.0, addmm),  # the product's output: the product's
+        node,
+        mm.cpu_parent,
+        mm,
+        _event("aten::mul", 80.0, node),
+        _event("aten::relu", 25.0, step),
+        opt,
+        _event("aten::_fused_adam_", 150.0, opt),
+        _event("aten::mul", 9.0, opt),  # an element-wise operator under the optimizer is Adam's
+        zero,
+        _event("aten::zero_", 11.0, zero),
+        _event("aten::randperm", 7.0, step),
+    ]
+    assert [classify(e) for e in (gather, linear, addmm, mm, opt, zero, step, node)] == [
+        draw, other, products, products, adam, adam, python, python
+    ]  # fmt: skip
+    seconds = part_seconds(events)
+    expected = {
+        products: 900 + 6 + 700,
+        other: 3 + 80 + 25,
+        adam: 30 + 150 + 9 + 4 + 11,
+        draw: 40 + 2 + 7,
+        python: 50 + 20 + 5,
+    }
+    assert seconds == pytest.approx({k: v / 1e6 for k, v in expected.items()})
+    fractions = shares(seconds)
+    assert sum(fractions.values()) == pytest.approx(1.0)
+    assert fractions[products] == pytest.approx(1606 / sum(expected.values()))
+    with pytest.raises(ValueError, match="no time"):
+        shares(dict.fromkeys(STEP_PARTS, 0.0))
+
+
+def test_step_parts_of_a_row_are_its_shares_of_the_timed_epoch():
+    fractions = dict(zip(STEP_PARTS, (0.5, 0.2, 0.1, 0.05, 0.15), strict=True))
+    row = {"epoch_seconds": 4.0, "step_shares": fractions}
+    assert step_parts(row) == pytest.approx(dict(zip(STEP_PARTS, (2.0, 0.8, 0.4, 0.2, 0.6), strict=True)))
+    assert sum(step_parts(row).values()) == pytest.approx(4.0)
+    assert step_parts({"epoch_seconds": 4.0}) is None, "a reference row, or a file from before profiling"
+    assert step_parts({"epoch_seconds": 4.0, "step_shares": None}) is None, "a GPU row or --profile-steps 0"
+
+
+def test_profiled_steps_of_a_real_row(one_thread):
+    settings = BenchSettings(**{**TINY, "profile_steps": 4}).validate()
+    row = measure.measure_row(RowSpec("batchensemble-repeat", 2), settings)
+    assert list(row["step_shares"]) == list(STEP_PARTS)
+    assert sum(row["step_shares"].values()) == pytest.approx(1.0)
+    for part in ("matrix products", "element-wise and other operators", "Adam", "batch draw"):
+        assert row["step_shares"][part] > 0, part
+    assert row["profiled_step_seconds"] > 0
+    off = measure.measure_row(RowSpec("batchensemble-repeat", 2), BenchSettings(**{**TINY, "profile_steps": 0}))
+    assert off["step_shares"] is None and off["profiled_step_seconds"] is None
+
+
 def test_targets_turn_by_turn():
     # Repeat i of every row of one E ran in turn i: each target's figure per turn, beside the medians' verdict.
     classic = {
@@ -224,6 +304,7 @@ def test_plan_rows_single_once_and_no_reference():
         {"batch_size": 4, "ensemble_sizes": (8,)},
         {"depth": 3},  # the reference rows are the seed's 2-hidden-layer models
         {"device": "tpu"},
+        {"profile_steps": -1},
     ],
 )
 def test_bad_settings_raise(change):
@@ -266,6 +347,16 @@ def test_tiny_benchmark_every_row(one_thread):
     for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
         assert label in table
     assert "targets" not in table  # E = 5 was not measured
+    for row in done.rows:  # where a step goes: the workbench's rows, on this CPU
+        if row["method"] == "reference":
+            assert "step_shares" not in row and step_parts(row) is None
+        else:
+            assert sum(step_parts(row).values()) == pytest.approx(row["epoch_seconds"]), row["name"]
+    section = table.split("where a step goes")[1].splitlines()
+    workbench = [r for r in done.rows if r["method"] != "reference"]
+    lines = [line for line in section if line.split()[0] in ("single", "classic", "batchensemble")]
+    assert len(lines) == len(workbench), "one line per profiled row"
+    assert all(line.count("%") == len(STEP_PARTS) for line in lines)
     assert set(done.header["model_gemm_flops_per_second"]["2"]["split"]) == {"forward", "weight_grad", "input_grad"}
     assert re.search(r"E=2: \d+/\d+ \(split \d+/\d+/\d+\)", table)
     old_header = {**done.header, "model_gemm_flops_per_second": {"2": {"forward": 1e9, "weight_grad": 2e9}}}
@@ -294,7 +385,8 @@ def test_an_untimed_first_epoch_is_left_out_of_the_repeats(monkeypatch, one_thre
     monkeypatch.setattr(measure, "untimed_epochs", lambda device, graph: 1)
     settings = BenchSettings(**{**TINY, "repeats": 2}, isolate=False, reference=False)
     row = bench.measure_row(RowSpec("classic-vectorized", 2), settings)
-    assert calls == [1, 3]  # the warm-up call, then 1 untimed + 2 timed epochs
+    # The warm-up call, then 1 untimed + 2 timed epochs, then the profiled call (1 unrecorded + 1 recorded).
+    assert calls == [1, 3, 2]
     assert len(row["epoch_seconds_repeats"]) == 2
 
 
@@ -346,6 +438,7 @@ def _cli(*args, timeout=300):
         (["--ensemble-sizes", "0"], "ensemble size"),
         (["--steps", "-1"], "steps"),
         (["--methods", "bogus"], "bogus"),
+        (["--profile-steps", "-2"], "profiled steps"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, word):
@@ -456,3 +549,11 @@ def test_speed_page_renders():
     at = AppTest.from_file(str(ROOT / "pages" / "speed.py"), default_timeout=30).run()
     assert not at.exception
     assert any("Speed" in t.value for t in at.title)
+
+
+def test_the_profilers_native_log_lines_are_silenced_and_stderr_comes_back(capfd):
+    with measure._native_stderr_silenced():
+        os.write(2, b"USDT: profiler_start\n")
+    os.write(2, b"after\n")
+    err = capfd.readouterr().err
+    assert "USDT" not in err and "after" in err

@@ -4,7 +4,8 @@
 done); ``python -m bench_core bench`` prints them as a table and the Speed page draws them.
 
 Modules: ``settings`` (rows, shapes, ``BenchSettings``, ``BenchEvent``), ``flops`` (FLOPs per epoch,
-the floor, the matrix-product rate), ``measure`` (one row in this process), ``results`` (derived
+the floor, the matrix-product rate), ``measure`` (one row in this process), ``breakdown`` (where a
+step goes, from ``torch.profiler``'s operators), ``results`` (derived
 figures, comparisons, targets, the table), ``schedule`` (``run_benchmark``: rows taking turns in
 processes or threads) and ``cli`` (the command line).
 
@@ -34,6 +35,11 @@ How each figure is measured:
   ``/proc/self/clear_refs``; otherwise ``ru_maxrss``, which may under-count) minus the resident
   size at that moment. Each row runs in its own process (``isolate``), so rows share no
   allocator state; the reference's DataLoader workers are separate processes and not included.
+- **where a step goes** (the workbench's rows on a CPU): in its last turn, before its inference
+  pass, each row trains two more epochs of ``profile_steps`` steps under ``torch.profiler`` and
+  records the second: the self time of its operators in five parts (``breakdown.STEP_PARTS``:
+  matrix products, other operators, Adam, the batch draw, Python and autograd) as shares of the
+  profiled time. ``results.step_parts`` applies them to the median epoch, timed unprofiled.
 
 The rows of one ensemble size take turns: every row sets up and warms up, then each runs its
 first timed repeat while the others wait, then each its second, and so on, and last each its
@@ -42,6 +48,7 @@ per cent within a minute, the ratios between rows (× classic vectorized, × fas
 reference) then compare repeats taken a few seconds apart, not minutes apart.
 """
 
+from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.cli import add_arguments, cmd_bench, settings_from_args
 from bench_core.bench.flops import epoch_flops, floor_seconds, gemm_rate
 from bench_core.bench.measure import measure_row, untimed_epochs
@@ -51,6 +58,7 @@ from bench_core.bench.results import (
     compare_rows,
     derive_row,
     format_table,
+    step_parts,
     target_line,
     time_parts,
     turns_text,
@@ -75,6 +83,7 @@ __all__ = [
     "ROWS",
     "ROW_GROUPS",
     "ROW_LABELS",
+    "STEP_PARTS",
     "TARGET_E",
     "TIME_PARTS",
     "BenchEvent",
@@ -94,6 +103,7 @@ __all__ = [
     "plan_rows",
     "run_benchmark",
     "settings_from_args",
+    "step_parts",
     "target_line",
     "time_parts",
     "turns_text",

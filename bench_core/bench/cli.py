@@ -75,6 +75,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-epoch", action="store_true", help="time whole epochs instead of extrapolating")
     parser.add_argument("--in-process", action="store_true", help="measure every row in this process")
     parser.add_argument("--no-cuda-graph", action="store_true", help="CUDA: run every training step eagerly")
+    parser.add_argument(
+        "--profile-steps",
+        type=_positive_int("profiled steps", minimum=0),
+        default=d.profile_steps,
+        help="CPU: steps per row profiled for where a step goes (0: none)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="write the header and rows to this file")
     parser.add_argument("--progress-jsonl", default=None, help="append every event to this file as a JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
@@ -100,6 +106,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         isolate=not args.in_process,
         threads=args.threads,
         cuda_graph=not args.no_cuda_graph,
+        profile_steps=args.profile_steps,
     ).validate()
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.flops import epoch_flops, floor_seconds
 from bench_core.bench.settings import TARGET_E, BenchSettings, row_batching
 
@@ -68,6 +69,18 @@ def time_parts(row: dict) -> dict[str, float]:
     floor = min(row["floor_seconds"], epoch)
     workers = min(row.get("worker_startup_seconds") or 0.0, epoch - floor)
     return dict(zip(TIME_PARTS, (floor, workers, epoch - floor - workers), strict=True))
+
+
+def step_parts(row: dict) -> dict[str, float] | None:
+    """Where a row's epoch goes by operator kind, in seconds per epoch keyed by ``STEP_PARTS``; None if not profiled.
+
+    The profiled steps' shares (``breakdown``) applied to the row's median epoch, which was timed
+    without the profiler; they add up to the epoch.
+    """
+    fractions = row.get("step_shares")
+    if not fractions:
+        return None
+    return {part: fractions.get(part, 0.0) * row["epoch_seconds"] for part in STEP_PARTS}
 
 
 def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]:
@@ -211,6 +224,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
             f"{r['peak_mib']:.1f}",
         ]
         lines.append("  ".join(f"{v:{align}{width}}" for v, (_, align, width) in zip(values, cols, strict=True)))
+    lines += step_parts_lines(rows)
     if targets and any(t["value"] is not None for t in targets):
         lines += ["", f"targets (E = {targets[0]['ensemble_size']}, medians of this run):"]
         lines += [f"  {target_line(t)}" for t in targets]
@@ -231,6 +245,35 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
                 "which the classic ensemble never computes)"
             )
     return "\n".join(lines)
+
+
+def step_parts_lines(rows: list[dict]) -> list[str]:
+    """The table of where a step goes (``step_parts``), one line per profiled row; [] when none was."""
+    profiled = [r for r in rows if r.get("step_shares")]
+    if not profiled:
+        return []
+    short = ("products", "other ops", "Adam", "batch draw", "Python")
+    cols = [("method", "<", 13), ("mode", "<", 13), ("E", ">", 3)] + [(name, ">", 10) for name in short]
+    cols += [("products × floor", ">", 16), ("ms/step profiled", ">", 16), ("timed", ">", 6)]
+    lines = [
+        "",
+        "where a step goes (torch.profiler, CPU self time, over steps after the timed repeats), % of a step:",
+        "  products: the matrix products; other ops: every other operator (element-wise, sums, copies); Adam: the",
+        "  optimizer step and zeroing the gradients; batch draw: the batch's gather; Python: Python and autograd",
+        "  outside operators. products × floor: the products' part of the epoch over the floor. ms/step: the",
+        "  profiled steps' (timed: the timed repeats', s/epoch over steps per epoch)",
+        "  ".join(f"{name:{align}{width}}" for name, align, width in cols),
+        "  ".join("-" * width for _, _, width in cols),
+    ]
+    for r in profiled:
+        parts = step_parts(r)
+        values = [r["method"], r["mode"], str(r["ensemble_size"])]
+        values += [f"{100 * r['step_shares'].get(part, 0.0):.0f} %" for part in STEP_PARTS]
+        values.append(f"{parts[STEP_PARTS[0]] / r['floor_seconds']:.2f}")
+        values.append(f"{1e3 * r['profiled_step_seconds']:.2f}")
+        values.append(f"{1e3 * r['epoch_seconds'] / r['steps_per_epoch']:.2f}")
+        lines.append("  ".join(f"{v:{align}{width}}" for v, (_, align, width) in zip(values, cols, strict=True)))
+    return lines
 
 
 def target_line(t: dict) -> str:

@@ -62,6 +62,7 @@ class BenchSettings:
     isolate: bool = True  # each row in its own process (clean memory figures)
     threads: int | None = None  # torch intra-op threads; None: torch's default (one per core)
     cuda_graph: bool = True  # on CUDA, replay each full-batch training step as a CUDA graph
+    profile_steps: int = 20  # CPU: steps profiled for where a step goes (per member for sequential); 0: none
     seed: int = 0
 
     def validate(self) -> BenchSettings:
@@ -81,6 +82,7 @@ class BenchSettings:
             ("inference examples", self.inference_examples, 1),
             ("training examples", n_train, 1),
             ("threads", self.threads or 1, 1),
+            ("profiled steps", self.profile_steps, 0),
         ]:
             _check_int(label, value, low)
         for name in self.rows:
