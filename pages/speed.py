@@ -68,6 +68,9 @@ ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LA
 ROW_DASHES = {"sequential": "dash", "split": "dot", "batchensemble": "dash"}
 REFERENCE_COLOR = "#777777"
 PART_COLORS = dict(zip(TIME_PARTS, ("#1b9e77", "#d95f02", "#bbbbbb"), strict=True))
+FLOOR_TICK = "floor (the products at the measured rate)"
+# A legend under a figure, its entries left to right as far as they fit (one a row on narrow screens).
+LEGEND_BELOW = {"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"}
 STEP_COLORS = dict(zip(STEP_PARTS, ("#1b9e77", "#7570b3", "#e7298a", "#e6ab02", "#999999"), strict=True))
 
 
@@ -283,7 +286,7 @@ def time_parts_figure(rows: list[dict]) -> go.Figure:
             )
         )
     style(fig, f"Where an epoch goes, E = {size}", "% of the epoch", None, height=120 + 48 * len(mine))
-    fig.update_layout(barmode="stack", legend={"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"})
+    fig.update_layout(barmode="stack", legend=LEGEND_BELOW)
     fig.update_xaxes(range=[0, 100])
     fig.update_yaxes(autorange="reversed")
     return fig
@@ -318,18 +321,14 @@ def step_parts_figure(rows: list[dict]) -> go.Figure | None:
                 hovertemplate="%{y}: %{x:.3g} s (%{customdata:.0f} %)<extra>" + part + "</extra>",
             )
         )
-    fig.add_trace(
-        go.Scatter(
-            y=labels,
-            x=[r["floor_seconds"] for r in mine],
-            mode="markers",
-            marker={"symbol": "line-ns", "size": 34, "line": {"width": 4, "color": "#111111"}},
-            name="floor: the matrix products at the measured rate",
-            hovertemplate="%{y}: floor %{x:.3g} s<extra></extra>",
-        )
+    for i, r in enumerate(mine):  # the floor: a tick across the row's bar (a shape scales with the bar)
+        floor = r["floor_seconds"]
+        fig.add_shape(type="line", x0=floor, x1=floor, y0=i - 0.45, y1=i + 0.45, line={"color": "#111111", "width": 4})
+    fig.add_trace(  # the ticks' legend entry
+        go.Scatter(x=[None], y=[None], mode="lines", line={"color": "#111111", "width": 4}, name=FLOOR_TICK)
     )
-    style(fig, f"Where a training step goes, E = {size}", "seconds per epoch", None, height=150 + 56 * len(mine))
-    fig.update_layout(barmode="stack", legend={"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"})
+    style(fig, f"Where a training step goes, E = {size}", "seconds per epoch", None, height=270 + 56 * len(mine))
+    fig.update_layout(barmode="stack", legend=LEGEND_BELOW)
     fig.update_xaxes(rangemode="tozero")
     fig.update_yaxes(autorange="reversed")
     return fig
