@@ -278,6 +278,39 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert signature == ((job.started, 2), True), "the live view's figures are kept until a row comes"
 
 
+@pytest.mark.parametrize(
+    ("name", "step_rows"),
+    [
+        ("cpu-e5-2026-11-26-session6.json", 4),  # with where a step goes: the workbench's rows of E = 5
+        ("cpu-e5-2026-11-26-session5.json", 0),  # written before the profiled steps: no such figure
+    ],
+)
+def test_speed_shows_a_saved_benchmark(store_file, name, step_rows):
+    at = open_page("speed")
+    content = (ROOT / "docs" / "bench" / name).read_bytes()
+    at.get("file_uploader")[0].upload(name, content, "application/json")
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    titles = [f["layout"]["title"]["text"] for f in charts(at)]
+    assert titles[:3] == ["Seconds per training epoch", "Peak training memory", "Where an epoch goes, E = 5"]
+    steps = [f for f in charts(at) if f["layout"]["title"]["text"] == "Where a training step goes, E = 5"]
+    assert len(steps) == (1 if step_rows else 0)
+    if steps:
+        assert len(steps[0]["data"][0]["y"]) == step_rows
+        assert len(steps[0]["layout"]["shapes"]) == step_rows, "one floor tick per row"
+    assert any("Targets at E = 5" in t for t in texts(at.markdown))
+
+
+def test_speed_says_in_one_line_when_a_file_is_not_a_benchmark(store_file):
+    at = open_page("speed")
+    at.get("file_uploader")[0].upload("notes.json", b'{"rows": 3}', "application/json")
+    at.run()
+    assert not at.exception, at.exception
+    (error,) = texts(at.error)
+    assert "not a file written by `python -m bench_core bench --json`" in error and "\n" not in error
+
+
 # ----------------------------------------------------------------------------- Results
 
 
