@@ -172,7 +172,7 @@ def _measure_workbench(
     if n_profiled and device.type == "cpu":
         report(0.85, "profiling steps")
         profiled_data = replace(data, x_train=data.x_train[:n_profiled], y_train=data.y_train[:n_profiled])
-        profiled = profile_steps(model, profiled_data, train_cfg, method, batching, stop)
+        profiled = profiled_part_seconds(model, profiled_data, train_cfg, method, batching, stop)
 
     x = data.x_test  # (M, D)
     predict_logits(model, x[:INFERENCE_BATCH], INFERENCE_BATCH)  # warm-up
@@ -203,7 +203,7 @@ def _measure_workbench(
     }
 
 
-def profile_steps(
+def profiled_part_seconds(
     model: torch.nn.Module,
     data,
     train_cfg: TrainConfig,
