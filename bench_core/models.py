@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_core import kernels
 from bench_core.config import ModelConfig
 
 
@@ -361,29 +362,35 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
         torch.mul(grad_y, s.unsqueeze(1), out=grad_z.transpose(0, 1))  # one pass, no transposing copy
         grad_z = grad_z.view(x.size(0), -1)  # (B, E*out)
         grad_folded = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
-        grad_weight, grad_r_t = _fold_grads(grad_folded, weight, r)
-        grad_r = grad_r_t.t().contiguous()  # (E, in)
+        grad_weight, grad_r = _fold_grads(grad_folded, weight, r)  # (in, out), (E, in)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = grad_z @ _fold(weight, r).view(n_in, -1).t()  # (B, in)
         return grad_x, grad_weight, grad_r, grad_s, grad_bias
 
 
-FOLD_GRAD_ROWS = 512  # CPU: input rows per block of _fold_grads; an [512, E, out] block stays in cache
+FOLD_GRAD_ROWS = 512  # CPU, eager: input rows per block of _fold_grads; an [512, E, out] block stays in cache
 
 
 def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and ``dr_k = Σ_o G_k ∘ W`` as ``[in, E]``, from ``G [in, E, out]``.
+    """``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and ``dr_k = Σ_o G_k ∘ W`` ``[E, in]``, from ``G [in, E, out]``.
 
-    On the CPU both products and sums go block by block over the input rows, so that each block of
-    ``G`` is read from cache by the second reduction and the temporaries stay block-sized: over the
-    whole ``[in, E, out]`` at once they took 2.0-3.1 ms, in blocks of 512 rows 1.4-2.0 ms (in 3072,
-    E 5, out 128, ``G`` cold; ad-hoc timing on this project's machine). The loop is over input
-    blocks, never over members. Elsewhere (CUDA) it is one block: each block costs four kernel
-    launches, and a GPU step of these small models is bound by its launches, not its memory traffic.
+    On the CPU a kernel compiled once per process (``kernels.run_fold_grads``) makes each
+    reduction one loop over ``G``: 0.14-0.19 ms against 0.68-0.91 ms eager (in 3072, E 5, out 128),
+    and a BatchEnsemble training step 0.86× as long (paired A/B in one process, ad-hoc). Without it
+    (``BENCH_COMPILE=0``, or where it can't be compiled) the eager products and sums go block by
+    block over the input rows, so that each block of ``G`` is read from cache by the second
+    reduction and the temporaries stay block-sized: over the whole ``[in, E, out]`` at once they
+    took 2.0-3.1 ms, in blocks of 512 rows 1.4-2.0 ms (``G`` cold; ad-hoc timing on this project's
+    machine). The loop is over input blocks, never over members. Elsewhere (CUDA) it is one eager
+    block: each block costs four kernel launches, and a GPU step of these small models is bound
+    by its launches, not its memory traffic.
     """
+    on_cpu = grad_folded.device.type == "cpu"
+    if on_cpu and (compiled := kernels.run_fold_grads(grad_folded, weight, r)) is not None:
+        return compiled
     n_in, n_members, n_out = grad_folded.shape
-    rows = FOLD_GRAD_ROWS if grad_folded.device.type == "cpu" else n_in
+    rows = FOLD_GRAD_ROWS if on_cpu else n_in
     r_t = r.t()  # (in, E)
     grad_weight = weight.new_empty(n_in, n_out)
     grad_r_t = weight.new_empty(n_in, n_members)
@@ -392,7 +399,7 @@ def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
         block = grad_folded[a:b]  # (rows, E, out)
         torch.sum(block * r_t[a:b].unsqueeze(2), 1, out=grad_weight[a:b])
         torch.sum(block * weight[a:b].unsqueeze(1), 2, out=grad_r_t[a:b])
-    return grad_weight, grad_r_t
+    return grad_weight, grad_r_t.t().contiguous()
 
 
 def _fold(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
@@ -423,6 +430,14 @@ class BatchEnsembleMLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = F.relu(h)
         return h.contiguous()  # (E, B, C)
+
+    def warm_up_kernels(self) -> bool:
+        """Compile (or load) the CPU kernel of the first layer's backward now, before anything is timed.
+
+        Returns True when the compiled kernel is in use (see ``bench_core.kernels``).
+        """
+        first = self.layers[0]
+        return kernels.warm_up(first.in_features, self.ensemble_size, first.out_features, first.weight.dtype)
 
     def member(self, k: int) -> nn.Sequential:
         """Member k as a plain MLP of ``nn.Linear`` layers."""

@@ -271,6 +271,8 @@ def train(
         batching = "repeat"  # split batching is a BatchEnsemble option
     batching = effective_batching(batching, n_members)
     plan = batch_plan(dataset.n_train, cfg.batch_size, n_members, batching)
+    if device.type == "cpu" and batching == "repeat" and isinstance(model, BatchEnsembleMLP):
+        model.warm_up_kernels()  # its first layer's compiled backward: compiled here, not in the first epoch
     members = list(model.members) if isinstance(model, SequentialEnsemble) else [model]
     graphed = cuda_graph and device.type == "cuda" and bool(plan)
     reduction = loss_reduction(model)

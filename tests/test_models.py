@@ -1,10 +1,12 @@
 """Every model against plain PyTorch reference modules, value by value and gradient by gradient."""
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
-from bench_core.config import ModelConfig
+from bench_core.config import ModelConfig, TrainConfig
 from bench_core.models import (
     BatchEnsembleLinear,
     BatchEnsembleMLP,
@@ -193,16 +195,21 @@ def test_parameter_counts():
     assert be == weights + fast_and_bias
 
 
-@pytest.mark.parametrize("block_rows", [512, 2])
-def test_shared_input_batchensemble_gradcheck_including_input(block_rows, monkeypatch):
+@pytest.mark.parametrize(("block_rows", "compiled"), [(512, False), (2, False), (512, True)])
+def test_shared_input_batchensemble_gradcheck_including_input(block_rows, compiled, monkeypatch):
     """The hand-written backward of the first layer against finite differences (float64).
 
-    With blocks of 2 input rows, its gradient reductions go over three blocks, the last one short.
+    With blocks of 2 input rows, its eager gradient reductions go over three blocks, the last one
+    short; compiled, they are one kernel.
     """
-    from bench_core import models
+    from bench_core import kernels, models
     from bench_core.models import _SharedInputBatchEnsemble
 
     monkeypatch.setattr(models, "FOLD_GRAD_ROWS", block_rows)
+    if compiled:
+        _require_compiled_kernels()
+    else:
+        monkeypatch.setenv(kernels.ENV_SWITCH, "0")
 
     torch.manual_seed(7)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
@@ -258,3 +265,90 @@ def test_weights_saved_in_the_old_out_in_layout_load_converted(kind, tmp_path):
     torch.testing.assert_close(fresh(x), expected)
     fresh.load_state_dict(model.state_dict())  # the current layout loads as it is
     torch.testing.assert_close(fresh(x), expected)
+
+
+# --- the compiled CPU kernel of the first layer's backward ---------------------------------------
+
+
+def _require_compiled_kernels():
+    import shutil
+
+    from bench_core import kernels
+
+    if not any(shutil.which(cc) for cc in ("c++", "g++", "clang++")):
+        pytest.skip("no C++ compiler: torch.compile can't build CPU kernels here")
+    assert kernels.enabled(), "compiled kernels were turned off or failed earlier in this process"
+
+
+def _fold_grads_by_definition(g, w, r):
+    """dW = Σ_k G_k ∘ r_k 1ᵀ and dr_k = Σ_o G_k ∘ W, one member and one output at a time (float64)."""
+    g, w, r = g.double(), w.double(), r.double()
+    n_in, n_members, n_out = g.shape
+    dw = torch.zeros(n_in, n_out, dtype=torch.float64)
+    dr = torch.zeros(n_members, n_in, dtype=torch.float64)
+    for k in range(n_members):
+        dw += g[:, k, :] * r[k].unsqueeze(1)
+        for o in range(n_out):
+            dr[k] += g[:, k, o] * w[:, o]
+    return dw, dr
+
+
+@pytest.mark.parametrize("shape", [(3072, 5, 128), (70, 1, 3), (1030, 8, 16)])
+def test_fold_grads_compiled_and_eager_match_the_definition(shape, monkeypatch):
+    from bench_core import kernels, models
+
+    _require_compiled_kernels()
+    torch.manual_seed(11)
+    g, w, r = torch.randn(*shape), torch.randn(shape[0], shape[2]), torch.randn(shape[1], shape[0])
+    want = _fold_grads_by_definition(g, w, r)
+    compiled = kernels.run_fold_grads(g, w, r)
+    assert compiled is not None, "the kernel compiled and ran"
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert kernels.run_fold_grads(g, w, r) is None, "switched off: the caller runs its eager code"
+    eager = models._fold_grads(g, w, r)
+    for got in (compiled, eager):
+        assert [t.shape for t in got] == [(shape[0], shape[2]), (shape[1], shape[0])]
+        assert got[1].is_contiguous()
+        for t, ref in zip(got, want, strict=True):
+            torch.testing.assert_close(t.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_a_kernel_that_fails_warns_once_and_the_eager_code_runs(monkeypatch):
+    from bench_core import kernels, models
+
+    def broken(*args):
+        raise RuntimeError("C++ compile failed: no compiler\nmore detail")
+
+    monkeypatch.setitem(kernels._state, "kernel", broken)
+    monkeypatch.setitem(kernels._state, "failed", None)
+    monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
+    torch.manual_seed(12)
+    g, w, r = torch.randn(40, 3, 6), torch.randn(40, 6), torch.randn(3, 40)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        got = models._fold_grads(g, w, r)
+        models._fold_grads(g, w, r)  # no second warning: the kernel is off for this process
+    (warning,) = caught
+    assert warning.category is RuntimeWarning
+    message = str(warning.message)
+    assert message.startswith("compiled CPU kernels are off (RuntimeError: C++ compile failed: no compiler)")
+    assert "\n" not in message
+    assert not kernels.enabled() and kernels.fold_grads() is None
+    for t, ref in zip(got, _fold_grads_by_definition(g, w, r), strict=True):
+        torch.testing.assert_close(t.double(), ref, rtol=1e-4, atol=1e-4)
+
+
+def test_training_compiles_the_kernel_before_its_first_epoch(monkeypatch):
+    from bench_core import kernels
+    from bench_core.data import make_synthetic
+    from bench_core.training import train
+
+    calls = []
+    monkeypatch.setattr(kernels, "warm_up", lambda *args: calls.append(args) or False)
+    data = make_synthetic(64, 8, (1, 4, 4), 3, seed=0)
+    cfg = TrainConfig(epochs=1, batch_size=32)
+    for batching, expected in (("repeat", [(16, 2, 8, torch.float32)]), ("split", [])):
+        calls.clear()
+        model = build_model("batchensemble", ModelConfig(hidden=8, ensemble_size=2), 16, 3)
+        list(train(model, data, cfg, method="batchensemble", batching=batching))
+        assert calls == expected, batching  # split batching's first layer has a per-member input: no kernel
