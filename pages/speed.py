@@ -401,7 +401,8 @@ def results_view(
         st.caption(
             "Measured with `torch.profiler` over a few more steps of each row (the workbench's rows, on a CPU), "
             "as shares of a step applied to the row's timed epoch: each operator's own time, the matrix "
-            "products apart from every other operator (element-wise work, sums, copies); Adam with zeroing "
+            "products apart from every other operator (element-wise work, sums, copies, compiled kernels); "
+            "Adam with zeroing "
             "the gradients; the batch's gather by index; and the time spent outside any operator, in Python "
             "and the autograd engine. The black tick is the floor: the gap between it and the green part is "
             "what the matrix products lose to their small shapes and cold caches. Operator by operator: "

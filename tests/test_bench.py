@@ -191,6 +191,7 @@ def test_step_parts_by_operator_and_ancestors():
     mm = _event("aten::mm", 700.0, _event("MmBackward0", 5.0, node))
     opt = _event("Optimizer.step#Adam.step", 30.0, step)
     zero = _event("Optimizer.zero_grad#Adam.zero_grad", 4.0, step)
+    region = _event("Torch-Compiled Region: 0/0", 8.0, node)
     events = [
         step,
         gather,
@@ -209,6 +210,9 @@ def test_step_parts_by_operator_and_ancestors():
         zero,
         _event("aten::zero_", 11.0, zero),
         _event("aten::randperm", 7.0, step),
+        _event("TorchDynamo Cache Lookup", 12.0, node),  # a compiled kernel's guards, then its region
+        region,
+        _event("## Call CompiledFxGraph abc ##", 60.0, region),
     ]
     assert [classify(e) for e in (gather, linear, addmm, mm, opt, zero, step, node)] == [
         draw, other, products, products, adam, adam, python, python
@@ -216,7 +220,7 @@ def test_step_parts_by_operator_and_ancestors():
     seconds = part_seconds(events)
     expected = {
         products: 900 + 6 + 700,
-        other: 3 + 80 + 25,
+        other: 3 + 80 + 25 + 12 + 8 + 60,
         adam: 30 + 150 + 9 + 4 + 11,
         draw: 40 + 2 + 7,
         python: 50 + 20 + 5,
@@ -225,6 +229,7 @@ def test_step_parts_by_operator_and_ancestors():
     fractions = shares(seconds)
     assert sum(fractions.values()) == pytest.approx(1.0)
     assert fractions[products] == pytest.approx(1606 / sum(expected.values()))
+    assert classify(region) == other, "a compiled kernel is element-wise work, not Python"
     with pytest.raises(ValueError, match="no time"):
         shares(dict.fromkeys(STEP_PARTS, 0.0))
 

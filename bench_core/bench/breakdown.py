@@ -4,7 +4,9 @@ The parts, by what each operator is and what it runs under (``classify``):
 
 - matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm`` and what they call;
 - element-wise and other operators: every other ATen operator of the forward, the backward and the
-  loss (activations, the fast weights' scaling and folding, sums, views, copies);
+  loss (activations, the fast weights' scaling and folding, sums, views, copies), and the kernels
+  compiled with ``torch.compile`` (``bench_core.kernels``) with their dispatch: the profiler records
+  those as regions, not operators;
 - Adam: everything under the optimizer's ``step`` and ``zero_grad``, its Python included;
 - batch draw: the batch gathered by index (``index_select``) and the epoch's order (``randperm``);
 - Python and autograd: the rest, the time inside no operator: the training loop's and the model's
@@ -30,6 +32,8 @@ STEP_PARTS = (
 GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"})
 DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
 OPTIMIZER_PREFIX = "Optimizer."  # torch.optim's record_function names: "Optimizer.step#Adam.step", ...
+# A compiled function's call: dynamo's guard check, then its region (the generated kernels inside).
+COMPILED_PREFIXES = ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "## Call CompiledFxGraph")
 
 
 class ProfiledEvent(Protocol):
@@ -57,7 +61,7 @@ def classify(event: ProfiledEvent) -> str:
         return "matrix products"
     if any(n in DRAW_OPS for n in names):
         return "batch draw"
-    if event.name.startswith("aten::"):
+    if event.name.startswith("aten::") or any(n.startswith(COMPILED_PREFIXES) for n in names):
         return "element-wise and other operators"
     return "Python and autograd"
 

@@ -258,10 +258,10 @@ def step_parts_lines(rows: list[dict]) -> list[str]:
     lines = [
         "",
         "where a step goes (torch.profiler, CPU self time, over steps after the timed repeats), % of a step:",
-        "  products: the matrix products; other ops: every other operator (element-wise, sums, copies); Adam: the",
-        "  optimizer step and zeroing the gradients; batch draw: the batch's gather; Python: Python and autograd",
-        "  outside operators. products × floor: the products' part of the epoch over the floor. ms/step: the",
-        "  profiled steps' (timed: the timed repeats', s/epoch over steps per epoch)",
+        "  products: the matrix products; other ops: every other operator (element-wise, sums, copies) and the",
+        "  compiled kernels; Adam: the optimizer step and zeroing the gradients; batch draw: the batch's gather;",
+        "  Python: Python and autograd outside operators. products × floor: the products' part of the epoch over",
+        "  the floor. ms/step: the profiled steps' (timed: the timed repeats', s/epoch over steps per epoch)",
         "  ".join(f"{name:{align}{width}}" for name, align, width in cols),
         "  ".join("-" * width for _, _, width in cols),
     ]
