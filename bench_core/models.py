@@ -377,7 +377,8 @@ def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
 
     On the CPU a kernel compiled once per process (``kernels.run_fold_grads``) makes each
     reduction one loop over ``G``: 0.14-0.19 ms against 0.68-0.91 ms eager (in 3072, E 5, out 128),
-    and a BatchEnsemble training step 0.86× as long (paired A/B in one process, ad-hoc). Without it
+    and a BatchEnsemble training step 0.94× as long (median of 10 pairs of fresh processes, the
+    order alternated; ad-hoc script). Without it
     (``BENCH_COMPILE=0``, or where it can't be compiled) the eager products and sums go block by
     block over the input rows, so that each block of ``G`` is read from cache by the second
     reduction and the temporaries stay block-sized: over the whole ``[in, E, out]`` at once they
