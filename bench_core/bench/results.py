@@ -208,8 +208,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         ("params", ">", 11),
         ("peak MiB", ">", 9),
     ]
-    lines.append("  ".join(f"{name:{align}{width}}" for name, align, width in cols))
-    lines.append("  ".join("-" * width for _, _, width in cols))
+    body = []
     for r in rows:
         values = [
             r["method"],
@@ -223,7 +222,8 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
             f"{r['params']:,d}",
             f"{r['peak_mib']:.1f}",
         ]
-        lines.append("  ".join(f"{v:{align}{width}}" for v, (_, align, width) in zip(values, cols, strict=True)))
+        body.append(values)
+    lines += _aligned(cols, body)
     lines += step_parts_lines(rows)
     if targets and any(t["value"] is not None for t in targets):
         lines += ["", f"targets (E = {targets[0]['ensemble_size']}, medians of this run):"]
@@ -262,9 +262,8 @@ def step_parts_lines(rows: list[dict]) -> list[str]:
         "  compiled kernels; Adam: the optimizer step and zeroing the gradients; batch draw: the batch's gather;",
         "  Python: Python and autograd outside operators. products × floor: the products' part of the epoch over",
         "  the floor. ms/step: the profiled steps' (timed: the timed repeats', s/epoch over steps per epoch)",
-        "  ".join(f"{name:{align}{width}}" for name, align, width in cols),
-        "  ".join("-" * width for _, _, width in cols),
     ]
+    body = []
     for r in profiled:
         parts = step_parts(r)
         values = [r["method"], r["mode"], str(r["ensemble_size"])]
@@ -272,6 +271,15 @@ def step_parts_lines(rows: list[dict]) -> list[str]:
         values.append(f"{parts[STEP_PARTS[0]] / r['floor_seconds']:.2f}")
         values.append(f"{1e3 * r['profiled_step_seconds']:.2f}")
         values.append(f"{1e3 * r['epoch_seconds'] / r['steps_per_epoch']:.2f}")
+        body.append(values)
+    return lines + _aligned(cols, body)
+
+
+def _aligned(cols: list[tuple[str, str, int]], body: list[list[str]]) -> list[str]:
+    """A fixed-width table: the header of ``cols`` (name, alignment, width), a rule, one line per ``body`` row."""
+    lines = ["  ".join(f"{name:{align}{width}}" for name, align, width in cols)]
+    lines.append("  ".join("-" * width for _, _, width in cols))
+    for values in body:
         lines.append("  ".join(f"{v:{align}{width}}" for v, (_, align, width) in zip(values, cols, strict=True)))
     return lines
 
