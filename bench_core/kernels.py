@@ -26,7 +26,7 @@ import torch
 
 ENV_SWITCH = "BENCH_COMPILE"  # "0": never compile, run the eager code
 
-_state: dict = {"kernel": None, "failed": None}
+_state: dict = {"kernel": None, "failed": None, "warmed": set()}  # warmed: (in, E, out, dtype) run once
 
 
 def enabled() -> bool:
@@ -97,10 +97,17 @@ def warm_up(in_features: int, ensemble_size: int, out_features: int, dtype: torc
     """Compile (or load) the kernel for these sizes now, before anything is timed; True when it is in use.
 
     It is called as the backward calls it, so that the compiled code's guards match and that call
-    compiles nothing more: without gradient recording, W and r as ``nn.Parameter``s.
+    compiles nothing more: without gradient recording, W and r as ``nn.Parameter``s. Sizes already
+    run in this process are not run again (every ``train`` call on a CPU model asks).
     """
+    key = (in_features, ensemble_size, out_features, dtype)
+    if key in _state["warmed"] and enabled() and _state["kernel"] is not None:
+        return True
     g = torch.zeros(in_features, ensemble_size, out_features, dtype=dtype)
     w = torch.nn.Parameter(torch.zeros(in_features, out_features, dtype=dtype))
     r = torch.nn.Parameter(torch.zeros(ensemble_size, in_features, dtype=dtype))
     with torch.no_grad():
-        return run_fold_grads(g, w, r) is not None
+        in_use = run_fold_grads(g, w, r) is not None
+    if in_use:
+        _state["warmed"].add(key)
+    return in_use

@@ -303,6 +303,8 @@ def test_fold_grads_compiled_and_eager_match_the_definition(shape, monkeypatch):
     want = _fold_grads_by_definition(g, w, r)
     compiled = kernels.run_fold_grads(g, w, r)
     assert compiled is not None, "the kernel compiled and ran"
+    assert kernels.warm_up(*shape) and kernels.warm_up(*shape), "warmed, then remembered"
+    assert (*shape, torch.float32) in kernels._state["warmed"]
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert kernels.run_fold_grads(g, w, r) is None, "switched off: the caller runs its eager code"
     eager = models._fold_grads(g, w, r)
@@ -321,6 +323,7 @@ def test_a_kernel_that_fails_warns_once_and_the_eager_code_runs(monkeypatch):
 
     monkeypatch.setitem(kernels._state, "kernel", broken)
     monkeypatch.setitem(kernels._state, "failed", None)
+    monkeypatch.setitem(kernels._state, "warmed", {(40, 3, 6, torch.float32)})
     monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
     torch.manual_seed(12)
     g, w, r = torch.randn(40, 3, 6), torch.randn(40, 6), torch.randn(3, 40)
@@ -334,6 +337,7 @@ def test_a_kernel_that_fails_warns_once_and_the_eager_code_runs(monkeypatch):
     assert message.startswith("compiled CPU kernels are off (RuntimeError: C++ compile failed: no compiler)")
     assert "\n" not in message
     assert not kernels.enabled() and kernels.fold_grads() is None
+    assert not kernels.warm_up(40, 3, 6), "off: warming up says so, even for sizes warmed before"
     for t, ref in zip(got, _fold_grads_by_definition(g, w, r), strict=True):
         torch.testing.assert_close(t.double(), ref, rtol=1e-4, atol=1e-4)
 
