@@ -263,12 +263,23 @@ def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str
     return fig
 
 
+def largest_e_parts(rows: list[dict], parts_of) -> tuple[int, list[dict], list[str], list[dict]]:
+    """The rows of the largest E measured that ``parts_of(row)`` splits (not None), in ``ROWS`` order.
+
+    Returns (that E, the rows, their bar labels "<row> · <epoch> s", their parts); the two
+    where-it-goes figures draw one bar per row from these.
+    """
+    size = max(r["ensemble_size"] for r in rows)
+    split = ((r, parts_of(r)) for r in rows if r["ensemble_size"] == size)
+    drawn = sorted(((r, p) for r, p in split if p is not None), key=lambda rp: ROWS.index(rp[0]["name"]))
+    mine = [r for r, _ in drawn]
+    labels = [f"{ROW_NAMES[r['name']]} · {r['epoch_seconds']:.3g} s" for r in mine]
+    return size, mine, labels, [p for _, p in drawn]
+
+
 def time_parts_figure(rows: list[dict]) -> go.Figure:
     """Where an epoch goes, as shares of it, for every row of the largest ensemble size measured."""
-    size = max(r["ensemble_size"] for r in rows)
-    mine = sorted((r for r in rows if r["ensemble_size"] == size), key=lambda r: ROWS.index(r["name"]))
-    labels = [f"{ROW_NAMES[r['name']]} · {r['epoch_seconds']:.3g} s" for r in mine]
-    parts = [time_parts(r) for r in mine]
+    size, mine, labels, parts = largest_e_parts(rows, time_parts)
     fig = go.Figure()
     for part in TIME_PARTS:
         seconds = [p[part] for p in parts]
@@ -299,14 +310,9 @@ def step_parts_figure(rows: list[dict]) -> go.Figure | None:
     matrix products' part reads against what they would take at the measured rate. None when no
     row of that size was profiled (GPU runs, files written before profiling, ``--profile-steps 0``).
     """
-    size = max(r["ensemble_size"] for r in rows)
-    mine = sorted(
-        (r for r in rows if r["ensemble_size"] == size and step_parts(r)), key=lambda r: ROWS.index(r["name"])
-    )
+    size, mine, labels, parts = largest_e_parts(rows, step_parts)
     if not mine:
         return None
-    labels = [f"{ROW_NAMES[r['name']]} · {r['epoch_seconds']:.3g} s" for r in mine]
-    parts = [step_parts(r) for r in mine]
     fig = go.Figure()
     for part in STEP_PARTS:
         seconds = [p[part] for p in parts]
