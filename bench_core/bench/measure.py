@@ -133,7 +133,7 @@ def _measure_workbench(
     n_data = max(n_timed, n_warm, n_profiled, 1)
     data = make_synthetic(n_data, settings.inference_examples, shape, classes, settings.seed)
     data = data.to(device)
-    timed = replace(data, x_train=data.x_train[:n_timed], y_train=data.y_train[:n_timed])
+    timed = _first_examples(data, n_timed)
     if device.type == "cpu" and method == "batchensemble" and batching == "repeat":
         from bench_core import kernels
 
@@ -152,7 +152,7 @@ def _measure_workbench(
     train_cfg = TrainConfig(epochs=1, batch_size=bs, seed=settings.seed, device=str(device))
     if n_warm:
         report(0.0, "warm-up")
-        warm = replace(data, x_train=data.x_train[:n_warm], y_train=data.y_train[:n_warm])
+        warm = _first_examples(data, n_warm)
         for _ in train(model, warm, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
             pass
     untimed = untimed_epochs(device, graph)
@@ -177,7 +177,7 @@ def _measure_workbench(
     profiled = None
     if n_profiled and device.type == "cpu":
         report(0.85, "profiling steps")
-        profiled_data = replace(data, x_train=data.x_train[:n_profiled], y_train=data.y_train[:n_profiled])
+        profiled_data = _first_examples(data, n_profiled)
         profiled = profiled_part_seconds(model, profiled_data, train_cfg, method, batching, stop)
 
     x = data.x_test  # (M, D)
@@ -207,6 +207,11 @@ def _measure_workbench(
         "step_shares": shares(profiled) if profiled else None,
         "profiled_step_seconds": sum(profiled.values()) / (settings.profile_steps * passes) if profiled else None,
     }
+
+
+def _first_examples(data, n: int):
+    """``data`` with its training split cut to the first ``n`` examples (views; the test split as it is)."""
+    return replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
 
 
 def profiled_part_seconds(
