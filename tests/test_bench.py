@@ -255,6 +255,25 @@ def test_profiled_steps_of_a_real_row(one_thread):
     assert off["step_shares"] is None and off["profiled_step_seconds"] is None
 
 
+@pytest.mark.parametrize(
+    ("name", "n_members", "warmed"),
+    [("batchensemble-repeat", 2, True), ("batchensemble-split", 1, True), ("batchensemble-split", 2, False)],
+)
+def test_the_kernel_is_warmed_before_the_memory_probe(name, n_members, warmed, monkeypatch, one_thread):
+    """Importing inductor is resident memory of the process, not of training: a row that training
+    would compile the kernel for (repeat batching, and split with one member, which trains as
+    repeat) compiles it before its memory probe starts; split with members compiles nothing."""
+    from bench_core import kernels
+
+    events = []
+    monkeypatch.setattr(kernels, "warm_up", lambda *args, **kwargs: events.append("warm") or False)
+    start = measure.MemoryProbe.start
+    monkeypatch.setattr(measure.MemoryProbe, "start", lambda self: events.append("probe") or start(self))
+    measure.measure_row(RowSpec(name, n_members), BenchSettings(**{**TINY, "profile_steps": 0}))
+    assert events[:2] == (["warm", "probe"] if warmed else ["probe"])
+    assert events.count("probe") == 1
+
+
 def test_targets_turn_by_turn():
     # Repeat i of every row of one E ran in turn i: each target's figure per turn, beside the medians' verdict.
     classic = {
