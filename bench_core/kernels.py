@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 import warnings
 from collections.abc import Callable
 
@@ -47,22 +48,38 @@ def fold_grads() -> Callable | None:
     """The compiled ``fold_grads_eager_fused``, or None where compiled kernels are off or failed."""
     if not enabled():
         return None
-    if _state["kernel"] is None:
-        try:
-            import torch._dynamo.config as dynamo_config
-            import torch._inductor.config as inductor_config
-
-            inductor_config.compile_threads = 1  # one small kernel: no pool of compile processes
-            # Shapes are dynamic, but a new dtype, a size of 1 or a new layout is a new variant; a
-            # process that trains many models (the tests) may need more than dynamo's default 8.
-            dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    try:
+        _configure_this_thread()
+        if _state["kernel"] is None:
             # A CUDA build without a GPU logs "No CUDA runtime is found" when inductor loads its C++ tools.
             logging.getLogger("torch.utils.cpp_extension").setLevel(logging.ERROR)
             _state["kernel"] = torch.compile(fold_grads_eager_fused, dynamic=True, fullgraph=True)
-        except Exception as err:  # any failure to set up means: run the eager code
-            disable(err)
-            return None
+    except Exception as err:  # any failure to set up means: run the eager code
+        disable(err)
+        return None
     return _state["kernel"]
+
+
+_thread = threading.local()  # .configured: this thread's compiler settings are made
+
+
+def _configure_this_thread() -> None:
+    """The compiler settings the kernel needs, made in the calling thread.
+
+    torch keeps a setting made in code (``torch._dynamo.config.x = ...``) per thread (a context
+    variable), so settings made in one thread do not hold in another: the benchmark's
+    ``--in-process`` rows train in threads of their own.
+    """
+    if getattr(_thread, "configured", False):
+        return
+    import torch._dynamo.config as dynamo_config
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1  # one small kernel: no pool of compile processes
+    # Sizes are dynamic, but the parameters' sizes, a dtype, a size of 1 or a layout make a new
+    # variant; a process that trains many models (the tests) may need more than dynamo's default 8.
+    dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, 64)
+    _thread.configured = True
 
 
 def disable(err: BaseException) -> None:

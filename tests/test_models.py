@@ -315,6 +315,30 @@ def test_fold_grads_compiled_and_eager_match_the_definition(shape, monkeypatch):
             torch.testing.assert_close(t.double(), ref, rtol=1e-4, atol=1e-4)
 
 
+def test_the_kernels_compiler_settings_hold_in_every_thread():
+    """torch keeps settings made in code per thread: a thread that runs the kernel makes them too."""
+    import threading
+
+    from bench_core import kernels
+
+    _require_compiled_kernels()
+    kernels.warm_up(40, 3, 6)  # made in this thread
+    seen = {}
+
+    def work():
+        import torch._dynamo.config as dynamo_config
+        import torch._inductor.config as inductor_config
+
+        with torch.no_grad():
+            assert kernels.run_fold_grads(torch.zeros(40, 3, 6), torch.zeros(40, 6), torch.zeros(3, 40)) is not None
+        seen.update(limit=dynamo_config.recompile_limit, compile_threads=inductor_config.compile_threads)
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join()
+    assert seen["limit"] >= 64 and seen["compile_threads"] == 1
+
+
 def test_a_kernel_that_fails_warns_once_and_the_eager_code_runs(monkeypatch):
     from bench_core import kernels, models
 
@@ -351,8 +375,10 @@ def test_training_compiles_the_kernel_before_its_first_epoch(monkeypatch):
     monkeypatch.setattr(kernels, "warm_up", lambda *args: calls.append(args) or False)
     data = make_synthetic(64, 8, (1, 4, 4), 3, seed=0)
     cfg = TrainConfig(epochs=1, batch_size=32)
-    for batching, expected in (("repeat", [(16, 2, 8, torch.float32)]), ("split", [])):
+    # split batching's first layer has a per-member input: no kernel; with one member it trains as repeat
+    cases = [("repeat", 2, [(16, 2, 8, torch.float32)]), ("split", 2, []), ("split", 1, [(16, 1, 8, torch.float32)])]
+    for batching, n_members, expected in cases:
         calls.clear()
-        model = build_model("batchensemble", ModelConfig(hidden=8, ensemble_size=2), 16, 3)
+        model = build_model("batchensemble", ModelConfig(hidden=8, ensemble_size=n_members), 16, 3)
         list(train(model, data, cfg, method="batchensemble", batching=batching))
-        assert calls == expected, batching  # split batching's first layer has a per-member input: no kernel
+        assert calls == expected, (batching, n_members)

@@ -119,7 +119,7 @@ def _measure_workbench(
     from bench_core.data import make_synthetic
     from bench_core.evaluation import count_parameters, predict_logits
     from bench_core.models import build_model
-    from bench_core.training import effective_batching, examples_per_step, steps_per_epoch, train
+    from bench_core.training import compiles_kernels, examples_per_step, steps_per_epoch, train
 
     shape, n_full, classes = settings.shape_info()
     method, mode = ROW_LABELS[spec.name]
@@ -134,8 +134,7 @@ def _measure_workbench(
     data = make_synthetic(n_data, settings.inference_examples, shape, classes, settings.seed)
     data = data.to(device)
     timed = _first_examples(data, n_timed)
-    # Training warms the kernel for repeat batching, which split batching with one member is.
-    if device.type == "cpu" and method == "batchensemble" and effective_batching(batching, n_members) == "repeat":
+    if compiles_kernels(method == "batchensemble", device, batching, n_members):
         from bench_core import kernels
 
         # Compiled before the memory probe starts: importing inductor is ~200 MiB of resident memory
