@@ -1,4 +1,4 @@
-"""CPU kernels compiled once per process with ``torch.compile``, and the switch that turns them off.
+"""CPU kernels compiled with ``torch.compile`` once per model size in a process, and the switch that turns them off.
 
 One kernel today: BatchEnsemble's first-layer gradient reductions (``fold_grads``), from the folded
 weights' gradient ``G [in, E, out]`` to ``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and
@@ -7,12 +7,14 @@ weights' gradient ``G [in, E, out]`` to ``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, ou
 ``G``, and on this project's machine (2 cores, AMD EPYC) both together took 0.14-0.19 ms against
 0.68-0.91 ms for the eager ones in blocks of cached rows (in 3072, E 5, out 128; ad-hoc timing).
 
-The kernel is compiled with dynamic shapes, so once per process (1.5 s with inductor's on-disk
-cache warm, 3-5 s cold, on that machine; importing inductor adds about 200 MiB of resident memory),
-at the first ``warm_up`` or the first use. Where it cannot be compiled (no C++ compiler, a Python
-that ``torch.compile`` does not support) it warns once and the eager code runs instead; the
-environment variable ``BENCH_COMPILE=0`` turns it off. Only CPU tensors use it: on CUDA the eager
-reductions are two kernels each and a step is bound by launches, and CUDA graphs replay them.
+The kernel is compiled with dynamic shapes, but dynamo keeps the sizes of parameters (W, r)
+static, so once per model size in a process (a training worker or a benchmark row trains one;
+1.5 s with inductor's on-disk cache warm, 3-5 s cold, on that machine; importing inductor adds
+about 200 MiB of resident memory), at the first ``warm_up`` or the first use. Where it cannot be
+compiled (no C++ compiler, a Python that ``torch.compile`` does not support) it warns once and the
+eager code runs instead; the environment variable ``BENCH_COMPILE=0`` turns it off. Only CPU
+tensors use it: on CUDA the eager reductions are two kernels each and a step is bound by launches,
+and CUDA graphs replay them.
 """
 
 from __future__ import annotations

@@ -375,7 +375,7 @@ FOLD_GRAD_ROWS = 512  # CPU, eager: input rows per block of _fold_grads; an [512
 def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and ``dr_k = Σ_o G_k ∘ W`` ``[E, in]``, from ``G [in, E, out]``.
 
-    On the CPU a kernel compiled once per process (``kernels.run_fold_grads``) makes each
+    On the CPU a kernel compiled once per model size (``kernels.run_fold_grads``) makes each
     reduction one loop over ``G``: 0.14-0.19 ms against 0.68-0.91 ms eager (in 3072, E 5, out 128),
     and a BatchEnsemble training step 0.94× as long (median of 10 pairs of fresh processes, the
     order alternated; ad-hoc script). Without it
