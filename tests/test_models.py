@@ -330,12 +330,14 @@ def test_the_kernels_compiler_settings_hold_in_every_thread():
         import torch._inductor.config as inductor_config
 
         with torch.no_grad():
-            assert kernels.run_fold_grads(torch.zeros(40, 3, 6), torch.zeros(40, 6), torch.zeros(3, 40)) is not None
-        seen.update(limit=dynamo_config.recompile_limit, compile_threads=inductor_config.compile_threads)
+            grads = kernels.run_fold_grads(torch.zeros(40, 3, 6), torch.zeros(40, 6), torch.zeros(3, 40))
+        seen.update(ran=grads is not None, limit=dynamo_config.recompile_limit)
+        seen.update(compile_threads=inductor_config.compile_threads)
 
     thread = threading.Thread(target=work)
     thread.start()
     thread.join()
+    assert seen.get("ran"), "the kernel ran in the thread (an assertion failing inside it would not fail the test)"
     assert seen["limit"] >= 64 and seen["compile_threads"] == 1
 
 
