@@ -16,6 +16,9 @@ Weights are stored ``[in, out]``, as in the paper, not ``nn.Linear``'s ``[out, i
 first layer's two large matrix products run fastest when their outputs are ``[E·out, B]`` and
 ``[in, E·out]`` (measured on this project's machine: 186-190 GFLOP/s against 140-143 for the
 transposed outputs), and a parameter in that layout takes its gradient without a transposing copy.
+Where oneDNN is faster than MKL (``bench_core.onednn``; on that machine 205-220 against 155-186
+GFLOP/s), the first layer's forward product goes through oneDNN on a CPU, which runs it fastest in
+the plain ``[B, E·out]`` layout, and so do split batching's per-member products of wide inputs.
 ``member(k)`` and ``as_linear(k)`` still return plain ``nn.Linear`` layers (``[out, in]``).
 """
 
@@ -28,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_core import kernels
+from bench_core import kernels, onednn
 from bench_core.config import ModelConfig
 
 
@@ -207,14 +210,19 @@ class _SharedInputLinear(torch.autograd.Function):
     ``xᵀ dz`` as ``[in, E·out]``, which is the parameter's own layout. With ``z = x W`` as
     ``[B, E·out]`` and the gradient ``dzᵀ x`` as ``[E·out, in]``, MKL ran the same products at
     140-143 instead of 186-190 GFLOP/s (batch 128, in 3072, E·out 640, on this project's machine),
-    and a classic training step took 12.8 instead of 9.3 ms.
+    and a classic training step took 12.8 instead of 9.3 ms. Where oneDNN is in use (CPU float32,
+    ``bench_core.onednn``) the forward is ``z = x W`` through it instead: 196-205 GFLOP/s on that
+    machine, and classic training steps about 0.9× as long (paired fresh processes).
     """
 
     @staticmethod
     def forward(ctx, x, weight, bias):
         n_in, n_members, n_out = weight.shape
-        z_t = torch.addmm(bias.reshape(-1, 1), weight.view(n_in, -1).t(), x.t())  # (E*out, B)
         ctx.save_for_backward(x, weight)
+        if onednn.usable(x):  # oneDNN's product is faster in the plain layout (bench_core.onednn)
+            z = onednn.matmul(x, weight.view(n_in, -1), bias.reshape(-1))  # (B, E*out)
+            return z.view(x.size(0), n_members, n_out).transpose(0, 1)  # (E, B, out)
+        z_t = torch.addmm(bias.reshape(-1, 1), weight.view(n_in, -1).t(), x.t())  # (E*out, B)
         return z_t.view(n_members, n_out, -1).transpose(1, 2)  # (E, B, out)
 
     @staticmethod
@@ -230,6 +238,43 @@ class _SharedInputLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(1)  # (E, out)
         return grad_x, grad_weight, grad_bias
+
+
+ONEDNN_MIN_IN = 2048  # narrowest input whose per-member products go through oneDNN (shared_weight_product)
+
+
+def shared_weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """``x @ weight`` for ``x [rows, in]``, ``weight [in, out]``, with its gradients.
+
+    On a CPU in float32, for inputs at least ``ONEDNN_MIN_IN`` wide, the forward and the input
+    gradient go through oneDNN (``bench_core.onednn``) and the weight gradient through
+    ``torch.mm``, which ran it as fast. Split batching's first layer (125 × 3072 by 3072 × 128)
+    took 0.87× as long forward and backward; narrower layers took as long or longer (784 wide
+    1.0-1.08×, the hidden 128 × 128 1.2-1.7×: the function's own overhead; ad-hoc micro-benchmark
+    on this project's machine). Elsewhere: ``x @ weight`` through autograd.
+    """
+    if x.size(-1) >= ONEDNN_MIN_IN and onednn.usable(x):
+        return _SharedWeightProduct.apply(x, weight)
+    return x @ weight
+
+
+class _SharedWeightProduct(torch.autograd.Function):
+    """``shared_weight_product`` through oneDNN: ``z = x W``, ``dx = dz Wᵀ``, ``dW = xᵀ dz``."""
+
+    @staticmethod
+    def forward(ctx, x, weight):
+        ctx.save_for_backward(x, weight)
+        return onednn.matmul(x, weight)  # (rows, out)
+
+    @staticmethod
+    def backward(ctx, grad_z):
+        x, weight = ctx.saved_tensors
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn.matmul(grad_z, weight.t())  # (rows, in)
+        if ctx.needs_input_grad[1]:
+            grad_weight = x.t() @ grad_z  # (in, out)
+        return grad_x, grad_weight
 
 
 class BatchEnsembleLinear(nn.Module):
@@ -305,7 +350,7 @@ class BatchEnsembleLinear(nn.Module):
         _check_members_dim(x, self.ensemble_size)
         # Per-member input: scale by r, one GEMM with the shared W over all E*B rows, scale by s.
         xr = x * self.r.unsqueeze(1)  # (E, B, in)
-        z = xr.reshape(-1, self.in_features) @ self.weight  # (E*B, out)
+        z = shared_weight_product(xr.reshape(-1, self.in_features), self.weight)  # (E*B, out)
         z = z.view(self.ensemble_size, -1, self.out_features)  # (E, B, out)
         return torch.addcmul(self.bias.unsqueeze(1), z, self.s.unsqueeze(1))  # (E, B, out)
 
@@ -346,8 +391,11 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
         n_members, n_in = r.shape
         n_out = weight.size(1)
         folded = _fold(weight, r)  # (in, E, out)
-        z_t = folded.view(n_in, -1).t() @ x.t()  # (E*out, B)
-        z = z_t.view(n_members, n_out, -1).transpose(1, 2)  # (E, B, out)
+        if onednn.usable(x):  # as _SharedInputLinear
+            z = onednn.matmul(x, folded.view(n_in, -1)).view(x.size(0), n_members, n_out).transpose(0, 1)
+        else:
+            z_t = folded.view(n_in, -1).t() @ x.t()  # (E*out, B)
+            z = z_t.view(n_members, n_out, -1).transpose(1, 2)  # (E, B, out)
         ctx.save_for_backward(x, weight, r, s, z)
         return torch.addcmul(bias.unsqueeze(1), z, s.unsqueeze(1))  # (E, B, out)
 

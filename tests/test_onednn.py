@@ -1,0 +1,153 @@
+"""oneDNN's products against torch.mm, the models with and without them, and a missing or broken op."""
+
+import warnings
+
+import pytest
+import torch
+
+from bench_core import models, onednn
+from bench_core.models import BatchEnsembleMLP, VectorizedEnsemble, shared_weight_product
+
+
+@pytest.fixture(autouse=True)
+def fresh_state(monkeypatch):
+    """Each test checks the op afresh; whatever a test breaks is forgotten after it."""
+    monkeypatch.delenv(onednn.ENV_SWITCH, raising=False)
+    onednn.reset()
+    yield
+    onednn.reset()
+
+
+def _require_op():
+    if not onednn.usable(torch.zeros(1)):
+        pytest.skip(f"this torch has no working oneDNN linear op: {onednn._state['failed']}")
+
+
+def _layouts(t):
+    return [t, t.t().contiguous().t()]  # row-major, and the same values column-major (a transposed view)
+
+
+def test_products_equal_torch_mm_in_every_layout():
+    _require_op()
+    torch.manual_seed(0)
+    x, w, b = torch.randn(37, 29), torch.randn(29, 11), torch.randn(11)
+    for xl in _layouts(x):
+        for wl in _layouts(w):
+            torch.testing.assert_close(onednn.matmul(xl, wl), x @ w, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(onednn.matmul(xl, wl, b), torch.addmm(b, x, w), rtol=1e-5, atol=1e-5)
+
+
+def test_only_cpu_float32_and_the_switch_turns_it_off(monkeypatch):
+    _require_op()
+    assert onednn.usable(torch.zeros(2, 3))
+    assert not onednn.usable(torch.zeros(2, 3, dtype=torch.float64))
+    assert not onednn.usable(torch.zeros(2, 3, device="meta"))
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
+    assert not onednn.usable(torch.zeros(2, 3))
+
+
+def _outputs_and_grads(model, x):
+    out = model(x)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return [out.detach()] + [p.grad.clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    ("kind", "split", "in_features"),
+    [("classic", False, 20), ("batchensemble", False, 20), ("batchensemble", True, models.ONEDNN_MIN_IN)],
+)
+def test_models_with_and_without_onednn_agree(kind, split, in_features, monkeypatch):
+    """Forward and every gradient, oneDNN on (and used) against off (torch.mm)."""
+    _require_op()
+    calls = []
+    real = onednn.matmul
+    monkeypatch.setattr(onednn, "matmul", lambda *a: calls.append(1) or real(*a))
+    results = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(onednn.ENV_SWITCH, switch)
+        torch.manual_seed(3)
+        sizes = [in_features, 9, 4]
+        model = VectorizedEnsemble(sizes, 3) if kind == "classic" else BatchEnsembleMLP(sizes, 3)
+        x = torch.randn(3, 5, in_features) if split else torch.randn(5, in_features)
+        results.append(_outputs_and_grads(model, x))
+        used = len(calls)
+        calls.clear()
+        assert (used > 0) == (switch == "1"), f"oneDNN {'on' if switch == '1' else 'off'}: {used} products"
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+
+
+def test_shared_weight_product_gradients_equal_autograds():
+    _require_op()
+    torch.manual_seed(4)
+    x = torch.randn(6, models.ONEDNN_MIN_IN, requires_grad=True)
+    w = torch.randn(models.ONEDNN_MIN_IN, 5, requires_grad=True)
+    grad_z = torch.randn(6, 5)
+    z = shared_weight_product(x, w)
+    assert z.grad_fn is not None and "SharedWeightProduct" in type(z.grad_fn).__name__
+    got = torch.autograd.grad(z, (x, w), grad_z)
+    want = torch.autograd.grad(x @ w, (x, w), grad_z)
+    torch.testing.assert_close(z, x @ w, rtol=1e-5, atol=1e-4)
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    data = x.detach()  # an input without a gradient (the data): only W's
+    (grad_w,) = torch.autograd.grad(shared_weight_product(data, w), (w,), grad_z)
+    torch.testing.assert_close(grad_w, want[1], rtol=1e-5, atol=1e-4)
+    narrow = shared_weight_product(torch.randn(6, 8, requires_grad=True), torch.randn(8, 5))
+    assert "MmBackward" in type(narrow.grad_fn).__name__, "narrow inputs: torch.mm through autograd"
+
+
+def test_a_missing_op_is_off_without_a_warning(monkeypatch):
+    def missing():
+        raise AttributeError("'_OpNamespace' 'mkldnn' object has no attribute '_linear_pointwise'")
+
+    monkeypatch.setattr(onednn, "_linear_op", missing)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert not onednn.usable(torch.zeros(2, 3))
+        torch.manual_seed(5)
+        model = VectorizedEnsemble([6, 4, 2], 2)
+        x = torch.randn(3, 6)
+        torch.testing.assert_close(model(x)[1], model.member(1)(x))
+
+
+def test_an_op_that_gives_wrong_products_warns_once_and_torch_mm_runs(monkeypatch):
+    monkeypatch.setattr(onednn, "_linear_op", lambda: lambda x, w, *a: torch.zeros(x.size(0), w.size(0)))
+    torch.manual_seed(6)
+    model = BatchEnsembleMLP([6, 4, 2], 2)
+    x = torch.randn(3, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(x)
+        model(x)  # checked once: no second warning
+    (warning,) = caught
+    assert warning.category is RuntimeWarning
+    assert str(warning.message).startswith(
+        "oneDNN matrix products are off (RuntimeError: its product differs from torch.mm's)"
+    )
+    torch.testing.assert_close(out[0], model.member(0)(x))
+
+
+def test_an_op_that_fails_at_a_call_warns_once_and_the_product_is_torch_mms(monkeypatch):
+    _require_op()  # the check passes with the real op; then it fails
+
+    def broken():
+        def op(*args):
+            raise RuntimeError("could not create a primitive\nmore detail")
+
+        return op
+
+    monkeypatch.setattr(onednn, "_linear_op", broken)
+    torch.manual_seed(7)
+    model = VectorizedEnsemble([6, 4, 2], 2)
+    x = torch.randn(3, 6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(x)
+        model(x)
+    (warning,) = caught
+    message = str(warning.message)
+    assert message.startswith("oneDNN matrix products are off (RuntimeError: could not create a primitive)")
+    assert "\n" not in message
+    assert not onednn.usable(x)
+    torch.testing.assert_close(out[1], model.member(1)(x))
