@@ -32,6 +32,7 @@ from bench_core.bench import (
     BenchSettings,
     check_targets,
     compare_rows,
+    onednn_lines,
     step_parts,
     time_parts,
     turns_text,
@@ -382,9 +383,11 @@ def results_view(
     if header:
         st.caption(
             f"{header.get('cpu', '?')} · torch {header.get('torch', '?')} · {header.get('threads', '?')} threads · "
-            f"device {header.get('device', '?')} · matmul rate "
+            f"device {header.get('device', '?')} · matmul rate (torch.mm) "
             f"{header.get('matmul_flops_per_second', 0) / 1e9:.1f} GFLOP/s · s/epoch {header.get('epochs', '')}"
         )
+        for line in onednn_lines(header):
+            st.caption(line)
     if not rows:
         return
     log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")
@@ -481,7 +484,7 @@ st.caption(
     "Seconds per training epoch, inference throughput and peak memory of each method against the "
     "ensemble size, measured now on this machine — the same benchmark as `python -m bench_core bench`. "
     "Epochs are extrapolated from a few timed steps; the floor is the matrix products' FLOPs at the "
-    "matrix-multiply rate measured at the start. On a CPU the dashboard and its browser share the cores "
+    "fastest matrix-multiply rate measured at the start. On a CPU the dashboard and its browser share the cores "
     "the benchmark measures: for figures to quote, run the command line with nothing else running."
 )
 

@@ -28,6 +28,7 @@ from bench_core.bench import (
     floor_seconds,
     format_table,
     measure,
+    onednn_gemm_rate,
     plan_rows,
     run_benchmark,
     schedule,
@@ -119,6 +120,61 @@ def test_split_floor_is_a_single_models_with_the_first_layers_input_product():
     assert split["flops_per_epoch"] == pytest.approx(single["floor_seconds_3x_forward"] * 1e9)
     assert split["flops_per_epoch"] - single["flops_per_epoch"] == pytest.approx(2 * 50_000 * 3072 * 128)
     assert rows["batchensemble-repeat"]["flops_per_epoch"] == pytest.approx(5 * single["flops_per_epoch"])
+
+
+def test_onednn_rate_of_the_floors_product(monkeypatch):
+    from bench_core.bench import flops
+
+    rate = onednn_gemm_rate(64, 48, 32, repeats=2)
+    assert rate is not None and rate > 0  # this torch (x86, MKL-DNN on) has the op
+
+    def missing(*args):
+        raise RuntimeError("no kernel for this backend")
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", missing)
+    assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None
+
+    def wrong(x, weight, *args):  # a signature that changed meaning: its products are not x @ w
+        return torch.zeros(x.size(0), weight.size(0))
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", wrong)
+    assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None
+
+
+def test_onednn_lines_say_how_much_lower_the_floor_would_be():
+    header = {"matmul_flops_per_second": 160e9, "onednn_matmul_flops_per_second": 200e9}
+    (line,) = bench.onednn_lines(header)
+    assert "200.0 GFLOP/s" in line and "1.25× torch.mm's" in line
+    assert "every floor is 20 % shorter and every × floor 1.25× higher" in line  # a run whose floor was torch.mm's
+    (sets,) = bench.onednn_lines({**header, "floor_flops_per_second": 200e9})
+    assert "1.25× torch.mm's, and sets the floor" in sets
+    assert "every floor would be 25 % longer and every × floor 0.80× as high" in sets
+    assert bench.floor_rate(header) == 160e9 and bench.floor_rate({**header, "floor_flops_per_second": 200e9}) == 200e9
+    (slower,) = bench.onednn_lines({**header, "onednn_matmul_flops_per_second": 150e9})
+    assert slower.endswith("no faster: the floor is torch.mm's rate")
+    assert bench.onednn_lines({**header, "onednn_matmul_flops_per_second": None}) == []  # CUDA, or no op
+    assert bench.onednn_lines({"matmul_flops_per_second": 160e9}) == []  # a JSON from before the line
+
+
+def test_table_of_a_stored_run_with_and_without_onednn_rate():
+    """A JSON written before the oneDNN line prints as it did; with the rate, the classic floor line by it too."""
+    data = json.loads((Path(__file__).parent.parent / "docs/bench/cpu-e5-2026-11-26-session7-run15.json").read_text())
+    old = format_table(data["header"], data["rows"], data["targets"])
+    assert "oneDNN" not in old and "classic vectorized's floor: strict" in old
+    header = {**data["header"], "onednn_matmul_flops_per_second": 1.2 * data["header"]["matmul_flops_per_second"]}
+    new = format_table(header, data["rows"], data["targets"])
+    cv = next(r for r in data["rows"] if r["name"] == "classic-vectorized")
+    assert f"by oneDNN's rate, classic vectorized is at {1.2 * cv['x_floor']:.2f}× its strict floor" in new
+    assert f"{1.2 * cv['x_floor_3x_forward']:.2f}× by 3× forward" in new
+    assert "every floor is 17 % shorter" in new
+    header["floor_flops_per_second"] = header["onednn_matmul_flops_per_second"]  # a run that took oneDNN's rate
+    rows = [
+        {**r, "x_floor": 1.2 * r["x_floor"], "x_floor_3x_forward": 1.2 * r["x_floor_3x_forward"]} for r in data["rows"]
+    ]
+    taken = format_table(header, rows, data["targets"])
+    assert "and sets the floor" in taken
+    by_mm = f"by torch.mm's rate, as runs before the oneDNN rate had it, classic vectorized is at {cv['x_floor']:.2f}×"
+    assert by_mm in taken
 
 
 # --- comparisons and targets ---------------------------------------------------------------------
@@ -370,6 +426,12 @@ def test_tiny_benchmark_every_row(one_thread):
     table = format_table(done.header, done.rows, done.targets)
     for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
         assert label in table
+    onednn = done.header["onednn_matmul_flops_per_second"]  # a CPU run
+    assert onednn > 0 and "oneDNN's product" in table
+    rate = done.header["floor_flops_per_second"]
+    assert rate == max(onednn, done.header["matmul_flops_per_second"])  # the floor: the faster rate
+    for row in done.rows:
+        assert row["floor_seconds"] == pytest.approx(row["flops_per_epoch"] / rate)
     assert "targets" not in table  # E = 5 was not measured
     for row in done.rows:  # where a step goes: the workbench's rows, on this CPU
         if row["method"] == "reference":

@@ -24,7 +24,9 @@ How each figure is measured:
   each member's own pass, the worker start-up (the seed's loader forks its workers every
   epoch) and shutdown apart, and count those once per epoch (``reference.PassTiming``).
 - **floor**: ``epoch_flops`` divided by the float32 matrix-product rate measured at the start
-  on the same device (the fastest of 9 timed 2048×2048 products); ``× floor`` is epoch / floor.
+  on the same device: the fastest of 9 timed 2048×2048 products through ``torch.mm`` and, on a
+  CPU, through oneDNN (``onednn_gemm_rate``; the first layers' forward products use it), the
+  faster of the two; ``× floor`` is epoch / floor. Runs before the oneDNN rate used ``torch.mm``'s.
 - **inference examples/s**: eval mode, ``torch.inference_mode``, batches of 1024 over
   ``inference_examples`` examples, synchronised on GPUs; the median of ``repeats`` passes.
   Reference rows run the seed's Evaluator loop over its DataLoader (batch 256, 2 workers).
@@ -50,14 +52,16 @@ reference) then compare repeats taken a few seconds apart, not minutes apart.
 
 from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.cli import add_arguments, cmd_bench, settings_from_args
-from bench_core.bench.flops import epoch_flops, floor_seconds, gemm_rate
+from bench_core.bench.flops import epoch_flops, floor_seconds, gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import measure_row, untimed_epochs
 from bench_core.bench.results import (
     TIME_PARTS,
     check_targets,
     compare_rows,
     derive_row,
+    floor_rate,
     format_table,
+    onednn_lines,
     step_parts,
     target_line,
     time_parts,
@@ -95,10 +99,13 @@ __all__ = [
     "compare_rows",
     "derive_row",
     "epoch_flops",
+    "floor_rate",
     "floor_seconds",
     "format_table",
     "gemm_rate",
     "measure_row",
+    "onednn_gemm_rate",
+    "onednn_lines",
     "parse_shape",
     "plan_rows",
     "run_benchmark",

@@ -56,21 +56,51 @@ def gemm_rate(m: int, k: int, n: int, device: torch.device, warmup: int = 2, rep
     """Float32 FLOP/s of ``[m, k] @ [k, n]`` on ``device``: 2·m·k·n over the fastest of ``repeats`` timings.
 
     The fastest, not the median: the floor is meant as a bound the hardware can reach, and on a
-    shared machine other processes only ever make a product slower.
+    shared machine other processes only ever make a product slower. ``torch.mm``, the routine
+    training's products go through (MKL on an x86 CPU, cuBLAS on CUDA).
     """
+    a, b = _operands(m, k, n, device)
+    return _fastest_rate(lambda: torch.mm(a, b), 2.0 * m * k * n, device, warmup, repeats)
+
+
+def onednn_gemm_rate(m: int, k: int, n: int, warmup: int = 2, repeats: int = 9) -> float | None:
+    """:func:`gemm_rate` of the same CPU product through oneDNN; None where this torch has no such op.
+
+    ``torch.ops.mkldnn._linear_pointwise`` is a private op (inductor's CPU linear), which the first
+    layers' forward products use on a CPU (``bench_core.onednn``). On some CPUs oneDNN's float32
+    product is faster than MKL's, which ``torch.mm`` runs: on this project's AMD EPYC, 2048³ ran
+    at 205-220 against 155-186 GFLOP/s. The floor takes the faster of the two rates.
+    """
+    try:
+        linear = torch.ops.mkldnn._linear_pointwise
+        a, b = _operands(m, k, n, torch.device("cpu"))
+        weight = b.t().contiguous()  # [n, k], nn.Linear's layout
+        if not torch.allclose(linear(a, weight, None, "none", [], ""), a @ b, rtol=1e-3, atol=1e-2):
+            return None
+    except (AttributeError, RuntimeError):  # no such op in this build, or a signature it does not take
+        return None
+    return _fastest_rate(
+        lambda: linear(a, weight, None, "none", [], ""), 2.0 * m * k * n, torch.device("cpu"), warmup, repeats
+    )
+
+
+def _operands(m: int, k: int, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
-    a = torch.randn(m, k, generator=gen).to(device)
-    b = torch.randn(k, n, generator=gen).to(device)
+    return torch.randn(m, k, generator=gen).to(device), torch.randn(k, n, generator=gen).to(device)
+
+
+def _fastest_rate(product, flops: float, device: torch.device, warmup: int, repeats: int) -> float:
+    """``flops`` over the fastest of ``repeats`` timings of ``product()``."""
     # Enough products per timing that each is well above the clock's resolution.
-    inner = max(1, int(2e8 // (2 * m * k * n)))
+    inner = max(1, int(2e8 // flops))
     for _ in range(warmup):
-        torch.mm(a, b)
+        product()
     times = []
     for _ in range(repeats):
         synchronize(device)
         t0 = time.perf_counter()
         for _ in range(inner):
-            torch.mm(a, b)
+            product()
         synchronize(device)
         times.append((time.perf_counter() - t0) / inner)
-    return 2.0 * m * k * n / min(times)
+    return flops / min(times)

@@ -173,9 +173,10 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         f"machine: {header['platform']} | CPU: {header['cpu']}"
         + (f" | GPU: {header['gpu']}" if header.get("gpu") else "")
         + f" | torch {header['torch']} | {header['threads']} threads | device {header['device']}",
-        f"matmul rate: {header['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s at the start"
+        f"matmul rate (torch.mm): {header['matmul_flops_per_second'] / 1e9:.1f} GFLOP/s at the start"
         + (f", {end / 1e9:.1f} at the end" if (end := header.get("matmul_flops_per_second_end")) else "")
         + f" ({header['matmul_shape']}, fastest of 9)",
+        *onednn_lines(header),
         "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B / weight-grad in×B @ B×E·h"
         f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"
@@ -244,7 +245,57 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
                 f"{cv['floor_seconds_3x_forward']:.2f} s: it adds the first layer's input gradient, "
                 "which the classic ensemble never computes)"
             )
+            q = onednn_ratio(header)
+            if floor_by_onednn(header):
+                lines.append(
+                    f"  (by torch.mm's rate, as runs before the oneDNN rate had it, classic vectorized is at "
+                    f"{cv['x_floor'] / q:.2f}× its strict floor and {cv['x_floor_3x_forward'] / q:.2f}× by 3× forward)"
+                )
+            elif q is not None and q > 1:
+                lines.append(
+                    f"  (by oneDNN's rate, classic vectorized is at {q * cv['x_floor']:.2f}× its strict floor and "
+                    f"{q * cv['x_floor_3x_forward']:.2f}× by 3× forward)"
+                )
     return "\n".join(lines)
+
+
+def floor_rate(header: dict) -> float:
+    """The rate the floors were set by: the faster of ``torch.mm``'s and oneDNN's (runs before: ``torch.mm``'s)."""
+    return header.get("floor_flops_per_second") or header["matmul_flops_per_second"]
+
+
+def onednn_ratio(header: dict) -> float | None:
+    """The ratio of oneDNN's 2048³ rate to ``torch.mm``'s, from the header; None where it was not measured."""
+    onednn = header.get("onednn_matmul_flops_per_second")
+    return onednn / header["matmul_flops_per_second"] if onednn else None
+
+
+def floor_by_onednn(header: dict) -> bool:
+    """Whether oneDNN's rate set the floors (it was faster, and the run took the faster rate)."""
+    q = onednn_ratio(header)
+    return q is not None and q > 1 and floor_rate(header) == header["onednn_matmul_flops_per_second"]
+
+
+def onednn_lines(header: dict) -> list[str]:
+    """The header's line on oneDNN's rate of the floor's product, beside ``torch.mm``'s; [] where unmeasured."""
+    q = onednn_ratio(header)
+    if q is None:
+        return []
+    line = (
+        f"oneDNN's product (torch.ops.mkldnn._linear_pointwise) ran it at "
+        f"{header['onednn_matmul_flops_per_second'] / 1e9:.1f} GFLOP/s"
+    )
+    if q <= 1:
+        return [line + ", no faster: the floor is torch.mm's rate"]
+    if floor_by_onednn(header):
+        return [
+            line + f", {q:.2f}× torch.mm's, and sets the floor (by torch.mm's rate, as runs before it had, "
+            f"every floor would be {100 * (q - 1):.0f} % longer and every × floor {1 / q:.2f}× as high)"
+        ]
+    return [
+        line + f", {q:.2f}× torch.mm's: by that rate every floor is {100 * (1 - 1 / q):.0f} % shorter "
+        f"and every × floor {q:.2f}× higher"
+    ]
 
 
 def step_parts_lines(rows: list[dict]) -> list[str]:

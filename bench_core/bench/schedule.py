@@ -19,9 +19,9 @@ from pathlib import Path
 
 import torch
 
-from bench_core.bench.flops import gemm_rate
+from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
-from bench_core.bench.results import check_targets, compare_rows, derive_row
+from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
 from bench_core.bench.settings import MATMUL_SIZE, BenchEvent, BenchSettings, RowSpec
 from bench_core.devices import resolve_device
 from bench_core.errors import BenchError, ConfigError
@@ -45,6 +45,7 @@ def machine_header(settings: BenchSettings) -> dict:
     shape, n_train, _ = settings.shape_info()
     in_dim = math.prod(shape)
     rate = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
+    onednn = onednn_gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE) if device.type == "cpu" else None
     model_rates = {
         str(e): _first_layer_rates(e, in_dim, settings.hidden, settings.batch_size, device)
         for e in settings.ensemble_sizes
@@ -62,12 +63,17 @@ def machine_header(settings: BenchSettings) -> dict:
         "device": str(device),
         "matmul_flops_per_second": rate,
         "matmul_shape": f"{MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} float32",
+        # The same product through oneDNN (a private op training does not use; CPU only, None if absent).
+        "onednn_matmul_flops_per_second": onednn,
+        # The floor's rate: the faster of the two, a bound the hardware reached (training uses both).
+        "floor_flops_per_second": max(rate, onednn or 0.0),
         "model_gemm_flops_per_second": model_rates,
         "dataset_shape": list(shape),
         "train_examples": n_train,
         "settings": settings.to_dict(),
         "epochs": "timed whole epochs" if settings.full_epoch else f"extrapolated from {settings.steps} timed steps",
-        "floor": "matrix-product FLOPs of an epoch / the 2048³ matmul rate; element-wise work not counted",
+        "floor": "matrix-product FLOPs of an epoch / the faster 2048³ matmul rate (torch.mm's or oneDNN's); "
+        "element-wise work not counted",
         "memory": "peak of training above the row's data: "
         + ("cuda max_memory_allocated" if device.type == "cuda" else "RSS"),
         "steps": (
@@ -178,7 +184,7 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
             break
         for spec, runner in runners.items():
             progress[spec] = 1.0
-            row = derive_row(runner.result, settings, header["matmul_flops_per_second"])
+            row = derive_row(runner.result, settings, floor_rate(header))
             rows.append(row)
             yield BenchEvent("row", overall(), f"{_row_label(spec)}: {row['epoch_seconds']:.3g} s/epoch", row=row)
     rows = compare_rows(rows)
