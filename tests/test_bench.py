@@ -248,7 +248,10 @@ def test_step_parts_by_operator_and_ancestors():
     opt = _event("Optimizer.step#Adam.step", 30.0, step)
     zero = _event("Optimizer.zero_grad#Adam.zero_grad", 4.0, step)
     region = _event("Torch-Compiled Region: 0/0", 8.0, node)
+    onednn = _event("mkldnn::_linear_pointwise", 300.0, step)  # the first layer's forward on a CPU
     events = [
+        onednn,
+        _event("aten::empty", 1.0, onednn),
         step,
         gather,
         _event("aten::empty", 2.0, gather),  # the gathered batch's allocation: the draw's
@@ -270,12 +273,12 @@ def test_step_parts_by_operator_and_ancestors():
         region,
         _event("## Call CompiledFxGraph abc ##", 60.0, region),
     ]
-    assert [classify(e) for e in (gather, linear, addmm, mm, opt, zero, step, node)] == [
-        draw, other, products, products, adam, adam, python, python
+    assert [classify(e) for e in (gather, linear, addmm, mm, onednn, opt, zero, step, node)] == [
+        draw, other, products, products, products, adam, adam, python, python
     ]  # fmt: skip
     seconds = part_seconds(events)
     expected = {
-        products: 900 + 6 + 700,
+        products: 900 + 6 + 700 + 300 + 1,
         other: 3 + 80 + 25 + 12 + 8 + 60,
         adam: 30 + 150 + 9 + 4 + 11,
         draw: 40 + 2 + 7,
@@ -284,7 +287,7 @@ def test_step_parts_by_operator_and_ancestors():
     assert seconds == pytest.approx({k: v / 1e6 for k, v in expected.items()})
     fractions = shares(seconds)
     assert sum(fractions.values()) == pytest.approx(1.0)
-    assert fractions[products] == pytest.approx(1606 / sum(expected.values()))
+    assert fractions[products] == pytest.approx(1907 / sum(expected.values()))
     assert classify(region) == other, "a compiled kernel is element-wise work, not Python"
     with pytest.raises(ValueError, match="no time"):
         shares(dict.fromkeys(STEP_PARTS, 0.0))

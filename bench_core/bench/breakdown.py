@@ -2,7 +2,8 @@
 
 The parts, by what each operator is and what it runs under (``classify``):
 
-- matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm`` and what they call;
+- matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm``, oneDNN's linear (``bench_core.onednn``)
+  and what they call;
 - element-wise and other operators: every other ATen operator of the forward, the backward and the
   loss (activations, the fast weights' scaling and folding, sums, views, copies), and the kernels
   compiled with ``torch.compile`` (``bench_core.kernels``) with their dispatch: the profiler records
@@ -29,7 +30,9 @@ STEP_PARTS = (
     "batch draw",
     "Python and autograd",
 )
-GEMM_OPS = frozenset({"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm"})
+GEMM_OPS = frozenset(
+    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "mkldnn::_linear_pointwise"}
+)
 DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
 OPTIMIZER_PREFIX = "Optimizer."  # torch.optim's record_function names: "Optimizer.step#Adam.step", ...
 # A compiled function's call: dynamo's guard check, then its region (the generated kernels inside).
