@@ -4,6 +4,18 @@ Every error raised on purpose by bench_core derives from BenchError; the CLI pri
 ``str(error)`` and exits with status 2, the dashboard shows it with ``st.error``.
 """
 
+import warnings
+
+
+def warn_off(what: str, err: BaseException, instead: str) -> None:
+    """One ``RuntimeWarning``: ``{what} are off ({type}: {err's first line}); {instead}``, on one line.
+
+    For optional fast paths that fail and fall back (``bench_core.kernels``, ``bench_core.onednn``).
+    """
+    text = str(err).strip()
+    reason = text.splitlines()[0] if text else type(err).__name__
+    warnings.warn(f"{what} are off ({type(err).__name__}: {reason[:200]}); {instead}", RuntimeWarning, stacklevel=4)
+
 
 class BenchError(Exception):
     """Base class: ``str(err)`` is a single line fit to show a user."""

@@ -22,10 +22,11 @@ from __future__ import annotations
 import logging
 import os
 import threading
-import warnings
 from collections.abc import Callable
 
 import torch
+
+from bench_core.errors import warn_off
 
 ENV_SWITCH = "BENCH_COMPILE"  # "0": never compile, run the eager code
 
@@ -87,13 +88,7 @@ def _configure_this_thread() -> None:
 def disable(err: BaseException) -> None:
     """Stop using compiled kernels in this process, with one warning that says why."""
     if _state["failed"] is None:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(
-            f"compiled CPU kernels are off ({type(err).__name__}: {reason[:200]}); "
-            f"running the eager ones (set {ENV_SWITCH}=0 to skip compiling)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_off("compiled CPU kernels", err, f"running the eager ones (set {ENV_SWITCH}=0 to skip compiling)")
     _state["failed"] = err
     _state["kernel"] = None
 

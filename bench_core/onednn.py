@@ -18,9 +18,10 @@ environment variable ``BENCH_ONEDNN=0`` turns it off. Only CPU float32 tensors u
 from __future__ import annotations
 
 import os
-import warnings
 
 import torch
+
+from bench_core.errors import warn_off
 
 ENV_SWITCH = "BENCH_ONEDNN"  # "0": every product through torch.mm
 
@@ -54,13 +55,7 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
 def disable(err: BaseException) -> None:
     """Stop using oneDNN's products in this process, with one warning that says why."""
     if _state["failed"] is None:
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        warnings.warn(
-            f"oneDNN matrix products are off ({type(err).__name__}: {reason[:200]}); "
-            f"using torch.mm (set {ENV_SWITCH}=0 to skip oneDNN)",
-            RuntimeWarning,
-            stacklevel=3,
-        )
+        warn_off("oneDNN matrix products", err, f"using torch.mm (set {ENV_SWITCH}=0 to skip oneDNN)")
     _state["failed"] = err
 
 

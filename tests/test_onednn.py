@@ -111,20 +111,24 @@ def test_a_missing_op_is_off_without_a_warning(monkeypatch):
         torch.testing.assert_close(model(x)[1], model.member(1)(x))
 
 
+def _run_twice_one_warning(model, x):
+    """The model's output on x, and the one warning two forward passes gave (the second: none)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = model(x)
+        model(x)
+    (warning,) = caught
+    assert warning.category is RuntimeWarning
+    return out, str(warning.message)
+
+
 def test_an_op_that_gives_wrong_products_warns_once_and_torch_mm_runs(monkeypatch):
     monkeypatch.setattr(onednn, "_linear_op", lambda: lambda x, w, *a: torch.zeros(x.size(0), w.size(0)))
     torch.manual_seed(6)
     model = BatchEnsembleMLP([6, 4, 2], 2)
     x = torch.randn(3, 6)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model(x)
-        model(x)  # checked once: no second warning
-    (warning,) = caught
-    assert warning.category is RuntimeWarning
-    assert str(warning.message).startswith(
-        "oneDNN matrix products are off (RuntimeError: its product differs from torch.mm's)"
-    )
+    out, message = _run_twice_one_warning(model, x)
+    assert message.startswith("oneDNN matrix products are off (RuntimeError: its product differs from torch.mm's)")
     torch.testing.assert_close(out[0], model.member(0)(x))
 
 
@@ -141,12 +145,7 @@ def test_an_op_that_fails_at_a_call_warns_once_and_the_product_is_torch_mms(monk
     torch.manual_seed(7)
     model = VectorizedEnsemble([6, 4, 2], 2)
     x = torch.randn(3, 6)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        out = model(x)
-        model(x)
-    (warning,) = caught
-    message = str(warning.message)
+    out, message = _run_twice_one_warning(model, x)
     assert message.startswith("oneDNN matrix products are off (RuntimeError: could not create a primitive)")
     assert "\n" not in message
     assert not onednn.usable(x)
