@@ -333,6 +333,23 @@ def test_the_kernel_is_warmed_before_the_memory_probe(name, n_members, warmed, m
     assert events.count("probe") == 1
 
 
+def test_onednn_is_checked_before_the_memory_probe(monkeypatch, one_thread):
+    """oneDNN's set-up is the process's memory, not training's: its first use comes before the probe."""
+    from bench_core import onednn
+
+    events = []
+    real_check = onednn._self_check
+    monkeypatch.setattr(onednn, "_self_check", lambda: events.append("check") or real_check())
+    start = measure.MemoryProbe.start
+    monkeypatch.setattr(measure.MemoryProbe, "start", lambda self: events.append("probe") or start(self))
+    onednn.reset()
+    try:
+        measure.measure_row(RowSpec("batchensemble-split", 2), BenchSettings(**{**TINY, "profile_steps": 0}))
+    finally:
+        onednn.reset()
+    assert events == ["check", "probe"]
+
+
 def test_targets_turn_by_turn():
     # Repeat i of every row of one E ran in turn i: each target's figure per turn, beside the medians' verdict.
     classic = {

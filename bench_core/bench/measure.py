@@ -140,6 +140,11 @@ def _measure_workbench(
         # Compiled before the memory probe starts: importing inductor is ~200 MiB of resident memory
         # that is the process's, not training's.
         kernels.warm_up(data.in_features, n_members, settings.hidden)
+    from bench_core import onednn
+
+    # Likewise oneDNN's first use, its check against torch.mm (the library's set-up: about 9 MiB of
+    # resident memory on this project's machine); each product shape's own set-up stays training's.
+    onednn.usable(data.x_train)
     probe = MemoryProbe(device)
     probe.start()
 
