@@ -16,9 +16,10 @@ Weights are stored ``[in, out]``, as in the paper, not ``nn.Linear``'s ``[out, i
 first layer's two large matrix products run fastest when their outputs are ``[E·out, B]`` and
 ``[in, E·out]`` (measured on this project's machine: 186-190 GFLOP/s against 140-143 for the
 transposed outputs), and a parameter in that layout takes its gradient without a transposing copy.
-Where oneDNN is faster than MKL (``bench_core.onednn``; on that machine 205-220 against 155-186
-GFLOP/s), the first layer's forward product goes through oneDNN on a CPU, which runs it fastest in
-the plain ``[B, E·out]`` layout, and so do split batching's per-member products of wide inputs.
+On a CPU the first layer's forward product goes through oneDNN where PyTorch has it
+(``bench_core.onednn``; on that machine 205-220 GFLOP/s at 2048³ against MKL's 155-186), which
+runs it fastest in the plain ``[B, E·out]`` layout, and so do split batching's per-member products
+of wide inputs; ``BENCH_ONEDNN=0`` keeps every product on ``torch.mm``.
 ``member(k)`` and ``as_linear(k)`` still return plain ``nn.Linear`` layers (``[out, in]``).
 """
 
