@@ -56,8 +56,8 @@ def gemm_rate(m: int, k: int, n: int, device: torch.device, warmup: int = 2, rep
     """Float32 FLOP/s of ``[m, k] @ [k, n]`` on ``device``: 2·m·k·n over the fastest of ``repeats`` timings.
 
     The fastest, not the median: the floor is meant as a bound the hardware can reach, and on a
-    shared machine other processes only ever make a product slower. ``torch.mm``, the routine
-    training's products go through (MKL on an x86 CPU, cuBLAS on CUDA).
+    shared machine other processes only ever make a product slower. ``torch.mm``, the routine most
+    of training's products go through (MKL on an x86 CPU, cuBLAS on CUDA).
     """
     a, b = _operands(m, k, n, device)
     return _fastest_rate(lambda: torch.mm(a, b), 2.0 * m * k * n, device, warmup, repeats)
@@ -69,7 +69,7 @@ def onednn_gemm_rate(m: int, k: int, n: int, warmup: int = 2, repeats: int = 9) 
     ``torch.ops.mkldnn._linear_pointwise`` is a private op (inductor's CPU linear), which the first
     layers' forward products use on a CPU (``bench_core.onednn``). On some CPUs oneDNN's float32
     product is faster than MKL's, which ``torch.mm`` runs: on this project's AMD EPYC, 2048³ ran
-    at 205-220 against 155-186 GFLOP/s. The floor takes the faster of the two rates.
+    at 205-220 against 155-194 GFLOP/s. The floor takes the faster of the two rates.
     """
     try:
         linear = torch.ops.mkldnn._linear_pointwise

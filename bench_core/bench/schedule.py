@@ -63,7 +63,7 @@ def machine_header(settings: BenchSettings) -> dict:
         "device": str(device),
         "matmul_flops_per_second": rate,
         "matmul_shape": f"{MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} float32",
-        # The same product through oneDNN (a private op training does not use; CPU only, None if absent).
+        # The same product through oneDNN (the first layer's forward on a CPU; CPU only, None if absent).
         "onednn_matmul_flops_per_second": onednn,
         # The floor's rate: the faster of the two, a bound the hardware reached (training uses both).
         "floor_flops_per_second": max(rate, onednn or 0.0),
