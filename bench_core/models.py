@@ -218,13 +218,8 @@ class _SharedInputLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias):
-        n_in, n_members, n_out = weight.shape
         ctx.save_for_backward(x, weight)
-        if onednn.usable(x):  # oneDNN's product is faster in the plain layout (bench_core.onednn)
-            z = onednn.matmul(x, weight.view(n_in, -1), bias.reshape(-1))  # (B, E*out)
-            return z.view(x.size(0), n_members, n_out).transpose(0, 1)  # (E, B, out)
-        z_t = torch.addmm(bias.reshape(-1, 1), weight.view(n_in, -1).t(), x.t())  # (E*out, B)
-        return z_t.view(n_members, n_out, -1).transpose(1, 2)  # (E, B, out)
+        return _members_product(x, weight, bias)  # (E, B, out)
 
     @staticmethod
     def backward(ctx, grad_y):
@@ -239,6 +234,22 @@ class _SharedInputLinear(torch.autograd.Function):
         if ctx.needs_input_grad[2]:
             grad_bias = grad_y.sum(1)  # (E, out)
         return grad_x, grad_weight, grad_bias
+
+
+def _members_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Every member's ``x @ weight[:, k] (+ bias[k])`` in one product: ``x [B, in]``, ``weight [in, E, out]``.
+
+    Returns ``[E, B, out]``, a transposed view. Through oneDNN where it is in use, in the plain
+    layout ``z = x W`` ``[B, E·out]``, which it runs fastest; otherwise MKL's fastest layout,
+    ``zᵀ = Wᵀ xᵀ`` ``[E·out, B]`` (``_SharedInputLinear``).
+    """
+    n_in, n_members, n_out = weight.shape
+    w = weight.view(n_in, -1)  # (in, E*out)
+    if onednn.usable(x):
+        z = onednn.matmul(x, w, None if bias is None else bias.reshape(-1))  # (B, E*out)
+        return z.view(x.size(0), n_members, n_out).transpose(0, 1)
+    z_t = w.t() @ x.t() if bias is None else torch.addmm(bias.reshape(-1, 1), w.t(), x.t())  # (E*out, B)
+    return z_t.view(n_members, n_out, -1).transpose(1, 2)
 
 
 ONEDNN_MIN_IN = 2048  # narrowest input whose per-member products go through oneDNN (shared_weight_product)
@@ -389,14 +400,7 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, r, s, bias):
-        n_members, n_in = r.shape
-        n_out = weight.size(1)
-        folded = _fold(weight, r)  # (in, E, out)
-        if onednn.usable(x):  # as _SharedInputLinear
-            z = onednn.matmul(x, folded.view(n_in, -1)).view(x.size(0), n_members, n_out).transpose(0, 1)
-        else:
-            z_t = folded.view(n_in, -1).t() @ x.t()  # (E*out, B)
-            z = z_t.view(n_members, n_out, -1).transpose(1, 2)  # (E, B, out)
+        z = _members_product(x, _fold(weight, r))  # (E, B, out)
         ctx.save_for_backward(x, weight, r, s, z)
         return torch.addcmul(bias.unsqueeze(1), z, s.unsqueeze(1))  # (E, B, out)
 
