@@ -34,6 +34,11 @@ def usable(x: torch.Tensor) -> bool:
         return False
     if os.environ.get(ENV_SWITCH, "1").strip() == "0":
         return False
+    return available()
+
+
+def available() -> bool:
+    """Whether this process has a working oneDNN product (checked once), whatever ``BENCH_ONEDNN`` says."""
     if not _state["checked"]:
         _self_check()
     return _state["failed"] is None

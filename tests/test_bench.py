@@ -123,22 +123,46 @@ def test_split_floor_is_a_single_models_with_the_first_layers_input_product():
 
 
 def test_onednn_rate_of_the_floors_product(monkeypatch):
+    from bench_core import onednn
     from bench_core.bench import flops
 
-    rate = onednn_gemm_rate(64, 48, 32, repeats=2)
-    assert rate is not None and rate > 0  # this torch (x86, MKL-DNN on) has the op
+    real = torch.ops.mkldnn._linear_pointwise
+    onednn.reset()  # each case checks the op afresh; what a case breaks is forgotten after the test
+    try:
+        rate = onednn_gemm_rate(64, 48, 32, repeats=2)
+        assert rate is not None and rate > 0  # this torch (x86, MKL-DNN on) has the op
 
-    def missing(*args):
-        raise RuntimeError("no kernel for this backend")
+        def missing(*args):
+            raise RuntimeError("no kernel for this backend")
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", missing)
-    assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None
+        onednn.reset()
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", missing)
+        with pytest.warns(RuntimeWarning, match="oneDNN matrix products are off"):
+            assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None
 
-    def wrong(x, weight, *args):  # a signature that changed meaning: its products are not x @ w
-        return torch.zeros(x.size(0), weight.size(0))
+        def wrong(x, weight, *args):  # a signature that changed meaning: its products are not x @ w
+            return torch.zeros(x.size(0), weight.size(0))
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", wrong)
-    assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None
+        onednn.reset()
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", wrong)
+        with pytest.warns(RuntimeWarning, match="differs from torch.mm's"):
+            assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None
+
+        calls = []
+
+        def fails_later(*args):
+            calls.append(1)
+            if len(calls) > 1:  # passes the check, then fails while timed
+                raise RuntimeError("could not create a primitive")
+            return real(*args)
+
+        onednn.reset()
+        monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", fails_later)
+        with pytest.warns(RuntimeWarning, match="could not create a primitive"):
+            assert flops.onednn_gemm_rate(64, 48, 32, repeats=2) is None, "torch.mm's time is not oneDNN's rate"
+    finally:
+        monkeypatch.undo()
+        onednn.reset()
 
 
 def test_onednn_lines_say_how_much_lower_the_floor_would_be():
