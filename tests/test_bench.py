@@ -201,6 +201,17 @@ def test_table_of_a_stored_run_with_and_without_onednn_rate():
     assert by_mm in taken
 
 
+def test_table_of_a_gpu_run_gives_the_floor_in_significant_figures():
+    """A GPU's floors are milliseconds: the note gives them to 3 significant figures, not as "0.01 s"."""
+    data = json.loads((Path(__file__).parent.parent / "docs/bench/h100-graph-e5-session9.json").read_text())
+    table = format_table(data["header"], data["rows"], data["targets"])
+    cv = next(r for r in data["rows"] if r["name"] == "classic-vectorized")
+    assert 0.001 < cv["floor_seconds"] < 0.01
+    assert f"computes, {cv['floor_seconds']:.3g} s at this rate" in table
+    assert f"{cv['floor_seconds_3x_forward']:.3g} s: it adds" in table
+    assert "computes, 0.01 s at" not in table and "oneDNN's product" not in table  # no oneDNN line on CUDA
+
+
 # --- comparisons and targets ---------------------------------------------------------------------
 
 

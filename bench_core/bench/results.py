@@ -240,9 +240,9 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         if cv is not None and "x_floor_3x_forward" in cv:
             lines.append(
                 f"  (classic vectorized's floor: strict, the products its training computes, "
-                f"{cv['floor_seconds']:.2f} s at this rate; "
+                f"{cv['floor_seconds']:.3g} s at this rate; "
                 f'3× forward, the usual count and the issue\'s "about 4 s", '
-                f"{cv['floor_seconds_3x_forward']:.2f} s: it adds the first layer's input gradient, "
+                f"{cv['floor_seconds_3x_forward']:.3g} s: it adds the first layer's input gradient, "
                 "which the classic ensemble never computes)"
             )
             q = onednn_ratio(header)
