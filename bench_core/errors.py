@@ -10,7 +10,8 @@ import warnings
 def warn_off(what: str, err: BaseException, instead: str) -> None:
     """One ``RuntimeWarning``: ``{what} are off ({type}: {err's first line}); {instead}``, on one line.
 
-    For optional fast paths that fail and fall back (``bench_core.kernels``, ``bench_core.onednn``).
+    For optional fast paths that fail and fall back (``bench_core.kernels``, ``bench_core.onednn``,
+    ``bench_core.optim``).
     """
     text = str(err).strip()
     reason = text.splitlines()[0] if text else type(err).__name__

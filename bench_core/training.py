@@ -26,6 +26,7 @@ from bench_core.config import TrainConfig
 from bench_core.devices import synchronize, tune_cpu_allocator
 from bench_core.errors import ConfigError, DivergedError
 from bench_core.models import BatchEnsembleMLP, SequentialEnsemble
+from bench_core.optim import AdamStep
 
 if TYPE_CHECKING:
     from bench_core.data import Dataset
@@ -153,6 +154,7 @@ class _Step:
 
     def __init__(self, model: nn.Module, opt: torch.optim.Optimizer, dataset: Dataset, split: bool, reduction: str):
         self.model, self.opt, self.split, self.reduction = model, opt, split, reduction
+        self.opt_step = AdamStep(opt)  # opt.step(), without Adam's Python on a CPU (bench_core.optim)
         self.x, self.y = dataset.x_train, dataset.y_train
         self.grads_kept = False  # after a CUDA graph capture the gradients must stay where they are
 
@@ -175,7 +177,7 @@ class _Step:
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
         self.opt.zero_grad(set_to_none=not self.grads_kept)
         member_losses = self.losses(idx)
-        self.opt.step()
+        self.opt_step()
         return member_losses
 
 

@@ -328,6 +328,16 @@ def test_step_parts_by_operator_and_ancestors():
         shares(dict.fromkeys(STEP_PARTS, 0.0))
 
 
+def test_adams_direct_step_is_adams_part():
+    """bench_core.optim's direct step has no optimizer record around it: its two ops are Adam's by name."""
+    step = _event("ProfilerStep#1", 50.0)
+    fused = _event("aten::_fused_adam_", 150.0, step)
+    counts = _event("aten::_foreach_add_", 4.0, step)
+    inside = _event("aten::empty", 1.0, fused)
+    assert [classify(e) for e in (fused, counts, inside)] == ["Adam"] * 3
+    assert classify(_event("aten::add_", 2.0, step)) == "element-wise and other operators"
+
+
 def test_step_parts_of_a_row_are_its_shares_of_the_timed_epoch():
     fractions = dict(zip(STEP_PARTS, (0.5, 0.2, 0.1, 0.05, 0.15), strict=True))
     row = {"epoch_seconds": 4.0, "step_shares": fractions}

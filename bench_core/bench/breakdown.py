@@ -8,7 +8,9 @@ The parts, by what each operator is and what it runs under (``classify``):
   loss (activations, the fast weights' scaling and folding, sums, views, copies), and the kernels
   compiled with ``torch.compile`` (``bench_core.kernels``) with their dispatch: the profiler records
   those as regions, not operators;
-- Adam: everything under the optimizer's ``step`` and ``zero_grad``, its Python included;
+- Adam: everything under the optimizer's ``step`` and ``zero_grad``, its Python included, and the
+  two ops of its direct CPU step (``bench_core.optim``: the step counts' ``_foreach_add_``, which
+  nothing else in training calls, and ``_fused_adam_``);
 - batch draw: the batch gathered by index (``index_select``) and the epoch's order (``randperm``);
 - Python and autograd: the rest, the time inside no operator: the training loop's and the model's
   Python and the autograd engine's own bookkeeping.
@@ -34,6 +36,7 @@ GEMM_OPS = frozenset(
     {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "mkldnn::_linear_pointwise"}
 )
 DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
+ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_fused_adamw_", "aten::_foreach_add_"})  # bench_core.optim's
 OPTIMIZER_PREFIX = "Optimizer."  # torch.optim's record_function names: "Optimizer.step#Adam.step", ...
 # A compiled function's call: dynamo's guard check, then its region (the generated kernels inside).
 COMPILED_PREFIXES = ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "## Call CompiledFxGraph")
@@ -58,7 +61,7 @@ def classify(event: ProfiledEvent) -> str:
     while node is not None:
         names.append(node.name)
         node = node.cpu_parent
-    if any(n.startswith(OPTIMIZER_PREFIX) for n in names):
+    if any(n.startswith(OPTIMIZER_PREFIX) or n in ADAM_OPS for n in names):
         return "Adam"
     if any(n in GEMM_OPS for n in names):
         return "matrix products"

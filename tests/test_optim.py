@@ -1,0 +1,198 @@
+"""Adam's direct CPU step (bench_core.optim) against torch.optim.Adam, and every case that falls back."""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+
+from bench_core import optim, training
+from bench_core.config import ModelConfig, TrainConfig
+from bench_core.data import make_synthetic
+from bench_core.models import build_model
+from bench_core.optim import AdamStep
+
+
+@pytest.fixture(autouse=True)
+def _fresh(monkeypatch):
+    monkeypatch.delenv(optim.ENV_SWITCH, raising=False)
+    optim.reset()
+    yield
+    optim.reset()
+
+
+def _model(seed: int = 0) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return build_model("classic", ModelConfig(hidden=8, ensemble_size=3), 12, 4)
+
+
+def _pair(**adam):
+    """Two equal models, each with a fused Adam: one stepped by AdamStep, one by opt.step()."""
+    a, b = _model(), _model()
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, fused=True, **adam)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, fused=True, **adam)
+    return a, opt_a, b, opt_b
+
+
+def _set_grads(models: list[torch.nn.Module], step: int) -> None:
+    gen = torch.Generator().manual_seed(step)
+    grads = [torch.randn(p.shape, generator=gen) for p in models[0].parameters()]
+    for m in models:
+        for p, g in zip(m.parameters(), grads, strict=True):
+            p.grad = g.clone()
+
+
+def _count_opt_steps(opt: torch.optim.Optimizer) -> list[int]:
+    calls = [0]
+    original = opt.step
+
+    def counted(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    opt.step = counted
+    return calls
+
+
+def _assert_same(a, opt_a, b, opt_b) -> None:
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+        sa, sb = opt_a.state[p], opt_b.state[q]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), key
+
+
+def test_direct_steps_equal_adams_bit_for_bit_and_skip_its_python():
+    a, opt_a, b, opt_b = _pair()
+    step = AdamStep(opt_a)
+    calls = _count_opt_steps(opt_a)
+    for i in range(6):
+        _set_grads([a, b], i)
+        step()
+        opt_b.step()
+    _assert_same(a, opt_a, b, opt_b)
+    assert calls[0] == 1  # the first step makes Adam's state; the other five are direct
+    assert float(opt_a.state[next(a.parameters())]["step"]) == 6
+
+
+def test_direct_steps_are_adam_within_rounding_of_the_plain_loop():
+    a, b = _model(), _model()
+    opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, fused=True)
+    opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, foreach=False)
+    step = AdamStep(opt_a)
+    for i in range(6):
+        _set_grads([a, b], i)
+        step()
+        opt_b.step()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+def test_a_new_lr_and_a_loaded_state_are_honoured():
+    a, opt_a, b, opt_b = _pair()
+    step = AdamStep(opt_a)
+    for i in range(3):
+        _set_grads([a, b], i)
+        step()
+        opt_b.step()
+    for opt in (opt_a, opt_b):
+        opt.param_groups[0]["lr"] = 3e-3
+    _set_grads([a, b], 3)
+    step()
+    opt_b.step()
+    _assert_same(a, opt_a, b, opt_b)
+    # A state loaded into both (new exp_avg tensors): the direct step reads the new ones.
+    state = opt_b.state_dict()
+    opt_a.load_state_dict(copy.deepcopy(state))  # a state_dict holds the optimizer's own tensors
+    opt_b.load_state_dict(copy.deepcopy(state))
+    for i in range(4, 6):
+        _set_grads([a, b], i)
+        step()
+        opt_b.step()
+    _assert_same(a, opt_a, b, opt_b)
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["switch off", "a parameter without a gradient", "a step hook", "amsgrad", "not fused", "two groups"],
+)
+def test_every_case_it_does_not_cover_runs_adams_own_step(case, monkeypatch):
+    adam = {"amsgrad": True} if case == "amsgrad" else {}
+    a, opt_a, b, opt_b = _pair(**adam)
+    if case == "not fused":
+        opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, foreach=False)
+        opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, foreach=False)
+    if case == "two groups":
+        first, *rest = list(a.parameters())
+        opt_a = torch.optim.Adam([{"params": [first]}, {"params": rest}], lr=1e-2, fused=True)
+        first, *rest = list(b.parameters())
+        opt_b = torch.optim.Adam([{"params": [first]}, {"params": rest}], lr=1e-2, fused=True)
+    if case == "switch off":
+        monkeypatch.setenv(optim.ENV_SWITCH, "0")
+    if case == "a step hook":
+        seen = []
+        opt_a.register_step_post_hook(lambda *args: seen.append(1))
+    step = AdamStep(opt_a)
+    calls = _count_opt_steps(opt_a)
+    for i in range(4):
+        _set_grads([a, b], i)
+        if case == "a parameter without a gradient":
+            next(a.parameters()).grad = None
+            next(b.parameters()).grad = None
+        step()
+        opt_b.step()
+    assert calls[0] == 4
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        assert torch.equal(p, q)
+    if case == "a step hook":
+        assert len(seen) == 4
+
+
+def test_a_failing_op_warns_once_puts_the_counts_back_and_adam_steps(monkeypatch):
+    a, opt_a, b, opt_b = _pair()
+    step = AdamStep(opt_a)
+    real = torch._fused_adam_
+    failures = [0]
+
+    def failing(*args, **kwargs):
+        if failures[0] == 0:  # the first call after the patch: AdamStep's
+            failures[0] += 1
+            raise RuntimeError("no such kernel\nsecond line")
+        return real(*args, **kwargs)
+
+    _set_grads([a, b], 0)
+    step()
+    opt_b.step()
+    monkeypatch.setattr(torch, "_fused_adam_", failing)
+    _set_grads([a, b], 1)
+    with pytest.warns(RuntimeWarning, match=r"^Adam's direct steps are off \(RuntimeError: no such kernel\); using"):
+        step()
+    opt_b.step()
+    assert failures[0] == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for i in range(2, 4):
+            _set_grads([a, b], i)
+            step()
+            opt_b.step()
+    _assert_same(a, opt_a, b, opt_b)  # the failed call's step count was put back, Adam counted it once
+
+
+def test_training_on_a_cpu_takes_the_direct_step(monkeypatch):
+    calls = [0]
+    real = optim._fused_step
+
+    def counted(*args):
+        calls[0] += 1
+        return real(*args)
+
+    monkeypatch.setattr(optim, "_fused_step", counted)
+    data = make_synthetic(96, 16, (1, 3, 4), 4, 0)
+    model = _model()
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=0, device="cpu")
+    records = [r for r in training.train(model, data, cfg, method="classic") if r.kind == "epoch"]
+    assert sum(r.steps for r in records) == 12
+    assert calls[0] == 11  # every step but the first, which made Adam's state
