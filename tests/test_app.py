@@ -513,6 +513,9 @@ def test_log_ticks_are_one_two_five_around_the_values():
     assert log_ticks([1.0, 5.0]) == [1.0, 2.0, 5.0]
     assert log_ticks([3.0]) == [2.0, 5.0]
     assert log_ticks([]) == []
+    # A GPU run's floor (9 ms) beside the seed's pipeline (19 s): 1-2-5 would be 12 ticks, so powers of ten.
+    assert log_ticks([0.0087, 19.1]) == [0.001, 0.01, 0.1, 1.0, 10.0, 100.0]
+    assert len(log_ticks([0.0765, 19.1])) == 9  # the most 1-2-5 ticks kept
 
 
 def test_progress_counts_epochs_and_the_current_one():
