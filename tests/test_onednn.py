@@ -8,14 +8,7 @@ import torch
 from bench_core import models, onednn
 from bench_core.models import BatchEnsembleMLP, VectorizedEnsemble, shared_weight_product
 
-
-@pytest.fixture(autouse=True)
-def fresh_state(monkeypatch):
-    """Each test checks the op afresh; whatever a test breaks is forgotten after it."""
-    monkeypatch.delenv(onednn.ENV_SWITCH, raising=False)
-    onednn.reset()
-    yield
-    onednn.reset()
+pytestmark = pytest.mark.usefixtures("fresh_fast_paths")  # each test checks afresh; what it breaks is forgotten
 
 
 def _require_op():

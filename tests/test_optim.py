@@ -14,13 +14,7 @@ from bench_core.data import make_synthetic
 from bench_core.models import build_model
 from bench_core.optim import AdamStep
 
-
-@pytest.fixture(autouse=True)
-def _fresh(monkeypatch):
-    monkeypatch.delenv(optim.ENV_SWITCH, raising=False)
-    optim.reset()
-    yield
-    optim.reset()
+pytestmark = pytest.mark.usefixtures("fresh_fast_paths")  # each test checks afresh; what it breaks is forgotten
 
 
 def _model(seed: int = 0) -> torch.nn.Module:
