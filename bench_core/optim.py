@@ -22,9 +22,13 @@ from __future__ import annotations
 import os
 
 import torch
-from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
 from bench_core.errors import warn_off
+
+try:  # where torch keeps the hooks registered for every optimizer (private; see _hooks)
+    from torch.optim import optimizer as _torch_optimizer
+except ImportError:  # pragma: no cover - a torch laid out otherwise: opt.step() always
+    _torch_optimizer = None
 
 ENV_SWITCH = "BENCH_FAST_ADAM"  # "0": every step through torch.optim.Adam.step
 
@@ -49,9 +53,7 @@ class AdamStep:
             return None
         if os.environ.get(ENV_SWITCH, "1").strip() == "0":
             return None
-        if opt._optimizer_step_pre_hooks or opt._optimizer_step_post_hooks:
-            return None
-        if _global_optimizer_pre_hooks or _global_optimizer_post_hooks or len(opt.param_groups) != 1:
+        if _hooks(opt) or len(opt.param_groups) != 1:
             return None
         group = opt.param_groups[0]
         if not group.get("fused") or any(group[k] for k in ("amsgrad", "maximize", "capturable", "differentiable")):
@@ -69,6 +71,21 @@ class AdamStep:
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
         )
+
+
+def _hooks(opt: torch.optim.Optimizer) -> bool:
+    """Whether a step hook is registered, on ``opt`` or for every optimizer.
+
+    True too where torch keeps them elsewhere than these private dicts: ``opt.step()``, which runs
+    them, is then the only safe call.
+    """
+    places = [
+        getattr(opt, "_optimizer_step_pre_hooks", None),
+        getattr(opt, "_optimizer_step_post_hooks", None),
+        getattr(_torch_optimizer, "_global_optimizer_pre_hooks", None),
+        getattr(_torch_optimizer, "_global_optimizer_post_hooks", None),
+    ]
+    return any(hooks is None or len(hooks) > 0 for hooks in places)
 
 
 def _fused_step(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> bool:

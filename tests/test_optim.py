@@ -7,6 +7,7 @@ import warnings
 
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from bench_core import optim, training
 from bench_core.config import ModelConfig, TrainConfig
@@ -111,7 +112,16 @@ def test_a_new_lr_and_a_loaded_state_are_honoured():
 
 @pytest.mark.parametrize(
     "case",
-    ["switch off", "a parameter without a gradient", "a step hook", "amsgrad", "not fused", "two groups"],
+    [
+        "switch off",
+        "a parameter without a gradient",
+        "a step hook",
+        "a global step hook",
+        "hooks kept elsewhere",
+        "amsgrad",
+        "not fused",
+        "two groups",
+    ],
 )
 def test_every_case_it_does_not_cover_runs_adams_own_step(case, monkeypatch):
     adam = {"amsgrad": True} if case == "amsgrad" else {}
@@ -126,9 +136,13 @@ def test_every_case_it_does_not_cover_runs_adams_own_step(case, monkeypatch):
         opt_b = torch.optim.Adam([{"params": [first]}, {"params": rest}], lr=1e-2, fused=True)
     if case == "switch off":
         monkeypatch.setenv(optim.ENV_SWITCH, "0")
+    seen = []
     if case == "a step hook":
-        seen = []
         opt_a.register_step_post_hook(lambda *args: seen.append(1))
+    if case == "a global step hook":  # runs for opt_b's steps too
+        handle = register_optimizer_step_post_hook(lambda opt, *args: seen.append(opt is opt_a))
+    if case == "hooks kept elsewhere":  # a torch that no longer keeps global hooks where this module looks
+        monkeypatch.setattr(optim, "_torch_optimizer", None)
     step = AdamStep(opt_a)
     calls = _count_opt_steps(opt_a)
     for i in range(4):
@@ -138,11 +152,15 @@ def test_every_case_it_does_not_cover_runs_adams_own_step(case, monkeypatch):
             next(b.parameters()).grad = None
         step()
         opt_b.step()
+    if case == "a global step hook":
+        handle.remove()
     assert calls[0] == 4
     for p, q in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(p, q)
     if case == "a step hook":
         assert len(seen) == 4
+    if case == "a global step hook":
+        assert seen.count(True) == 4 and seen.count(False) == 4
 
 
 def test_a_failing_op_warns_once_puts_the_counts_back_and_adam_steps(monkeypatch):
