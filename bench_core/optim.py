@@ -8,7 +8,7 @@ Adam's fused path calls, ``torch._foreach_add_`` on the step counts and ``torch.
 with lists read from the optimizer's own state at each call (so a loaded ``state_dict`` or a new
 ``lr`` is honoured); the result is Adam's bit for bit (tested). The optimizer stays a plain
 ``torch.optim.Adam``, and ``opt.step()`` runs instead wherever the direct call does not apply:
-not fused, CUDA (a CUDA graph replays the step there, so its Python costs nothing), step hooks,
+not fused, AdamW, CUDA (a CUDA graph replays the step there, so its Python costs nothing), step hooks,
 amsgrad, maximize, capturable, several parameter groups, a parameter without a gradient or state
 yet (the first step), parameters of mixed dtypes. ``_fused_adam_`` is private: should it fail, the
 step counts are put back, one warning says so and ``opt.step()`` runs from then on in the process.
@@ -57,6 +57,8 @@ class AdamStep:
             return None
         group = opt.param_groups[0]
         if not group.get("fused") or any(group[k] for k in ("amsgrad", "maximize", "capturable", "differentiable")):
+            return None
+        if group.get("decoupled_weight_decay"):  # AdamW (a subclass of Adam): its kernel is _fused_adamw_
             return None
         params = group["params"]
         if not params or any(p.device.type != "cpu" or p.dtype != params[0].dtype or p.grad is None for p in params):

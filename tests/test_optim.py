@@ -119,6 +119,7 @@ def test_a_new_lr_and_a_loaded_state_are_honoured():
         "a global step hook",
         "hooks kept elsewhere",
         "amsgrad",
+        "AdamW",
         "not fused",
         "two groups",
     ],
@@ -129,6 +130,9 @@ def test_every_case_it_does_not_cover_runs_adams_own_step(case, monkeypatch):
     if case == "not fused":
         opt_a = torch.optim.Adam(a.parameters(), lr=1e-2, foreach=False)
         opt_b = torch.optim.Adam(b.parameters(), lr=1e-2, foreach=False)
+    if case == "AdamW":  # a subclass of Adam whose decoupled weight decay is another kernel
+        opt_a = torch.optim.AdamW(a.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
+        opt_b = torch.optim.AdamW(b.parameters(), lr=1e-2, weight_decay=0.1, fused=True)
     if case == "two groups":
         first, *rest = list(a.parameters())
         opt_a = torch.optim.Adam([{"params": [first]}, {"params": rest}], lr=1e-2, fused=True)
