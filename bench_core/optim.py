@@ -27,7 +27,7 @@ from bench_core.errors import warn_off
 
 try:  # where torch keeps the hooks registered for every optimizer (private; see _hooks)
     from torch.optim import optimizer as _torch_optimizer
-except ImportError:  # pragma: no cover - a torch laid out otherwise: opt.step() always
+except ImportError:  # a torch laid out otherwise: opt.step() always (see _hooks)
     _torch_optimizer = None
 
 ENV_SWITCH = "BENCH_FAST_ADAM"  # "0": every step through torch.optim.Adam.step

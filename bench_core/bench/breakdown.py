@@ -36,7 +36,7 @@ GEMM_OPS = frozenset(
     {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "mkldnn::_linear_pointwise"}
 )
 DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
-ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_fused_adamw_", "aten::_foreach_add_"})  # bench_core.optim's
+ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_foreach_add_"})  # bench_core.optim's direct step
 OPTIMIZER_PREFIX = "Optimizer."  # torch.optim's record_function names: "Optimizer.step#Adam.step", ...
 # A compiled function's call: dynamo's guard check, then its region (the generated kernels inside).
 COMPILED_PREFIXES = ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "## Call CompiledFxGraph")
