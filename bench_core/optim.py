@@ -15,6 +15,11 @@ step counts are put back, one warning says so and ``opt.step()`` runs from then 
 ``BENCH_FAST_ADAM=0`` turns the direct call off. The profiler's breakdown of a step
 (``bench_core.bench.breakdown``) counts the two ops as Adam's by their names: a ``record_function``
 around them, as ``opt.step()`` has, took about a quarter of what the direct call saves.
+
+``clear_grads(opt)`` is ``opt.zero_grad(set_to_none=True)`` without its ``record_function``:
+inside training steps on that machine entering and leaving that profiler range took 0.09-0.12 ms
+per call (6 µs in a fresh process), ``zero_grad`` 0.10-0.14 ms against 0.015-0.02 ms for setting
+the gradients to None directly (ad-hoc timing, calls interleaved between split-batching steps).
 """
 
 from __future__ import annotations
@@ -73,6 +78,18 @@ class AdamStep:
             [s["exp_avg_sq"] for s in states],
             [s["step"] for s in states],
         )
+
+
+def clear_grads(opt: torch.optim.Optimizer) -> None:
+    """``opt.zero_grad(set_to_none=True)``: every parameter's gradient set to None, with no profiler range.
+
+    ``Optimizer.zero_grad`` runs no hooks; what it adds is a ``record_function`` (see the module's
+    docstring for its cost here) and, with ``set_to_none=False``, zeroing in place, which this does
+    not do (call ``opt.zero_grad(set_to_none=False)`` for that).
+    """
+    for group in opt.param_groups:
+        for p in group["params"]:
+            p.grad = None
 
 
 def _hooks(opt: torch.optim.Optimizer) -> bool:

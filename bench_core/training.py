@@ -26,7 +26,7 @@ from bench_core.config import TrainConfig
 from bench_core.devices import synchronize, tune_cpu_allocator
 from bench_core.errors import ConfigError, DivergedError
 from bench_core.models import BatchEnsembleMLP, SequentialEnsemble
-from bench_core.optim import AdamStep
+from bench_core.optim import AdamStep, clear_grads
 
 if TYPE_CHECKING:
     from bench_core.data import Dataset
@@ -175,7 +175,10 @@ class _Step:
         return member_losses.detach()
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
-        self.opt.zero_grad(set_to_none=not self.grads_kept)
+        if self.grads_kept:  # a CUDA graph's gradients: zeroed where they are
+            self.opt.zero_grad(set_to_none=False)
+        else:
+            clear_grads(self.opt)  # opt.zero_grad(set_to_none=True), without its profiler range
         member_losses = self.losses(idx)
         self.opt_step()
         return member_losses

@@ -10,7 +10,8 @@ The parts, by what each operator is and what it runs under (``classify``):
   those as regions, not operators;
 - Adam: everything under the optimizer's ``step`` and ``zero_grad``, its Python included, and the
   two ops of its direct CPU step (``bench_core.optim``: the step counts' ``_foreach_add_``, which
-  nothing else in training calls, and ``_fused_adam_``);
+  nothing else in training calls, and ``_fused_adam_``); CPU training drops the gradients with
+  ``bench_core.optim.clear_grads`` (no operator: Python), not ``zero_grad``;
 - batch draw: the batch gathered by index (``index_select``) and the epoch's order (``randperm``);
 - Python and autograd: the rest, the time inside no operator: the training loop's and the model's
   Python and the autograd engine's own bookkeeping.
