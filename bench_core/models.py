@@ -224,16 +224,32 @@ class _SharedInputLinear(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x, weight = ctx.saved_tensors
-        n_in, n_members, n_out = weight.shape
-        grad_z = grad_y.transpose(0, 1).reshape(x.size(0), -1)  # (B, E*out)
-        grad_x = grad_weight = grad_bias = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_z @ weight.view(n_in, -1).t()  # (B, in)
-        if ctx.needs_input_grad[1]:
-            grad_weight = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
-        if ctx.needs_input_grad[2]:
-            grad_bias = grad_y.sum(1)  # (E, out)
-        return grad_x, grad_weight, grad_bias
+        return shared_input_linear_grads(x, weight, grad_y, *ctx.needs_input_grad)
+
+
+def shared_input_linear_grads(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    grad_y: torch.Tensor,
+    need_x: bool = True,
+    need_w: bool = True,
+    need_b: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
+    """``shared_input_linear``'s gradients ``(dx [B, in], dW [in, E, out], db [E, out])`` from ``dy [E, B, out]``.
+
+    The weight gradient ``xᵀ dz`` comes out ``[in, E·out]``, the parameter's own layout (see
+    ``_SharedInputLinear``); a gradient not needed is None.
+    """
+    n_in, n_members, n_out = weight.shape
+    grad_z = grad_y.transpose(0, 1).reshape(x.size(0), -1)  # (B, E*out)
+    grad_x = grad_weight = grad_bias = None
+    if need_x:
+        grad_x = grad_z @ weight.view(n_in, -1).t()  # (B, in)
+    if need_w:
+        grad_weight = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
+    if need_b:
+        grad_bias = grad_y.sum(1)  # (E, out)
+    return grad_x, grad_weight, grad_bias
 
 
 def _members_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -400,26 +416,50 @@ class _SharedInputBatchEnsemble(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, r, s, bias):
-        z = _members_product(x, _fold(weight, r))  # (E, B, out)
+        y, z = shared_input_batchensemble(x, weight, r, s, bias)
         ctx.save_for_backward(x, weight, r, s, z)
-        return torch.addcmul(bias.unsqueeze(1), z, s.unsqueeze(1))  # (E, B, out)
+        return y
 
     @staticmethod
     def backward(ctx, grad_y):
         x, weight, r, s, z = ctx.saved_tensors
-        n_members, n_in = r.shape
-        n_out = weight.size(1)
-        grad_bias = grad_y.sum(1)  # (E, out)
-        grad_s = (grad_y * z).sum(1)  # (E, out)
-        grad_z = grad_y.new_empty(x.size(0), n_members, n_out)  # (B, E, out): written as [E, B, out]
-        torch.mul(grad_y, s.unsqueeze(1), out=grad_z.transpose(0, 1))  # one pass, no transposing copy
-        grad_z = grad_z.view(x.size(0), -1)  # (B, E*out)
-        grad_folded = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
-        grad_weight, grad_r = _fold_grads(grad_folded, weight, r)  # (in, out), (E, in)
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            grad_x = grad_z @ _fold(weight, r).view(n_in, -1).t()  # (B, in)
-        return grad_x, grad_weight, grad_r, grad_s, grad_bias
+        return shared_input_batchensemble_grads(x, weight, r, s, z, grad_y, need_x=ctx.needs_input_grad[0])
+
+
+def shared_input_batchensemble(
+    x: torch.Tensor, weight: torch.Tensor, r: torch.Tensor, s: torch.Tensor, bias: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A BatchEnsemble layer on a shared input ``x [B, in]``: ``(y, z)``, both ``[E, B, out]``, ``y = z ∘ s + b``.
+
+    ``z``, every member's product before ``s``, is what the backward needs (``_SharedInputBatchEnsemble``).
+    """
+    z = _members_product(x, _fold(weight, r))  # (E, B, out)
+    return torch.addcmul(bias.unsqueeze(1), z, s.unsqueeze(1)), z  # (E, B, out)
+
+
+def shared_input_batchensemble_grads(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    r: torch.Tensor,
+    s: torch.Tensor,
+    z: torch.Tensor,
+    grad_y: torch.Tensor,
+    need_x: bool = True,
+) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``shared_input_batchensemble``'s gradients ``(dx, dW, dr, ds, db)`` from ``dy [E, B, out]`` (dx if asked)."""
+    n_members, n_in = r.shape
+    n_out = weight.size(1)
+    grad_bias = grad_y.sum(1)  # (E, out)
+    grad_s = (grad_y * z).sum(1)  # (E, out)
+    grad_z = grad_y.new_empty(x.size(0), n_members, n_out)  # (B, E, out): written as [E, B, out]
+    torch.mul(grad_y, s.unsqueeze(1), out=grad_z.transpose(0, 1))  # one pass, no transposing copy
+    grad_z = grad_z.view(x.size(0), -1)  # (B, E*out)
+    grad_folded = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
+    grad_weight, grad_r = _fold_grads(grad_folded, weight, r)  # (in, out), (E, in)
+    grad_x = None
+    if need_x:
+        grad_x = grad_z @ _fold(weight, r).view(n_in, -1).t()  # (B, in)
+    return grad_x, grad_weight, grad_r, grad_s, grad_bias
 
 
 FOLD_GRAD_ROWS = 512  # CPU, eager: input rows per block of _fold_grads; an [512, E, out] block stays in cache

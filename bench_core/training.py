@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from bench_core import manual
 from bench_core.config import TrainConfig
 from bench_core.devices import synchronize, tune_cpu_allocator
 from bench_core.errors import ConfigError, DivergedError
@@ -166,6 +167,8 @@ class _Step:
             n_members = self.model.ensemble_size
             xb = xb.view(n_members, -1, xb.size(1))  # (E, b, D)
             yb = yb.view(n_members, -1)  # (E, b)
+        if manual.applies(self.model, xb):  # CPU, the workbench's own models: the same gradients, no autograd graph
+            return manual.forward_backward(self.model, xb, yb, self.reduction)
         logits = self.model(xb)  # (E, B, C), or (B, C) for one sequential member
         if logits.dim() == 2:
             logits = logits.unsqueeze(0)

@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bench_core import manual
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.data import make_synthetic
 from bench_core.errors import ConfigError, DivergedError
@@ -144,27 +145,33 @@ def test_batch_plan_split_rejects_a_batch_smaller_than_the_ensemble():
         batch_plan(100, 4, 5, "split")
 
 
-def test_split_batching_gives_each_member_its_own_slice(tiny):
-    model = _model("batchensemble", tiny)
+def _spy_first_input(model, monkeypatch) -> list[tuple[int, ...]]:
+    """Shapes of the batches the first layer gets: through its forward (autograd) or the hand-written step."""
     seen = []
-    layer = model.layers[0]
-    original = layer.forward
+    original = model.layers[0].forward
+    model.layers[0].forward = lambda x: seen.append(tuple(x.shape)) or original(x)
+    real = manual.forward_backward
+    monkeypatch.setattr(manual, "forward_backward", lambda m, x, *a: seen.append(tuple(x.shape)) or real(m, x, *a))
+    return seen
 
-    def spy(x):
-        seen.append(tuple(x.shape))
-        return original(x)
 
-    layer.forward = spy
+@pytest.mark.parametrize("autograd", [False, True], ids=["hand-written", "autograd"])
+def test_split_batching_gives_each_member_its_own_slice(tiny, autograd, monkeypatch):
+    if autograd:
+        monkeypatch.setenv(manual.ENV_SWITCH, "0")
+    model = _model("batchensemble", tiny)
+    seen = _spy_first_input(model, monkeypatch)
     _run(model, tiny, batching="split", epochs=1, batch_size=60)
     assert seen[0] == (3, 20, tiny.in_features)
 
 
-def test_split_batching_with_one_member_is_repeat_batching(tiny):
+@pytest.mark.parametrize("autograd", [False, True], ids=["hand-written", "autograd"])
+def test_split_batching_with_one_member_is_repeat_batching(tiny, autograd, monkeypatch):
     """E = 1: the member's slice is the whole batch; it trains as with repeat batching, input shared."""
+    if autograd:
+        monkeypatch.setenv(manual.ENV_SWITCH, "0")
     split, repeat = _model("batchensemble", tiny, ensemble_size=1), _model("batchensemble", tiny, ensemble_size=1)
-    seen = []
-    original = split.layers[0].forward
-    split.layers[0].forward = lambda x: seen.append(tuple(x.shape)) or original(x)
+    seen = _spy_first_input(split, monkeypatch)
     rec_split = _run(split, tiny, batching="split", batch_size=60)
     rec_repeat = _run(repeat, tiny, batching="repeat", batch_size=60)
     assert seen[0] == (60, tiny.in_features)

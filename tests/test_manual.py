@@ -1,0 +1,205 @@
+"""The hand-written training step (bench_core.manual): bit for bit autograd's, and the cases it leaves to autograd."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bench_core import kernels, manual, onednn, training
+from bench_core.config import ModelConfig, TrainConfig
+from bench_core.data import make_synthetic
+from bench_core.models import build_model
+
+pytestmark = pytest.mark.usefixtures("fresh_fast_paths")
+
+
+def _model(method: str, in_features: int, depth: int = 2, ensemble_size: int = 3, seed: int = 0, **cfg):
+    torch.manual_seed(seed)
+    config = ModelConfig(hidden=8, depth=depth, ensemble_size=ensemble_size, **cfg)
+    return build_model(method, config, in_features, 5)
+
+
+def _batch(model, in_features: int, split: bool, dtype=torch.float32, seed: int = 1):
+    gen = torch.Generator().manual_seed(seed)
+    n_members = model.ensemble_size
+    x = torch.randn(4 * n_members, in_features, generator=gen, dtype=dtype)
+    y = torch.randint(0, 5, (4 * n_members,), generator=gen)
+    if split:
+        return x.view(n_members, 4, in_features), y.view(n_members, 4)
+    return x, y
+
+
+def _autograd(model, x, y, reduction):
+    model.zero_grad(set_to_none=True)
+    member_losses = training.per_member_cross_entropy(model(x), y)
+    (member_losses.sum() if reduction == "sum" else member_losses.mean()).backward()
+    return member_losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _hand_written(model, x, y, reduction):
+    model.zero_grad(set_to_none=True)
+    assert manual.applies(model, x)
+    member_losses = manual.forward_backward(model, x, y, reduction)
+    return member_losses, {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+def _assert_bit_equal(got, want) -> None:
+    assert torch.equal(got[0], want[0]), "member losses"
+    assert got[1].keys() == want[1].keys()
+    for name, grad in want[1].items():
+        assert torch.equal(got[1][name], grad), name
+
+
+CASES = [
+    # method, batching, input width, depth, members
+    ("classic", "repeat", 12, 2, 3),
+    ("classic", "repeat", 12, 0, 3),  # one layer: the logits are the first layer's transposed output
+    ("classic", "repeat", 12, 1, 1),
+    ("batchensemble", "repeat", 12, 2, 3),
+    ("batchensemble", "repeat", 12, 0, 2),
+    ("batchensemble", "repeat", 12, 2, 1),
+    ("batchensemble", "split", 12, 2, 3),
+    ("batchensemble", "split", 12, 0, 2),
+    ("batchensemble", "split", 2048, 1, 2),  # wide enough for split's per-member products through oneDNN
+]
+
+
+@pytest.mark.parametrize(("method", "batching", "width", "depth", "members"), CASES)
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_losses_and_gradients_equal_autograds_bit_for_bit(method, batching, width, depth, members, reduction):
+    model = _model(method, width, depth=depth, ensemble_size=members)
+    x, y = _batch(model, width, batching == "split")
+    _assert_bit_equal(_hand_written(model, x, y, reduction), _autograd(model, x, y, reduction))
+
+
+@pytest.mark.parametrize("switch", ["BENCH_ONEDNN", "BENCH_COMPILE"])
+@pytest.mark.parametrize("batching", ["repeat", "split"])
+def test_equal_with_onednn_or_the_compiled_kernel_switched_off(switch, batching, monkeypatch):
+    monkeypatch.setenv(switch, "0")
+    model = _model("batchensemble", 2048, depth=1, ensemble_size=2)
+    x, y = _batch(model, 2048, batching == "split")
+    _assert_bit_equal(_hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean"))
+    if switch == "BENCH_ONEDNN":
+        assert not onednn.usable(x)
+    else:
+        assert not kernels.enabled()
+
+
+def test_float64_models_equal_autograd():
+    model = _model("batchensemble", 12).double()
+    x, y = _batch(model, 12, True, dtype=torch.float64)
+    _assert_bit_equal(_hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean"))
+
+
+def test_a_gradient_already_there_is_replaced_not_added_to():
+    model = _model("classic", 12)
+    x, y = _batch(model, 12, False)
+    want = _autograd(model, x, y, "sum")
+    for p in model.parameters():
+        p.grad = torch.full_like(p, 7.0)
+    got = manual.forward_backward(model, x, y, "sum")
+    assert torch.equal(got, want[0])
+    for name, p in model.named_parameters():
+        assert torch.equal(p.grad, want[1][name]), name
+
+
+@pytest.mark.parametrize("method", ["classic", "batchensemble"])
+@pytest.mark.parametrize("batching", ["repeat", "split"])
+def test_training_equals_autograds_training_bit_for_bit(method, batching, monkeypatch):
+    data = make_synthetic(96, 16, (1, 3, 4), 4, 0)
+    cfg = TrainConfig(epochs=2, batch_size=16, seed=0, device="cpu")
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(manual.ENV_SWITCH, switch)
+        torch.manual_seed(0)
+        model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
+        records = [r for r in training.train(model, data, cfg, method=method, batching=batching) if r.kind == "epoch"]
+        runs.append(([r.member_loss for r in records], [p.detach().clone() for p in model.parameters()]))
+    assert runs[0][0] == runs[1][0]
+    for a, b in zip(runs[0][1], runs[1][1], strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("method", ["classic", "batchensemble"])
+def test_a_cpu_training_step_builds_no_autograd_graph(method):
+    data = make_synthetic(64, 16, (1, 3, 4), 4, 0)
+    torch.manual_seed(0)
+    model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
+    opt = training.make_optimizer(model.parameters(), 1e-2, torch.device("cpu"))
+    step = training._Step(model, opt, data, False, training.loss_reduction(model))
+    idx = torch.arange(16)
+    step(idx)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        step(idx)
+    names = {e.key for e in prof.key_averages()}
+    assert not any(n.startswith("autograd::engine") for n in names), sorted(names)
+    assert all(p.grad is not None for p in model.parameters())
+
+
+def _hook_cases():
+    def forward_hook(model):
+        model.layers[0].register_forward_hook(lambda *a: None)
+
+    def pre_hook(model):
+        model.register_forward_pre_hook(lambda *a: None)
+
+    def tensor_hook(model):
+        model.layers[1].weight.register_hook(lambda g: g)
+
+    def accumulate_hook(model):
+        model.layers[1].r.register_post_accumulate_grad_hook(lambda p: None)
+
+    def frozen(model):
+        model.layers[0].weight.requires_grad_(False)
+
+    return {f.__name__: f for f in (forward_hook, pre_hook, tensor_hook, accumulate_hook, frozen)}
+
+
+@pytest.mark.parametrize("case", sorted(_hook_cases()))
+def test_hooks_and_frozen_parameters_go_through_autograd(case):
+    model = _model("batchensemble", 12)
+    x, _ = _batch(model, 12, False)
+    assert manual.applies(model, x)
+    _hook_cases()[case](model)
+    assert not manual.applies(model, x)
+
+
+def test_a_global_module_hook_goes_through_autograd():
+    model = _model("classic", 12)
+    x, _ = _batch(model, 12, False)
+    handle = torch.nn.modules.module.register_module_forward_hook(lambda *a: None)
+    try:
+        assert not manual.applies(model, x)
+    finally:
+        handle.remove()
+    assert manual.applies(model, x)
+
+
+def test_what_it_does_not_cover(monkeypatch):
+    x = torch.randn(6, 12)
+    assert not manual.applies(_model("single", 12), x)
+    assert not manual.applies(_model("classic", 12, classic_mode="sequential"), x)
+    classic = _model("classic", 12)
+    assert not manual.applies(classic, x.view(3, 2, 12)), "per-member batches of the classic ensemble"
+    assert not manual.applies(classic, x.to("meta")), "another device than the CPU"
+    with torch.no_grad():
+        assert not manual.applies(classic, x)
+    monkeypatch.setenv(manual.ENV_SWITCH, "0")
+    assert not manual.applies(classic, x)
+
+
+def test_a_training_step_with_a_hook_runs_it():
+    data = make_synthetic(64, 16, (1, 3, 4), 4, 0)
+    model = _model("batchensemble", 12)
+    calls = []
+    model.layers[0].register_forward_hook(lambda *a: calls.append(1))
+    opt = training.make_optimizer(model.parameters(), 1e-2, torch.device("cpu"))
+    training._Step(model, opt, data, True, "mean")(torch.arange(15))
+    assert calls == [1]
+
+
+def test_split_batches_of_the_wrong_member_count_are_refused():
+    model = _model("batchensemble", 12, ensemble_size=3)
+    x = torch.randn(2, 4, 12)
+    with pytest.raises(ValueError, match=r"expected input \[B, D\] or \[3, B, D\]"):
+        manual.forward_backward(model, x, torch.zeros(2, 4, dtype=torch.long), "mean")
