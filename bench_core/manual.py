@@ -4,16 +4,19 @@ A CPU training step of these MLPs is a few large products and a few dozen small 
 autograd each operator also records a graph node, saves its inputs and is replayed by the engine
 with its own bookkeeping. ``forward_backward`` computes the same gradients directly: the
 operators autograd would run for these layers (the same products in the same layouts, oneDNN's
-and the compiled BatchEnsemble kernel included), nothing recorded. The results equal autograd's
-to float32 rounding (tests against autograd for every model, batching and path). On this
-project's machine (2 cores, AMD EPYC) whole steps with the two ways interleaved step by step in one
-process took, per step, about 0.95× as long for the classic ensemble (vectorized) and 0.9× for
-BatchEnsemble with split batching (ad-hoc A/B; the README gives the figures).
+and the compiled BatchEnsemble kernel included), nothing recorded. Losses and gradients equal autograd's bit
+for bit (tests for every model, batching and path; the loss's gradient goes through the same
+``_log_softmax_backward_data``), so training is unchanged to the last bit. On this project's
+machine (2 cores, AMD EPYC), with the two ways interleaved step by step in one process, a step
+took about 0.96× as long for the classic ensemble (vectorized) and BatchEnsemble (repeat) and
+0.92× for BatchEnsemble with split batching (ad-hoc A/B; the README gives the figures).
 
-Covered: ``VectorizedEnsemble`` on a shared batch ``[B, D]`` and ``BatchEnsembleMLP`` with either
-batching, on a CPU, every parameter trainable, no hooks on the model or its parameters. Anything
-else (a plain ``nn.Sequential`` member, CUDA, where a graph replays the step and its Python costs
-nothing, a hook, ``BENCH_MANUAL_BACKWARD=0``) goes through autograd as before: ``applies`` says which.
+Covered: ``VectorizedEnsemble`` on a shared batch ``[B, D]``, ``BatchEnsembleMLP`` with either
+batching, and MLPs of plain ``nn.Linear`` layers as ``models.build_mlp`` makes them (``SingleMLP``,
+each member of the sequential classic ensemble), on a CPU, every parameter trainable, no hooks on
+the model or its parameters. Anything else (another module, CUDA, where a graph replays the step
+and its Python costs nothing, a hook, ``BENCH_MANUAL_BACKWARD=0``) goes through autograd as
+before: ``applies`` says which.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench_core import models, onednn
-from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, VectorizedEnsemble
+from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
 
@@ -34,10 +37,12 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``forward_backward`` covers this model and batch (see the module's docstring)."""
     if x.device.type != "cpu" or os.environ.get(ENV_SWITCH, "1").strip() == "0":
         return False
-    if isinstance(model, VectorizedEnsemble):
-        if x.dim() != 2:
+    if isinstance(model, BatchEnsembleMLP):
+        pass  # either batching
+    elif isinstance(model, VectorizedEnsemble) or _plain_mlp(model) is not None:
+        if x.dim() != 2:  # a batch shared by the members (one MLP: its batch)
             return False
-    elif not isinstance(model, BatchEnsembleMLP):
+    else:
         return False
     if not torch.is_grad_enabled():
         return False
@@ -45,18 +50,26 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
 
 
 def _hooked(model: nn.Module) -> bool:
-    """A module or parameter hook, or a global module hook: only autograd and ``Module.__call__`` run them."""
+    """A module or parameter hook, a global module hook or a frozen parameter: autograd's business.
+
+    Walks ``_modules`` and ``_parameters`` directly: ``modules()`` and ``parameters()`` took about
+    0.08 ms per step here, a quarter of what the hand-written step saves.
+    """
     glob = nn.modules.module
     for name in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks"):
         if getattr(glob, name, None):
             return True
-    for module in model.modules():
-        for name in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
-            if getattr(module, name, None):
-                return True
-    for p in model.parameters():
-        if not p.requires_grad or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None):
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks:
             return True
+        for p in module._parameters.values():
+            if p is not None and (
+                not p.requires_grad or p._backward_hooks or getattr(p, "_post_accumulate_grad_hooks", None)
+            ):
+                return True
+        stack.extend(m for m in module._modules.values() if m is not None)
     return False
 
 
@@ -71,7 +84,9 @@ def forward_backward(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, re
     with torch.no_grad():
         if isinstance(model, VectorizedEnsemble):
             return _vectorized(model, x, labels, reduction)
-        return _batchensemble(model, x, labels, reduction)
+        if isinstance(model, BatchEnsembleMLP):
+            return _batchensemble(model, x, labels, reduction)
+        return _plain(_plain_mlp(model), x, labels, reduction)
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -105,6 +120,37 @@ def _vectorized(model: VectorizedEnsemble, x: torch.Tensor, labels: torch.Tensor
         weights[li].grad = torch.bmm(a.transpose(1, 2), grad)  # (E, in, out)
         grad = torch.ops.aten.threshold_backward(torch.bmm(grad, weights[li].transpose(1, 2)), a, 0)  # through the ReLU
     _, weights[0].grad, biases[0].grad = models.shared_input_linear_grads(x, weights[0], grad, need_x=False)
+    return member_losses
+
+
+def _plain_mlp(model: nn.Module) -> list[nn.Linear] | None:
+    """The Linear layers of an MLP as ``models.build_mlp`` makes it (Linear, ReLU, ..., Linear), else None."""
+    seq = model.net if isinstance(model, SingleMLP) else model
+    if not isinstance(seq, nn.Sequential) or len(seq) % 2 == 0:
+        return None
+    layers = list(seq)
+    if any(type(m) is not nn.Linear for m in layers[::2]) or any(type(m) is not nn.ReLU for m in layers[1::2]):
+        return None
+    return layers[::2]
+
+
+def _plain(linears: list[nn.Linear], x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """One MLP of ``nn.Linear`` layers (``[out, in]`` weights): a single MLP, or one sequential classic member."""
+    inputs = [x]  # each layer's input
+    h = x
+    for li, lin in enumerate(linears):
+        if li > 0:
+            h = torch.relu(h)
+            inputs.append(h)
+        h = torch.addmm(lin.bias, h, lin.weight.t())  # (B, out), as nn.Linear runs it
+    member_losses, grad = _loss_and_grad(h.unsqueeze(0), labels, reduction)
+    grad = grad[0]  # (B, C)
+    for li in range(len(linears) - 1, -1, -1):
+        lin, a = linears[li], inputs[li]
+        lin.bias.grad = grad.sum(0)
+        lin.weight.grad = grad.t().mm(a)  # (out, in): the parameter's layout, as autograd makes it
+        if li > 0:
+            grad = torch.ops.aten.threshold_backward(grad.mm(lin.weight), a, 0)  # through the ReLU
     return member_losses
 
 

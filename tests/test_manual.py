@@ -31,7 +31,8 @@ def _batch(model, in_features: int, split: bool, dtype=torch.float32, seed: int 
 
 def _autograd(model, x, y, reduction):
     model.zero_grad(set_to_none=True)
-    member_losses = training.per_member_cross_entropy(model(x), y)
+    logits = model(x)
+    member_losses = training.per_member_cross_entropy(logits if logits.dim() == 3 else logits.unsqueeze(0), y)
     (member_losses.sum() if reduction == "sum" else member_losses.mean()).backward()
     return member_losses.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
@@ -52,6 +53,8 @@ def _assert_bit_equal(got, want) -> None:
 
 CASES = [
     # method, batching, input width, depth, members
+    ("single", "repeat", 12, 2, 1),
+    ("single", "repeat", 12, 0, 1),
     ("classic", "repeat", 12, 2, 3),
     ("classic", "repeat", 12, 0, 3),  # one layer: the logits are the first layer's transposed output
     ("classic", "repeat", 12, 1, 1),
@@ -103,16 +106,24 @@ def test_a_gradient_already_there_is_replaced_not_added_to():
         assert torch.equal(p.grad, want[1][name]), name
 
 
-@pytest.mark.parametrize("method", ["classic", "batchensemble"])
-@pytest.mark.parametrize("batching", ["repeat", "split"])
-def test_training_equals_autograds_training_bit_for_bit(method, batching, monkeypatch):
+@pytest.mark.parametrize(
+    ("method", "mode", "batching"),
+    [
+        ("single", "vectorized", "repeat"),
+        ("classic", "sequential", "repeat"),
+        ("classic", "vectorized", "repeat"),
+        ("batchensemble", "vectorized", "repeat"),
+        ("batchensemble", "vectorized", "split"),
+    ],
+)
+def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, monkeypatch):
     data = make_synthetic(96, 16, (1, 3, 4), 4, 0)
     cfg = TrainConfig(epochs=2, batch_size=16, seed=0, device="cpu")
     runs = []
     for switch in ("1", "0"):
         monkeypatch.setenv(manual.ENV_SWITCH, switch)
         torch.manual_seed(0)
-        model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
+        model = build_model(method, ModelConfig(hidden=8, ensemble_size=3, classic_mode=mode), 12, 4)
         records = [r for r in training.train(model, data, cfg, method=method, batching=batching) if r.kind == "epoch"]
         runs.append(([r.member_loss for r in records], [p.detach().clone() for p in model.parameters()]))
     assert runs[0][0] == runs[1][0]
@@ -120,11 +131,15 @@ def test_training_equals_autograds_training_bit_for_bit(method, batching, monkey
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("method", ["classic", "batchensemble"])
+@pytest.mark.parametrize("method", ["single", "classic", "sequential", "batchensemble"])
 def test_a_cpu_training_step_builds_no_autograd_graph(method):
     data = make_synthetic(64, 16, (1, 3, 4), 4, 0)
     torch.manual_seed(0)
-    model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
+    if method == "sequential":  # training steps each member, an nn.Sequential, on its own
+        model = build_model("classic", ModelConfig(hidden=8, ensemble_size=3, classic_mode="sequential"), 12, 4)
+        model = model.members[0]
+    else:
+        model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
     opt = training.make_optimizer(model.parameters(), 1e-2, torch.device("cpu"))
     step = training._Step(model, opt, data, False, training.loss_reduction(model))
     idx = torch.arange(16)
@@ -175,10 +190,20 @@ def test_a_global_module_hook_goes_through_autograd():
     assert manual.applies(model, x)
 
 
+def test_sequential_members_equal_autograd_bit_for_bit():
+    """The sequential classic ensemble trains each member, a plain MLP, with its own step."""
+    model = _model("classic", 12, classic_mode="sequential")
+    x, y = _batch(model, 12, False)
+    for member in model.members:
+        _assert_bit_equal(_hand_written(member, x, y, "sum"), _autograd(member, x, y, "sum"))
+
+
 def test_what_it_does_not_cover(monkeypatch):
     x = torch.randn(6, 12)
-    assert not manual.applies(_model("single", 12), x)
-    assert not manual.applies(_model("classic", 12, classic_mode="sequential"), x)
+    assert not manual.applies(_model("classic", 12, classic_mode="sequential"), x), "the members are trained, not it"
+    assert not manual.applies(torch.nn.Sequential(torch.nn.Linear(12, 4), torch.nn.Tanh(), torch.nn.Linear(4, 5)), x)
+    assert not manual.applies(torch.nn.Sequential(torch.nn.Linear(12, 4), torch.nn.ReLU()), x)
+    assert not manual.applies(_model("single", 12), x.view(1, 6, 12))
     classic = _model("classic", 12)
     assert not manual.applies(classic, x.view(3, 2, 12)), "per-member batches of the classic ensemble"
     assert not manual.applies(classic, x.to("meta")), "another device than the CPU"

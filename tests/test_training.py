@@ -7,7 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench_core import manual
+from bench_core import manual, training
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.data import make_synthetic
 from bench_core.errors import ConfigError, DivergedError
@@ -99,19 +99,19 @@ def test_stop_before_training_gives_a_stopped_record(tiny):
     assert all(math.isnan(v) for v in records[0].member_loss)
 
 
-def test_sequential_stop_marks_unreached_members(tiny):
+def test_sequential_stop_marks_unreached_members(tiny, monkeypatch):
     stop = threading.Event()
     model = _model("classic", tiny, classic_mode="sequential")
     calls = {"n": 0}
-    forward = model.members[0].forward
+    losses = training._Step.losses
 
-    def counting(x):
+    def counting(self, idx):  # member 0's fourth step asks to stop
         calls["n"] += 1
         if calls["n"] == 4:
             stop.set()
-        return forward(x)
+        return losses(self, idx)
 
-    model.members[0].forward = counting
+    monkeypatch.setattr(training._Step, "losses", counting)
     records = list(train(model, tiny, TrainConfig(epochs=2, batch_size=64), method="c", stop=stop))
     last = records[-1]
     assert last.stopped
