@@ -108,6 +108,7 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -
 
 def _vectorized(model: VectorizedEnsemble, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     weights, biases = list(model.weights), list(model.biases)
+    models._check_shared_input(x, weights[0].size(0))
     h = models._members_product(x, weights[0], biases[0])  # (E, B, out), as shared_input_linear
     inputs = []  # each later layer's input: the ReLU of the layer before
     for li in range(1, len(weights)):
@@ -161,7 +162,8 @@ def _batchensemble(model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tenso
     for li, layer in enumerate(layers):
         if li > 0:
             h = torch.relu(h)
-        if h.dim() == 2:  # the first layer on a shared batch (repeat batching)
+        if h.dim() == 2:  # the first layer on a shared batch (repeat batching): h is x
+            models._check_shared_input(h, layer.in_features)
             h, z = models.shared_input_batchensemble(h, layer.weight, layer.r, layer.s, layer.bias)
             saved.append((x, z))
         else:
@@ -180,10 +182,8 @@ def _batchensemble(model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tenso
         else:
             inp, xr, z = saved[li]
             grad = _per_member_backward(layer, grad, inp, xr, z, need_input=li > 0)
-        if li > 0:
-            grad = torch.ops.aten.threshold_backward(
-                grad, saved[li][0], 0
-            )  # through the ReLU: its output is this layer's input
+        if li > 0:  # through the ReLU before this layer: its output is this layer's input
+            grad = torch.ops.aten.threshold_backward(grad, saved[li][0], 0)
     return member_losses
 
 

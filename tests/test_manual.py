@@ -228,3 +228,13 @@ def test_split_batches_of_the_wrong_member_count_are_refused():
     x = torch.randn(2, 4, 12)
     with pytest.raises(ValueError, match=r"expected input \[B, D\] or \[3, B, D\]"):
         manual.forward_backward(model, x, torch.zeros(2, 4, dtype=torch.long), "mean")
+
+
+@pytest.mark.parametrize("method", ["classic", "batchensemble"])
+def test_a_batch_of_the_wrong_width_is_refused_as_the_models_forward_refuses_it(method):
+    model = _model(method, 12)
+    x = torch.randn(6, 11)
+    with pytest.raises(ValueError, match=r"expected input \[B, 12\]"):
+        model(x)
+    with pytest.raises(ValueError, match=r"expected input \[B, 12\]"):
+        manual.forward_backward(model, x, torch.zeros(6, dtype=torch.long), "sum")
