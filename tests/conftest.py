@@ -23,3 +23,23 @@ def fresh_fast_paths(monkeypatch):
     yield
     for module in (onednn, optim):
         module.reset()
+
+
+@pytest.fixture
+def profiled_step():
+    """``profiled_step(model, data)``: one CPU training step (``training._Step``, shared batches of 16),
+    then a second under ``torch.profiler``; returns the second's event names and the step."""
+    import torch
+
+    from bench_core import training
+
+    def run(model, data):
+        opt = training.make_optimizer(model.parameters(), 1e-2, torch.device("cpu"))
+        step = training._Step(model, opt, data, False, training.loss_reduction(model))
+        idx = torch.arange(16)
+        step(idx)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            step(idx)
+        return {e.key for e in prof.key_averages()}, step
+
+    return run

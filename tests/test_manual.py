@@ -132,7 +132,7 @@ def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, 
 
 
 @pytest.mark.parametrize("method", ["single", "classic", "sequential", "batchensemble"])
-def test_a_cpu_training_step_builds_no_autograd_graph(method):
+def test_a_cpu_training_step_builds_no_autograd_graph(method, profiled_step):
     data = make_synthetic(64, 16, (1, 3, 4), 4, 0)
     torch.manual_seed(0)
     if method == "sequential":  # training steps each member, an nn.Sequential, on its own
@@ -140,13 +140,7 @@ def test_a_cpu_training_step_builds_no_autograd_graph(method):
         model = model.members[0]
     else:
         model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
-    opt = training.make_optimizer(model.parameters(), 1e-2, torch.device("cpu"))
-    step = training._Step(model, opt, data, False, training.loss_reduction(model))
-    idx = torch.arange(16)
-    step(idx)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step(idx)
-    names = {e.key for e in prof.key_averages()}
+    names, _ = profiled_step(model, data)
     assert not any(n.startswith("autograd::engine") for n in names), sorted(names)
     assert all(p.grad is not None for p in model.parameters())
 

@@ -225,18 +225,11 @@ def test_clear_grads_sets_every_gradient_to_none_in_every_group():
     assert all(p.grad is None for p in params)
 
 
-def test_training_steps_clear_gradients_without_zero_grads_profiler_range():
+def test_training_steps_clear_gradients_without_zero_grads_profiler_range(profiled_step):
     """``opt.zero_grad`` opens a profiler range that cost ~0.1 ms per step here; training's CPU steps skip it."""
-    data = make_synthetic(64, 16, (1, 3, 4), 4, 0)
     model = _model()
-    opt = training.make_optimizer(model.parameters(), 1e-2, torch.device("cpu"))
-    step = training._Step(model, opt, data, False, training.loss_reduction(model))
-    idx = torch.arange(16)
-    step(idx)
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        step(idx)
-    names = {e.key for e in prof.key_averages()}
+    names, step = profiled_step(model, make_synthetic(64, 16, (1, 3, 4), 4, 0))
     assert not any(n.startswith("Optimizer.zero_grad") for n in names), names
     grads = [p.grad for p in model.parameters()]
-    step(idx)  # the step before's gradients were dropped, not accumulated into
+    step(torch.arange(16))  # the step before's gradients were dropped, not accumulated into
     assert all(p.grad is not None and p.grad is not g for p, g in zip(model.parameters(), grads, strict=True))
