@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -209,7 +210,10 @@ def launch(settings: BenchSettings) -> None:
             env=jobs.worker_env(),
             start_new_session=True,
         )
+    previous = st.session_state.get(JOB_KEY)
     st.session_state[JOB_KEY] = SpeedJob(proc, folder, settings.to_dict())
+    if previous is not None and not previous.running():  # its files are read by no one now
+        shutil.rmtree(previous.folder, ignore_errors=True)
     st.rerun()  # draw the settings locked
 
 

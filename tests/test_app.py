@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -276,6 +277,11 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert "× faster than reference" not in table.value.columns, "no reference rows were run"
     signature, _ = at.session_state["speed_built_views"]
     assert signature == ((job.started, 2), True), "the live view's figures are kept until a row comes"
+    at.button(key="speed_start").click().run()  # a second run: the first one's files are removed
+    second = at.session_state["speed_job"]
+    assert second.folder != job.folder and not job.folder.exists() and second.folder.exists()
+    assert second.proc.wait(timeout=WORKER_TIMEOUT_S) == 0, second.log_path.read_text()[-2000:]
+    shutil.rmtree(second.folder)
 
 
 @pytest.mark.parametrize(
