@@ -165,33 +165,38 @@ def _batchensemble(model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tenso
         if h.dim() == 2:  # the first layer on a shared batch (repeat batching): h is x
             models._check_shared_input(h, layer.in_features)
             h, z = models.shared_input_batchensemble(h, layer.weight, layer.r, layer.s, layer.bias)
-            saved.append((x, z))
+            saved.append(("shared", x, z))
         else:
-            _check_members(h, model.ensemble_size)
+            models._check_members_dim(h, model.ensemble_size)
             inp = h
-            h, xr, z = _per_member_forward(layer, inp)
-            saved.append((inp, xr, z))
+            h, xr, z, via_onednn = _per_member_forward(layer, inp)
+            saved.append(("per member", inp, xr, z, via_onednn))
     member_losses, grad = _loss_and_grad(h.contiguous(), labels, reduction)
     for li in range(len(layers) - 1, -1, -1):
         layer = layers[li]
-        if len(saved[li]) == 2:  # shared first layer
-            x_in, z = saved[li]
+        kind, inp, *rest = saved[li]
+        if kind == "shared":
             _, layer.weight.grad, layer.r.grad, layer.s.grad, layer.bias.grad = models.shared_input_batchensemble_grads(
-                x_in, layer.weight, layer.r, layer.s, z, grad, need_x=False
+                inp, layer.weight, layer.r, layer.s, *rest, grad, need_x=False
             )
         else:
-            inp, xr, z = saved[li]
-            grad = _per_member_backward(layer, grad, inp, xr, z, need_input=li > 0)
+            grad = _per_member_backward(layer, grad, inp, *rest, need_input=li > 0)
         if li > 0:  # through the ReLU before this layer: its output is this layer's input
-            grad = torch.ops.aten.threshold_backward(grad, saved[li][0], 0)
+            grad = torch.ops.aten.threshold_backward(grad, inp, 0)
     return member_losses
 
 
-def _per_member_forward(layer: BatchEnsembleLinear, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``BatchEnsembleLinear.forward`` on ``h [E, b, in]``: ``(y [E, b, out], x∘r [E·b, in], z [E, b, out])``."""
+def _per_member_forward(
+    layer: BatchEnsembleLinear, h: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """``BatchEnsembleLinear.forward`` on ``h [E, b, in]``: ``(y [E, b, out], x∘r [E·b, in], z [E, b, out], oneDNN)``.
+
+    The last: whether the products go through oneDNN, as ``shared_weight_product`` decides (``models.through_onednn``).
+    """
     xr = (h * layer.r.unsqueeze(1)).reshape(-1, layer.in_features)  # (E*b, in)
-    z = _product(xr, layer.weight, _wide(layer)).view(layer.ensemble_size, -1, layer.out_features)  # (E, b, out)
-    return torch.addcmul(layer.bias.unsqueeze(1), z, layer.s.unsqueeze(1)), xr, z
+    via_onednn = models.through_onednn(xr)
+    z = _product(xr, layer.weight, via_onednn).view(layer.ensemble_size, -1, layer.out_features)  # (E, b, out)
+    return torch.addcmul(layer.bias.unsqueeze(1), z, layer.s.unsqueeze(1)), xr, z, via_onednn
 
 
 def _per_member_backward(
@@ -200,6 +205,7 @@ def _per_member_backward(
     h: torch.Tensor,
     xr: torch.Tensor,
     z: torch.Tensor,
+    via_onednn: bool,
     need_input: bool,
 ) -> torch.Tensor | None:
     """Sets the layer's four gradients from ``dy [E, b, out]``; returns ``dh [E, b, in]`` when asked."""
@@ -207,21 +213,11 @@ def _per_member_backward(
     layer.s.grad = (grad_y * z).sum(1)  # (E, out)
     grad_z = (grad_y * layer.s.unsqueeze(1)).view(-1, layer.out_features)  # (E*b, out)
     layer.weight.grad = xr.t() @ grad_z  # (in, out), as shared_weight_product's backward
-    grad_xr = _product(grad_z, layer.weight.t(), _wide(layer)).view_as(h)  # (E, b, in): r's gradient needs it
+    grad_xr = _product(grad_z, layer.weight.t(), via_onednn).view_as(h)  # (E, b, in): r's gradient needs it
     layer.r.grad = (grad_xr * h).sum(1)  # (E, in)
     return grad_xr.mul_(layer.r.unsqueeze(1)) if need_input else None
 
 
-def _wide(layer: BatchEnsembleLinear) -> bool:
-    """Whether ``shared_weight_product`` takes this layer's forward and input gradient through oneDNN (where usable)."""
-    return layer.in_features >= models.ONEDNN_MIN_IN
-
-
-def _product(a: torch.Tensor, b: torch.Tensor, wide: bool) -> torch.Tensor:
-    """``a @ b`` as ``shared_weight_product`` makes it: through oneDNN for a wide layer where it is usable."""
-    return onednn.matmul(a, b) if wide and onednn.usable(a) else a @ b
-
-
-def _check_members(h: torch.Tensor, ensemble_size: int) -> None:
-    if h.dim() != 3 or h.size(0) != ensemble_size:
-        raise ValueError(f"expected input [B, D] or [{ensemble_size}, B, D], got {tuple(h.shape)}")
+def _product(a: torch.Tensor, b: torch.Tensor, via_onednn: bool) -> torch.Tensor:
+    """``a @ b``, through oneDNN where ``shared_weight_product`` would take it there."""
+    return onednn.matmul(a, b) if via_onednn else a @ b

@@ -281,9 +281,14 @@ def shared_weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     1.0-1.08×, the hidden 128 × 128 1.2-1.7×: the function's own overhead; ad-hoc micro-benchmark
     on this project's machine). Elsewhere: ``x @ weight`` through autograd.
     """
-    if x.size(-1) >= ONEDNN_MIN_IN and onednn.usable(x):
+    if through_onednn(x):
         return _SharedWeightProduct.apply(x, weight)
     return x @ weight
+
+
+def through_onednn(x: torch.Tensor) -> bool:
+    """Whether ``shared_weight_product`` takes ``x``'s forward and input gradient through oneDNN."""
+    return x.size(-1) >= ONEDNN_MIN_IN and onednn.usable(x)
 
 
 class _SharedWeightProduct(torch.autograd.Function):
