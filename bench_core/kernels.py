@@ -9,7 +9,8 @@ weights' gradient ``G [in, E, out]`` to ``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, ou
 
 The kernel is compiled with dynamic shapes, but dynamo keeps the sizes of parameters (W, r)
 static, so once per model size in a process (a training worker or a benchmark row trains one;
-1.5 s with inductor's on-disk cache warm, 3-5 s cold, on that machine; importing inductor adds
+3.4-4.1 s with inductor's on-disk cache warm, about half of it importing dynamo and inductor,
+more cold, on that machine (``runner`` says so while a run waits for it); importing inductor adds
 about 200 MiB of resident memory), at the first ``warm_up`` or the first use. Where it cannot be
 compiled (no C++ compiler, a Python that ``torch.compile`` does not support) it warns once and the
 eager code runs instead; the environment variable ``BENCH_COMPILE=0`` turns it off. Only CPU
@@ -105,6 +106,11 @@ def run_fold_grads(
     except Exception as err:  # a compile error surfaces at the first call
         disable(err)
         return None
+
+
+def is_warm(in_features: int, ensemble_size: int, out_features: int, dtype: torch.dtype = torch.float32) -> bool:
+    """Whether ``warm_up`` for these sizes has nothing left to do (or nothing it may do: compiled code off)."""
+    return not enabled() or (in_features, ensemble_size, out_features, dtype) in _state["warmed"]
 
 
 def warm_up(in_features: int, ensemble_size: int, out_features: int, dtype: torch.dtype = torch.float32) -> bool:

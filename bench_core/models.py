@@ -535,8 +535,15 @@ class BatchEnsembleMLP(nn.Module):
 
         Returns True when the compiled kernel is in use (see ``bench_core.kernels``).
         """
+        return kernels.warm_up(*self._kernel_sizes())
+
+    def kernels_warm(self) -> bool:
+        """Whether ``warm_up_kernels`` would return at once (done in this process, or compiled code off)."""
+        return kernels.is_warm(*self._kernel_sizes())
+
+    def _kernel_sizes(self) -> tuple[int, int, int, torch.dtype]:
         first = self.layers[0]
-        return kernels.warm_up(first.in_features, self.ensemble_size, first.out_features, first.weight.dtype)
+        return first.in_features, self.ensemble_size, first.out_features, first.weight.dtype
 
     def member(self, k: int) -> nn.Sequential:
         """Member k as a plain MLP of ``nn.Linear`` layers."""

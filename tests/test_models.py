@@ -304,9 +304,11 @@ def test_fold_grads_compiled_and_eager_match_the_definition(shape, monkeypatch):
     compiled = kernels.run_fold_grads(g, w, r)
     assert compiled is not None, "the kernel compiled and ran"
     assert kernels.warm_up(*shape) and kernels.warm_up(*shape), "warmed, then remembered"
-    assert (*shape, torch.float32) in kernels._state["warmed"]
+    assert (*shape, torch.float32) in kernels._state["warmed"] and kernels.is_warm(*shape)
+    assert not kernels.is_warm(17, 3, 5), "a size never run here would compile"
     monkeypatch.setenv(kernels.ENV_SWITCH, "0")
     assert kernels.run_fold_grads(g, w, r) is None, "switched off: the caller runs its eager code"
+    assert kernels.is_warm(17, 3, 5), "switched off: nothing to compile"
     eager = models._fold_grads(g, w, r)
     for got in (compiled, eager):
         assert [t.shape for t in got] == [(shape[0], shape[2]), (shape[1], shape[0])]

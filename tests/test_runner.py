@@ -179,3 +179,43 @@ def _tiny_data():
     from bench_core.data import make_synthetic
 
     return make_synthetic(800, 200, shape=(1, 6, 6), num_classes=10)
+
+
+@pytest.mark.parametrize(("be_batching", "compiles"), [("repeat", True), ("split", False)])
+def test_a_batchensemble_run_says_while_its_cpu_kernel_compiles(store, monkeypatch, be_batching, compiles):
+    """The kernel's compile (seconds) is a phase and the run's note, cleared once it is compiled."""
+    import bench_core.runner as runner
+    from bench_core.models import BatchEnsembleMLP
+
+    notes_while_compiling = []
+    monkeypatch.setattr(BatchEnsembleMLP, "kernels_warm", lambda self: False)  # as in a fresh worker
+    monkeypatch.setattr(
+        BatchEnsembleMLP,
+        "warm_up_kernels",
+        lambda self: notes_while_compiling.append(store.list_runs()[0]["note"]) or True,
+    )
+    cfg = tiny_config()
+    cfg.model.be_batching = be_batching
+    events = list(run_experiment(cfg, store=store, source="test"))
+    messages = [e.message for e in events if e.kind == "phase"]
+    if compiles:
+        # The runner's call, with the note up; train's own call after it finds the kernel warm.
+        assert notes_while_compiling[0] == runner.COMPILING_NOTE
+        be_training = messages.index("training BatchEnsemble (repeat)")
+        assert messages[be_training + 1] == runner.COMPILING_NOTE
+        compiling = next(i for i, e in enumerate(events) if e.kind == "phase" and e.message == runner.COMPILING_NOTE)
+        assert compiling < next(i for i, e in enumerate(events) if e.kind == "epoch" and e.method == "batchensemble")
+    else:  # split batching with members: no kernel to compile
+        assert runner.COMPILING_NOTE not in messages
+    assert store.list_runs()[0]["note"] is None
+    assert events[-1].status == "finished"
+
+
+def test_no_compile_phase_where_compiled_kernels_are_off(store, monkeypatch):
+    import bench_core.runner as runner
+    from bench_core import kernels
+
+    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    events = list(run_experiment(tiny_config(), store=store, source="test"))
+    assert runner.COMPILING_NOTE not in [e.message for e in events if e.kind == "phase"]
+    assert events[-1].status == "finished"
