@@ -198,7 +198,7 @@ def launch(settings: BenchSettings) -> None:
     try:
         settings.validate()
     except BenchError as err:
-        st.error(str(err), icon="🛑")
+        st.error(str(err), icon=":material/error:")
         return
     folder = Path(tempfile.mkdtemp(prefix="bench-speed-"))
     with open(folder / "log.txt", "wb") as log:
@@ -472,16 +472,16 @@ def live_view(was_running: bool) -> None:
         head = st.columns([4, 1])
         state = "stopping…" if job.stop_requested else last["message"]
         head[0].progress(min(1.0, float(last["fraction"])), text=f"{state} · elapsed {hms(time.time() - job.started)}")
-        if head[1].button("⏹ Stop", key="speed_stop", disabled=job.stop_requested):
+        if head[1].button("Stop", key="speed_stop", icon=":material/stop:", disabled=job.stop_requested):
             job.proc.terminate()  # SIGTERM: the benchmark stops and writes what it measured
             job.stop_requested = True
             st.rerun(scope="fragment")
     elif job.error():
-        st.error(f"The benchmark failed: {job.error()}", icon="❌")
+        st.error(f"The benchmark failed: {job.error()}", icon=":material/error:")
     elif done is not None and done.get("stopped"):
-        st.warning("The benchmark was stopped; these are the rows measured before.", icon="⏹️")
+        st.warning("The benchmark was stopped; these are the rows measured before.", icon=":material/stop_circle:")
     elif done is not None:
-        st.success(f"Done in {hms(time.time() - job.started)}.", icon="✅")
+        st.success(f"Done in {hms(time.time() - job.started)}.", icon=":material/check_circle:")
     results_view(header, rows, done.get("targets") if done else None, signature=(job.started, len(rows)))
 
 
@@ -500,7 +500,7 @@ job_running = job is not None and job.running()
 bench_settings = settings_widgets(locked=job_running)
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")
-if st.button("▶ Run benchmark", type="primary", disabled=job_running, key="speed_start"):
+if st.button("Run benchmark", type="primary", icon=":material/play_arrow:", disabled=job_running, key="speed_start"):
     launch(bench_settings)
 
 with st.expander("Show results saved by the command line (`--json`)"):
@@ -510,7 +510,8 @@ with st.expander("Show results saved by the command line (`--json`)"):
             saved = json.loads(upload.getvalue())
             results_view(saved["header"], saved["rows"], saved.get("targets"), key="upload")
         except (ValueError, KeyError, TypeError) as err:
-            st.error(f"That is not a file written by `python -m bench_core bench --json`: {err}", icon="🛑")
+            not_bench = f"That is not a file written by `python -m bench_core bench --json`: {err}"
+            st.error(not_bench, icon=":material/error:")
 
 if job is not None:
     st.divider()

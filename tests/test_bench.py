@@ -366,15 +366,22 @@ def test_profiled_steps_of_a_real_row(one_thread):
 def test_the_kernel_is_warmed_before_the_memory_probe(name, n_members, warmed, monkeypatch, one_thread):
     """Importing inductor is resident memory of the process, not of training: a row that training
     would compile the kernel for (repeat batching, and split with one member, which trains as
-    repeat) compiles it before its memory probe starts; split with members compiles nothing."""
+    repeat) compiles it before its memory probe starts, and says so in its progress; split with
+    members compiles nothing."""
     from bench_core import kernels
 
     events = []
+    monkeypatch.setattr(kernels, "is_warm", lambda *args: False)  # as in the row's fresh process
     monkeypatch.setattr(kernels, "warm_up", lambda *args, **kwargs: events.append("warm") or False)
     start = measure.MemoryProbe.start
     monkeypatch.setattr(measure.MemoryProbe, "start", lambda self: events.append("probe") or start(self))
-    measure.measure_row(RowSpec(name, n_members), BenchSettings(**{**TINY, "profile_steps": 0}))
-    assert events[:2] == (["warm", "probe"] if warmed else ["probe"])
+
+    def report(fraction, message):
+        if "compiling" in message:
+            events.append("says so")
+
+    measure.measure_row(RowSpec(name, n_members), BenchSettings(**{**TINY, "profile_steps": 0}), report)
+    assert events[:3] == (["says so", "warm", "probe"] if warmed else ["probe"])
     assert events.count("probe") == 1
 
 

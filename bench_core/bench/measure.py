@@ -139,6 +139,8 @@ def _measure_workbench(
 
         # Compiled before the memory probe starts: importing inductor is ~200 MiB of resident memory
         # that is the process's, not training's.
+        if not kernels.is_warm(data.in_features, n_members, settings.hidden):
+            report(0.0, "compiling BatchEnsemble's CPU kernel")  # seconds with nothing else to show
         kernels.warm_up(data.in_features, n_members, settings.hidden)
     from bench_core import onednn
 
