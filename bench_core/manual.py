@@ -9,7 +9,7 @@ for bit (tests for every model, batching and path; the loss's gradient goes thro
 ``_log_softmax_backward_data``), so training is unchanged to the last bit. On this project's
 machine (2 cores, AMD EPYC), with the two ways interleaved step by step in one process, a step
 took about 0.96× as long for the classic ensemble (vectorized) and BatchEnsemble (repeat) and
-0.92× for BatchEnsemble with split batching (ad-hoc A/B; the README gives the figures).
+0.92× for BatchEnsemble with split batching (ad-hoc A/B; docs/speed-log.md gives the figures).
 
 Covered: ``VectorizedEnsemble`` on a shared batch ``[B, D]``, ``BatchEnsembleMLP`` with either
 batching, and MLPs of plain ``nn.Linear`` layers as ``models.build_mlp`` makes them (``SingleMLP``,
