@@ -1,12 +1,11 @@
 """CPU kernels compiled with ``torch.compile`` once per model size in a process, and the switch that turns them off.
 
 One kernel today: BatchEnsemble's first-layer gradient reductions (``fold_grads``), from the folded
-weights' gradient ``G [E, out, in]`` to ``dW = Σ_k G_k ∘ 1 r_kᵀ`` ``[out, in]`` and
+weights' gradient ``G [in, E, out]`` to ``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and
 ``dr_k = Σ_o G_k ∘ W`` ``[E, in]``. Eager PyTorch makes each one a product that writes an
-``[E, out, in]`` temporary and a sum that reads it back; inductor fuses each into one loop over
+``[in, E, out]`` temporary and a sum that reads it back; inductor fuses each into one loop over
 ``G``, and on this project's machine (2 cores, AMD EPYC) both together took 0.14-0.19 ms against
-0.68-0.91 ms for the eager ones in blocks kept in cache (in 3072, E 5, out 128, with the
-``[in, E, out]`` layout before; ad-hoc timing).
+0.68-0.91 ms for the eager ones in blocks of cached rows (in 3072, E 5, out 128; ad-hoc timing).
 
 The kernel is compiled with dynamic shapes, but dynamo keeps the sizes of parameters (W, r)
 static, so once per model size in a process (a training worker or a benchmark row trains one;
@@ -43,23 +42,10 @@ def enabled() -> bool:
 def fold_grads_eager_fused(
     grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dW [out, in], dr [E, in])`` from ``G [E, out, in]``, as plain tensor operations (what is compiled).
-
-    ``dr`` sums over the outputs in two stages, ``parts`` groups first: compiled, the first stage
-    runs E·parts rows in parallel instead of E (five, on two cores), and took 0.39-0.42 against
-    0.52-0.58 ms with ``G`` just written and 0.67-0.97 against 0.81-1.11 ms evicted (in 3072, E 5,
-    out 128; ad-hoc micro-benchmark on this project's machine).
-    """
-    n_members, n_out, n_in = grad_folded.shape
-    grad_weight = (grad_folded * r.unsqueeze(1)).sum(0)  # (out, in)
-    parts = _reduction_parts(n_out)
-    products = (grad_folded * weight.unsqueeze(0)).view(n_members, parts, n_out // parts, n_in)
-    return grad_weight, products.sum(2).sum(1)  # (E, in)
-
-
-def _reduction_parts(n_out: int) -> int:
-    """The largest divisor of ``n_out`` up to 8: how many groups ``fold_grads_eager_fused`` sums ``dr`` in."""
-    return max(d for d in range(1, 9) if n_out % d == 0)
+    """``(dW [in, out], dr [E, in])`` from ``G [in, E, out]``, as plain tensor operations (what is compiled)."""
+    grad_weight = (grad_folded * r.t().unsqueeze(2)).sum(1)  # (in, out)
+    grad_r = (grad_folded * weight.unsqueeze(1)).sum(2)  # (in, E)
+    return grad_weight, grad_r.t().contiguous()  # (E, in)
 
 
 def fold_grads() -> Callable | None:
@@ -137,8 +123,8 @@ def warm_up(in_features: int, ensemble_size: int, out_features: int, dtype: torc
     key = (in_features, ensemble_size, out_features, dtype)
     if key in _state["warmed"] and enabled() and _state["kernel"] is not None:
         return True
-    g = torch.zeros(ensemble_size, out_features, in_features, dtype=dtype)
-    w = torch.nn.Parameter(torch.zeros(out_features, in_features, dtype=dtype))
+    g = torch.zeros(in_features, ensemble_size, out_features, dtype=dtype)
+    w = torch.nn.Parameter(torch.zeros(in_features, out_features, dtype=dtype))
     r = torch.nn.Parameter(torch.zeros(ensemble_size, in_features, dtype=dtype))
     with torch.no_grad():
         in_use = run_fold_grads(g, w, r) is not None

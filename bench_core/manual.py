@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_core import models
+from bench_core import models, onednn
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
@@ -108,7 +108,7 @@ def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -
 
 def _vectorized(model: VectorizedEnsemble, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     weights, biases = list(model.weights), list(model.biases)
-    models._check_shared_input(x, weights[0].size(2))
+    models._check_shared_input(x, weights[0].size(0))
     h = models._members_product(x, weights[0], biases[0])  # (E, B, out), as shared_input_linear
     inputs = []  # each later layer's input: the ReLU of the layer before
     for li in range(1, len(weights)):
@@ -195,7 +195,7 @@ def _per_member_forward(
     """
     xr = (h * layer.r.unsqueeze(1)).reshape(-1, layer.in_features)  # (E*b, in)
     via_onednn = models.through_onednn(xr)
-    z = models.weight_product(xr, layer.weight, via_onednn).view(layer.ensemble_size, -1, layer.out_features)
+    z = _product(xr, layer.weight, via_onednn).view(layer.ensemble_size, -1, layer.out_features)  # (E, b, out)
     return torch.addcmul(layer.bias.unsqueeze(1), z, layer.s.unsqueeze(1)), xr, z, via_onednn
 
 
@@ -212,8 +212,12 @@ def _per_member_backward(
     layer.bias.grad = grad_y.sum(1)  # (E, out)
     layer.s.grad = (grad_y * z).sum(1)  # (E, out)
     grad_z = (grad_y * layer.s.unsqueeze(1)).view(-1, layer.out_features)  # (E*b, out)
-    # dxr (r's gradient needs it) and dW [out, in], as shared_weight_product's backward makes them
-    grad_xr, layer.weight.grad = models.weight_product_grads(xr, layer.weight, grad_z, via_onednn)
-    grad_xr = grad_xr.view_as(h)  # (E, b, in)
+    layer.weight.grad = xr.t() @ grad_z  # (in, out), as shared_weight_product's backward
+    grad_xr = _product(grad_z, layer.weight.t(), via_onednn).view_as(h)  # (E, b, in): r's gradient needs it
     layer.r.grad = (grad_xr * h).sum(1)  # (E, in)
     return grad_xr.mul_(layer.r.unsqueeze(1)) if need_input else None
+
+
+def _product(a: torch.Tensor, b: torch.Tensor, via_onednn: bool) -> torch.Tensor:
+    """``a @ b``, through oneDNN where ``shared_weight_product`` would take it there."""
+    return onednn.matmul(a, b) if via_onednn else a @ b

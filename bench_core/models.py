@@ -3,24 +3,24 @@
 Every model takes ``x`` shaped ``[B, D]`` (one batch shared by all members) or ``[E, B, D]``
 (one batch per member) and returns logits shaped ``[E, B, C]``; a single MLP has E = 1.
 
-BatchEnsemble (Wen, Tran & Ba, ICLR 2020): one shared weight ``W``, per member an input-side
-fast weight ``r_k [in]``, an output-side fast weight ``s_k [out]`` and a bias ``b_k [out]``. In the
-paper's ``[in, out]`` terms member k's weight is ``W ∘ (r_k s_kᵀ)``, so for a row vector x
+BatchEnsemble (Wen, Tran & Ba, ICLR 2020): one shared weight ``W [in, out]`` (the paper's layout),
+per member an input-side fast weight ``r_k [in]``, an output-side fast weight ``s_k [out]`` and a
+bias ``b_k [out]``. Member k's weight is ``W ∘ (r_k s_kᵀ)``, so for a row vector x
 
     y_k = x (W ∘ r_k s_kᵀ) + b_k = s_k ∘ ((r_k ∘ x) W) + b_k
 
 which is the paper's ``φ((W ∘ r_i s_iᵀ)ᵀ x)``: ``r`` multiplies the input, ``s`` the output. (The
 seed notebook swaps the two names and shares one bias.)
 
-The first layer's weights are stored as ``nn.Linear`` stores them, ``[out, in]`` (BatchEnsemble's
-``W``; the classic ensemble's members stacked ``[E, out, in]``), so that its products on a CPU go
-through oneDNN (``bench_core.onednn``, which PyTorch's CPU build carries; on this project's machine
-205-220 GFLOP/s at 2048³ against MKL's 155-186) in the layouts it runs fastest: the forward as
-``x Wᵀ`` with the weight ``[E·out, in]``, the weight gradient as ``dzᵀ x``, straight into the
-parameter's layout, and split batching's input gradient as ``dz W``. The classic ensemble's later
-layers are stored ``[E, in, out]`` for ``bmm``. Without oneDNN (CUDA, float64, ``BENCH_ONEDNN=0``)
-the products run on ``torch.mm`` in MKL's faster layouts for these weights. ``member(k)`` and
-``as_linear(k)`` return plain ``nn.Linear`` layers; state dicts of earlier layouts load converted.
+Weights are stored ``[in, out]``, as in the paper, not ``nn.Linear``'s ``[out, in]``: on the CPU the
+first layer's two large matrix products run fastest when their outputs are ``[E·out, B]`` and
+``[in, E·out]`` (measured on this project's machine: 186-190 GFLOP/s against 140-143 for the
+transposed outputs), and a parameter in that layout takes its gradient without a transposing copy.
+On a CPU the first layer's forward product goes through oneDNN where PyTorch has it
+(``bench_core.onednn``; on that machine 205-220 GFLOP/s at 2048³ against MKL's 155-186), which
+runs it fastest in the plain ``[B, E·out]`` layout, and so do split batching's per-member products
+of wide inputs; ``BENCH_ONEDNN=0`` keeps every product on ``torch.mm``.
+``member(k)`` and ``as_linear(k)`` still return plain ``nn.Linear`` layers (``[out, in]``).
 """
 
 from __future__ import annotations
@@ -98,14 +98,13 @@ class SequentialEnsemble(nn.Module):
 class VectorizedEnsemble(nn.Module):
     """A classic ensemble with every member's weights stacked: one batched pass for all members.
 
-    The first layer holds ``weights[0] [E, out, in]``: every member's ``nn.Linear`` weight, stacked,
-    so that a shared input ``[B, D]`` goes through it as one matrix product with an ``[E·out, in]``
-    weight (``shared_input_linear``). Layer l > 0 holds ``weights[l] [E, in, out]``, for ``bmm``.
-    Member k's slices are exactly the weights of the k-th plain MLP's ``nn.Linear`` layers (those
-    of later layers transposed); ``biases[l] [E, out]``.
+    The first layer holds ``weights[0] [in, E, out]``: every member's weight side by side, so that a
+    shared input ``[B, D]`` goes through it as one matrix product (``shared_input_linear``). Layer
+    l > 0 holds ``weights[l] [E, in, out]``. Member k's slices, transposed, are exactly the weights
+    of the k-th plain MLP's ``nn.Linear`` layers; ``biases[l] [E, out]``.
     """
 
-    _version = 3  # 1: every weight stored [E, out, in]; 2: the first layer's [in, E, out] (both converted on load)
+    _version = 2  # 1: every weight stored [E, out, in] (converted on load)
 
     def __init__(self, sizes: list[int], ensemble_size: int) -> None:
         super().__init__()
@@ -138,7 +137,7 @@ class VectorizedEnsemble(nn.Module):
             h = shared_input_linear(x, self.weights[0], self.biases[0])  # (E, B, out)
         else:
             _check_members_dim(x, self.ensemble_size)
-            h = ensemble_linear(x, self.weights[0].transpose(1, 2), self.biases[0])  # (E, B, out)
+            h = ensemble_linear(x, self.weights[0].transpose(0, 1), self.biases[0])  # (E, B, out)
         for li in range(1, n_layers):
             h = ensemble_linear(F.relu(h), self.weights[li], self.biases[li])  # (E, B, out)
         return h.contiguous()  # (E, B, C)
@@ -147,19 +146,15 @@ class VectorizedEnsemble(nn.Module):
         """Layer ``li``'s weight of member k in ``nn.Linear``'s layout ``[out, in]`` (a view)."""
         _check_member(k, self.ensemble_size)
         weight = self.weights[li]
-        return weight[k] if li == 0 else weight[k].t()
+        return (weight[:, k] if li == 0 else weight[k]).t()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
-        version = local_metadata.get("version", 1)
-        for li in range(len(self.weights)):
-            key = f"{prefix}weights.{li}"
-            if key not in state_dict:
-                continue
-            old = state_dict[key]
-            if version < 2 and li > 0:  # saved [E, out, in]; the first layer already is
-                state_dict[key] = old.transpose(1, 2).contiguous()
-            elif version == 2 and li == 0:  # saved [in, E, out]
-                state_dict[key] = old.permute(1, 2, 0).contiguous()
+        if local_metadata.get("version", 1) < 2:  # saved with every weight [E, out, in]
+            for li in range(len(self.weights)):
+                key = f"{prefix}weights.{li}"
+                if key in state_dict:
+                    old = state_dict[key]
+                    state_dict[key] = old.permute(2, 0, 1).contiguous() if li == 0 else old.transpose(1, 2).contiguous()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
 
     def member(self, k: int) -> nn.Sequential:
@@ -174,8 +169,9 @@ class VectorizedEnsemble(nn.Module):
 
 
 def _stack_weights(linear_weights: list[torch.Tensor], first: bool) -> torch.Tensor:
-    """``nn.Linear`` weights ``[out, in]`` of E members, stacked ``[E, out, in]`` (first) or ``[E, in, out]``."""
-    return torch.stack(linear_weights if first else [w.t() for w in linear_weights]).contiguous()
+    """``nn.Linear`` weights ``[out, in]`` of E members, stacked ``[in, E, out]`` (first) or ``[E, in, out]``."""
+    stacked = torch.stack([w.t() for w in linear_weights], dim=1 if first else 0)
+    return stacked.contiguous()
 
 
 def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -194,32 +190,30 @@ def ensemble_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -
 
 
 def shared_input_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """E linear maps of one shared input: member k computes ``x @ weight[k]ᵀ + bias[k]``.
+    """E linear maps of one shared input: member k computes ``x @ weight[:, k] + bias[k]``.
 
     Args:
         x: ``[B, in]``.
-        weight: ``[E, out, in]``, the members' ``nn.Linear`` weights stacked.
+        weight: ``[in, E, out]``, the members side by side.
         bias: ``[E, out]``.
 
     Returns:
-        ``[E, B, out]`` (a transposed view of a ``[B, E, out]`` or ``[E, out, B]`` result).
+        ``[E, B, out]`` (a transposed view of an ``[E, out, B]`` result).
     """
-    _check_shared_input(x, weight.size(2))
+    _check_shared_input(x, weight.size(0))
     return _SharedInputLinear.apply(x, weight, bias)
 
 
 class _SharedInputLinear(torch.autograd.Function):
     """``shared_input_linear`` with its two matrix products laid out as this CPU runs them fastest.
 
-    The weight is ``[E·out, in]`` (``nn.Linear``'s layout for all members at once): on a CPU in
-    float32 both products go through oneDNN (``bench_core.onednn``), the forward as ``z = x Wᵀ``
-    ``[B, E·out]`` (the layout oneDNN's linear takes its weight in) and the weight gradient as
-    ``dzᵀ x`` ``[E·out, in]``, the parameter's own layout. On this project's machine (2 cores, AMD
-    EPYC) that pair took 5.35 against 5.65 ms (operands evicted, batch 128, in 3072, E·out 640) for
-    the ``[in, E·out]`` layout, which MKL needs for its fastest weight gradient ``xᵀ dz``, and classic
-    training steps 0.93-0.94× as long (interleaved A/B; docs/speed-log.md). Without oneDNN
-    (CUDA, float64, ``BENCH_ONEDNN=0``) the forward is ``zᵀ = W xᵀ`` ``[E·out, B]``, MKL's fastest
-    layout for it, and the gradient ``dzᵀ x``.
+    Forward computes ``zᵀ = Wᵀ xᵀ`` as ``[E·out, B]``; backward computes the weight gradient
+    ``xᵀ dz`` as ``[in, E·out]``, which is the parameter's own layout. With ``z = x W`` as
+    ``[B, E·out]`` and the gradient ``dzᵀ x`` as ``[E·out, in]``, MKL ran the same products at
+    140-143 instead of 186-190 GFLOP/s (batch 128, in 3072, E·out 640, on this project's machine),
+    and a classic training step took 12.8 instead of 9.3 ms. Where oneDNN is in use (CPU float32,
+    ``bench_core.onednn``) the forward is ``z = x W`` through it instead: 196-205 GFLOP/s on that
+    machine, and classic training steps about 0.9× as long (paired fresh processes).
     """
 
     @staticmethod
@@ -241,112 +235,87 @@ def shared_input_linear_grads(
     need_w: bool = True,
     need_b: bool = True,
 ) -> tuple[torch.Tensor | None, torch.Tensor | None, torch.Tensor | None]:
-    """``shared_input_linear``'s gradients ``(dx [B, in], dW [E, out, in], db [E, out])`` from ``dy [E, B, out]``.
+    """``shared_input_linear``'s gradients ``(dx [B, in], dW [in, E, out], db [E, out])`` from ``dy [E, B, out]``.
 
-    The weight gradient ``dzᵀ x`` comes out ``[E·out, in]``, the parameter's own layout (see
+    The weight gradient ``xᵀ dz`` comes out ``[in, E·out]``, the parameter's own layout (see
     ``_SharedInputLinear``); a gradient not needed is None.
     """
-    n_members, n_out, n_in = weight.shape
+    n_in, n_members, n_out = weight.shape
     grad_z = grad_y.transpose(0, 1).reshape(x.size(0), -1)  # (B, E*out)
     grad_x = grad_weight = grad_bias = None
     if need_x:
-        grad_x = grad_z @ weight.view(-1, n_in)  # (B, in)
+        grad_x = grad_z @ weight.view(n_in, -1).t()  # (B, in)
     if need_w:
-        grad_weight = _members_weight_grad(x, grad_z).view(n_members, n_out, n_in)  # (E, out, in)
+        grad_weight = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
     if need_b:
         grad_bias = grad_y.sum(1)  # (E, out)
     return grad_x, grad_weight, grad_bias
 
 
 def _members_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """Every member's ``x @ weight[k]ᵀ (+ bias[k])`` in one product: ``x [B, in]``, ``weight [E, out, in]``.
+    """Every member's ``x @ weight[:, k] (+ bias[k])`` in one product: ``x [B, in]``, ``weight [in, E, out]``.
 
-    Returns ``[E, B, out]``, a transposed view. Through oneDNN where it is in use, as ``z = x Wᵀ``
-    ``[B, E·out]``, which it runs fastest with the weight ``[E·out, in]``; otherwise MKL's fastest
-    layout, ``zᵀ = W xᵀ`` ``[E·out, B]`` (``_SharedInputLinear``).
+    Returns ``[E, B, out]``, a transposed view. Through oneDNN where it is in use, in the plain
+    layout ``z = x W`` ``[B, E·out]``, which it runs fastest; otherwise MKL's fastest layout,
+    ``zᵀ = Wᵀ xᵀ`` ``[E·out, B]`` (``_SharedInputLinear``).
     """
-    n_members, n_out, n_in = weight.shape
-    w = weight.view(-1, n_in)  # (E*out, in)
+    n_in, n_members, n_out = weight.shape
+    w = weight.view(n_in, -1)  # (in, E*out)
     if onednn.usable(x):
-        z = onednn.matmul(x, w.t(), None if bias is None else bias.reshape(-1))  # (B, E*out)
+        z = onednn.matmul(x, w, None if bias is None else bias.reshape(-1))  # (B, E*out)
         return z.view(x.size(0), n_members, n_out).transpose(0, 1)
-    z_t = w @ x.t() if bias is None else torch.addmm(bias.reshape(-1, 1), w, x.t())  # (E*out, B)
+    z_t = w.t() @ x.t() if bias is None else torch.addmm(bias.reshape(-1, 1), w.t(), x.t())  # (E*out, B)
     return z_t.view(n_members, n_out, -1).transpose(1, 2)
-
-
-def _members_weight_grad(x: torch.Tensor, grad_z: torch.Tensor) -> torch.Tensor:
-    """``dzᵀ x`` ``[E·out, in]`` for ``x [B, in]``, ``dz [B, E·out]``: through oneDNN where it is in use."""
-    return onednn.matmul(grad_z.t(), x) if onednn.usable(x) else grad_z.t() @ x
 
 
 ONEDNN_MIN_IN = 2048  # narrowest input whose per-member products go through oneDNN (shared_weight_product)
 
 
 def shared_weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """``x @ weightᵀ`` for ``x [rows, in]``, ``weight [out, in]`` (``nn.Linear``'s layout), with its gradients.
+    """``x @ weight`` for ``x [rows, in]``, ``weight [in, out]``, with its gradients.
 
-    On a CPU in float32, for inputs at least ``ONEDNN_MIN_IN`` wide, all three products go through
-    oneDNN (``bench_core.onednn``): ``z = x Wᵀ``, ``dx = dz W`` and ``dW = dzᵀ x``. Split batching's
-    first layer (125 × 3072 by 128 × 3072) took 2.20 against 2.42 ms for the three (operands evicted)
-    with the weight ``[out, in]`` than with ``[in, out]``, where MKL made the weight gradient, and
-    split training steps 0.86-0.92× as long (interleaved A/B on this project's machine;
-    docs/speed-log.md). Narrower layers stay on ``x @ weightᵀ`` through autograd: through the
-    function they took as long or longer (784 wide 1.0-1.08×, the hidden 128 × 128 1.2-1.7×: its
-    own overhead; measured with the ``[in, out]`` layout).
+    On a CPU in float32, for inputs at least ``ONEDNN_MIN_IN`` wide, the forward and the input
+    gradient go through oneDNN (``bench_core.onednn``) and the weight gradient through
+    ``torch.mm``, which ran it as fast. Split batching's first layer (125 × 3072 by 3072 × 128)
+    took 0.87× as long forward and backward; narrower layers took as long or longer (784 wide
+    1.0-1.08×, the hidden 128 × 128 1.2-1.7×: the function's own overhead; ad-hoc micro-benchmark
+    on this project's machine). Elsewhere: ``x @ weight`` through autograd.
     """
     if through_onednn(x):
         return _SharedWeightProduct.apply(x, weight)
-    return x @ weight.t()
+    return x @ weight
 
 
 def through_onednn(x: torch.Tensor) -> bool:
-    """Whether ``shared_weight_product`` takes ``x``'s products through oneDNN."""
+    """Whether ``shared_weight_product`` takes ``x``'s forward and input gradient through oneDNN."""
     return x.size(-1) >= ONEDNN_MIN_IN and onednn.usable(x)
 
 
-def weight_product(x: torch.Tensor, weight: torch.Tensor, via_onednn: bool) -> torch.Tensor:
-    """``x @ weightᵀ`` ``[rows, out]`` for ``weight [out, in]``: through oneDNN (``through_onednn``) or ``torch.mm``."""
-    return onednn.matmul(x, weight.t()) if via_onednn else x @ weight.t()
-
-
-def weight_product_grads(
-    x: torch.Tensor, weight: torch.Tensor, grad_z: torch.Tensor, via_onednn: bool, need_x: bool = True
-) -> tuple[torch.Tensor | None, torch.Tensor]:
-    """``(dx [rows, in], dW [out, in])`` of ``z = x weightᵀ`` from ``dz [rows, out]``; dx None unless asked.
-
-    Through oneDNN (``through_onednn``), or as autograd computes them for ``x @ weight.t()``:
-    ``dz.mm(W)`` and ``dz.t().mm(x)``, so that the hand-written step (``bench_core.manual``) equals
-    autograd bit for bit either way.
-    """
-    if via_onednn:
-        grad_x = onednn.matmul(grad_z, weight) if need_x else None  # (rows, in)
-        return grad_x, onednn.matmul(grad_z.t(), x)  # (out, in)
-    grad_x = grad_z.mm(weight) if need_x else None
-    return grad_x, grad_z.t().mm(x)
-
-
 class _SharedWeightProduct(torch.autograd.Function):
-    """``shared_weight_product`` through oneDNN: ``z = x Wᵀ``, ``dx = dz W``, ``dW = dzᵀ x``."""
+    """``shared_weight_product`` through oneDNN: ``z = x W``, ``dx = dz Wᵀ``, ``dW = xᵀ dz``."""
 
     @staticmethod
     def forward(ctx, x, weight):
         ctx.save_for_backward(x, weight)
-        return weight_product(x, weight, True)  # (rows, out)
+        return onednn.matmul(x, weight)  # (rows, out)
 
     @staticmethod
     def backward(ctx, grad_z):
         x, weight = ctx.saved_tensors
-        grad_x, grad_weight = weight_product_grads(x, weight, grad_z, True, need_x=ctx.needs_input_grad[0])
-        return grad_x, grad_weight if ctx.needs_input_grad[1] else None
+        grad_x = grad_weight = None
+        if ctx.needs_input_grad[0]:
+            grad_x = onednn.matmul(grad_z, weight.t())  # (rows, in)
+        if ctx.needs_input_grad[1]:
+            grad_weight = x.t() @ grad_z  # (in, out)
+        return grad_x, grad_weight
 
 
 class BatchEnsembleLinear(nn.Module):
     """A BatchEnsemble linear layer: ``nn.Linear``'s signature plus ``ensemble_size``.
 
-    Member k computes ``y_k = x (W ∘ s_k r_kᵀ)ᵀ + b_k``, where ``W [out, in]`` is shared (stored as
-    ``nn.Linear`` stores its weight; the paper writes it ``[in, out]``), ``r [E, in]`` is the
-    input-side fast weight, ``s [E, out]`` the output-side fast weight and ``bias [E, out]`` is per
-    member.
+    Member k computes ``y_k = x (W ∘ r_k s_kᵀ) + b_k``, where ``W [in, out]`` is shared (the
+    paper's layout; ``nn.Linear`` stores ``[out, in]``), ``r [E, in]`` is the input-side fast
+    weight, ``s [E, out]`` the output-side fast weight and ``bias [E, out]`` is per member.
 
     Args:
         in_features: size of each input example.
@@ -360,7 +329,7 @@ class BatchEnsembleLinear(nn.Module):
         - Output: ``[E, B, out]``.
     """
 
-    _version = 3  # 2: weight stored [in, out] (converted on load); 1: [out, in], as now
+    _version = 2  # 1: weight stored [out, in] (converted on load)
 
     def __init__(
         self,
@@ -376,15 +345,20 @@ class BatchEnsembleLinear(nn.Module):
         self.ensemble_size = ensemble_size
         self.init = init
         self.init_std = init_std
-        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.weight = nn.Parameter(torch.empty(in_features, out_features))
         self.r = nn.Parameter(torch.empty(ensemble_size, in_features))  # input side
         self.s = nn.Parameter(torch.empty(ensemble_size, out_features))  # output side
         self.bias = nn.Parameter(torch.empty(ensemble_size, out_features))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        # W and each member's bias as nn.Linear initialises them.
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        # W and each member's bias as nn.Linear initialises them (drawn [out, in], stored transposed).
+        linear_weight = torch.empty(
+            self.out_features, self.in_features, dtype=self.weight.dtype, device=self.weight.device
+        )
+        nn.init.kaiming_uniform_(linear_weight, a=math.sqrt(5))
+        with torch.no_grad():
+            self.weight.copy_(linear_weight.t())
         bound = 1 / math.sqrt(self.in_features) if self.in_features > 0 else 0
         nn.init.uniform_(self.bias, -bound, bound)
         for fast in (self.r, self.s):
@@ -399,7 +373,7 @@ class BatchEnsembleLinear(nn.Module):
     def member_weight(self, k: int | None = None) -> torch.Tensor:
         """Member k's weight ``(W ∘ r_k s_kᵀ)ᵀ``, ``nn.Linear``'s ``[out, in]``; ``[E, out, in]`` for all."""
         fast = self.s.unsqueeze(2) * self.r.unsqueeze(1)  # (E, out, in)
-        full = self.weight.unsqueeze(0) * fast
+        full = self.weight.t().unsqueeze(0) * fast
         return full if k is None else full[k]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -423,7 +397,7 @@ class BatchEnsembleLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
         key = f"{prefix}weight"
-        if local_metadata.get("version", 1) == 2 and key in state_dict:  # saved [in, out]
+        if local_metadata.get("version", 1) < 2 and key in state_dict:  # saved [out, in]
             state_dict[key] = state_dict[key].t().contiguous()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
 
@@ -437,10 +411,10 @@ class BatchEnsembleLinear(nn.Module):
 class _SharedInputBatchEnsemble(torch.autograd.Function):
     """BatchEnsemble on an input shared by all members (the first layer), with a lean backward.
 
-    Forward folds r into per-member weights ``[E, out, in]`` and runs every member in one GEMM that
-    reads the input once: ``z = x [W ∘ 1 r_1ᵀ; ...; W ∘ 1 r_Eᵀ]ᵀ``, then ``y = z ∘ s + b``.
-    Backward makes one GEMM for ``G = dzᵀ x`` ``[E, out, in]`` (what each member's folded weight
-    would receive) and derives both ``dW = Σ_k G_k ∘ 1 r_kᵀ`` and ``dr_k = Σ_o G_k ∘ W`` from it,
+    Forward folds r into per-member weights ``[in, E, out]`` and runs every member in one GEMM that
+    reads the input once: ``zᵀ = [W ∘ r_1 1ᵀ, ..., W ∘ r_E 1ᵀ]ᵀ xᵀ``, then ``y = z ∘ s + b``.
+    Backward makes one GEMM for ``G = xᵀ dz`` ``[in, E, out]`` (what each member's folded weight
+    would receive) and derives both ``dW = Σ_k G_k ∘ r_k 1ᵀ`` and ``dr_k = Σ_o G_k ∘ W`` from it,
     where autograd's generic broadcasting rules would allocate and reduce several [E, out, in]
     temporaries. The products' layouts are ``_SharedInputLinear``'s, for the same reason.
     """
@@ -479,58 +453,58 @@ def shared_input_batchensemble_grads(
 ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """``shared_input_batchensemble``'s gradients ``(dx, dW, dr, ds, db)`` from ``dy [E, B, out]`` (dx if asked)."""
     n_members, n_in = r.shape
-    n_out = weight.size(0)
+    n_out = weight.size(1)
     grad_bias = grad_y.sum(1)  # (E, out)
     grad_s = (grad_y * z).sum(1)  # (E, out)
     grad_z = grad_y.new_empty(x.size(0), n_members, n_out)  # (B, E, out): written as [E, B, out]
     torch.mul(grad_y, s.unsqueeze(1), out=grad_z.transpose(0, 1))  # one pass, no transposing copy
     grad_z = grad_z.view(x.size(0), -1)  # (B, E*out)
-    grad_folded = _members_weight_grad(x, grad_z).view(n_members, n_out, n_in)  # (E, out, in)
-    grad_weight, grad_r = _fold_grads(grad_folded, weight, r)  # (out, in), (E, in)
+    grad_folded = (x.t() @ grad_z).view(n_in, n_members, n_out)  # (in, E, out)
+    grad_weight, grad_r = _fold_grads(grad_folded, weight, r)  # (in, out), (E, in)
     grad_x = None
     if need_x:
-        grad_x = grad_z @ _fold(weight, r).view(-1, n_in)  # (B, in)
+        grad_x = grad_z @ _fold(weight, r).view(n_in, -1).t()  # (B, in)
     return grad_x, grad_weight, grad_r, grad_s, grad_bias
 
 
-FOLD_GRAD_COLS = 512  # CPU, eager: input columns per block of _fold_grads; an [E, out, 512] block stays in cache
+FOLD_GRAD_ROWS = 512  # CPU, eager: input rows per block of _fold_grads; an [512, E, out] block stays in cache
 
 
 def _fold_grads(grad_folded: torch.Tensor, weight: torch.Tensor, r: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``dW = Σ_k G_k ∘ 1 r_kᵀ`` ``[out, in]`` and ``dr_k = Σ_o G_k ∘ W`` ``[E, in]``, from ``G [E, out, in]``.
+    """``dW = Σ_k G_k ∘ r_k 1ᵀ`` ``[in, out]`` and ``dr_k = Σ_o G_k ∘ W`` ``[E, in]``, from ``G [in, E, out]``.
 
     On the CPU a kernel compiled once per model size (``kernels.run_fold_grads``) makes each
-    reduction one loop over ``G``: 0.14-0.19 ms against 0.68-0.91 ms eager (in 3072, E 5, out 128,
-    measured with the ``[in, E, out]`` layout before), and a BatchEnsemble training step 0.94× as
-    long (median of 10 pairs of fresh processes, the order alternated; ad-hoc script). Without it
+    reduction one loop over ``G``: 0.14-0.19 ms against 0.68-0.91 ms eager (in 3072, E 5, out 128),
+    and a BatchEnsemble training step 0.94× as long (median of 10 pairs of fresh processes, the
+    order alternated; ad-hoc script). Without it
     (``BENCH_COMPILE=0``, or where it can't be compiled) the eager products and sums go block by
-    block over the input columns, so that each block of ``G`` is read from cache by the second
-    reduction and the temporaries stay block-sized (with the ``[in, E, out]`` layout, over the
-    whole ``G`` at once they took 2.0-3.1 ms, in blocks of 512 input rows 1.4-2.0 ms; ``G`` cold,
-    ad-hoc timing on this project's machine). A block holds every member and output of its
-    columns, so each sum is made whole, in one go. Elsewhere (CUDA) it is one eager block: each
-    block costs four kernel launches, and a GPU step of these small models is bound by its
-    launches, not its memory traffic.
+    block over the input rows, so that each block of ``G`` is read from cache by the second
+    reduction and the temporaries stay block-sized: over the whole ``[in, E, out]`` at once they
+    took 2.0-3.1 ms, in blocks of 512 rows 1.4-2.0 ms (``G`` cold; ad-hoc timing on this project's
+    machine). The loop is over input blocks, never over members. Elsewhere (CUDA) it is one eager
+    block: each block costs four kernel launches, and a GPU step of these small models is bound
+    by its launches, not its memory traffic.
     """
     on_cpu = grad_folded.device.type == "cpu"
     if on_cpu and (compiled := kernels.run_fold_grads(grad_folded, weight, r)) is not None:
         return compiled
-    n_members, n_out, n_in = grad_folded.shape
-    cols = FOLD_GRAD_COLS if on_cpu else n_in
-    grad_weight = weight.new_empty(n_out, n_in)
-    grad_r = weight.new_empty(n_members, n_in)
-    for a in range(0, n_in, cols):
-        b = min(a + cols, n_in)
-        block = grad_folded[:, :, a:b]  # (E, out, cols)
-        torch.sum(block * r[:, a:b].unsqueeze(1), 0, out=grad_weight[:, a:b])
-        torch.sum(block * weight[:, a:b].unsqueeze(0), 1, out=grad_r[:, a:b])
-    return grad_weight, grad_r
+    n_in, n_members, n_out = grad_folded.shape
+    rows = FOLD_GRAD_ROWS if on_cpu else n_in
+    r_t = r.t()  # (in, E)
+    grad_weight = weight.new_empty(n_in, n_out)
+    grad_r_t = weight.new_empty(n_in, n_members)
+    for a in range(0, n_in, rows):
+        b = min(a + rows, n_in)
+        block = grad_folded[a:b]  # (rows, E, out)
+        torch.sum(block * r_t[a:b].unsqueeze(2), 1, out=grad_weight[a:b])
+        torch.sum(block * weight[a:b].unsqueeze(1), 2, out=grad_r_t[a:b])
+    return grad_weight, grad_r_t.t().contiguous()
 
 
 def _fold(weight: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """``[E, out, in]``: member k's slice is ``W ∘ 1 r_kᵀ``, written contiguous."""
-    folded = weight.new_empty(r.size(0), *weight.shape)
-    return torch.mul(weight.unsqueeze(0), r.unsqueeze(1), out=folded)
+    """``[in, E, out]``: member k's slice is ``W ∘ r_k 1ᵀ``, written contiguous."""
+    folded = weight.new_empty(weight.size(0), r.size(0), weight.size(1))
+    return torch.mul(weight.unsqueeze(1), r.t().unsqueeze(2), out=folded)
 
 
 class BatchEnsembleMLP(nn.Module):

@@ -41,7 +41,7 @@ def layer_pictures() -> None:
         torch.manual_seed(int(seed))
         layer = BatchEnsembleLinear(N_IN, N_OUT, members, init=init, init_std=float(std))
     with torch.no_grad():
-        shared = layer.weight  # (out, in), stored as nn.Linear stores it
+        shared = layer.weight.t()  # (out, in), as nn.Linear shows it; stored [in, out]
         fast = layer.s[k - 1].unsqueeze(1) * layer.r[k - 1].unsqueeze(0)  # (out, in): s_k r_kᵀ
         member = layer.member_weight(k - 1)  # (out, in): W ∘ (s_k r_kᵀ)
     # Two pictures a row: three side by side left the cells' values running together at 1280 px.

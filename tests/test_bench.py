@@ -520,10 +520,6 @@ def test_tiny_benchmark_every_row(one_thread):
     old_header = {**done.header, "model_gemm_flops_per_second": {"2": {"forward": 1e9, "weight_grad": 2e9}}}
     old_table = format_table(old_header, done.rows)  # a JSON of an earlier run, without the split rates
     assert "E=2: 1/2" in old_table and "E=2: 1/2 (split" not in old_table
-    # measured through training's own product functions now; a JSON from before says what it measured
-    assert done.header["model_gemm_by"] == "training" and "first-layer products as training makes them" in table
-    before = format_table({k: v for k, v in done.header.items() if k != "model_gemm_by"}, done.rows)
-    assert "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B" in before
     assert done.header["steps"] == "eager" and "training steps" not in table  # CUDA graphs: CUDA only
     cuda_header = {**done.header, "steps": "each full-batch step replayed as one CUDA graph"}
     assert "workbench training steps: each full-batch step replayed" in format_table(cuda_header, done.rows)

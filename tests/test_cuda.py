@@ -127,13 +127,13 @@ def test_a_failed_capture_falls_back_to_eager_training(monkeypatch):
 
 
 def test_batchensemble_first_layer_reductions_are_one_block_on_cuda():
-    """On the CPU the first layer's two gradient reductions go in blocks of input columns (three
-    here, the last short); on CUDA in one block, two reduction kernels. Same gradients either way."""
+    """On the CPU the first layer's two gradient reductions go in blocks of input rows (three here,
+    the last short); on CUDA in one block, two reduction kernels. Same gradients either way."""
     from torch.profiler import ProfilerActivity, profile
 
-    from bench_core.models import FOLD_GRAD_COLS, BatchEnsembleLinear
+    from bench_core.models import FOLD_GRAD_ROWS, BatchEnsembleLinear
 
-    n_in = 2 * FOLD_GRAD_COLS + 76
+    n_in = 2 * FOLD_GRAD_ROWS + 76
     torch.manual_seed(0)
     cpu = BatchEnsembleLinear(n_in, 24, E)
     gpu = copy.deepcopy(cpu).cuda()
@@ -142,8 +142,8 @@ def test_batchensemble_first_layer_reductions_are_one_block_on_cuda():
     with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
         gpu(x.cuda()).backward(g.cuda())
         torch.cuda.synchronize()
-    # the reductions' input is a block of G [E, out, cols]; the other sums' inputs are [E, B, out]
+    # the reductions' input is a block of G [rows, E, out]; the other sums' inputs are [E, B, out]
     sums = [e.input_shapes[0] for e in prof.events() if e.name == "aten::sum" and e.input_shapes]
-    assert [shape for shape in sums if shape[:2] == [E, 24]] == [[E, 24, n_in], [E, 24, n_in]]
+    assert [shape for shape in sums if shape[1:] == [E, 24]] == [[n_in, E, 24], [n_in, E, 24]]
     for (name, p_cpu), (_, p_gpu) in zip(cpu.named_parameters(), gpu.named_parameters(), strict=True):
         torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-4, atol=1e-5, msg=name)

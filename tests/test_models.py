@@ -1,6 +1,5 @@
 """Every model against plain PyTorch reference modules, value by value and gradient by gradient."""
 
-import copy
 import warnings
 
 import pytest
@@ -55,8 +54,8 @@ def test_vectorized_gradients_equal_plain_mlp_gradients():
         nn.functional.cross_entropy(ref(x), y).backward()
         linears = [m for m in ref if isinstance(m, nn.Linear)]
         for li, lin in enumerate(linears):
-            grad = model.weights[li].grad  # layer 0 [E, out, in], later layers [E, in, out]
-            grad_k = grad[k] if li == 0 else grad[k].t()
+            grad = model.weights[li].grad  # layer 0 [in, E, out], later layers [E, in, out]
+            grad_k = (grad[:, k] if li == 0 else grad[k]).t()
             torch.testing.assert_close(grad_k, lin.weight.grad, rtol=1e-5, atol=1e-6)
             torch.testing.assert_close(model.biases[li].grad[k], lin.bias.grad, rtol=1e-5, atol=1e-6)
 
@@ -96,7 +95,7 @@ def test_batchensemble_linear_member_equals_nn_linear(shared, init):
     assert out.shape == (3, 5, 4)
     grad_out = torch.randn_like(out)
     (out * grad_out).sum().backward()
-    assert layer.weight.shape == (4, 6)  # [out, in], as nn.Linear stores it
+    assert layer.weight.shape == (6, 4)  # [in, out], the paper's layout
     grad_w = torch.zeros_like(layer.weight)
     for k in range(3):
         # The reference is built from the raw tensors, by the formula, not from the layer's helpers.
@@ -105,7 +104,7 @@ def test_batchensemble_linear_member_equals_nn_linear(shared, init):
         s = layer.s.detach()[k].clone().requires_grad_(True)
         b = layer.bias.detach()[k].clone().requires_grad_(True)
         xk = x if shared else x[k]
-        ref = xk @ (w * torch.outer(s, r)).t() + b
+        ref = xk @ (w * torch.outer(r, s)) + b
         torch.testing.assert_close(out[k], ref, rtol=1e-5, atol=1e-6)
         (ref * grad_out[k]).sum().backward()
         torch.testing.assert_close(layer.r.grad[k], r.grad, rtol=1e-5, atol=1e-5)
@@ -120,7 +119,7 @@ def test_batchensemble_as_linear_is_an_nn_linear_with_folded_weight():
     layer = BatchEnsembleLinear(6, 4, ensemble_size=2)
     lin = layer.as_linear(1)
     assert isinstance(lin, nn.Linear)
-    expected = layer.weight * torch.outer(layer.s[1], layer.r[1])
+    expected = (layer.weight * torch.outer(layer.r[1], layer.s[1])).t()
     torch.testing.assert_close(lin.weight, expected)
     torch.testing.assert_close(lin.bias, layer.bias[1])
 
@@ -196,17 +195,17 @@ def test_parameter_counts():
     assert be == weights + fast_and_bias
 
 
-@pytest.mark.parametrize(("block_cols", "compiled"), [(512, False), (2, False), (512, True)])
-def test_shared_input_batchensemble_gradcheck_including_input(block_cols, compiled, monkeypatch):
+@pytest.mark.parametrize(("block_rows", "compiled"), [(512, False), (2, False), (512, True)])
+def test_shared_input_batchensemble_gradcheck_including_input(block_rows, compiled, monkeypatch):
     """The hand-written backward of the first layer against finite differences (float64).
 
-    With blocks of 2 input columns, its eager gradient reductions go over three blocks, the last
-    one short; compiled, they are one kernel.
+    With blocks of 2 input rows, its eager gradient reductions go over three blocks, the last one
+    short; compiled, they are one kernel.
     """
     from bench_core import kernels, models
     from bench_core.models import _SharedInputBatchEnsemble
 
-    monkeypatch.setattr(models, "FOLD_GRAD_COLS", block_cols)
+    monkeypatch.setattr(models, "FOLD_GRAD_ROWS", block_rows)
     if compiled:
         _require_compiled_kernels()
     else:
@@ -214,7 +213,7 @@ def test_shared_input_batchensemble_gradcheck_including_input(block_cols, compil
 
     torch.manual_seed(7)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)  # [out, in]
+    w = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
     r = torch.randn(2, 5, dtype=torch.float64, requires_grad=True)
     s = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
@@ -227,54 +226,39 @@ def test_shared_input_linear_gradcheck_including_input():
 
     torch.manual_seed(8)
     x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(2, 3, 5, dtype=torch.float64, requires_grad=True)  # [E, out, in]
+    w = torch.randn(5, 2, 3, dtype=torch.float64, requires_grad=True)
     b = torch.randn(2, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(_SharedInputLinear.apply, (x, w, b))
 
 
 def test_shared_input_linear_matches_each_member_and_rejects_a_wrong_input():
     torch.manual_seed(9)
-    x, w, b = torch.randn(6, 5), torch.randn(3, 4, 5), torch.randn(3, 4)
+    x, w, b = torch.randn(6, 5), torch.randn(5, 3, 4), torch.randn(3, 4)
     out = shared_input_linear(x, w, b)
     assert out.shape == (3, 6, 4)
     for k in range(3):
-        torch.testing.assert_close(out[k], x @ w[k].t() + b[k])
+        torch.testing.assert_close(out[k], x @ w[:, k] + b[k])
     with pytest.raises(ValueError, match=r"expected input \[B, 5\]"):
         shared_input_linear(torch.randn(6, 4), w, b)
 
 
-def _as_saved_by_version(state: dict, kind: str, version: int) -> dict:
-    """A current state dict rewritten in the layout an older version saved.
-
-    Version 1 stored every weight nn.Linear-style [out, in] (the classic ensemble's stacked
-    [E, out, in]); version 2 stored BatchEnsemble's [in, out] and the classic first layer [in, E, out]
-    (later layers [E, in, out], as now); version 3, the current one, stores the first layers [out, in].
-    """
-    old = state.copy()
-    for key in list(old):
-        if kind == "batchensemble" and key.endswith("weight") and version == 2:
-            old[key] = old[key].t().contiguous()  # [out, in] -> [in, out]
-        elif key == "weights.0" and version == 2:
-            old[key] = old[key].permute(2, 0, 1).contiguous()  # [E, out, in] -> [in, E, out]
-        elif key.startswith("weights.") and key != "weights.0" and version == 1:
-            old[key] = old[key].transpose(1, 2).contiguous()  # [E, in, out] -> [E, out, in]
-    old._metadata = copy.deepcopy(state._metadata)
-    for meta in old._metadata.values():
-        meta["version"] = version
-    return old
-
-
-@pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("kind", ["classic", "batchensemble"])
-def test_weights_saved_in_an_older_layout_load_converted(kind, version, tmp_path):
-    """State dicts of versions 1 and 2 (the run store keeps them) load into the current layout."""
+def test_weights_saved_in_the_old_out_in_layout_load_converted(kind, tmp_path):
+    """State dicts of version 1 stored every weight nn.Linear-style [out, in]; they load converted."""
     torch.manual_seed(10)
     model = build_model(kind, ModelConfig(hidden=7, ensemble_size=3), 12, 4)
     x = torch.randn(5, 12)
     expected = model(x)
-    old = _as_saved_by_version(model.state_dict(), kind, version)
-    if version == 2:
-        assert any(old[k].shape != v.shape for k, v in model.state_dict().items()), "the old layout differs"
+    old = model.state_dict()
+    for key in list(old):
+        if key.endswith("weight") and kind == "batchensemble":
+            old[key] = old[key].t().contiguous()
+        elif key == "weights.0":
+            old[key] = old[key].permute(1, 2, 0).contiguous()  # [in, E, out] -> [E, out, in]
+        elif key.startswith("weights."):
+            old[key] = old[key].transpose(1, 2).contiguous()  # [E, in, out] -> [E, out, in]
+    for meta in old._metadata.values():
+        meta["version"] = 1
     torch.save(old, tmp_path / "old.pt")
     fresh = build_model(kind, ModelConfig(hidden=7, ensemble_size=3), 12, 4)
     fresh.load_state_dict(torch.load(tmp_path / "old.pt", weights_only=True))
@@ -297,30 +281,25 @@ def _require_compiled_kernels():
 
 
 def _fold_grads_by_definition(g, w, r):
-    """dW = Σ_k G_k ∘ 1 r_kᵀ and dr_k = Σ_o G_k ∘ W, one member and one output at a time (float64).
-
-    ``g [E, out, in]``, ``w [out, in]``, ``r [E, in]``.
-    """
+    """dW = Σ_k G_k ∘ r_k 1ᵀ and dr_k = Σ_o G_k ∘ W, one member and one output at a time (float64)."""
     g, w, r = g.double(), w.double(), r.double()
-    n_members, n_out, n_in = g.shape
-    dw = torch.zeros(n_out, n_in, dtype=torch.float64)
+    n_in, n_members, n_out = g.shape
+    dw = torch.zeros(n_in, n_out, dtype=torch.float64)
     dr = torch.zeros(n_members, n_in, dtype=torch.float64)
     for k in range(n_members):
-        dw += g[k] * r[k].unsqueeze(0)
+        dw += g[:, k, :] * r[k].unsqueeze(1)
         for o in range(n_out):
-            dr[k] += g[k, o] * w[o]
+            dr[k] += g[:, k, o] * w[:, o]
     return dw, dr
 
 
 @pytest.mark.parametrize("shape", [(3072, 5, 128), (70, 1, 3), (1030, 8, 16)])
 def test_fold_grads_compiled_and_eager_match_the_definition(shape, monkeypatch):
-    """``shape`` is (in, E, out), the kernel's size key; ``G`` is ``[E, out, in]``."""
     from bench_core import kernels, models
 
     _require_compiled_kernels()
     torch.manual_seed(11)
-    n_in, n_members, n_out = shape
-    g, w, r = torch.randn(n_members, n_out, n_in), torch.randn(n_out, n_in), torch.randn(n_members, n_in)
+    g, w, r = torch.randn(*shape), torch.randn(shape[0], shape[2]), torch.randn(shape[1], shape[0])
     want = _fold_grads_by_definition(g, w, r)
     compiled = kernels.run_fold_grads(g, w, r)
     assert compiled is not None, "the kernel compiled and ran"
@@ -332,8 +311,8 @@ def test_fold_grads_compiled_and_eager_match_the_definition(shape, monkeypatch):
     assert kernels.is_warm(17, 3, 5), "switched off: nothing to compile"
     eager = models._fold_grads(g, w, r)
     for got in (compiled, eager):
-        assert [t.shape for t in got] == [(n_out, n_in), (n_members, n_in)]
-        assert got[0].is_contiguous() and got[1].is_contiguous()
+        assert [t.shape for t in got] == [(shape[0], shape[2]), (shape[1], shape[0])]
+        assert got[1].is_contiguous()
         for t, ref in zip(got, want, strict=True):
             torch.testing.assert_close(t.double(), ref, rtol=1e-4, atol=1e-4)
 
@@ -353,7 +332,7 @@ def test_the_kernels_compiler_settings_hold_in_every_thread():
         import torch._inductor.config as inductor_config
 
         with torch.no_grad():
-            grads = kernels.run_fold_grads(torch.zeros(3, 6, 40), torch.zeros(6, 40), torch.zeros(3, 40))
+            grads = kernels.run_fold_grads(torch.zeros(40, 3, 6), torch.zeros(40, 6), torch.zeros(3, 40))
         seen.update(ran=grads is not None, limit=dynamo_config.recompile_limit)
         seen.update(compile_threads=inductor_config.compile_threads)
 
@@ -375,7 +354,7 @@ def test_a_kernel_that_fails_warns_once_and_the_eager_code_runs(monkeypatch):
     monkeypatch.setitem(kernels._state, "warmed", {(40, 3, 6, torch.float32)})
     monkeypatch.delenv(kernels.ENV_SWITCH, raising=False)
     torch.manual_seed(12)
-    g, w, r = torch.randn(3, 6, 40), torch.randn(6, 40), torch.randn(3, 40)  # G [E, out, in], W [out, in]
+    g, w, r = torch.randn(40, 3, 6), torch.randn(40, 6), torch.randn(3, 40)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         got = models._fold_grads(g, w, r)

@@ -74,19 +74,19 @@ def test_shared_weight_product_gradients_equal_autograds():
     _require_op()
     torch.manual_seed(4)
     x = torch.randn(6, models.ONEDNN_MIN_IN, requires_grad=True)
-    w = torch.randn(5, models.ONEDNN_MIN_IN, requires_grad=True)  # [out, in], as nn.Linear's
+    w = torch.randn(models.ONEDNN_MIN_IN, 5, requires_grad=True)
     grad_z = torch.randn(6, 5)
     z = shared_weight_product(x, w)
     assert z.grad_fn is not None and "SharedWeightProduct" in type(z.grad_fn).__name__
     got = torch.autograd.grad(z, (x, w), grad_z)
-    want = torch.autograd.grad(x @ w.t(), (x, w), grad_z)
-    torch.testing.assert_close(z, x @ w.t(), rtol=1e-5, atol=1e-4)
+    want = torch.autograd.grad(x @ w, (x, w), grad_z)
+    torch.testing.assert_close(z, x @ w, rtol=1e-5, atol=1e-4)
     for a, b in zip(got, want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
     data = x.detach()  # an input without a gradient (the data): only W's
     (grad_w,) = torch.autograd.grad(shared_weight_product(data, w), (w,), grad_z)
     torch.testing.assert_close(grad_w, want[1], rtol=1e-5, atol=1e-4)
-    narrow = shared_weight_product(torch.randn(6, 8, requires_grad=True), torch.randn(5, 8))
+    narrow = shared_weight_product(torch.randn(6, 8, requires_grad=True), torch.randn(8, 5))
     assert "MmBackward" in type(narrow.grad_fn).__name__, "narrow inputs: torch.mm through autograd"
 
 

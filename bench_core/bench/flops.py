@@ -86,11 +86,6 @@ def _operands(m: int, k: int, n: int, device: torch.device) -> tuple[torch.Tenso
     return torch.randn(m, k, generator=gen).to(device), torch.randn(k, n, generator=gen).to(device)
 
 
-def product_rate(product, flops: float, device: torch.device, warmup: int = 2, repeats: int = 9) -> float:
-    """FLOP/s of ``product()``, which computes ``flops``: over the fastest of ``repeats`` timings."""
-    return _fastest_rate(product, flops, device, warmup, repeats)
-
-
 def _fastest_rate(product, flops: float, device: torch.device, warmup: int, repeats: int) -> float:
     """``flops`` over the fastest of ``repeats`` timings of ``product()``."""
     # Enough products per timing that each is well above the clock's resolution.

@@ -177,14 +177,8 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         + (f", {end / 1e9:.1f} at the end" if (end := header.get("matmul_flops_per_second_end")) else "")
         + f" ({header['matmul_shape']}, fastest of 9)",
         *onednn_lines(header),
-        (
-            "first-layer products as training makes them, GFLOP/s, warm: forward x Wᵀ B×in by in×E·h /"
-            " weight-grad dzᵀ x E·h×B by B×in (split batching: forward / weight-grad / input-grad of B×in by in×h)"
-            if header.get("model_gemm_by") == "training"
-            else "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B / weight-grad in×B @ B×E·h"
-            " (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in)"
-        )
-        + f": {model_rates}",
+        "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B / weight-grad in×B @ B×E·h"
+        f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"
         + ("" if s["full_epoch"] else f" (after {s['warmup']} warm-up steps)")
         + f", median of {s['repeats']} repeats; reference rows: the seed's DataLoader pipeline, "

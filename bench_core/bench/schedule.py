@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from bench_core.bench.flops import gemm_rate, onednn_gemm_rate, product_rate
+from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
 from bench_core.bench.settings import MATMUL_SIZE, BenchEvent, BenchSettings, RowSpec
@@ -68,7 +68,6 @@ def machine_header(settings: BenchSettings) -> dict:
         # The floor's rate: the faster of the two, a bound the hardware reached (training uses both).
         "floor_flops_per_second": max(rate, onednn or 0.0),
         "model_gemm_flops_per_second": model_rates,
-        "model_gemm_by": "training",  # measured through training's own product functions (runs before: torch.mm)
         "dataset_shape": list(shape),
         "train_examples": n_train,
         "settings": settings.to_dict(),
@@ -87,37 +86,21 @@ def machine_header(settings: BenchSettings) -> dict:
 
 
 def _first_layer_rates(e: int, in_dim: int, h: int, bs: int, device: torch.device) -> dict:
-    """FLOP/s of the first layer's products at E = ``e``, made by the functions training makes them with.
-
-    Through oneDNN or ``torch.mm``, in the layouts the models use (``bench_core.models``); warm
-    operands, so these rates are what the products reach, not what they get inside a step.
-    """
-    from bench_core import models
+    """FLOP/s of the first layer's products at E = ``e``, shaped as the models compute them."""
     from bench_core.training import examples_per_step
 
     rows = examples_per_step(bs, e, "split")  # a split step's B' = B // E · E examples
-    gen = torch.Generator().manual_seed(0)
-
-    def randn(*shape: int) -> torch.Tensor:
-        return torch.randn(*shape, generator=gen).to(device)
-
-    # The shared input through every member: forward x Wᵀ, weight gradient dzᵀ x (_SharedInputLinear).
-    x, weight, grad_z = randn(bs, in_dim), randn(e, h, in_dim), randn(bs, e * h)
-    shared_flops = 2.0 * bs * in_dim * e * h
-    # BatchEnsemble split batching: one member-width product over the step's examples, three of
-    # them (x∘r Wᵀ, dzᵀ (x∘r), and dz W for r's gradient: weight_product with Wᵀ is that product).
-    xr, w, grad_zs = randn(rows, in_dim), randn(h, in_dim), randn(rows, h)
-    via = models.through_onednn(xr)
-    split_flops = 2.0 * rows * in_dim * h
     return {
-        "forward": product_rate(lambda: models._members_product(x, weight), shared_flops, device),
-        "weight_grad": product_rate(lambda: models._members_weight_grad(x, grad_z), shared_flops, device),
+        # As the models lay them out (bench_core.models, _SharedInputLinear): forward zᵀ = Wᵀ xᵀ
+        # [E·h, B], weight gradient xᵀ dz [in, E·h].
+        "forward": gemm_rate(e * h, in_dim, bs, device),
+        "weight_grad": gemm_rate(in_dim, bs, e * h, device),
+        # BatchEnsemble split batching: one member-width product over the step's examples, three
+        # of them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient).
         "split": {
-            "forward": product_rate(lambda: models.weight_product(xr, w, via), split_flops, device),
-            "weight_grad": product_rate(
-                lambda: models.weight_product_grads(xr, w, grad_zs, via, need_x=False), split_flops, device
-            ),
-            "input_grad": product_rate(lambda: models.weight_product(grad_zs, w.t(), via), split_flops, device),
+            "forward": gemm_rate(rows, in_dim, h, device),
+            "weight_grad": gemm_rate(in_dim, rows, h, device),
+            "input_grad": gemm_rate(rows, h, in_dim, device),
         },
     }
 
