@@ -33,6 +33,7 @@ from bench_core.bench import (
     BenchSettings,
     check_targets,
     compare_rows,
+    noise_warnings,
     onednn_lines,
     step_parts,
     time_parts,
@@ -395,6 +396,8 @@ def results_view(
         )
         for line in onednn_lines(header):
             st.caption(line)
+    for warning in noise_warnings(header or {}, rows):
+        st.warning(warning[0].upper() + warning[1:] + ".", icon=":material/warning:")
     if not rows:
         return
     log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")

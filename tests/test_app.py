@@ -285,19 +285,23 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
 
 
 @pytest.mark.parametrize(
-    ("name", "step_rows"),
+    ("name", "step_rows", "warned"),
     [
-        ("cpu-e5-2026-11-26-session6.json", 4),  # with where a step goes: the workbench's rows of E = 5
-        ("cpu-e5-2026-11-26-session5.json", 0),  # written before the profiled steps: no such figure
+        # with where a step goes: the workbench's rows of E = 5; started on a busy machine
+        ("cpu-e5-2026-11-26-session6.json", 4, "The machine was busy when the benchmark started (load average 1.0"),
+        # written before the profiled steps: no such figure; six rows' repeats spread
+        ("cpu-e5-2026-11-26-session5.json", 0, "within some rows: timed repeats more than 25 % apart (single E=1:"),
     ],
 )
-def test_speed_shows_a_saved_benchmark(store_file, name, step_rows):
+def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     at = open_page("speed")
     content = (ROOT / "docs" / "bench" / name).read_bytes()
     at.get("file_uploader")[0].upload(name, content, "application/json")
     at.run()
     assert not at.exception, at.exception
     assert not at.error, texts(at.error)
+    (warning,) = texts(at.warning)
+    assert warned in warning and warning.endswith("."), warning
     titles = [f["layout"]["title"]["text"] for f in charts(at)]
     assert titles[:3] == ["Seconds per training epoch", "Peak training memory", "Where an epoch goes, E = 5"]
     steps = [f for f in charts(at) if f["layout"]["title"]["text"] == "Where a training step goes, E = 5"]

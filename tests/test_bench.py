@@ -28,6 +28,7 @@ from bench_core.bench import (
     floor_seconds,
     format_table,
     measure,
+    noise_warnings,
     onednn_gemm_rate,
     plan_rows,
     run_benchmark,
@@ -199,6 +200,41 @@ def test_table_of_a_stored_run_with_and_without_onednn_rate():
     assert "and sets the floor" in taken
     by_mm = f"by torch.mm's rate, as runs before the oneDNN rate had it, classic vectorized is at {cv['x_floor']:.2f}×"
     assert by_mm in taken
+
+
+def _timed_row(name: str, ensemble_size: int, repeats: list[float] | None) -> dict:
+    method, mode = bench.ROW_LABELS[name]
+    row = {"name": name, "method": method, "mode": mode, "ensemble_size": ensemble_size}
+    return row if repeats is None else {**row, "epoch_seconds_repeats": repeats}
+
+
+def test_noise_warnings_name_a_busy_start_a_changed_rate_and_each_row_whose_repeats_spread():
+    steady = {"load_average": 0.3, "cores": 2, "matmul_flops_per_second": 200e9, "matmul_flops_per_second_end": 170e9}
+    rows = [_timed_row("classic-vectorized", 5, [3.3, 3.5, 4.1]), _timed_row("single", 1, [0.8])]
+    assert noise_warnings(steady, rows) == [], "1.24x apart, 15 % slower at the end, one repeat: steady"
+    (busy,) = noise_warnings({**steady, "load_average": 1.0}, rows)
+    assert "busy when the benchmark started (load average 1.0 on 2 cores)" in busy
+    (drift,) = noise_warnings({**steady, "matmul_flops_per_second_end": 150e9}, rows)
+    assert "matmul rate changed by more than 20 %" in drift
+    split = _timed_row("batchensemble-split", 5, [1.15, 1.86, 1.2])
+    (spread,) = noise_warnings(steady, [*rows, split])
+    assert "within a row: timed repeats more than 25 % apart (batchensemble split E=5: 1.15–1.86 s)" in spread
+    assert "classic" not in spread and "\n" not in spread
+    sequential = _timed_row("classic-sequential", 5, [4.34, 7.31, 7.29])
+    (two,) = noise_warnings(steady, [sequential, *rows, split])
+    assert "within some rows" in two and "(classic sequential E=5: 4.34–7.31 s; batchensemble split E=5:" in two
+    assert noise_warnings(steady, [_timed_row("single", 1, [1.0, 1.25])]) == [], "1.25x is the limit, not over it"
+    assert noise_warnings(steady, [_timed_row("single", 1, None)]) == [], "a JSON from before repeats were kept"
+    assert noise_warnings({}, [split]) == [spread], "the Speed page's live view, before the header"
+
+
+def test_table_prints_each_noise_warning_on_its_own_line_under_the_header():
+    data = json.loads((Path(__file__).parent.parent / "docs/bench/cpu-e5-2026-11-26-session13-run1.json").read_text())
+    table = format_table(data["header"], data["rows"], data["targets"])
+    warnings = [line for line in table.splitlines() if line.startswith("warning: ")]
+    assert warnings == [f"warning: {w}" for w in noise_warnings(data["header"], data["rows"])]
+    assert len(warnings) == 1 and "batchensemble split E=5: 1.45–1.99 s" in warnings[0]
+    assert table.index(warnings[0]) < table.index("method "), "under the header, above the table"
 
 
 def test_table_of_a_gpu_run_gives_the_floor_in_significant_figures():

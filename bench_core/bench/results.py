@@ -187,15 +187,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         *([f"workbench training steps: {header['steps']}"] if header.get("steps", "eager") != "eager" else []),
         f"peak MiB: {header['memory']}, each row {'in its own process' if s['isolate'] else 'in this process'}",
     ]
-    load, cores = header.get("load_average"), header.get("cores") or 1
-    if load is not None and load >= 0.5 * cores:
-        lines.append(
-            f"warning: the machine was busy when the benchmark started (load average {load:.1f} on {cores} cores): "
-            "other processes share the cores, so the timings are noisy"
-        )
-    end = header.get("matmul_flops_per_second_end")
-    if end and abs(end / header["matmul_flops_per_second"] - 1) > 0.2:
-        lines.append("warning: the matmul rate changed by more than 20 % during the run: the machine's load changed")
+    lines += [f"warning: {w}" for w in noise_warnings(header, rows)]
     lines.append("")
     cols = [
         ("method", "<", 13),
@@ -257,6 +249,44 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
                     f"{q * cv['x_floor_3x_forward']:.2f}× by 3× forward)"
                 )
     return "\n".join(lines)
+
+
+SPREAD_LIMIT = 1.25  # a row whose slowest timed repeat took more than this many times its fastest
+
+
+def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
+    """Why this run's timings are less certain than one table makes them look, one line each; [] when steady.
+
+    The machine was busy at the start (load average at least half the cores); the 2048³ rate
+    changed by more than 20 % from the start to the end; a row's timed repeats differ by more than
+    ``SPREAD_LIMIT`` (on this project's 2-core machine the repeats of rows with short steps, the
+    single MLP, the sequential classic ensemble and split batching, fell into two speeds about
+    1.5-1.75× apart in many runs, while classic vectorized's moved by 1.05-1.2×: their medians, and
+    the ratios built on them, are then as much the machine's as the method's; docs/speed-log.md).
+    """
+    out = []
+    load, cores = header.get("load_average"), header.get("cores") or 1
+    if load is not None and load >= 0.5 * cores:
+        out.append(
+            f"the machine was busy when the benchmark started (load average {load:.1f} on {cores} cores): "
+            "other processes share the cores, so the timings are noisy"
+        )
+    end, start = header.get("matmul_flops_per_second_end"), header.get("matmul_flops_per_second")
+    if end and start and abs(end / start - 1) > 0.2:
+        out.append("the matmul rate changed by more than 20 % during the run: the machine's load changed")
+    spread = []
+    for r in rows:
+        repeats = [v for v in r.get("epoch_seconds_repeats") or [] if v > 0]
+        if len(repeats) > 1 and max(repeats) > SPREAD_LIMIT * min(repeats):
+            label = " ".join(v for v in (r["method"], r.get("mode") or "") if v)
+            spread.append(f"{label} E={r['ensemble_size']}: {min(repeats):.3g}–{max(repeats):.3g} s")
+    if spread:
+        out.append(
+            f"the machine's speed changed within {'a row' if len(spread) == 1 else 'some rows'}: timed repeats "
+            f"more than {100 * (SPREAD_LIMIT - 1):.0f} % apart ({'; '.join(spread)}), so their medians and the "
+            "ratios and targets built on them are less certain: run it again, or with more repeats"
+        )
+    return out
 
 
 def floor_rate(header: dict) -> float:
