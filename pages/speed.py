@@ -27,6 +27,7 @@ from bench_core.bench import (
     DATASET_SHAPES,
     REFERENCE_ROWS,
     ROW_LABELS,
+    ROW_NAMES,
     ROWS,
     STEP_PARTS,
     TIME_PARTS,
@@ -67,7 +68,6 @@ DEVICES = ["auto", *available_devices()]
 if st.session_state[P + "device"] not in DEVICES:
     st.session_state[P + "device"] = "auto"
 
-ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LABELS.items()}
 ROW_DASHES = {"sequential": "dash", "split": "dot", "batchensemble": "dash"}
 REFERENCE_COLOR = "#777777"
 PART_COLORS = dict(zip(TIME_PARTS, ("#1b9e77", "#d95f02", "#bbbbbb"), strict=True))

@@ -6,7 +6,7 @@ import math
 
 from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.flops import epoch_flops, floor_seconds
-from bench_core.bench.settings import TARGET_E, BenchSettings, row_batching
+from bench_core.bench.settings import ROW_NAMES, TARGET_E, BenchSettings, row_batching
 
 
 def derive_row(raw: dict, settings: BenchSettings, rate: float) -> dict:
@@ -278,8 +278,7 @@ def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
     for r in rows:
         repeats = [v for v in r.get("epoch_seconds_repeats") or [] if v > 0]
         if len(repeats) > 1 and max(repeats) > SPREAD_LIMIT * min(repeats):
-            label = " ".join(v for v in (r["method"], r.get("mode") or "") if v)
-            spread.append(f"{label} E={r['ensemble_size']}: {min(repeats):.3g}–{max(repeats):.3g} s")
+            spread.append(f"{ROW_NAMES[r['name']]} E={r['ensemble_size']}: {min(repeats):.3g}–{max(repeats):.3g} s")
     if spread:
         out.append(
             f"the machine's speed changed within {'a row' if len(spread) == 1 else 'some rows'}: timed repeats "

@@ -32,6 +32,7 @@ ROW_LABELS = {
     "reference-classic": ("reference", "classic"),
     "reference-batchensemble": ("reference", "batchensemble"),
 }
+ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LABELS.items()}  # as people read them
 # Shape of one example, training examples per epoch, classes.
 DATASET_SHAPES = {
     "cifar10": ((3, 32, 32), 50_000, 10),
