@@ -17,6 +17,12 @@ each member of the sequential classic ensemble), on a CPU, every parameter train
 the model or its parameters. Anything else (another module, CUDA, where a graph replays the step
 and its Python costs nothing, a hook, ``BENCH_MANUAL_BACKWARD=0``) goes through autograd as
 before: ``applies`` says which.
+
+Where the C++ operators of ``bench_core.native`` are built (once per machine; ``BENCH_NATIVE=0``
+turns them off), each of these steps runs as one C++ call making the same operator calls, bit
+for bit the same; BatchEnsemble with repeat batching keeps its first layer in Python (its
+gradients go through the compiled kernel of ``bench_core.kernels``) and runs the rest in C++.
+Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
 
 from __future__ import annotations
@@ -27,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_core import models, onednn
+from bench_core import models, native, onednn
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
@@ -82,11 +88,73 @@ def forward_backward(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, re
     ``labels``: ``[B]`` or ``[E, b]``. Call ``applies`` first.
     """
     with torch.no_grad():
-        if isinstance(model, VectorizedEnsemble):
-            return _vectorized(model, x, labels, reduction)
-        if isinstance(model, BatchEnsembleMLP):
-            return _batchensemble(model, x, labels, reduction)
-        return _plain(_plain_mlp(model), x, labels, reduction)
+        ops = native.ops() if x.device.type == "cpu" else None
+        if ops is None:
+            return _python_step(model, x, labels, reduction)
+        try:
+            return _native_step(ops, model, x, labels, reduction)
+        except RuntimeError as err:
+            failed = err
+        # The Python step raises what a bad batch raises (the C++ step stays on); where it computes
+        # the step, the C++ one failed on its own: off from here on, with a warning.
+        member_losses = _python_step(model, x, labels, reduction)
+        native.disable(failed)
+        return member_losses
+
+
+def _python_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    if isinstance(model, VectorizedEnsemble):
+        return _vectorized(model, x, labels, reduction)
+    if isinstance(model, BatchEnsembleMLP):
+        return _batchensemble(model, x, labels, reduction)
+    return _plain(_plain_mlp(model), x, labels, reduction)
+
+
+def _native_step(ops, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``forward_backward`` through the C++ operators (``csrc/manual_ops.cpp``): the same operator calls."""
+    scale = 1.0 / getattr(model, "ensemble_size", 1) if reduction == "mean" else 1.0
+    if isinstance(model, VectorizedEnsemble):
+        weights, biases = list(model.weights), list(model.biases)
+        models._check_shared_input(x, weights[0].size(0))
+        member_losses, grad_w, grad_b = ops.vectorized(x, labels, weights, biases, onednn.usable(x), scale)
+        _set_grads(weights, grad_w)
+        _set_grads(biases, grad_b)
+        return member_losses
+    if isinstance(model, BatchEnsembleMLP):
+        return _native_batchensemble(ops, model, x, labels, scale)
+    linears = _plain_mlp(model)
+    weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
+    member_losses, grad_w, grad_b = ops.plain(x, labels, weights, biases, 1.0)  # one member: its own mean
+    _set_grads(weights, grad_w)
+    _set_grads(biases, grad_b)
+    return member_losses
+
+
+def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, scale: float):
+    layers: list[BatchEnsembleLinear] = list(model.layers)
+    first = layers[0]
+    shared = x.dim() == 2  # repeat batching: the first layer on the shared batch, in Python (its compiled kernel)
+    if shared:
+        models._check_shared_input(x, first.in_features)
+        h, z = models.shared_input_batchensemble(x, first.weight, first.r, first.s, first.bias)
+        layers = layers[1:]
+    else:
+        models._check_members_dim(x, model.ensemble_size, first.in_features)
+        h = x
+    params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
+    via_onednn = [layer.in_features >= models.ONEDNN_MIN_IN and onednn.usable(x) for layer in layers]
+    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, scale, shared)
+    _set_grads(params, grads)
+    if shared:
+        _, first.weight.grad, first.r.grad, first.s.grad, first.bias.grad = models.shared_input_batchensemble_grads(
+            x, first.weight, first.r, first.s, z, grad_h, need_x=False
+        )
+    return member_losses
+
+
+def _set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+    for p, g in zip(params, grads, strict=True):
+        p.grad = g
 
 
 def _loss_and_grad(logits: torch.Tensor, labels: torch.Tensor, reduction: str) -> tuple[torch.Tensor, torch.Tensor]:
@@ -167,7 +235,7 @@ def _batchensemble(model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tenso
             h, z = models.shared_input_batchensemble(h, layer.weight, layer.r, layer.s, layer.bias)
             saved.append(("shared", x, z))
         else:
-            models._check_members_dim(h, model.ensemble_size)
+            models._check_members_dim(h, model.ensemble_size, layer.in_features)
             inp = h
             h, xr, z, via_onednn = _per_member_forward(layer, inp)
             saved.append(("per member", inp, xr, z, via_onednn))

@@ -380,7 +380,7 @@ class BatchEnsembleLinear(nn.Module):
         if x.dim() == 2:
             _check_shared_input(x, self.in_features)
             return _SharedInputBatchEnsemble.apply(x, self.weight, self.r, self.s, self.bias)  # (E, B, out)
-        _check_members_dim(x, self.ensemble_size)
+        _check_members_dim(x, self.ensemble_size, self.in_features)
         # Per-member input: scale by r, one GEMM with the shared W over all E*B rows, scale by s.
         xr = x * self.r.unsqueeze(1)  # (E, B, in)
         z = shared_weight_product(xr.reshape(-1, self.in_features), self.weight)  # (E*B, out)
@@ -578,9 +578,11 @@ def _check_member(k: int, ensemble_size: int) -> None:
         raise IndexError(f"member {k} out of range for an ensemble of {ensemble_size}")
 
 
-def _check_members_dim(x: torch.Tensor, ensemble_size: int) -> None:
+def _check_members_dim(x: torch.Tensor, ensemble_size: int, n_in: int | None = None) -> None:
     if x.dim() != 3 or x.size(0) != ensemble_size:
         raise ValueError(f"expected input [B, D] or [{ensemble_size}, B, D], got {tuple(x.shape)}")
+    if n_in is not None and x.size(2) != n_in:
+        raise ValueError(f"expected input [B, {n_in}] or [{ensemble_size}, B, {n_in}], got {tuple(x.shape)}")
 
 
 def _check_shared_input(x: torch.Tensor, n_in: int) -> None:

@@ -13,15 +13,16 @@ if ROOT not in sys.path:
 
 @pytest.fixture
 def fresh_fast_paths(monkeypatch):
-    """oneDNN's products and Adam's direct step: switches unset, checked afresh, a failure a test
-    provokes forgotten after it (``bench_core.onednn``, ``bench_core.optim``)."""
-    from bench_core import onednn, optim
+    """oneDNN's products, Adam's direct step and the C++ training steps: switches unset, checked afresh,
+    a failure a test provokes forgotten after it (``bench_core.onednn``, ``bench_core.optim``,
+    ``bench_core.native``)."""
+    from bench_core import native, onednn, optim
 
-    for module in (onednn, optim):
+    for module in (onednn, optim, native):
         monkeypatch.delenv(module.ENV_SWITCH, raising=False)
         module.reset()
     yield
-    for module in (onednn, optim):
+    for module in (onednn, optim, native):
         module.reset()
 
 

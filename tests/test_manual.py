@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 
-from bench_core import kernels, manual, onednn, training
+from bench_core import kernels, manual, native, onednn, training
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.data import make_synthetic
 from bench_core.models import build_model
@@ -44,6 +46,27 @@ def _hand_written(model, x, y, reduction):
     return member_losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
+@pytest.fixture(params=["c++", "python"])
+def step_path(request, monkeypatch):
+    """The hand-written step through the C++ operators (``bench_core.native``), or in Python.
+
+    The C++ one must be the one that runs: the Python step is made to fail while it is asked for.
+    Skipped only where this machine has no C++ compiler.
+    """
+    if request.param == "python":
+        monkeypatch.setenv(native.ENV_SWITCH, "0")
+        return request.param
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the C++ steps cannot be built here")
+    assert native.warm_up(), native._state["failed"]
+
+    def python_step(*args):
+        raise AssertionError("the Python step ran where the C++ one should have")
+
+    monkeypatch.setattr(manual, "_python_step", python_step)
+    return request.param
+
+
 def _assert_bit_equal(got, want) -> None:
     assert torch.equal(got[0], want[0]), "member losses"
     assert got[1].keys() == want[1].keys()
@@ -69,6 +92,7 @@ CASES = [
 
 @pytest.mark.parametrize(("method", "batching", "width", "depth", "members"), CASES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.usefixtures("step_path")
 def test_losses_and_gradients_equal_autograds_bit_for_bit(method, batching, width, depth, members, reduction):
     model = _model(method, width, depth=depth, ensemble_size=members)
     x, y = _batch(model, width, batching == "split")
@@ -77,6 +101,7 @@ def test_losses_and_gradients_equal_autograds_bit_for_bit(method, batching, widt
 
 @pytest.mark.parametrize("switch", ["BENCH_ONEDNN", "BENCH_COMPILE"])
 @pytest.mark.parametrize("batching", ["repeat", "split"])
+@pytest.mark.usefixtures("step_path")
 def test_equal_with_onednn_or_the_compiled_kernel_switched_off(switch, batching, monkeypatch):
     monkeypatch.setenv(switch, "0")
     model = _model("batchensemble", 2048, depth=1, ensemble_size=2)
@@ -88,12 +113,18 @@ def test_equal_with_onednn_or_the_compiled_kernel_switched_off(switch, batching,
         assert not kernels.enabled()
 
 
-def test_float64_models_equal_autograd():
-    model = _model("batchensemble", 12).double()
-    x, y = _batch(model, 12, True, dtype=torch.float64)
+@pytest.mark.parametrize("method", ["single", "classic", "batchensemble"])
+@pytest.mark.parametrize("batching", ["repeat", "split"])
+@pytest.mark.usefixtures("step_path")
+def test_float64_models_equal_autograd(method, batching):
+    if batching == "split" and method != "batchensemble":
+        pytest.skip("split batching is BatchEnsemble's")
+    model = _model(method, 12).double()
+    x, y = _batch(model, 12, batching == "split", dtype=torch.float64)
     _assert_bit_equal(_hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean"))
 
 
+@pytest.mark.usefixtures("step_path")
 def test_a_gradient_already_there_is_replaced_not_added_to():
     model = _model("classic", 12)
     x, y = _batch(model, 12, False)
@@ -184,6 +215,7 @@ def test_a_global_module_hook_goes_through_autograd():
     assert manual.applies(model, x)
 
 
+@pytest.mark.usefixtures("step_path")
 def test_sequential_members_equal_autograd_bit_for_bit():
     """The sequential classic ensemble trains each member, a plain MLP, with its own step."""
     model = _model("classic", 12, classic_mode="sequential")
@@ -232,3 +264,43 @@ def test_a_batch_of_the_wrong_width_is_refused_as_the_models_forward_refuses_it(
         model(x)
     with pytest.raises(ValueError, match=r"expected input \[B, 12\]"):
         manual.forward_backward(model, x, torch.zeros(6, dtype=torch.long), "sum")
+
+
+@pytest.mark.usefixtures("step_path")
+def test_a_split_batch_of_the_wrong_width_is_refused_and_the_cpp_steps_stay_on():
+    model = _model("batchensemble", 12, ensemble_size=3)
+    x = torch.randn(3, 4, 11)
+    with pytest.raises(ValueError, match=r"expected input \[B, 12\] or \[3, B, 12\], got \(3, 4, 11\)"):
+        model(x)
+    with pytest.raises(ValueError, match=r"expected input \[B, 12\] or \[3, B, 12\], got \(3, 4, 11\)"):
+        manual.forward_backward(model, x, torch.zeros(3, 4, dtype=torch.long), "mean")
+    assert native._state["failed"] is None
+
+
+def test_labels_out_of_range_raise_the_python_steps_error_and_leave_the_cpp_steps_on():
+    if not native.warm_up():
+        pytest.skip("no C++ steps on this machine")
+    model = _model("classic", 12)
+    x, y = _batch(model, 12, False)
+    with pytest.raises(IndexError, match="out of bounds"):
+        manual.forward_backward(model, x, y + 5, "sum")
+    assert native.enabled()
+
+
+def test_a_failing_cpp_step_warns_once_and_the_python_step_computes_it(monkeypatch):
+    if not native.warm_up():
+        pytest.skip("no C++ steps on this machine")
+    model = _model("batchensemble", 12)
+    x, y = _batch(model, 12, True)
+    want = _autograd(model, x, y, "mean")
+
+    def broken(*args):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(manual, "_native_step", broken)
+    with pytest.warns(RuntimeWarning, match=r"^C\+\+ training steps are off \(RuntimeError: boom\); running the"):
+        _assert_bit_equal(_hand_written(model, x, y, "mean"), want)
+    assert not native.enabled() and native.ops() is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning
+        _assert_bit_equal(_hand_written(model, x, y, "mean"), want)

@@ -1,0 +1,173 @@
+"""The hand-written CPU training steps (``bench_core.manual``) as C++ operators, built once per machine.
+
+``manual.forward_backward`` runs a step's forward, loss and backward as a few dozen ATen
+operators called from Python (about 95 for BatchEnsemble with split batching); the interpreter
+between them is a measurable part of a small step. ``csrc/manual_ops.cpp`` makes the same
+calls, in the same order and layouts, from C++ (``torch.ops.bench_core.*``), so losses and
+gradients are the Python ones bit for bit (tests), and only the interpreter goes. On this
+project's machine (2 cores, AMD EPYC), one model switching between the two in one process, steps
+took about 0.92× as long for split batching and 0.95× for the classic ensemble (docs/speed-log.md).
+
+The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
+against the headers that come with torch's wheel: about 15 s, once per source, torch version and
+compiler; the library is kept in ``$BENCH_NATIVE_CACHE`` (default ``~/.cache/bench_core/native``)
+under a name made from those, written to a temporary file and renamed, so that processes building
+at once each end with a whole library and none waits on a lock. Where it cannot be built or
+loaded (no compiler, another platform, an error) one warning says why and the Python steps run;
+``BENCH_NATIVE=0`` turns it off. Nothing but CPU steps use it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+from bench_core.errors import warn_off
+
+ENV_SWITCH = "BENCH_NATIVE"  # "0": the Python steps everywhere
+ENV_CACHE = "BENCH_NATIVE_CACHE"  # where built libraries are kept
+SOURCE = Path(__file__).with_name("csrc") / "manual_ops.cpp"
+BUILD_TIMEOUT_S = 600
+
+_state: dict = {"ops": None, "failed": None, "library": None}  # failed: why it is off in this process
+_lock = threading.Lock()  # one build or load at a time in a process (the dashboard trains in threads)
+
+
+class NativeBuildError(RuntimeError):
+    """The C++ operators could not be built or loaded; the message's first line says why."""
+
+
+def enabled() -> bool:
+    """Whether the C++ steps may be used: not switched off, and not failed in this process."""
+    return os.environ.get(ENV_SWITCH, "1").strip() != "0" and _state["failed"] is None
+
+
+def ops():
+    """``torch.ops.bench_core`` with the operators loaded (built first if need be), or None where they are off."""
+    if _state["ops"] is not None:
+        return _state["ops"] if enabled() else None
+    if not enabled():
+        return None
+    with _lock:
+        if _state["ops"] is None and _state["failed"] is None:
+            try:
+                _state["library"] = load()
+                _state["ops"] = torch.ops.bench_core
+            except (NativeBuildError, OSError, RuntimeError) as err:
+                disable(err)
+    return _state["ops"] if enabled() else None
+
+
+def is_ready() -> bool:
+    """Whether ``ops()`` would return at once: loaded, off, or already built on this machine (only a load left)."""
+    return not enabled() or _state["ops"] is not None or library_path().exists()
+
+
+def warm_up() -> bool:
+    """Build (or load) the operators now, before anything is timed; True when they are in use."""
+    return ops() is not None
+
+
+def disable(err: BaseException) -> None:
+    """Stop using the C++ steps in this process, with one warning that says why."""
+    if _state["failed"] is None:
+        warn_off("C++ training steps", err, f"running the Python ones (set {ENV_SWITCH}=0 to skip building them)")
+    _state["failed"] = err
+
+
+def reset() -> None:
+    """Forget a failure (tests). A loaded library stays loaded: a process cannot unload it."""
+    _state["failed"] = None
+
+
+def cache_dir() -> Path:
+    """Where built libraries are kept: ``$BENCH_NATIVE_CACHE``, else ``bench_core/native`` in the user's cache."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "bench_core" / "native"
+
+
+def compiler() -> str | None:
+    """The C++ compiler to build with: ``$CXX``, else the first of ``c++``, ``g++``, ``clang++`` on the PATH."""
+    if os.environ.get("CXX"):
+        return os.environ["CXX"]
+    for name in ("c++", "g++", "clang++"):
+        found = shutil.which(name)
+        if found:
+            return found
+    return None
+
+
+def build_command(cxx: str, source: Path, output: Path) -> list[str]:
+    """The compiler's command line: a shared library against torch's headers and its two core libraries."""
+    torch_dir = Path(torch.__file__).parent
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    cmd += ["-isystem", str(torch_dir / "include"), str(source), "-o", str(output)]
+    cmd += ["-L", str(torch_dir / "lib"), "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
+    if sys.platform == "darwin":
+        cmd.insert(1, "-undefined")
+        cmd.insert(2, "dynamic_lookup")
+    return cmd
+
+
+def library_path(source: Path = SOURCE, cxx: str | None = None) -> Path:
+    """The built library's path: named by a hash of the source, torch's version, the compiler and its command."""
+    cxx = cxx or compiler() or "c++"
+    key = hashlib.sha256()
+    key.update(source.read_bytes())
+    key.update(torch.__version__.encode())
+    key.update(" ".join(build_command(cxx, Path("SOURCE"), Path("OUT"))).encode())
+    return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
+
+
+def build(source: Path = SOURCE, cxx: str | None = None) -> Path:
+    """Compile ``source`` unless its library is already built; returns the library's path.
+
+    Raises NativeBuildError on an unsupported platform, without a compiler, or when compiling fails
+    (with the compiler's first error line).
+    """
+    if not sys.platform.startswith("linux") and sys.platform != "darwin":
+        raise NativeBuildError(f"not built on {sys.platform}")
+    cxx = cxx or compiler()
+    if cxx is None:
+        raise NativeBuildError("no C++ compiler found (set CXX)")
+    path = library_path(source, cxx)
+    if path.exists():
+        return path
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        try:
+            done = subprocess.run(
+                build_command(cxx, source, Path(tmp)), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+            )
+        except (OSError, subprocess.TimeoutExpired) as err:
+            raise NativeBuildError(f"{cxx} could not run: {err}") from None
+        if done.returncode != 0:
+            errors = [line for line in done.stderr.splitlines() if "error" in line] or done.stderr.splitlines()
+            raise NativeBuildError(f"{cxx} failed: {errors[0] if errors else f'exit status {done.returncode}'}")
+        os.replace(tmp, path)  # whole, or not there: another process may be building the same file
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def load(source: Path = SOURCE) -> Path:
+    """Build if need be, then load the library into this process (its operators register themselves)."""
+    path = build(source)
+    torch.ops.load_library(str(path))
+    if not hasattr(torch.ops.bench_core, "batchensemble_layers"):
+        raise NativeBuildError(f"{path.name} did not register its operators")
+    return path
