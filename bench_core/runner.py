@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from bench_core import native
 from bench_core.config import RunConfig
 from bench_core.data import Dataset, load_dataset
 from bench_core.devices import resolve_device
@@ -220,6 +221,7 @@ def _run_method(
 COMPILING_NOTE = (
     "compiling BatchEnsemble's CPU kernel for its first layer's gradients (torch.compile; a few seconds once per run)"
 )
+BUILDING_NOTE = "building the C++ training steps (once on this machine, about 15 s)"
 
 
 def _warm_up_kernels(
@@ -231,20 +233,28 @@ def _warm_up_kernels(
     store: RunStore | None,
     run_id: int | None,
 ) -> Iterator[Event]:
-    """Compile BatchEnsemble's CPU kernel before training, saying so: 3-4 s here with inductor's cache warm.
+    """Build the C++ training steps (once per machine) and compile BatchEnsemble's CPU kernel before training, noted.
 
-    ``train`` would compile it too, before its clock, but silently: the dashboard would show the
-    method in training with no epoch coming. The note goes once it is compiled.
+    ``train`` would do both too, before its clock, but silently: the dashboard would show the
+    method in training with no epoch coming. Each note goes once its wait is over. The kernel
+    takes 3-4 s here with inductor's cache warm, the C++ steps about 15 s the first time.
     """
+    if device.type == "cpu" and not native.is_ready():
+        yield from _noted(BUILDING_NOTE, method, store, run_id, native.warm_up)
     if not compiles_kernels(method == "batchensemble", device, batching, cfg.model.ensemble_size):
         return
     if model.kernels_warm():
         return
-    yield Phase(COMPILING_NOTE, method)
+    yield from _noted(COMPILING_NOTE, method, store, run_id, model.warm_up_kernels)
+
+
+def _noted(note: str, method: str, store: RunStore | None, run_id: int | None, wait: Callable[[], object]):
+    """Call ``wait()`` with ``note`` as the phase and the run's note, the note cleared after."""
+    yield Phase(note, method)
     if store is not None:
-        store.set_note(run_id, COMPILING_NOTE)
+        store.set_note(run_id, note)
     try:
-        model.warm_up_kernels()
+        wait()
     finally:
         if store is not None:
             store.set_note(run_id, None)

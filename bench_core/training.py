@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench_core import manual
+from bench_core import manual, native
 from bench_core.config import TrainConfig
 from bench_core.devices import synchronize, tune_cpu_allocator
 from bench_core.errors import ConfigError, DivergedError
@@ -289,6 +289,8 @@ def train(
         batching = "repeat"  # split batching is a BatchEnsemble option
     batching = effective_batching(batching, n_members)
     plan = batch_plan(dataset.n_train, cfg.batch_size, n_members, batching)
+    if device.type == "cpu":
+        native.warm_up()  # the C++ training steps: built (once per machine) or loaded here, not in the first step
     if compiles_kernels(isinstance(model, BatchEnsembleMLP), device, batching, n_members):
         model.warm_up_kernels()  # its first layer's compiled backward: compiled here, not in the first epoch
     members = list(model.members) if isinstance(model, SequentialEnsemble) else [model]

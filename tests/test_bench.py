@@ -374,6 +374,16 @@ def test_adams_direct_step_is_adams_part():
     assert classify(_event("aten::add_", 2.0, step)) == "element-wise and other operators"
 
 
+def test_a_cpp_training_steps_own_time_is_operators_and_its_products_are_products():
+    step = _event("ProfilerStep#1", 50.0)
+    native_step = _event("bench_core::batchensemble_layers", 20.0, step)
+    mm = _event("aten::mm", 700.0, native_step)
+    mul = _event("aten::mul", 30.0, native_step)
+    assert classify(native_step) == "element-wise and other operators", "C++ between operators, not Python"
+    assert classify(mm) == "matrix products"
+    assert classify(mul) == "element-wise and other operators"
+
+
 def test_step_parts_of_a_row_are_its_shares_of_the_timed_epoch():
     fractions = dict(zip(STEP_PARTS, (0.5, 0.2, 0.1, 0.05, 0.15), strict=True))
     row = {"epoch_seconds": 4.0, "step_shares": fractions}

@@ -219,3 +219,29 @@ def test_no_compile_phase_where_compiled_kernels_are_off(store, monkeypatch):
     events = list(run_experiment(tiny_config(), store=store, source="test"))
     assert runner.COMPILING_NOTE not in [e.message for e in events if e.kind == "phase"]
     assert events[-1].status == "finished"
+
+
+def test_a_cpu_run_says_while_the_cpp_steps_are_built(store, monkeypatch):
+    """The first run on a machine builds the C++ steps (about 15 s): a phase and the run's note, before any epoch."""
+    import bench_core.runner as runner
+    from bench_core import native
+
+    notes_while_building = []
+    monkeypatch.setattr(native, "is_ready", lambda: False)  # as on a machine that has not built them
+    monkeypatch.setattr(native, "warm_up", lambda: notes_while_building.append(store.list_runs()[0]["note"]) or True)
+    events = list(run_experiment(tiny_config(), store=store, source="test"))
+    assert notes_while_building[0] == runner.BUILDING_NOTE
+    building = next(i for i, e in enumerate(events) if e.kind == "phase" and e.message == runner.BUILDING_NOTE)
+    assert building < next(i for i, e in enumerate(events) if e.kind == "epoch")
+    assert store.list_runs()[0]["note"] is None
+    assert events[-1].status == "finished"
+
+
+def test_no_building_phase_once_built_or_switched_off(store, monkeypatch):
+    import bench_core.runner as runner
+    from bench_core import native
+
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    events = list(run_experiment(tiny_config(), store=store, source="test"))
+    assert runner.BUILDING_NOTE not in [e.message for e in events if e.kind == "phase"]
+    assert events[-1].status == "finished"

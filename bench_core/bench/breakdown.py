@@ -7,7 +7,8 @@ The parts, by what each operator is and what it runs under (``classify``):
 - element-wise and other operators: every other ATen operator of the forward, the backward and the
   loss (activations, the fast weights' scaling and folding, sums, views, copies), and the kernels
   compiled with ``torch.compile`` (``bench_core.kernels``) with their dispatch: the profiler records
-  those as regions, not operators;
+  those as regions, not operators; and the C++ training steps' own time between the operators they
+  call (``bench_core.native``: ``bench_core::`` operators);
 - Adam: everything under the optimizer's ``step`` and ``zero_grad``, its Python included, and the
   two ops of its direct CPU step (``bench_core.optim``: the step counts' ``_foreach_add_``, which
   nothing else in training calls, and ``_fused_adam_``); CPU training drops the gradients with
@@ -40,6 +41,7 @@ DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
 ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_foreach_add_"})  # bench_core.optim's direct step
 OPTIMIZER_PREFIX = "Optimizer."  # torch.optim's record_function names: "Optimizer.step#Adam.step", ...
 # A compiled function's call: dynamo's guard check, then its region (the generated kernels inside).
+NATIVE_PREFIX = "bench_core::"  # a C++ training step (bench_core.native): the operators it calls are recorded inside
 COMPILED_PREFIXES = ("TorchDynamo Cache Lookup", "Torch-Compiled Region", "## Call CompiledFxGraph")
 
 
@@ -68,7 +70,7 @@ def classify(event: ProfiledEvent) -> str:
         return "matrix products"
     if any(n in DRAW_OPS for n in names):
         return "batch draw"
-    if event.name.startswith("aten::") or any(n.startswith(COMPILED_PREFIXES) for n in names):
+    if event.name.startswith(("aten::", NATIVE_PREFIX)) or any(n.startswith(COMPILED_PREFIXES) for n in names):
         return "element-wise and other operators"
     return "Python and autograd"
 
