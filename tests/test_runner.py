@@ -211,13 +211,19 @@ def test_a_batchensemble_run_says_while_its_cpu_kernel_compiles(store, monkeypat
     assert events[-1].status == "finished"
 
 
-def test_no_compile_phase_where_compiled_kernels_are_off(store, monkeypatch):
+@pytest.mark.parametrize(("switch", "note"), [("BENCH_COMPILE", "COMPILING_NOTE"), ("BENCH_NATIVE", "BUILDING_NOTE")])
+def test_no_waiting_phase_where_its_fast_path_is_switched_off(store, monkeypatch, tmp_path, switch, note):
+    """``BENCH_COMPILE=0``: no kernel to compile; ``BENCH_NATIVE=0``: nothing to build, even where nothing is built."""
     import bench_core.runner as runner
-    from bench_core import kernels
+    from bench_core import kernels, native
 
-    monkeypatch.setenv(kernels.ENV_SWITCH, "0")
+    assert {kernels.ENV_SWITCH, native.ENV_SWITCH} == {"BENCH_COMPILE", "BENCH_NATIVE"}
+    monkeypatch.setenv(switch, "0")
+    if switch == native.ENV_SWITCH:
+        monkeypatch.setenv(native.ENV_CACHE, str(tmp_path / "empty"))  # nothing built there
+        assert not native.library_path().exists()
     events = list(run_experiment(tiny_config(), store=store, source="test"))
-    assert runner.COMPILING_NOTE not in [e.message for e in events if e.kind == "phase"]
+    assert getattr(runner, note) not in [e.message for e in events if e.kind == "phase"]
     assert events[-1].status == "finished"
 
 
@@ -234,14 +240,4 @@ def test_a_cpu_run_says_while_the_cpp_steps_are_built(store, monkeypatch):
     building = next(i for i, e in enumerate(events) if e.kind == "phase" and e.message == runner.BUILDING_NOTE)
     assert building < next(i for i, e in enumerate(events) if e.kind == "epoch")
     assert store.list_runs()[0]["note"] is None
-    assert events[-1].status == "finished"
-
-
-def test_no_building_phase_once_built_or_switched_off(store, monkeypatch):
-    import bench_core.runner as runner
-    from bench_core import native
-
-    monkeypatch.setenv(native.ENV_SWITCH, "0")
-    events = list(run_experiment(tiny_config(), store=store, source="test"))
-    assert runner.BUILDING_NOTE not in [e.message for e in events if e.kind == "phase"]
     assert events[-1].status == "finished"
