@@ -55,6 +55,15 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
     return not _hooked(model)
 
 
+def describe_cpu_steps() -> str:
+    """How CPU training steps of the workbench's models run in this process, in words (builds the C++ steps first)."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return f"through autograd ({ENV_SWITCH}=0)"
+    if native.warm_up():
+        return "forward and backward written out without autograd, as C++ operators (bench_core.native)"
+    return f"forward and backward written out without autograd, in Python ({native.why_off()})"
+
+
 def _hooked(model: nn.Module) -> bool:
     """A module or parameter hook, a global module hook or a frozen parameter: autograd's business.
 

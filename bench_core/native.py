@@ -76,6 +76,17 @@ def warm_up() -> bool:
     return ops() is not None
 
 
+def why_off() -> str | None:
+    """Why the C++ steps are not in use in this process, in a few words; None when they are (or not asked for yet)."""
+    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        return f"{ENV_SWITCH}=0"
+    err = _state["failed"]
+    if err is None:
+        return None
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}".rstrip(": ")
+
+
 def disable(err: BaseException) -> None:
     """Stop using the C++ steps in this process, with one warning that says why."""
     if _state["failed"] is None:

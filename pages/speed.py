@@ -396,6 +396,8 @@ def results_view(
         )
         for line in onednn_lines(header):
             st.caption(line)
+        if header.get("steps", "eager") != "eager":
+            st.caption(f"Training steps: {header['steps']}.")
     for warning in noise_warnings(header or {}, rows):
         st.warning(warning[0].upper() + warning[1:] + ".", icon=":material/warning:")
     if not rows:

@@ -312,6 +312,22 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     assert any("Targets at E = 5" in t for t in texts(at.markdown))
 
 
+def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
+    """A CPU run's header names the step's path (C++ operators, Python, autograd); files from before say "eager"."""
+    name = "cpu-e5-2026-11-26-session14-run2.json"
+    saved = json.loads((ROOT / "docs" / "bench" / name).read_text())
+    assert saved["header"]["steps"] == "eager", "written before the header named the CPU's path"
+    cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native)"
+    for steps, shown in (("eager", None), (cpp, f"Training steps: {cpp}.")):
+        at = open_page("speed")
+        saved["header"]["steps"] = steps
+        at.get("file_uploader")[0].upload(name, json.dumps(saved).encode(), "application/json")
+        at.run()
+        assert not at.exception, at.exception
+        captions = [c for c in texts(at.caption) if c.startswith("Training steps")]
+        assert captions == ([shown] if shown else [])
+
+
 def test_speed_says_in_one_line_when_a_file_is_not_a_benchmark(store_file):
     at = open_page("speed")
     at.get("file_uploader")[0].upload("notes.json", b'{"rows": 3}', "application/json")

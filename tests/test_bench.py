@@ -13,7 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from bench_core import bench
+from bench_core import bench, manual
 from bench_core.bench import (
     ROWS,
     STEP_PARTS,
@@ -566,7 +566,10 @@ def test_tiny_benchmark_every_row(one_thread):
     old_header = {**done.header, "model_gemm_flops_per_second": {"2": {"forward": 1e9, "weight_grad": 2e9}}}
     old_table = format_table(old_header, done.rows)  # a JSON of an earlier run, without the split rates
     assert "E=2: 1/2" in old_table and "E=2: 1/2 (split" not in old_table
-    assert done.header["steps"] == "eager" and "training steps" not in table  # CUDA graphs: CUDA only
+    assert done.header["steps"] == manual.describe_cpu_steps()  # on a CPU: the written-out steps' path
+    assert f"workbench training steps: {done.header['steps']}" in table
+    eager = {**done.header, "steps": "eager"}  # a JSON from before the CPU's path was named
+    assert "training steps" not in format_table(eager, done.rows)
     cuda_header = {**done.header, "steps": "each full-batch step replayed as one CUDA graph"}
     assert "workbench training steps: each full-batch step replayed" in format_table(cuda_header, done.rows)
 

@@ -304,3 +304,19 @@ def test_a_failing_cpp_step_warns_once_and_the_python_step_computes_it(monkeypat
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no second warning
         _assert_bit_equal(_hand_written(model, x, y, "mean"), want)
+
+
+def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the C++ steps cannot be built here")
+    assert manual.describe_cpu_steps().endswith("as C++ operators (bench_core.native)")
+    assert native.why_off() is None
+    monkeypatch.setenv(native.ENV_SWITCH, "0")
+    assert manual.describe_cpu_steps().endswith("in Python (BENCH_NATIVE=0)")
+    monkeypatch.delenv(native.ENV_SWITCH)
+    with pytest.warns(RuntimeWarning, match="C\\+\\+ training steps are off"):
+        native.disable(RuntimeError("boom\nmore"))
+    assert native.why_off() == "RuntimeError: boom"
+    assert manual.describe_cpu_steps().endswith("without autograd, in Python (RuntimeError: boom)")
+    monkeypatch.setenv(manual.ENV_SWITCH, "0")
+    assert manual.describe_cpu_steps() == "through autograd (BENCH_MANUAL_BACKWARD=0)"

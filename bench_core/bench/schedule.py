@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from bench_core import manual, native
 from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
@@ -79,7 +80,7 @@ def machine_header(settings: BenchSettings) -> dict:
         "steps": (
             ("each full-batch step replayed as one CUDA graph" if settings.cuda_graph else "eager (no CUDA graphs)")
             if device.type == "cuda"
-            else "eager"
+            else manual.describe_cpu_steps()
         ),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -147,6 +148,9 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
     """
     settings.validate()
     specs = plan_rows(settings)
+    if resolve_device(settings.device).type == "cpu" and not native.is_ready():
+        yield BenchEvent("progress", 0.0, "building the C++ training steps (once on this machine)")
+        native.warm_up()  # here, once, rather than in the first row's process
     yield BenchEvent("progress", 0.0, "measuring the matrix-multiply rate")
     header = machine_header(settings)
     yield BenchEvent("header", 0.0, "matmul rate measured", header=header)
