@@ -155,8 +155,11 @@ def build(source: Path = SOURCE, cxx: str | None = None) -> Path:
     path = library_path(source, cxx)
     if path.exists():
         return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise NativeBuildError(f"cannot write to {path.parent} ({err.strerror or err}; set {ENV_CACHE})") from None
     os.close(fd)
     try:
         try:

@@ -139,3 +139,12 @@ def test_the_build_command_targets_torchs_headers_and_abi():
     assert str(torch_dir / "include") in cmd
     assert f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}" in cmd
     assert cmd[cmd.index("-o") + 1] == "a.so"
+
+
+def test_a_cache_that_cannot_be_written_is_reported(tmp_path, monkeypatch):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(native.ENV_CACHE, str(blocker / "native"))
+    expected = r"cannot write to .*a-file/native \(Not a directory; set BENCH_NATIVE_CACHE\)"
+    with pytest.raises(native.NativeBuildError, match=expected):
+        native.build(_source(tmp_path), cxx="c++")
