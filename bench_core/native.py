@@ -6,7 +6,9 @@ between them is a measurable part of a small step. ``csrc/manual_ops.cpp`` makes
 calls, in the same order and layouts, from C++ (``torch.ops.bench_core.*``), so losses and
 gradients are the Python ones bit for bit (tests), and only the interpreter goes. On this
 project's machine (2 cores, AMD EPYC), one model switching between the two in one process, steps
-took about 0.92× as long for split batching and 0.95× for the classic ensemble (docs/speed-log.md).
+took 0.92-0.955× as long for BatchEnsemble with split batching, 0.97× with repeat batching,
+0.95-0.96× for the single MLP and 0.98-0.995× for the vectorized classic ensemble, whose step has
+the fewest operator calls for its size (docs/speed-log.md, fourteenth session).
 
 The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
 against the headers that come with torch's wheel: about 15 s, once per source, torch version and
@@ -38,7 +40,7 @@ SOURCE = Path(__file__).with_name("csrc") / "manual_ops.cpp"
 BUILD_TIMEOUT_S = 600
 
 _state: dict = {"ops": None, "failed": None, "library": None}  # failed: why it is off in this process
-_lock = threading.Lock()  # one build or load at a time in a process (the dashboard trains in threads)
+_lock = threading.Lock()  # one build or load at a time in a process (the benchmark's --in-process rows are threads)
 
 
 class NativeBuildError(RuntimeError):
