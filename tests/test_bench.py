@@ -627,8 +627,8 @@ def test_stop_within_a_group_abandons_its_rows(monkeypatch, one_thread):
 # --- the command line ----------------------------------------------------------------------------
 
 
-def _cli(*args, timeout=300):
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+def _cli(*args, timeout=300, **env_vars):
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **env_vars)
     return subprocess.run(
         [sys.executable, "-m", "bench_core", "bench", *args],
         capture_output=True,
@@ -712,13 +712,24 @@ def test_cuda_graph_option():
 
 
 def test_cli_tiny_run_in_row_processes(tmp_path):
+    """On a machine where the C++ steps are not built yet: the command builds them first, and says so."""
+    from bench_core import native
+
     out, progress = tmp_path / "bench.json", tmp_path / "progress.jsonl"
     proc = _cli(
         *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "batchensemble-split"),
         *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "1", "--train-examples", "512"),
         *("--inference-examples", "100", "--threads", "1", "--json", str(out), "--progress-jsonl", str(progress)),
+        **{native.ENV_CACHE: str(tmp_path / "native")},
     )
     assert proc.returncode == 0, proc.stderr
+    first = proc.stderr.splitlines()[:3]
+    assert first == [
+        "[  0%] building the C++ training steps (once on this machine)",
+        "[  0%] measuring the matrix-multiply rate",
+        "[  0%] matmul rate measured",
+    ], proc.stderr
+    assert len(list((tmp_path / "native").glob("*.so"))) == 1, "built once, by the command, for its rows"
     assert "split" in proc.stdout
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["batchensemble-split"]

@@ -122,12 +122,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     _install_stop_handler(stop)  # first Ctrl-C / SIGTERM: stop after this row's current work
     progress = open(args.progress_jsonl, "a") if args.progress_jsonl else None  # noqa: SIM115 - closed below
     final = None
+    setting_up = True  # until the header: the set-up's steps (a build of the C++ steps takes seconds) are shown
     try:
         for event in run_benchmark(settings, stop):
             if progress is not None:
                 progress.write(json.dumps(event.to_dict()) + "\n")
                 progress.flush()
-            if not args.quiet and event.kind in ("row", "header", "done"):
+            setting_up = setting_up and event.kind == "progress"
+            if not args.quiet and (setting_up or event.kind in ("row", "header", "done")):
                 print(f"[{event.fraction:4.0%}] {event.message}", file=sys.stderr)
             if event.kind == "done":
                 final = event
