@@ -723,13 +723,11 @@ def test_cli_tiny_run_in_row_processes(tmp_path):
         **{native.ENV_CACHE: str(tmp_path / "native")},
     )
     assert proc.returncode == 0, proc.stderr
-    first = proc.stderr.splitlines()[:3]
-    assert first == [
-        "[  0%] building the C++ training steps (once on this machine)",
-        "[  0%] measuring the matrix-multiply rate",
-        "[  0%] matmul rate measured",
-    ], proc.stderr
-    assert len(list((tmp_path / "native").glob("*.so"))) == 1, "built once, by the command, for its rows"
+    assert proc.stderr.startswith("[  0%] building the C++ training steps (once on this machine)\n"), proc.stderr
+    if native.compiler() is not None:  # without one: a warning, and the rows train with the Python steps
+        lines = proc.stderr.splitlines()
+        assert lines[1:3] == ["[  0%] measuring the matrix-multiply rate", "[  0%] matmul rate measured"], lines
+        assert len(list((tmp_path / "native").glob("*.so"))) == 1, "built once, by the command, for its rows"
     assert "split" in proc.stdout
     data = json.loads(out.read_text())
     assert [r["name"] for r in data["rows"]] == ["batchensemble-split"]

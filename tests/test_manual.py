@@ -47,23 +47,25 @@ def _hand_written(model, x, y, reduction):
 
 
 @pytest.fixture(params=["c++", "python"])
-def step_path(request, monkeypatch):
+def step_path(request, monkeypatch, fresh_fast_paths):
     """The hand-written step through the C++ operators (``bench_core.native``), or in Python.
 
-    The C++ one must be the one that runs: the Python step is made to fail while it is asked for.
-    Skipped only where this machine has no C++ compiler.
+    The one asked for must be the one that runs: the other is made to fail. After
+    ``fresh_fast_paths``, which unsets the switches. The C++ case is skipped only where this
+    machine has no C++ compiler.
     """
+
+    def must_not_run(*args):
+        raise AssertionError(f"the other step ran where the {request.param} one should have")
+
     if request.param == "python":
         monkeypatch.setenv(native.ENV_SWITCH, "0")
+        monkeypatch.setattr(manual, "_native_step", must_not_run)
         return request.param
     if native.compiler() is None:
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
     assert native.warm_up(), native._state["failed"]
-
-    def python_step(*args):
-        raise AssertionError("the Python step ran where the C++ one should have")
-
-    monkeypatch.setattr(manual, "_python_step", python_step)
+    monkeypatch.setattr(manual, "_python_step", must_not_run)
     return request.param
 
 
