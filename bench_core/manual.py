@@ -121,25 +121,25 @@ def _python_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduct
 
 def _native_step(ops, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
     """``forward_backward`` through the C++ operators (``csrc/manual_ops.cpp``): the same operator calls."""
-    scale = 1.0 / getattr(model, "ensemble_size", 1) if reduction == "mean" else 1.0
+    mean = reduction == "mean"
     if isinstance(model, VectorizedEnsemble):
         weights, biases = list(model.weights), list(model.biases)
         models._check_shared_input(x, weights[0].size(0))
-        member_losses, grad_w, grad_b = ops.vectorized(x, labels, weights, biases, onednn.usable(x), scale)
+        member_losses, grad_w, grad_b = ops.vectorized(x, labels, weights, biases, onednn.usable(x), mean)
         _set_grads(weights, grad_w)
         _set_grads(biases, grad_b)
         return member_losses
     if isinstance(model, BatchEnsembleMLP):
-        return _native_batchensemble(ops, model, x, labels, scale)
+        return _native_batchensemble(ops, model, x, labels, mean)
     linears = _plain_mlp(model)
     weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
-    member_losses, grad_w, grad_b = ops.plain(x, labels, weights, biases, 1.0)  # one member: its own mean
+    member_losses, grad_w, grad_b = ops.plain(x, labels, weights, biases, mean)
     _set_grads(weights, grad_w)
     _set_grads(biases, grad_b)
     return member_losses
 
 
-def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, scale: float):
+def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, mean: bool):
     layers: list[BatchEnsembleLinear] = list(model.layers)
     first = layers[0]
     shared = x.dim() == 2  # repeat batching: the first layer on the shared batch, in Python (its compiled kernel)
@@ -151,8 +151,8 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
         models._check_members_dim(x, model.ensemble_size, first.in_features)
         h = x
     params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
-    via_onednn = [layer.in_features >= models.ONEDNN_MIN_IN and onednn.usable(x) for layer in layers]
-    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, scale, shared)
+    via_onednn = [models.through_onednn(x, layer.in_features) for layer in layers]
+    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared)
     _set_grads(params, grads)
     if shared:
         _, first.weight.grad, first.r.grad, first.s.grad, first.bias.grad = models.shared_input_batchensemble_grads(

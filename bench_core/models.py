@@ -286,9 +286,14 @@ def shared_weight_product(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor
     return x @ weight
 
 
-def through_onednn(x: torch.Tensor) -> bool:
-    """Whether ``shared_weight_product`` takes ``x``'s forward and input gradient through oneDNN."""
-    return x.size(-1) >= ONEDNN_MIN_IN and onednn.usable(x)
+def through_onednn(x: torch.Tensor, in_features: int | None = None) -> bool:
+    """Whether ``shared_weight_product`` takes ``x``'s forward and input gradient through oneDNN.
+
+    ``in_features``: the product's input width, where ``x`` is not yet the product's input (the
+    C++ steps decide for every layer from the batch); ``x``'s last size otherwise.
+    """
+    width = x.size(-1) if in_features is None else in_features
+    return width >= ONEDNN_MIN_IN and onednn.usable(x)
 
 
 class _SharedWeightProduct(torch.autograd.Function):

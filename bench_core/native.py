@@ -38,6 +38,7 @@ ENV_SWITCH = "BENCH_NATIVE"  # "0": the Python steps everywhere
 ENV_CACHE = "BENCH_NATIVE_CACHE"  # where built libraries are kept
 SOURCE = Path(__file__).with_name("csrc") / "manual_ops.cpp"
 BUILD_TIMEOUT_S = 600
+BUILDING_NOTE = "building the C++ training steps (once on this machine, about 15 s)"  # what a wait for build() says
 
 _state: dict = {"ops": None, "failed": None, "library": None}  # failed: why it is off in this process
 _lock = threading.Lock()  # one build or load at a time in a process (the benchmark's --in-process rows are threads)
@@ -199,6 +200,6 @@ def _first_calls(ops) -> None:
     x, labels = torch.ones(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
     be = [torch.ones(3, 2), torch.ones(2, 3), torch.ones(2, 2), torch.zeros(2, 2)]  # W, r, s, bias of one layer
     with torch.no_grad():
-        ops.batchensemble_layers(x, labels, be, [False], 1.0, False)
-        ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, 1.0)
-        ops.plain(x[0], labels[0], [torch.ones(2, 3)], [torch.zeros(2)], 1.0)
+        ops.batchensemble_layers(x, labels, be, [False], True, False)
+        ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, True)
+        ops.plain(x[0], labels[0], [torch.ones(2, 3)], [torch.zeros(2)], True)

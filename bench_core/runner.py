@@ -221,7 +221,7 @@ def _run_method(
 COMPILING_NOTE = (
     "compiling BatchEnsemble's CPU kernel for its first layer's gradients (torch.compile; a few seconds once per run)"
 )
-BUILDING_NOTE = "building the C++ training steps (once on this machine, about 15 s)"
+BUILDING_NOTE = native.BUILDING_NOTE
 
 
 def _warm_up_kernels(

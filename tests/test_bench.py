@@ -723,7 +723,7 @@ def test_cli_tiny_run_in_row_processes(tmp_path):
         **{native.ENV_CACHE: str(tmp_path / "native")},
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr.startswith("[  0%] building the C++ training steps (once on this machine)\n"), proc.stderr
+    assert proc.stderr.startswith(f"[  0%] {native.BUILDING_NOTE}\n"), proc.stderr
     if native.compiler() is not None:  # without one: a warning, and the rows train with the Python steps
         lines = proc.stderr.splitlines()
         assert lines[1:3] == ["[  0%] measuring the matrix-multiply rate", "[  0%] matmul rate measured"], lines

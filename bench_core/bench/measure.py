@@ -138,7 +138,7 @@ def _measure_workbench(
         from bench_core import native
 
         if not native.is_ready():
-            report(0.0, "building the C++ training steps")  # once per machine
+            report(0.0, native.BUILDING_NOTE)
         native.warm_up()  # loaded before the memory probe, as the kernel below
     if compiles_kernels(method == "batchensemble", device, batching, n_members):
         from bench_core import kernels

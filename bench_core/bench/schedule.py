@@ -149,7 +149,7 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
     settings.validate()
     specs = plan_rows(settings)
     if resolve_device(settings.device).type == "cpu" and not native.is_ready():
-        yield BenchEvent("progress", 0.0, "building the C++ training steps (once on this machine)")
+        yield BenchEvent("progress", 0.0, native.BUILDING_NOTE)
         native.warm_up()  # here, once, rather than in the first row's process
     yield BenchEvent("progress", 0.0, "measuring the matrix-multiply rate")
     header = machine_header(settings)

@@ -35,9 +35,11 @@ Tensor product(const Tensor& a, const Tensor& b, bool via_onednn) {
   return via_onednn ? onednn_matmul(a, b) : at::matmul(a, b);
 }
 
-// manual._loss_and_grad: (member losses [E], d loss / d logits [E, B, C]).
-std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& labels, double scale) {
+// manual._loss_and_grad: (member losses [E], d loss / d logits [E, B, C]) of the members' mean
+// cross-entropies, averaged (mean) or summed.
+std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& labels, bool mean) {
   const int64_t n_members = logits.size(0), batch = logits.size(1), n_classes = logits.size(2);
+  const double scale = mean ? 1.0 / static_cast<double>(n_members) : 1.0;
   const Tensor lab = labels.dim() == 1 ? labels.expand({n_members, batch}) : labels;
   const Tensor log_p = at::log_softmax(logits, 2);
   const Tensor nll = at::nll_loss(log_p.view({-1, n_classes}), lab.reshape({-1}), {}, at::Reduction::None);
@@ -55,7 +57,7 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
 // s [E, out], bias [E, out]. Returns (member losses, the 4 gradients per layer in that order, and
 // with relu_first the gradient of h).
 std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_layers(
-    const Tensor& h_in, const Tensor& labels, at::TensorList params, c10::List<bool> onednn, double scale,
+    const Tensor& h_in, const Tensor& labels, at::TensorList params, c10::List<bool> onednn, bool mean,
     bool relu_first) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
@@ -73,7 +75,7 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
     products.push_back(z);
     h = at::addcmul(bias.unsqueeze(1), z, s.unsqueeze(1));
   }
-  auto [member_losses, grad] = loss_and_grad(h.contiguous(), labels, scale);
+  auto [member_losses, grad] = loss_and_grad(h.contiguous(), labels, mean);
   std::vector<Tensor> grads(params.size());
   for (int64_t li = n_layers - 1; li >= 0; --li) {
     const Tensor &weight = params[4 * li], &r = params[4 * li + 1], &s = params[4 * li + 2];
@@ -99,7 +101,7 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
 // manual._vectorized: the classic ensemble on a shared batch x [B, in]; weights[0] [in, E, out],
 // later weights [E, in, out], biases [E, out]. Returns (member losses, weights' and biases' gradients).
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
-    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, double scale) {
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(biases.size()) == n_layers, "vectorized: one bias per weight");
@@ -117,7 +119,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
     inputs.push_back(at::relu(h));
     h = at::baddbmm(biases[li].unsqueeze(1), inputs.back(), weights[li]);  // (E, B, out)
   }
-  auto [member_losses, grad] = loss_and_grad(h.contiguous(), labels, scale);
+  auto [member_losses, grad] = loss_and_grad(h.contiguous(), labels, mean);
   std::vector<Tensor> grad_w(n_layers), grad_b(n_layers);
   for (int64_t li = n_layers - 1; li > 0; --li) {
     const Tensor& a = inputs[li - 1];
@@ -133,7 +135,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
 
 // manual._plain: one MLP of nn.Linear layers (weights [out, in]) on x [B, in].
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
-    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, double scale) {
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool mean) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(biases.size()) == n_layers, "plain: one bias per weight");
@@ -146,7 +148,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
     }
     h = at::addmm(biases[li], h, weights[li].t());  // (B, out)
   }
-  auto [member_losses, grad3] = loss_and_grad(h.unsqueeze(0), labels, scale);
+  auto [member_losses, grad3] = loss_and_grad(h.unsqueeze(0), labels, mean);
   Tensor grad = grad3[0];  // (B, C)
   std::vector<Tensor> grad_w(n_layers), grad_b(n_layers);
   for (int64_t li = n_layers - 1; li >= 0; --li) {
@@ -162,12 +164,12 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
 
 TORCH_LIBRARY(bench_core, m) {
   m.def(
-      "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, float scale, bool relu_first)"
+      "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, bool mean, bool relu_first)"
       " -> (Tensor, Tensor[], Tensor?)");
   m.def(
-      "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, float scale)"
+      "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mean)"
       " -> (Tensor, Tensor[], Tensor[])");
-  m.def("plain(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, float scale) -> (Tensor, Tensor[], Tensor[])");
+  m.def("plain(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool mean) -> (Tensor, Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
