@@ -197,6 +197,36 @@ def test_a_failing_op_warns_once_puts_the_counts_back_and_adam_steps(monkeypatch
     _assert_same(a, opt_a, b, opt_b)  # the failed call's step count was put back, Adam counted it once
 
 
+@pytest.mark.parametrize("fast", ["1", "0"])
+def test_a_gradient_laid_out_otherwise_than_its_parameter_steps_as_its_contiguous_copy(fast, monkeypatch):
+    """Fused Adam's CPU kernel reads a gradient's memory in its parameter's order (torch 2.14: silently wrong)."""
+    monkeypatch.setenv(optim.ENV_SWITCH, fast)  # the direct call, and Adam's own step ("0")
+    a, opt_a, b, opt_b = _pair()
+    step_a, step_b = AdamStep(opt_a), AdamStep(opt_b)
+    for i in range(3):  # the first step is Adam's own in both cases (it makes the state)
+        _set_grads([a, b], i)
+        for p in a.parameters():
+            if p.dim() >= 2:  # the same values, transposed in memory
+                p.grad = p.grad.transpose(-1, -2).contiguous().transpose(-1, -2)
+                assert not p.grad.is_contiguous()
+        step_a()
+        step_b()
+        assert all(p.grad.stride() == p.stride() for p in a.parameters())
+    _assert_same(a, opt_a, b, opt_b)
+
+
+def test_a_parameter_laid_out_otherwise_keeps_a_gradient_with_its_strides():
+    w = torch.nn.Parameter(torch.randn(3, 4).t())  # (4, 3), not contiguous
+    opt = torch.optim.Adam([w], lr=1e-2, fused=True)
+    g = torch.randn(3, 4).t()
+    w.grad = g
+    optim.laid_out_as_params(opt)
+    assert w.grad is g  # already the parameter's strides: left alone
+    w.grad = g.contiguous()
+    optim.laid_out_as_params(opt)
+    assert w.grad.stride() == w.stride() and torch.equal(w.grad, g)
+
+
 def test_training_on_a_cpu_takes_the_direct_step(monkeypatch):
     calls = [0]
     real = optim._fused_step
