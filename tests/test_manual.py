@@ -43,6 +43,9 @@ def _hand_written(model, x, y, reduction):
     model.zero_grad(set_to_none=True)
     assert manual.applies(model, x)
     member_losses = manual.forward_backward(model, x, y, reduction)
+    for name, p in model.named_parameters():  # as autograd lays them out: fused Adam reads them so (optim)
+        strides = [(a, b) for a, b, size in zip(p.grad.stride(), p.stride(), p.shape, strict=True) if size > 1]
+        assert all(a == b for a, b in strides), name
     return member_losses, {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
