@@ -35,10 +35,12 @@ from bench_core import jobs  # noqa: E402
 VIEWPORT = {"width": 1280, "height": 720}  # a classroom projector
 CLICK_LIMIT_S = float(os.environ.get("BENCH_CLICK_LIMIT_S", "1.0"))  # the issue: a click answers within 1 s
 RUN_TIMEOUT_S = 240.0  # generous: other work may share the machine's two cores
-# Synthetic data. WATCHED: 2 epochs that last long enough (~10 s of training on an idle 2-core
-# machine) to watch the loss curve grow, short enough for CI. SMALL: quick epochs for the long
-# runs that the tests stop.
+# Synthetic data. WATCHED: 4 epochs that last long enough (about 16 s of training on an idle 2-core
+# machine; 2 epochs, about 8 s since the C++ steps, once left the live chart, redrawn every 2 s, too
+# few redraws to grow twice) to watch the loss curve grow, short enough for CI. SMALL: quick epochs
+# for the long runs that the tests stop.
 WATCHED = {"train": 40_000, "test": 1_000}
+WATCHED_EPOCHS = 4
 SMALL = {"train": 6000, "test": 500}
 
 
@@ -105,9 +107,9 @@ def _start_long_run(page, server, epochs: int = 40) -> int:
 
 
 def test_train_watch_the_loss_grow_then_see_agreement_heatmaps(page, server):
-    ui.configure_run(page, ensemble_size=3, epochs=2, **WATCHED, points_per_epoch=10)
+    ui.configure_run(page, ensemble_size=3, epochs=WATCHED_EPOCHS, **WATCHED, points_per_epoch=10)
     assert ui.slider_value(page, "Ensemble size E (members)") == "3"
-    assert ui.slider_value(page, "Epochs") == "2"
+    assert ui.slider_value(page, "Epochs") == str(WATCHED_EPOCHS)
     ui.screenshot(page, "1-train-settings")
 
     run_id, _ = ui.start_run(page, server.store)
@@ -116,7 +118,7 @@ def test_train_watch_the_loss_grow_then_see_agreement_heatmaps(page, server):
     cfg = run["config"]
     assert cfg["data"]["name"] == "synthetic"
     assert (cfg["data"]["synthetic_train"], cfg["data"]["synthetic_test"]) == (WATCHED["train"], WATCHED["test"])
-    assert (cfg["model"]["ensemble_size"], cfg["train"]["epochs"]) == (3, 2)
+    assert (cfg["model"]["ensemble_size"], cfg["train"]["epochs"]) == (3, WATCHED_EPOCHS)
     expect(ui.stop_button(page)).to_be_visible(timeout=30_000)
 
     # Watch the run: the loss chart must get more points at least twice while it trains.
