@@ -92,8 +92,7 @@ def laid_out_as_params(opt: torch.optim.Optimizer) -> None:
     contiguous one element for element, moved the parameter differently, with no error, through
     ``torch.optim.Adam(fused=True).step()`` as through the direct call (tests). Autograd hands
     gradients laid out as their parameters; this guards any other code that sets ``.grad``. CUDA's
-    gradients are left where they are: a CUDA graph's steps read them in place, and the CUDA
-    kernel refuses a mismatch instead.
+    gradients are left where they are: a CUDA graph's steps read them in place.
     """
     for group in opt.param_groups:
         for p in group["params"]:
