@@ -81,6 +81,13 @@ class DashboardServer:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 90.0) -> DashboardServer:
+        """Start the server and wait until it answers; a server already running is left as it is.
+
+        So ``with DashboardServer(d).start() as srv`` (``__enter__`` starts too) runs one server,
+        not a second one that ``stop`` would leave behind.
+        """
+        if self.proc is not None and self.proc.poll() is None:
+            return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, BENCH_DATA_DIR=str(self.data_dir), BENCH_STORE=str(self.store), PYTHONUNBUFFERED="1")
         env.update(self.extra_env)
