@@ -4,7 +4,13 @@ Every error raised on purpose by bench_core derives from BenchError; the CLI pri
 ``str(error)`` and exits with status 2, the dashboard shows it with ``st.error``.
 """
 
+import os
 import warnings
+
+
+def switched_off(env_name: str) -> bool:
+    """Whether the environment variable ``env_name`` turns an optional fast path off: its value is ``0``."""
+    return os.environ.get(env_name, "1").strip() == "0"
 
 
 def warn_off(what: str, err: BaseException, instead: str) -> None:

@@ -21,13 +21,12 @@ and CUDA graphs replay them.
 from __future__ import annotations
 
 import logging
-import os
 import threading
 from collections.abc import Callable
 
 import torch
 
-from bench_core.errors import warn_off
+from bench_core.errors import switched_off, warn_off
 
 ENV_SWITCH = "BENCH_COMPILE"  # "0": never compile, run the eager code
 
@@ -36,7 +35,7 @@ _state: dict = {"kernel": None, "failed": None, "warmed": set()}  # warmed: (in,
 
 def enabled() -> bool:
     """Whether compiled kernels may be used: not switched off, and none failed in this process."""
-    return os.environ.get(ENV_SWITCH, "1").strip() != "0" and _state["failed"] is None
+    return not switched_off(ENV_SWITCH) and _state["failed"] is None
 
 
 def fold_grads_eager_fused(

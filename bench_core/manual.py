@@ -27,13 +27,12 @@ Should a C++ call fail, one warning says so and the Python steps run from then o
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench_core import models, native, onednn
+from bench_core.errors import switched_off
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
@@ -41,7 +40,7 @@ ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autogra
 
 def applies(model: nn.Module, x: torch.Tensor) -> bool:
     """Whether ``forward_backward`` covers this model and batch (see the module's docstring)."""
-    if x.device.type != "cpu" or os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if x.device.type != "cpu" or switched_off(ENV_SWITCH):
         return False
     if isinstance(model, BatchEnsembleMLP):
         pass  # either batching
@@ -57,7 +56,7 @@ def applies(model: nn.Module, x: torch.Tensor) -> bool:
 
 def describe_cpu_steps() -> str:
     """How CPU training steps of the workbench's models run in this process, in words (builds the C++ steps first)."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if switched_off(ENV_SWITCH):
         return f"through autograd ({ENV_SWITCH}=0)"
     if native.warm_up():
         return "forward and backward written out without autograd, as C++ operators (bench_core.native)"

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from bench_core.errors import warn_off
+from bench_core.errors import switched_off, warn_off
 
 ENV_SWITCH = "BENCH_NATIVE"  # "0": the Python steps everywhere
 ENV_CACHE = "BENCH_NATIVE_CACHE"  # where built libraries are kept
@@ -50,7 +50,7 @@ class NativeBuildError(RuntimeError):
 
 def enabled() -> bool:
     """Whether the C++ steps may be used: not switched off, and not failed in this process."""
-    return os.environ.get(ENV_SWITCH, "1").strip() != "0" and _state["failed"] is None
+    return not switched_off(ENV_SWITCH) and _state["failed"] is None
 
 
 def ops():
@@ -81,7 +81,7 @@ def warm_up() -> bool:
 
 def why_off() -> str | None:
     """Why the C++ steps are not in use in this process, in a few words; None when they are (or not asked for yet)."""
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if switched_off(ENV_SWITCH):
         return f"{ENV_SWITCH}=0"
     err = _state["failed"]
     if err is None:

@@ -17,11 +17,9 @@ environment variable ``BENCH_ONEDNN=0`` turns it off. Only CPU float32 tensors u
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from bench_core.errors import warn_off
+from bench_core.errors import switched_off, warn_off
 
 ENV_SWITCH = "BENCH_ONEDNN"  # "0": every product through torch.mm
 
@@ -32,7 +30,7 @@ def usable(x: torch.Tensor) -> bool:
     """Whether a product with ``x`` goes through oneDNN: a CPU float32 tensor, oneDNN on and working."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if switched_off(ENV_SWITCH):
         return False
     return available()
 

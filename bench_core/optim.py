@@ -27,11 +27,9 @@ the gradients to None directly (ad-hoc timing, calls interleaved between split-b
 
 from __future__ import annotations
 
-import os
-
 import torch
 
-from bench_core.errors import warn_off
+from bench_core.errors import switched_off, warn_off
 
 try:  # where torch keeps the hooks registered for every optimizer (private; see _hooks)
     from torch.optim import optimizer as _torch_optimizer
@@ -60,7 +58,7 @@ class AdamStep:
         opt = self.opt
         if not isinstance(opt, torch.optim.Adam) or _state["failed"] is not None:
             return None
-        if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+        if switched_off(ENV_SWITCH):
             return None
         if _hooks(opt) or len(opt.param_groups) != 1:
             return None
