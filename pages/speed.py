@@ -38,6 +38,7 @@ from bench_core.bench import (
     onednn_lines,
     step_parts,
     time_parts,
+    training_steps,
     turns_text,
 )
 from bench_core.devices import available_devices
@@ -396,8 +397,8 @@ def results_view(
         )
         for line in onednn_lines(header):
             st.caption(line)
-        if header.get("steps", "eager") != "eager":
-            st.caption(f"Training steps: {header['steps']}.")
+        if training_steps(header):
+            st.caption(f"Training steps: {training_steps(header)}.")
     for warning in noise_warnings(header or {}, rows):
         st.warning(warning[0].upper() + warning[1:] + ".", icon=":material/warning:")
     if not rows:

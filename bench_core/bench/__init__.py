@@ -66,6 +66,7 @@ from bench_core.bench.results import (
     step_parts,
     target_line,
     time_parts,
+    training_steps,
     turns_text,
 )
 from bench_core.bench.schedule import plan_rows, run_benchmark
@@ -117,6 +118,7 @@ __all__ = [
     "step_parts",
     "target_line",
     "time_parts",
+    "training_steps",
     "turns_text",
     "untimed_epochs",
 ]

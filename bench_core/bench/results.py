@@ -184,7 +184,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         + f", median of {s['repeats']} repeats; reference rows: the seed's DataLoader pipeline, "
         "worker start-up counted once per member per epoch",
         f"floor: {header['floor']}",
-        *([f"workbench training steps: {header['steps']}"] if header.get("steps", "eager") != "eager" else []),
+        *([f"workbench training steps: {training_steps(header)}"] if training_steps(header) else []),
         f"peak MiB: {header['memory']}, each row {'in its own process' if s['isolate'] else 'in this process'}",
     ]
     lines += [f"warning: {w}" for w in noise_warnings(header, rows)]
@@ -249,6 +249,12 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
                     f"{q * cv['x_floor_3x_forward']:.2f}× by 3× forward)"
                 )
     return "\n".join(lines)
+
+
+def training_steps(header: dict) -> str | None:
+    """How the workbench's training steps ran, in words; None where the header says only "eager" (files from before)."""
+    steps = header.get("steps", "eager")
+    return None if steps == "eager" else steps
 
 
 SPREAD_LIMIT = 1.25  # a row whose slowest timed repeat took more than this many times its fastest
