@@ -20,8 +20,12 @@ before: ``applies`` says which.
 
 Where the C++ operators of ``bench_core.native`` are built (once per machine; ``BENCH_NATIVE=0``
 turns them off), each of these steps runs as one C++ call making the same operator calls, bit
-for bit the same; BatchEnsemble with repeat batching keeps its first layer in Python (its
-gradients go through the compiled kernel of ``bench_core.kernels``) and runs the rest in C++.
+for bit the same, with one exception: split batching's first-layer W and r gradients come from
+one written-out kernel (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles
+reduced at once into both, in place of two products; the same sums in another order, within
+float32's rounding of autograd's; ``BENCH_SPLIT_KERNEL=0`` keeps the products). BatchEnsemble
+with repeat batching keeps its first layer in Python (its gradients go through the compiled
+kernel of ``bench_core.kernels``) and runs the rest in C++.
 Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
 
@@ -36,6 +40,7 @@ from bench_core.errors import switched_off
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
+ENV_SPLIT_KERNEL = "BENCH_SPLIT_KERNEL"  # "0": split batching's first-layer gradients through autograd's two products
 
 
 def applies(model: nn.Module, x: torch.Tensor) -> bool:
@@ -151,7 +156,8 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
         h = x
     params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
     via_onednn = [models.through_onednn(x, layer.in_features) for layer in layers]
-    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared)
+    first_kernel = not shared and not switched_off(ENV_SPLIT_KERNEL)
+    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared, first_kernel)
     _set_grads(params, grads)
     if shared:
         _, first.weight.grad, first.r.grad, first.s.grad, first.bias.grad = models.shared_input_batchensemble_grads(

@@ -4,19 +4,24 @@
 operators called from Python (about 95 for BatchEnsemble with split batching); the interpreter
 between them is a measurable part of a small step. ``csrc/manual_ops.cpp`` makes the same
 calls, in the same order and layouts, from C++ (``torch.ops.bench_core.*``), so losses and
-gradients are the Python ones bit for bit (tests), and only the interpreter goes. On this
+gradients are the Python ones bit for bit (tests), and only the interpreter goes (but for split
+batching's first-layer W and r gradients, which one written-out kernel computes in place of two
+products: ``first_layer_grads``, within float32's rounding; ``BENCH_SPLIT_KERNEL=0`` turns it
+off). On this
 project's machine (2 cores, AMD EPYC), one model switching between the two in one process, steps
 took 0.92-0.955× as long for BatchEnsemble with split batching, 0.97× with repeat batching,
 0.95-0.96× for the single MLP and 0.98-0.995× for the vectorized classic ensemble, whose step has
 the fewest operator calls for its size (docs/speed-log.md, fourteenth session).
 
 The source is compiled with the machine's C++ compiler (``$CXX``, else ``c++``/``g++``/``clang++``)
-against the headers that come with torch's wheel: about 15 s, once per source, torch version and
-compiler; the library is kept in ``$BENCH_NATIVE_CACHE`` (default ``~/.cache/bench_core/native``)
-under a name made from those, written to a temporary file and renamed, so that processes building
-at once each end with a whole library and none waits on a lock. Where it cannot be built or
-loaded (no compiler, another platform, an error) one warning says why and the Python steps run;
-``BENCH_NATIVE=0`` turns it off. Nothing but CPU steps use it.
+against the headers that come with torch's wheel (on Linux with ``-fopenmp``, so that the kernel's
+``at::parallel_for`` runs on torch's OpenMP threads, or without it where the compiler refuses):
+about 15 s, once per source, torch version and compiler; the library is kept in
+``$BENCH_NATIVE_CACHE`` (default ``~/.cache/bench_core/native``) under a name made from those,
+written to a temporary file and renamed, so that processes building at once each end with a whole
+library and none waits on a lock. Where it cannot be built or loaded (no compiler, another platform,
+an error) one warning says why and the Python steps run; ``BENCH_NATIVE=0`` turns it off. Nothing
+but CPU steps use it.
 """
 
 from __future__ import annotations
@@ -121,11 +126,22 @@ def compiler() -> str | None:
     return None
 
 
-def build_command(cxx: str, source: Path, output: Path) -> list[str]:
-    """The compiler's command line: a shared library against torch's headers and its two core libraries."""
+def _openmp_choices() -> tuple[bool, ...]:
+    """With OpenMP first where torch's own threads are OpenMP's (Linux wheels), then without it."""
+    return (True, False) if sys.platform.startswith("linux") else (False,)
+
+
+def build_command(cxx: str, source: Path, output: Path, openmp: bool = False) -> list[str]:
+    """The compiler's command line: a shared library against torch's headers and its two core libraries.
+
+    ``-ffp-contract=fast`` lets the split kernel's multiply-adds be fused; ``openmp`` makes
+    ``at::parallel_for`` in it run on torch's OpenMP threads (without it, on one thread).
+    """
     torch_dir = Path(torch.__file__).parent
     abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
-    cmd = [cxx, "-O2", "-std=c++20", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    cmd = [cxx, "-O3", "-std=c++20", "-ffp-contract=fast", "-shared", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"]
+    if openmp:
+        cmd.append("-fopenmp")
     cmd += ["-isystem", str(torch_dir / "include"), str(source), "-o", str(output)]
     cmd += ["-L", str(torch_dir / "lib"), "-lc10", "-ltorch_cpu", f"-Wl,-rpath,{torch_dir / 'lib'}"]
     if sys.platform == "darwin":
@@ -134,19 +150,26 @@ def build_command(cxx: str, source: Path, output: Path) -> list[str]:
     return cmd
 
 
-def library_path(source: Path = SOURCE, cxx: str | None = None) -> Path:
-    """The built library's path: named by a hash of the source, torch's version, the compiler and its command."""
+def library_path(source: Path = SOURCE, cxx: str | None = None, openmp: bool | None = None) -> Path:
+    """The built library's path: named by a hash of the source, torch's version, the compiler and its command.
+
+    ``openmp=None``: the first of the two builds (with OpenMP, then without) that exists, else the first.
+    """
     cxx = cxx or compiler() or "c++"
+    if openmp is None:
+        paths = [library_path(source, cxx, choice) for choice in _openmp_choices()]
+        return next((path for path in paths if path.exists()), paths[0])
     key = hashlib.sha256()
     key.update(source.read_bytes())
     key.update(torch.__version__.encode())
-    key.update(" ".join(build_command(cxx, Path("SOURCE"), Path("OUT"))).encode())
+    key.update(" ".join(build_command(cxx, Path("SOURCE"), Path("OUT"), openmp)).encode())
     return cache_dir() / f"{source.stem}-{key.hexdigest()[:16]}.so"
 
 
 def build(source: Path = SOURCE, cxx: str | None = None) -> Path:
     """Compile ``source`` unless its library is already built; returns the library's path.
 
+    On Linux it is built with OpenMP, or, where that fails (a compiler without OpenMP), without it.
     Raises NativeBuildError on an unsupported platform, without a compiler, or when compiling fails
     (with the compiler's first error line).
     """
@@ -158,6 +181,16 @@ def build(source: Path = SOURCE, cxx: str | None = None) -> Path:
     path = library_path(source, cxx)
     if path.exists():
         return path
+    for openmp in _openmp_choices():
+        try:
+            return _build_one(source, cxx, openmp)
+        except NativeBuildError as err:
+            failed = err
+    raise failed
+
+
+def _build_one(source: Path, cxx: str, openmp: bool) -> Path:
+    path = library_path(source, cxx, openmp)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=path.stem + ".", suffix=".tmp", dir=path.parent)
@@ -167,7 +200,7 @@ def build(source: Path = SOURCE, cxx: str | None = None) -> Path:
     try:
         try:
             done = subprocess.run(
-                build_command(cxx, source, Path(tmp)), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
+                build_command(cxx, source, Path(tmp), openmp), capture_output=True, text=True, timeout=BUILD_TIMEOUT_S
             )
         except (OSError, subprocess.TimeoutExpired) as err:
             raise NativeBuildError(f"{cxx} could not run: {err}") from None
@@ -200,6 +233,7 @@ def _first_calls(ops) -> None:
     x, labels = torch.ones(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
     be = [torch.ones(3, 2), torch.ones(2, 3), torch.ones(2, 2), torch.zeros(2, 2)]  # W, r, s, bias of one layer
     with torch.no_grad():
-        ops.batchensemble_layers(x, labels, be, [False], True, False)
+        ops.batchensemble_layers(x, labels, be, [False], True, False, True)
+        ops.first_layer_grads(x, torch.ones(2, 1, 2), be[0], be[1])
         ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, True)
         ops.plain(x[0], labels[0], [torch.ones(2, 3)], [torch.zeros(2)], True)

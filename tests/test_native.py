@@ -43,7 +43,7 @@ def test_the_operators_load_and_run_here():
     assert native.warm_up(), native._state["failed"]
     assert native.is_ready()
     assert native._state["library"].exists()
-    for name in ("batchensemble_layers", "vectorized", "plain"):
+    for name in ("batchensemble_layers", "first_layer_grads", "vectorized", "plain"):
         assert hasattr(torch.ops.bench_core, name)
 
 
@@ -142,6 +142,39 @@ def test_the_build_command_targets_torchs_headers_and_abi():
     assert str(torch_dir / "include") in cmd
     assert f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}" in cmd
     assert cmd[cmd.index("-o") + 1] == "a.so"
+    assert "-ffp-contract=fast" in cmd and "-fopenmp" not in cmd
+    assert "-fopenmp" in native.build_command("g++", Path("a.cpp"), Path("a.so"), openmp=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built with OpenMP on Linux only")
+def test_the_library_is_built_with_openmp_on_linux(tmp_path, cache):
+    _needs_compiler()
+    path = native.build(_source(tmp_path))
+    assert path == native.library_path(_source(tmp_path), openmp=True)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="built with OpenMP on Linux only")
+def test_a_compiler_without_openmp_builds_it_without_and_keeps_that(tmp_path, cache, monkeypatch):
+    """A compiler that refuses -fopenmp (clang without libomp): the library without OpenMP, kept as the build."""
+    real = _needs_compiler()
+    wrapper = tmp_path / "no-openmp-c++"
+    wrapper.write_text(
+        "#!/bin/sh\n"
+        'for a in "$@"; do [ "$a" = -fopenmp ] && { echo "error: unsupported option -fopenmp" >&2; exit 1; }; done\n'
+        f'exec {real} "$@"\n'
+    )
+    wrapper.chmod(0o755)
+    source = _source(tmp_path)
+    path = native.build(source, cxx=str(wrapper))
+    assert path == native.library_path(source, str(wrapper), openmp=False) and path.exists()
+    assert os.listdir(cache) == [path.name], "the failed OpenMP build left nothing"
+    assert native.library_path(source, str(wrapper)) == path, "found as the build from now on"
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("compiled again")
+
+    monkeypatch.setattr(subprocess, "run", no_compile)
+    assert native.build(source, cxx=str(wrapper)) == path
 
 
 def test_a_cache_that_cannot_be_written_is_reported(tmp_path, monkeypatch):

@@ -2,8 +2,9 @@
 
 The parts, by what each operator is and what it runs under (``classify``):
 
-- matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm``, oneDNN's linear (``bench_core.onednn``)
-  and what they call;
+- matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm``, oneDNN's linear (``bench_core.onednn``),
+  the C++ kernel that computes split batching's first-layer gradients as one product with its sums
+  (``bench_core::first_layer_grads``), and what they call;
 - element-wise and other operators: every other ATen operator of the forward, the backward and the
   loss (activations, the fast weights' scaling and folding, sums, views, copies), and the kernels
   compiled with ``torch.compile`` (``bench_core.kernels``) with their dispatch: the profiler records
@@ -35,7 +36,15 @@ STEP_PARTS = (
     "Python and autograd",
 )
 GEMM_OPS = frozenset(
-    {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addbmm", "mkldnn::_linear_pointwise"}
+    {
+        "aten::mm",
+        "aten::addmm",
+        "aten::bmm",
+        "aten::baddbmm",
+        "aten::addbmm",
+        "mkldnn::_linear_pointwise",
+        "bench_core::first_layer_grads",
+    }
 )
 DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
 ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_foreach_add_"})  # bench_core.optim's direct step

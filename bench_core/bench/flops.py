@@ -23,10 +23,11 @@ def epoch_flops(
     ``2·n·in·out`` forward, ``2·n·in·out`` for the weight gradient and ``2·n·in·out`` for the
     input gradient, except the first layer, whose input needs no gradient. "repeat" batching:
     n = ``n_examples`` per member; "split": n = ``n_examples / E`` per member; a single MLP
-    has E = 1. Split batching (BatchEnsemble) computes the first layer's input-side product as
-    well: each member's input is scaled by its r before the shared W, and r's gradient needs
-    ``dz Wᵀ`` (repeat batching folds r into the weights instead and derives r's gradient from the
-    weight gradient; with one member, split batching trains as repeat batching). Element-wise
+    has E = 1. BatchEnsemble's r gradient in the first layer needs no third product either:
+    repeat batching derives it from the gradient of the weights r is folded into, and split
+    batching from each member's weight gradient ``x_mᵀ dz_m`` (the CPU steps' kernel,
+    ``bench_core::first_layer_grads``; autograd, and so training on CUDA, computes it through
+    the input-side product ``dz Wᵀ`` instead, a product this count leaves out). Element-wise
     work (biases, ReLU, BatchEnsemble's r/s scaling, the loss, Adam) is not counted: the floor is
     what the matrix products alone would take.
 
@@ -41,7 +42,7 @@ def epoch_flops(
     n = n_examples / ensemble_size if batching == "split" else float(n_examples)
     per_member = 0.0
     for i, (n_in, n_out) in enumerate(itertools.pairwise(sizes)):
-        first_two = i == 0 and not first_input_grad and batching != "split"
+        first_two = i == 0 and not first_input_grad
         passes = 2 if first_two else 3  # forward + weight grad (+ input grad)
         per_member += passes * 2.0 * n * n_in * n_out
     return ensemble_size * per_member

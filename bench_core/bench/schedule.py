@@ -97,7 +97,8 @@ def _first_layer_rates(e: int, in_dim: int, h: int, bs: int, device: torch.devic
         "forward": gemm_rate(e * h, in_dim, bs, device),
         "weight_grad": gemm_rate(in_dim, bs, e * h, device),
         # BatchEnsemble split batching: one member-width product over the step's examples, three
-        # of them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient).
+        # of them as autograd computes them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient; the CPU
+        # steps' kernel, bench_core::first_layer_grads, does the last two in one pass).
         "split": {
             "forward": gemm_rate(rows, in_dim, h, device),
             "weight_grad": gemm_rate(in_dim, rows, h, device),

@@ -1,11 +1,15 @@
 // The hand-written training steps of bench_core/manual.py, in C++: the same ATen operators in the
 // same order and layouts, so losses and gradients are bit for bit the Python ones (and autograd's);
 // what goes is the Python interpreter between the operators (about 95 calls in a split step).
+// One exception, split batching's first layer: its weight's and r's gradients come from one
+// written-out kernel (first_layer_grads) instead of two products, the same sums in another order.
 // Built and loaded by bench_core/native.py; the operators are torch.ops.bench_core.*.
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -13,6 +17,155 @@
 namespace {
 
 using at::Tensor;
+
+// ---- Split batching's first layer: W's and r's gradients in one pass ----------------------------
+//
+// Member m's rows of the batch, x_m [b, in], meet the shared weight W [in, out] scaled by r_m [in]:
+// z_m = (x_m ∘ r_m) W, then z_m ∘ s_m. With G_m = x_mᵀ dz_m [in, out] (dz_m: d loss / d z_m),
+//   dW = Σ_m r_m ∘ G_m (each row i scaled by r_m[i]),   dr_m[i] = Σ_j W[i, j] G_m[i, j].
+// Autograd computes the same as (x ∘ r)ᵀ dz and, through x ∘ r's gradient dz Wᵀ [B, in], as
+// Σ_b (dz Wᵀ ∘ x): two products of B·in·out multiply-adds each. Here there is one, done in tiles
+// of 6 rows of W by 64 columns that stay in registers and are reduced into dW and dr at once, so
+// G_m is never stored: the first layer's backward reads x, dz and W once each. The sums are the
+// same ones in another order (float32 roundings differ from autograd's by about 1e-7 relative).
+
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef float f32x16_unaligned __attribute__((vector_size(64), aligned(4)));
+inline f32x16 load16(const float* p) { return *reinterpret_cast<const f32x16_unaligned*>(p); }
+inline void store16(float* p, f32x16 v) { *reinterpret_cast<f32x16_unaligned*>(p) = v; }
+
+constexpr int64_t kTileRows = 6, kTileVectors = 4, kTileCols = 16 * kTileVectors, kPanel = 4 * kTileRows;
+
+// On x86-64 Linux the tile is compiled for AVX-512, for AVX2 with FMA and for the baseline, and the
+// loader picks the one this CPU runs (a library built on one machine may be loaded on another).
+#if defined(__x86_64__) && defined(__linux__) && (defined(__clang__) ? __clang_major__ >= 14 : __GNUC__ >= 11)
+#define BENCH_CPU_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#else
+#define BENCH_CPU_CLONES
+#endif
+
+struct FirstLayer {
+  const float* x;       // [E * b, in]
+  const float* grad_z;  // [E * b, out_pad], columns from out on zero
+  const float* weight;  // [in, out]
+  const float* r;       // [E, in]
+  float* grad_w;        // [in, out]
+  float* grad_r;        // [E, in]
+  int64_t n_members, rows, n_in, n_out, out_pad;
+};
+
+// Member m's G_m on rows [i0, i0 + n_rows) (n_rows <= kTileRows) by columns [j0, j0 + 64), from
+// the panel (x's panel columns, [E * b, kPanel], the tile's rows from column s0): added into
+// grad_w (m > 0) or written there (m = 0); each row's share of dr_m added to dr[row].
+BENCH_CPU_CLONES void first_layer_tile(const FirstLayer& a, const float* __restrict panel, int64_t s0, int64_t i0,
+                                       int64_t n_rows, int64_t j0, int64_t m, float* __restrict dr) {
+  f32x16 acc[kTileRows][kTileVectors];
+#pragma GCC unroll 8
+  for (int ri = 0; ri < kTileRows; ++ri)
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileVectors; ++c) acc[ri][c] = f32x16{};
+  const float* xm = panel + m * a.rows * kPanel + s0;
+  const float* gm = a.grad_z + m * a.rows * a.out_pad + j0;
+  for (int64_t k = 0; k < a.rows; ++k) {
+    const float* gk = gm + k * a.out_pad;
+    const f32x16 g[kTileVectors] = {load16(gk), load16(gk + 16), load16(gk + 32), load16(gk + 48)};
+    const float* xk = xm + k * kPanel;
+#pragma GCC unroll 8
+    for (int ri = 0; ri < kTileRows; ++ri) {
+      const f32x16 xv = f32x16{} + xk[ri];
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileVectors; ++c) acc[ri][c] += xv * g[c];
+    }
+  }
+  const int64_t n_cols = std::min(kTileCols, a.n_out - j0);
+#pragma GCC unroll 8
+  for (int ri = 0; ri < kTileRows; ++ri) {  // constant indices into acc: it stays in registers
+    if (ri == n_rows) break;
+    const int64_t i = i0 + ri;
+    const float rv = a.r[m * a.n_in + i];
+    float* gw = a.grad_w + i * a.n_out + j0;
+    const float* w = a.weight + i * a.n_out + j0;
+    if (n_cols == kTileCols) {
+      f32x16 d{};
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileVectors; ++c) {
+        store16(gw + 16 * c, m == 0 ? rv * acc[ri][c] : load16(gw + 16 * c) + rv * acc[ri][c]);
+        d += load16(w + 16 * c) * acc[ri][c];
+      }
+      float sum = 0;
+      for (int l = 0; l < 16; ++l) sum += d[l];
+      dr[ri] += sum;
+    } else {  // the last columns of a width that is not a multiple of 64
+      float g[kTileCols];
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileVectors; ++c) store16(g + 16 * c, acc[ri][c]);
+      float sum = 0;
+      for (int64_t j = 0; j < n_cols; ++j) {
+        gw[j] = m == 0 ? rv * g[j] : gw[j] + rv * g[j];
+        sum += w[j] * g[j];
+      }
+      dr[ri] += sum;
+    }
+  }
+}
+
+// Rows [p_begin, p_end) of W (panel by panel, kPanel rows each, the last one possibly fewer).
+void first_layer_rows(const FirstLayer& a, int64_t p_begin, int64_t p_end) {
+  const int64_t n_rows_all = a.n_members * a.rows;
+  std::vector<float> panel(n_rows_all * kPanel);
+  float* pk = panel.data();
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kPanel) {
+    const int64_t width = std::min(kPanel, p_end - p0);
+    for (int64_t q = 0; q < n_rows_all; ++q) {  // x's columns [p0, p0 + width), zeros after them
+      const float* src = a.x + q * a.n_in + p0;
+      float* dst = pk + q * kPanel;
+      for (int64_t l = 0; l < width; ++l) dst[l] = src[l];
+      for (int64_t l = width; l < kPanel; ++l) dst[l] = 0.0f;  // rows computed, never stored
+    }
+    for (int64_t s0 = 0; s0 < width; s0 += kTileRows) {
+      const int64_t n_rows = std::min(kTileRows, width - s0);
+      for (int64_t m = 0; m < a.n_members; ++m) {
+        float dr[kTileRows] = {};
+        for (int64_t j0 = 0; j0 < a.n_out; j0 += kTileCols) first_layer_tile(a, pk, s0, p0 + s0, n_rows, j0, m, dr);
+        for (int64_t ri = 0; ri < n_rows; ++ri) a.grad_r[m * a.n_in + p0 + s0 + ri] = dr[ri];
+      }
+    }
+  }
+}
+
+bool first_layer_applies(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& r) {
+  for (const Tensor* t : {&x, &grad_z, &weight, &r})
+    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
+  return x.dim() == 3 && grad_z.dim() == 3 && weight.dim() == 2 && r.dim() == 2 && x.size(0) == r.size(0) &&
+         grad_z.size(0) == x.size(0) && grad_z.size(1) == x.size(1) && weight.size(0) == x.size(2) &&
+         weight.size(1) == grad_z.size(2) && r.size(1) == x.size(2);
+}
+
+// (dW [in, out], dr [E, in]) of split batching's first layer (see above). x: [E, b, in], the layer's
+// input per member; grad_z: [E, b, out], d loss / d (x_m ∘ r_m) W; weight [in, out]; r [E, in]; all
+// float32, contiguous, on the CPU.
+std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
+                                             const Tensor& r) {
+  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r),
+              "first_layer_grads: x [E, b, in], grad_z [E, b, out], weight [in, out] and r [E, in], float32, contiguous, "
+              "on the CPU");
+  const int64_t n_members = x.size(0), rows = x.size(1), n_in = x.size(2), n_out = weight.size(1);
+  Tensor grad_w = at::empty({n_in, n_out}, x.options()), grad_r = at::empty({n_members, n_in}, x.options());
+  if (n_in == 0 || n_out == 0) return {grad_w.zero_(), grad_r.zero_()};
+  const int64_t out_pad = (n_out + kTileCols - 1) / kTileCols * kTileCols;
+  Tensor gz = grad_z;
+  if (out_pad != n_out) {  // the tiles read 64 columns at a time
+    gz = at::zeros({n_members * rows, out_pad}, x.options());
+    gz.narrow(1, 0, n_out).copy_(grad_z.view({n_members * rows, n_out}));
+  }
+  const FirstLayer a{x.data_ptr<float>(), gz.data_ptr<float>(), weight.data_ptr<float>(), r.data_ptr<float>(),
+                     grad_w.data_ptr<float>(), grad_r.data_ptr<float>(), n_members, rows, n_in, n_out, out_pad};
+  const int64_t n_panels = (n_in + kPanel - 1) / kPanel;
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    first_layer_rows(a, begin * kPanel, std::min(end * kPanel, n_in));
+  });
+  return {grad_w, grad_r};
+}
 
 // x @ w (+ bias) through oneDNN: mkldnn::_linear_pointwise(x, w.t(), bias, "none", [], None), as
 // bench_core.onednn.matmul calls it.
@@ -55,10 +208,11 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
 // first layer) and the loss. h: [E, b, in], the first per-member layer's input, or with relu_first
 // the shared first layer's output before its ReLU. params: per layer weight [in, out], r [E, in],
 // s [E, out], bias [E, out]. Returns (member losses, the 4 gradients per layer in that order, and
-// with relu_first the gradient of h).
+// with relu_first the gradient of h). first_kernel: the first layer's W and r gradients through
+// first_layer_grads where it applies (split batching), else through the two products autograd runs.
 std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_layers(
     const Tensor& h_in, const Tensor& labels, at::TensorList params, c10::List<bool> onednn, bool mean,
-    bool relu_first) {
+    bool relu_first, bool first_kernel) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n_layers && static_cast<int64_t>(onednn.size()) == n_layers,
@@ -84,7 +238,17 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
     grads[4 * li + 3] = grad.sum(1);
     grads[4 * li + 2] = (grad * products[li]).sum(1);
     const Tensor grad_z = (grad * s.unsqueeze(1)).view({-1, weight.size(1)});  // (E*b, out)
-    grads[4 * li] = at::mm(scaled[li].t(), grad_z);                            // (in, out)
+    if (!need_input && first_kernel) {
+      const Tensor grad_z3 = grad_z.view({r.size(0), -1, weight.size(1)});
+      if (first_layer_applies(inp, grad_z3, weight, r)) {  // through the dispatcher: the profiler shows it
+        static const auto op = c10::Dispatcher::singleton()
+                                   .findSchemaOrThrow("bench_core::first_layer_grads", "")
+                                   .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
+        std::tie(grads[4 * li], grads[4 * li + 1]) = op.call(inp, grad_z3, weight, r);
+        continue;
+      }
+    }
+    grads[4 * li] = at::mm(scaled[li].t(), grad_z);  // (in, out)
     Tensor grad_xr = product(grad_z, weight.t(), onednn.get(li)).view_as(inp);  // (E, b, in)
     if (!need_input) {
       grads[4 * li + 1] = grad_xr.mul_(inp).sum(1);
@@ -164,8 +328,9 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
 
 TORCH_LIBRARY(bench_core, m) {
   m.def(
-      "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, bool mean, bool relu_first)"
-      " -> (Tensor, Tensor[], Tensor?)");
+      "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, bool mean, bool relu_first,"
+      " bool first_kernel) -> (Tensor, Tensor[], Tensor?)");
+  m.def("first_layer_grads(Tensor x, Tensor grad_z, Tensor weight, Tensor r) -> (Tensor, Tensor)");
   m.def(
       "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mean)"
       " -> (Tensor, Tensor[], Tensor[])");
@@ -174,6 +339,7 @@ TORCH_LIBRARY(bench_core, m) {
 
 TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("batchensemble_layers", &batchensemble_layers);
+  m.impl("first_layer_grads", &first_layer_grads);
   m.impl("vectorized", &vectorized);
   m.impl("plain", &plain);
 }
