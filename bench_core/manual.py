@@ -23,7 +23,8 @@ turns them off), each of these steps runs as one C++ call making the same operat
 for bit the same, with one exception: split batching's first-layer W and r gradients come from
 one written-out kernel (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles
 reduced at once into both, in place of two products; the same sums in another order, within
-float32's rounding of autograd's; ``BENCH_SPLIT_KERNEL=0`` keeps the products). BatchEnsemble
+float32's rounding of autograd's; on CPUs without AVX-512, where it would be slower, and with
+``BENCH_SPLIT_KERNEL=0`` the products stay). BatchEnsemble
 with repeat batching keeps its first layer in Python (its gradients go through the compiled
 kernel of ``bench_core.kernels``) and runs the rest in C++.
 Should a C++ call fail, one warning says so and the Python steps run from then on.
@@ -64,8 +65,21 @@ def describe_cpu_steps() -> str:
     if switched_off(ENV_SWITCH):
         return f"through autograd ({ENV_SWITCH}=0)"
     if native.warm_up():
-        return "forward and backward written out without autograd, as C++ operators (bench_core.native)"
+        cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native)"
+        return f"{cpp}; {_split_kernel()}"
     return f"forward and backward written out without autograd, in Python ({native.why_off()})"
+
+
+def _split_kernel() -> str:
+    """Whether the C++ split steps take their first-layer W and r gradients from their kernel, in words."""
+    why_not = None
+    if switched_off(ENV_SPLIT_KERNEL):
+        why_not = f"{ENV_SPLIT_KERNEL}=0"
+    elif not native.ops().first_layer_fast():
+        why_not = "no AVX-512 on this CPU for their kernel"
+    if why_not:
+        return f"split batching's first-layer gradients through autograd's two products ({why_not})"
+    return "split batching's first-layer gradients from one kernel"
 
 
 def _hooked(model: nn.Module) -> bool:

@@ -317,7 +317,10 @@ def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
     name = "cpu-e5-2026-11-26-session14-run2.json"
     saved = json.loads((ROOT / "docs" / "bench" / name).read_text())
     assert saved["header"]["steps"] == "eager", "written before the header named the CPU's path"
-    cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native)"
+    cpp = (
+        "forward and backward written out without autograd, as C++ operators (bench_core.native); "
+        "split batching's first-layer gradients from one kernel"
+    )
     for steps, shown in (("eager", None), (cpp, f"Training steps: {cpp}.")):
         at = open_page("speed")
         saved["header"]["steps"] = steps

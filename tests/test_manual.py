@@ -7,7 +7,10 @@ checked against autograd's to float32's rounding, and bit for bit with ``BENCH_S
 
 from __future__ import annotations
 
+import platform
+import sys
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -83,7 +86,7 @@ KERNEL_GRADS = ("layers.0.weight", "layers.0.r")  # split's first layer through 
 
 def _kernel_grads(step_path: str, batching: str, dtype=torch.float32) -> tuple[str, ...]:
     """The gradients the C++ split kernel computes in this case (float32 split batching, C++ steps)."""
-    on = step_path == "c++" and batching == "split" and dtype == torch.float32
+    on = step_path == "c++" and batching == "split" and dtype == torch.float32 and native.ops().first_layer_fast()
     return KERNEL_GRADS if on and not switched_off(manual.ENV_SPLIT_KERNEL) else ()
 
 
@@ -201,7 +204,7 @@ def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, 
     assert kernel_off[0] == autograd[0]
     for a, b in zip(kernel_off[1], autograd[1], strict=True):
         assert torch.equal(a, b)
-    exact = batching != "split" or not native.warm_up()
+    exact = batching != "split" or not (native.warm_up() and native.ops().first_layer_fast())
     for a, b in zip(kernel_on[0], autograd[0], strict=True):
         assert a == b if exact else a == pytest.approx(b, rel=1e-5)
     for a, b in zip(kernel_on[1], autograd[1], strict=True):
@@ -355,7 +358,15 @@ def test_a_failing_cpp_step_warns_once_and_the_python_step_computes_it(monkeypat
 def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
     if native.compiler() is None:
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
-    assert manual.describe_cpu_steps().endswith("as C++ operators (bench_core.native)")
+    cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native); "
+    products = "split batching's first-layer gradients through autograd's two products"
+    if native.ops().first_layer_fast():
+        assert manual.describe_cpu_steps() == cpp + "split batching's first-layer gradients from one kernel"
+    else:
+        assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernel)"
+    monkeypatch.setenv(manual.ENV_SPLIT_KERNEL, "0")
+    assert manual.describe_cpu_steps() == cpp + products + " (BENCH_SPLIT_KERNEL=0)"
+    monkeypatch.delenv(manual.ENV_SPLIT_KERNEL)
     assert native.why_off() is None
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert manual.describe_cpu_steps().endswith("in Python (BENCH_NATIVE=0)")
@@ -470,11 +481,29 @@ def _ran_kernel(model, x, y) -> bool:
     return any(e.name == "bench_core::first_layer_grads" for e in prof.events())
 
 
+def _avx512_cpu() -> bool:
+    """Whether /proc/cpuinfo lists the AVX-512 subsets the kernel's fast build needs (x86-64-v4's)."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return all(f in flags for f in ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))
+
+
+def test_the_split_kernel_is_used_where_the_cpu_has_avx512():
+    """This project's machine has AVX-512: there the kernel must be in use, not quietly off."""
+    ops = _kernel_ops()
+    if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
+        assert not ops.first_layer_fast()
+    else:
+        assert ops.first_layer_fast() == _avx512_cpu()
+
+
 def test_the_split_kernel_runs_in_float32_split_steps_only(monkeypatch):
-    _kernel_ops()
+    ops = _kernel_ops()
     model = _model("batchensemble", 12)
     x, y = _batch(model, 12, True)
-    assert _ran_kernel(model, x, y)
+    assert _ran_kernel(model, x, y) == ops.first_layer_fast()
     repeat_x, repeat_y = _batch(model, 12, False)
     assert not _ran_kernel(model, repeat_x, repeat_y), "repeat batching's first layer has its own kernel"
     model64 = _model("batchensemble", 12).double()
