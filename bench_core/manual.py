@@ -19,15 +19,14 @@ and its Python costs nothing, a hook, ``BENCH_MANUAL_BACKWARD=0``) goes through 
 before: ``applies`` says which.
 
 Where the C++ operators of ``bench_core.native`` are built (once per machine; ``BENCH_NATIVE=0``
-turns them off), each of these steps runs as one C++ call making the same operator calls, bit
-for bit the same, with one exception: split batching's first-layer W and r gradients come from
-one written-out kernel (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles
-reduced at once into both, in place of two products; the same sums in another order, within
-float32's rounding of autograd's; on CPUs without AVX-512, where it would be slower, and with
-``BENCH_SPLIT_KERNEL=0`` the products stay). BatchEnsemble
-with repeat batching keeps its first layer in Python (its gradients go through the compiled
-kernel of ``bench_core.kernels``) and runs the rest in C++.
-Should a C++ call fail, one warning says so and the Python steps run from then on.
+turns them off), each of these steps runs as one C++ call making the same operator calls, bit for
+bit the same, with one exception: split batching's first-layer W and r gradients come from one
+written-out kernel (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles reduced
+at once into both, in place of two products; the same sums in another order, within float32's
+rounding of autograd's; on CPUs without AVX-512, where it would be slower, and with
+``BENCH_SPLIT_KERNEL=0`` the products stay). BatchEnsemble with repeat batching keeps its first
+layer in Python (its gradients go through the compiled kernel of ``bench_core.kernels``) and runs
+the rest in C++. Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
 
 from __future__ import annotations

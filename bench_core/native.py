@@ -1,13 +1,12 @@
 """The hand-written CPU training steps (``bench_core.manual``) as C++ operators, built once per machine.
 
-``manual.forward_backward`` runs a step's forward, loss and backward as a few dozen ATen
-operators called from Python (about 95 for BatchEnsemble with split batching); the interpreter
-between them is a measurable part of a small step. ``csrc/manual_ops.cpp`` makes the same
-calls, in the same order and layouts, from C++ (``torch.ops.bench_core.*``), so losses and
-gradients are the Python ones bit for bit (tests), and only the interpreter goes (but for split
-batching's first-layer W and r gradients, which one written-out kernel computes in place of two
-products: ``first_layer_grads``, within float32's rounding, on CPUs with AVX-512;
-``BENCH_SPLIT_KERNEL=0`` turns it off). On this
+``manual.forward_backward`` runs a step's forward, loss and backward as a few dozen ATen operators
+called from Python (about 95 for BatchEnsemble with split batching); the interpreter between them is
+a measurable part of a small step. ``csrc/manual_ops.cpp`` makes the same calls, in the same order
+and layouts, from C++ (``torch.ops.bench_core.*``), so losses and gradients are the Python ones bit
+for bit (tests), and only the interpreter goes (but for split batching's first-layer W and r
+gradients, which one written-out kernel computes in place of two products: ``first_layer_grads``,
+within float32's rounding, on CPUs with AVX-512; ``BENCH_SPLIT_KERNEL=0`` turns it off). On this
 project's machine (2 cores, AMD EPYC), one model switching between the two in one process, steps
 took 0.92-0.955× as long for BatchEnsemble with split batching, 0.97× with repeat batching,
 0.95-0.96× for the single MLP and 0.98-0.995× for the vectorized classic ensemble, whose step has
