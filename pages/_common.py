@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import plotly.express as px
 import plotly.graph_objects as go
 import streamlit as st
@@ -217,6 +218,22 @@ def style(
 
 
 LOG_TICKS_MAX = 9  # more 1-2-5 ticks than this crowd a chart's axis: powers of ten instead
+
+
+def numbers_table(
+    table: list[dict], counts: Iterable[str] = (), exact: Iterable[str] = ()
+) -> pd.io.formats.style.Styler:
+    """A table of numbers as ``st.dataframe`` should show it, with counts as the command line prints them.
+
+    ``counts``: columns shown with thousands separators and no decimals (2,055,730 parameters);
+    ``exact``: shown as they are (names, whole numbers); every other column as its numbers were
+    rounded (``{:g}``). The values underneath stay numbers, so the columns still sort by value; a
+    missing value stays missing (Streamlit's grid greys it).
+    """
+    frame = pd.DataFrame(table)
+    counts, exact = set(counts), set(exact)
+    formats = {c: "{:,.0f}" if c in counts else "{:g}" for c in frame.columns if c not in exact}
+    return frame.style.format(formats, na_rep="—")
 
 
 def log_ticks(values: list[float]) -> list[float]:

@@ -43,7 +43,16 @@ from bench_core.bench import (
 )
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError
-from pages._common import dataset_label, hms, log_ticks, method_color, require_router, show, style
+from pages._common import (
+    dataset_label,
+    hms,
+    log_ticks,
+    method_color,
+    numbers_table,
+    require_router,
+    show,
+    style,
+)
 
 POLL_SECONDS = 2.0  # the live view (each poll re-sends its figures and table: browser CPU the benchmark shares)
 JOB_KEY = "speed_job"  # the SpeedJob this session launched last
@@ -410,7 +419,8 @@ def results_view(
         show(seconds_fig, key=f"speed_seconds_{key}")
     with cols[1]:
         show(memory_fig, key=f"speed_mem_{key}")
-    st.dataframe(table, hide_index=True, width="stretch", key=f"speed_table_{key}")
+    shown = numbers_table(table, counts=("inference examples / s", "parameters"), exact=("method", "mode", "E"))
+    st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}")
     show(parts_fig, key=f"speed_parts_{key}")
     st.caption(
         "The green part is the floor: the time the epoch's matrix products would take at the matrix-multiply "

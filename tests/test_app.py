@@ -37,6 +37,7 @@ from pages._common import (
     loss_series,
     member_accuracy_figure,
     mlp_params,
+    numbers_table,
     preflight,
     progress_of,
 )
@@ -574,3 +575,18 @@ def test_preflight_checks_what_validate_cannot():
     cfg.train.batch_size = 2
     with pytest.raises(ConfigError, match="can't be split among 3 members"):
         preflight(cfg)
+
+
+def test_a_numbers_table_shows_counts_with_separators_and_keeps_numbers_underneath():
+    rows = [
+        {"method": "single", "E": 1, "× classic vectorized": None, "s / epoch": 0.967, "parameters": 411146},
+        {"method": "classic", "E": 5, "× classic vectorized": 1.0, "s / epoch": 3.309, "parameters": 2055730},
+    ]
+    styled = numbers_table(rows, counts=("parameters",), exact=("method", "E"))
+    html = styled.to_html()
+    assert "None" not in html and "nan" not in html
+    cells = html.split("<td")[1:]
+    shown = [c[c.index(">") + 1 : c.index("</td>")] for c in cells]
+    assert shown == ["single", "1", "—", "0.967", "411,146", "classic", "5", "1", "3.309", "2,055,730"]
+    assert styled.data["parameters"].tolist() == [411146, 2055730], "numbers underneath: the column sorts by value"
+    assert styled.data["× classic vectorized"].isna().tolist() == [True, False]
