@@ -169,7 +169,7 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
         h = x
     params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
     via_onednn = [models.through_onednn(x, layer.in_features) for layer in layers]
-    first_kernel = not shared and not switched_off(ENV_SPLIT_KERNEL)
+    first_kernel = not switched_off(ENV_SPLIT_KERNEL)  # the C++ step uses it in split batching's first layer only
     member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared, first_kernel)
     _set_grads(params, grads)
     if shared:

@@ -227,8 +227,9 @@ def numbers_table(
 
     ``counts``: columns shown with thousands separators and no decimals (2,055,730 parameters);
     ``exact``: shown as they are (names, whole numbers); every other column as its numbers were
-    rounded (``{:g}``). The values underneath stay numbers, so the columns still sort by value; a
-    missing value stays missing (Streamlit's grid greys it).
+    rounded (``{:g}``). The values underneath stay numbers, so the columns still sort by value. A
+    missing value reads "—" where the Styler is rendered as HTML; Streamlit's grid ignores that and
+    shows its own greyed "None".
     """
     frame = pd.DataFrame(table)
     counts, exact = set(counts), set(exact)
