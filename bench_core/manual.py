@@ -24,7 +24,7 @@ bit the same, with one exception: split batching's first-layer W and r gradients
 written-out kernel (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles reduced
 at once into both, in place of two products; the same sums in another order, within float32's
 rounding of autograd's; on CPUs without AVX-512, where it would be slower, and with
-``BENCH_SPLIT_KERNEL=0`` the products stay). BatchEnsemble with repeat batching keeps its first
+``BENCH_FIRST_LAYER_KERNEL=0`` the products stay). BatchEnsemble with repeat batching keeps its first
 layer in Python (its gradients go through the compiled kernel of ``bench_core.kernels``) and runs
 the rest in C++. Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
@@ -38,9 +38,11 @@ from torch import nn
 from bench_core import models, native, onednn
 from bench_core.errors import switched_off
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
+from bench_core.optim import KernelAdam
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
-ENV_SPLIT_KERNEL = "BENCH_SPLIT_KERNEL"  # "0": split batching's first-layer gradients through autograd's two products
+# "0": every first layer through autograd's products (and Adam's own step): no written-out first-layer kernel
+ENV_FIRST_LAYER_KERNEL = "BENCH_FIRST_LAYER_KERNEL"
 
 
 def applies(model: nn.Module, x: torch.Tensor) -> bool:
@@ -72,8 +74,8 @@ def describe_cpu_steps() -> str:
 def _split_kernel() -> str:
     """Whether the C++ split steps take their first-layer W and r gradients from their kernel, in words."""
     why_not = None
-    if switched_off(ENV_SPLIT_KERNEL):
-        why_not = f"{ENV_SPLIT_KERNEL}=0"
+    if switched_off(ENV_FIRST_LAYER_KERNEL):
+        why_not = f"{ENV_FIRST_LAYER_KERNEL}=0"
     elif not native.ops().first_layer_fast():
         why_not = "no AVX-512 on this CPU for their kernel"
     if why_not:
@@ -105,20 +107,53 @@ def _hooked(model: nn.Module) -> bool:
     return False
 
 
-def forward_backward(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+def first_layer_kernel_on() -> bool:
+    """Whether the C++ steps take first layers through their kernels here (built, AVX-512, not switched off)."""
+    if switched_off(ENV_SWITCH) or switched_off(ENV_FIRST_LAYER_KERNEL):
+        return False
+    ops = native.ops()
+    return ops is not None and ops.first_layer_fast()
+
+
+def kernel_adam_weight(model: nn.Module) -> torch.Tensor | None:
+    """The parameter whose Adam step ``forward_backward`` can make as it computes its gradient; None if none.
+
+    The first-layer weight of the classic ensemble (``VectorizedEnsemble``) and of BatchEnsemble,
+    float32, where the C++ steps are built and this CPU has AVX-512 for their kernels
+    (``bench_core::first_layer_adam``, ``bench_core::first_layer_grads_adam``), unless
+    ``BENCH_FIRST_LAYER_KERNEL=0``.
+    """
+    if isinstance(model, VectorizedEnsemble):
+        weight = model.weights[0]
+    elif isinstance(model, BatchEnsembleMLP):
+        weight = model.layers[0].weight
+    else:
+        return None
+    if weight.device.type != "cpu" or weight.dtype != torch.float32:
+        return None
+    return weight if first_layer_kernel_on() else None
+
+
+def forward_backward(
+    model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str, adam: KernelAdam | None = None
+) -> torch.Tensor:
     """Each member's mean cross-entropy ``[E]`` (detached), with every parameter's ``.grad`` set to its gradient.
 
     The gradients are those of the members' losses summed (``reduction="sum"``) or averaged
     (``"mean"``), as ``training._Step`` takes them; any gradient already there is replaced, not
     added to. ``x``: ``[B, D]`` shared, or ``[E, b, D]`` one slice per member (BatchEnsemble);
     ``labels``: ``[B]`` or ``[E, b]``. Call ``applies`` first.
+
+    ``adam``: Adam's state for ``kernel_adam_weight(model)`` (``bench_core.optim.AdamStep.kernel_state``).
+    Where the C++ step runs, that weight is then stepped in place as its gradient is computed, its
+    ``.grad`` left None; elsewhere ``adam`` is ignored and the weight gets its gradient.
     """
     with torch.no_grad():
         ops = native.ops() if x.device.type == "cpu" else None
         if ops is None:
             return _python_step(model, x, labels, reduction)
         try:
-            return _native_step(ops, model, x, labels, reduction)
+            return _native_step(ops, model, x, labels, reduction, adam)
         except RuntimeError as err:
             failed = err
         # The Python step raises what a bad batch raises (the C++ step stays on); where it computes
@@ -136,18 +171,26 @@ def _python_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduct
     return _plain(_plain_mlp(model), x, labels, reduction)
 
 
-def _native_step(ops, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:
+def _native_step(
+    ops, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str, adam: KernelAdam | None = None
+) -> torch.Tensor:
     """``forward_backward`` through the C++ operators (``csrc/manual_ops.cpp``): the same operator calls."""
     mean = reduction == "mean"
     if isinstance(model, VectorizedEnsemble):
         weights, biases = list(model.weights), list(model.biases)
         models._check_shared_input(x, weights[0].size(0))
-        member_losses, grad_w, grad_b = ops.vectorized(x, labels, weights, biases, onednn.usable(x), mean)
+        if adam is not None and kernel_adam_weight(model) is weights[0]:
+            member_losses, grad_w, grad_b = ops.vectorized_adam(
+                x, labels, weights, biases, onednn.usable(x), mean, *adam
+            )  # weights[0] stepped in place: its gradient is not returned
+            weights = weights[1:]
+        else:
+            member_losses, grad_w, grad_b = ops.vectorized(x, labels, weights, biases, onednn.usable(x), mean)
         _set_grads(weights, grad_w)
         _set_grads(biases, grad_b)
         return member_losses
     if isinstance(model, BatchEnsembleMLP):
-        return _native_batchensemble(ops, model, x, labels, mean)
+        return _native_batchensemble(ops, model, x, labels, mean, adam)
     linears = _plain_mlp(model)
     weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
     member_losses, grad_w, grad_b = ops.plain(x, labels, weights, biases, mean)
@@ -156,9 +199,13 @@ def _native_step(ops, model: nn.Module, x: torch.Tensor, labels: torch.Tensor, r
     return member_losses
 
 
-def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, mean: bool):
+def _native_batchensemble(
+    ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, mean: bool, adam: KernelAdam | None = None
+):
     layers: list[BatchEnsembleLinear] = list(model.layers)
     first = layers[0]
+    if adam is not None and kernel_adam_weight(model) is not first.weight:
+        adam = None
     shared = x.dim() == 2  # repeat batching: the first layer on the shared batch, in Python (its compiled kernel)
     if shared:
         models._check_shared_input(x, first.in_features)
@@ -169,10 +216,27 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
         h = x
     params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
     via_onednn = [models.through_onednn(x, layer.in_features) for layer in layers]
-    first_kernel = not switched_off(ENV_SPLIT_KERNEL)  # the C++ step uses it in split batching's first layer only
-    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared, first_kernel)
+    first_kernel = not switched_off(ENV_FIRST_LAYER_KERNEL)  # the C++ step uses it in split batching's first layer only
+    moments, settings = ([], []) if adam is None or shared else (list(adam[:3]), [float(v) for v in adam[3:]])
+    member_losses, grads, grad_h, stepped = ops.batchensemble_layers(
+        h, labels, params, via_onednn, mean, shared, first_kernel, moments, settings
+    )
     _set_grads(params, grads)
-    if shared:
+    if stepped:  # split batching's kernel made Adam's step on the first layer's weight: no gradient to step with
+        first.weight.grad = None
+    if shared and first_kernel and ops.first_layer_fast() and x.dtype == torch.float32:
+        # Repeat batching: W's and r's gradients from the first-layer kernel on the shared batch (each
+        # member's xᵀ dz_m reduced in registers), in place of the product into [in, E, out] and its
+        # reductions; with adam, Adam's step on W made there too.
+        grad_z = torch.empty_like(grad_h, memory_format=torch.contiguous_format)  # (E, B, out)
+        torch.mul(grad_h, first.s.unsqueeze(1), out=grad_z)
+        xc = x.contiguous()
+        if adam is not None:
+            _, first.r.grad = ops.first_layer_grads_adam(xc, grad_z, first.weight, first.r, *adam)
+        else:
+            first.weight.grad, first.r.grad = ops.first_layer_grads(xc, grad_z, first.weight, first.r)
+        first.s.grad, first.bias.grad = (grad_h * z).sum(1), grad_h.sum(1)
+    elif shared:
         _, first.weight.grad, first.r.grad, first.s.grad, first.bias.grad = models.shared_input_batchensemble_grads(
             x, first.weight, first.r, first.s, z, grad_h, need_x=False
         )

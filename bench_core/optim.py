@@ -12,7 +12,13 @@ not fused, AdamW, CUDA (a CUDA graph replays the step there, so its Python costs
 amsgrad, maximize, capturable, several parameter groups, a parameter without a gradient or state
 yet (the first step), parameters of mixed dtypes. ``_fused_adam_`` is private: should it fail, the
 step counts are put back, one warning says so and ``opt.step()`` runs from then on in the process.
-``BENCH_FAST_ADAM=0`` turns the direct call off. The profiler's breakdown of a step
+``BENCH_FAST_ADAM=0`` turns the direct call off.
+
+One parameter can have its step made elsewhere: ``kernel_state(p)`` hands over its state and
+settings (``KernelAdam``) where the direct call applies, a kernel steps it as ``_fused_adam_`` would
+(``bench_core.manual``: the classic ensemble's first-layer weight, stepped as its gradient is
+computed), leaving its gradient None, and ``AdamStep(opt)(stepped=p)`` then steps the others. Should
+the kernel not run, ``p`` has its gradient and is stepped with the rest. The profiler's breakdown of a step
 (``bench_core.bench.breakdown``) counts the two ops as Adam's by their names: a ``record_function``
 around them, as ``opt.step()`` has, took about a quarter of what the direct call saves.
 
@@ -26,6 +32,8 @@ the gradients to None directly (ad-hoc timing, calls interleaved between split-b
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 
@@ -41,20 +49,60 @@ ENV_SWITCH = "BENCH_FAST_ADAM"  # "0": every step through torch.optim.Adam.step
 _state: dict = {"failed": None}  # why the direct call is off in this process (None: it is not)
 
 
+class KernelAdam(NamedTuple):
+    """One parameter's Adam state and settings, for a kernel that makes its step (``AdamStep.kernel_state``).
+
+    The kernel counts the step (``step`` += 1) and steps the parameter, ``exp_avg`` and
+    ``exp_avg_sq`` in place as ``torch._fused_adam_`` does, with these settings.
+    """
+
+    exp_avg: torch.Tensor
+    exp_avg_sq: torch.Tensor
+    step: torch.Tensor
+    lr: float
+    beta1: float
+    beta2: float
+    eps: float
+    weight_decay: float
+
+
 class AdamStep:
     """``step()`` of a ``torch.optim.Adam``: the direct fused call where it applies, else ``opt.step()``."""
 
     def __init__(self, opt: torch.optim.Optimizer):
         self.opt = opt
 
-    def __call__(self) -> None:
+    def __call__(self, stepped: torch.Tensor | None = None) -> None:
+        """Adam's step; ``stepped``: a parameter a kernel stepped (``kernel_state``), left out if it has no gradient."""
         laid_out_as_params(self.opt)
-        lists = self._direct_lists()
+        lists = self._direct_lists(stepped)
         if lists is None or not _fused_step(self.opt.param_groups[0], *lists):
-            self.opt.step()
+            self.opt.step()  # skips a parameter whose gradient is None, as ``stepped`` is
 
-    def _direct_lists(self) -> tuple[list, list, list, list, list] | None:
-        """(params, grads, exp_avgs, exp_avg_sqs, steps) when the direct call applies; else None."""
+    def kernel_state(self, p: torch.Tensor) -> KernelAdam | None:
+        """``p``'s state for a kernel to make its step, where the direct call applies to this optimizer; else None.
+
+        Asked before the gradients exist: what it checks is what ``__call__``'s direct call needs but
+        the gradients, and that ``p`` and its moments are contiguous float32 CPU tensors of one shape.
+        """
+        group = self._direct_group()
+        if group is None or not any(q is p for q in group["params"]):
+            return None
+        if group["params"][0].dtype != torch.float32:
+            return None
+        state = self.opt.state.get(p)
+        if not state or "exp_avg" not in state:
+            return None
+        exp_avg, exp_avg_sq, step = state["exp_avg"], state["exp_avg_sq"], state["step"]
+        if not all(t.is_contiguous() and t.shape == p.shape and t.dtype == p.dtype for t in (p, exp_avg, exp_avg_sq)):
+            return None
+        if step.device.type != "cpu" or step.numel() != 1 or isinstance(group["lr"], torch.Tensor):
+            return None
+        beta1, beta2 = group["betas"]
+        return KernelAdam(exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
+
+    def _direct_group(self) -> dict | None:
+        """The optimizer's one parameter group where the direct call applies to it, gradients aside; else None."""
         opt = self.opt
         if not isinstance(opt, torch.optim.Adam) or _state["failed"] is not None:
             return None
@@ -68,8 +116,19 @@ class AdamStep:
         if group.get("decoupled_weight_decay"):  # AdamW (a subclass of Adam): its kernel is _fused_adamw_
             return None
         params = group["params"]
-        if not params or any(p.device.type != "cpu" or p.dtype != params[0].dtype or p.grad is None for p in params):
+        if not params or any(p.device.type != "cpu" or p.dtype != params[0].dtype for p in params):
             return None
+        return group
+
+    def _direct_lists(self, stepped: torch.Tensor | None = None) -> tuple[list, list, list, list, list] | None:
+        """(params, grads, exp_avgs, exp_avg_sqs, steps) when the direct call applies; else None."""
+        group = self._direct_group()
+        if group is None:
+            return None
+        params = [p for p in group["params"] if not (p is stepped and p.grad is None)]
+        if not params or any(p.grad is None for p in params):
+            return None
+        opt = self.opt
         states = [opt.state.get(p) for p in params]
         if any(not s or "exp_avg" not in s for s in states):
             return None  # no state yet: Adam's own first step makes it

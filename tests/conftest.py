@@ -15,13 +15,13 @@ if ROOT not in sys.path:
 def fresh_fast_paths(monkeypatch):
     """oneDNN's products, Adam's direct step and the C++ training steps (with their split kernel): switches
     unset, checked afresh, a failure a test provokes forgotten after it (``bench_core.onednn``,
-    ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_SPLIT_KERNEL``)."""
+    ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_FIRST_LAYER_KERNEL``)."""
     from bench_core import manual, native, onednn, optim
 
     for module in (onednn, optim, native):
         monkeypatch.delenv(module.ENV_SWITCH, raising=False)
         module.reset()
-    monkeypatch.delenv(manual.ENV_SPLIT_KERNEL, raising=False)
+    monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL, raising=False)
     yield
     for module in (onednn, optim, native):
         module.reset()

@@ -412,10 +412,11 @@ def test_profiled_steps_of_a_real_row(one_thread):
 def test_the_kernel_is_warmed_before_the_memory_probe(name, n_members, warmed, monkeypatch, one_thread):
     """Importing inductor is resident memory of the process, not of training: a row that training
     would compile the kernel for (repeat batching, and split with one member, which trains as
-    repeat) compiles it before its memory probe starts, and says so in its progress; split with
-    members compiles nothing."""
-    from bench_core import kernels
+    repeat; with the C++ steps' first-layer kernel off, which replaces it on AVX-512 CPUs) compiles
+    it before its memory probe starts, and says so in its progress; split with members compiles nothing."""
+    from bench_core import kernels, manual
 
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
     events = []
     monkeypatch.setattr(kernels, "is_warm", lambda *args: False)  # as in the row's fresh process
     monkeypatch.setattr(kernels, "warm_up", lambda *args, **kwargs: events.append("warm") or False)
@@ -429,6 +430,10 @@ def test_the_kernel_is_warmed_before_the_memory_probe(name, n_members, warmed, m
     measure.measure_row(RowSpec(name, n_members), BenchSettings(**{**TINY, "profile_steps": 0}), report)
     assert events[:3] == (["says so", "warm", "probe"] if warmed else ["probe"])
     assert events.count("probe") == 1
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "1")
+    events.clear()
+    measure.measure_row(RowSpec(name, n_members), BenchSettings(**{**TINY, "profile_steps": 0}), report)
+    assert events[:3] == (["says so", "warm", "probe"] if warmed and not manual.first_layer_kernel_on() else ["probe"])
 
 
 def test_onednn_is_checked_before_the_memory_probe(monkeypatch, one_thread):

@@ -2,7 +2,7 @@
 
 One exception, split batching's first layer in the C++ steps: its weight's and r's gradients come
 from one kernel (``bench_core::first_layer_grads``), the same sums in another order, so they are
-checked against autograd's to float32's rounding, and bit for bit with ``BENCH_SPLIT_KERNEL=0``.
+checked against autograd's to float32's rounding, and bit for bit with ``BENCH_FIRST_LAYER_KERNEL=0``.
 """
 
 from __future__ import annotations
@@ -81,13 +81,13 @@ def step_path(request, monkeypatch, fresh_fast_paths):
     return request.param
 
 
-KERNEL_GRADS = ("layers.0.weight", "layers.0.r")  # split's first layer through bench_core::first_layer_grads
+KERNEL_GRADS = ("layers.0.weight", "layers.0.r")  # BatchEnsemble's first layer through bench_core::first_layer_grads
 
 
-def _kernel_grads(step_path: str, batching: str, dtype=torch.float32) -> tuple[str, ...]:
-    """The gradients the C++ split kernel computes in this case (float32 split batching, C++ steps)."""
-    on = step_path == "c++" and batching == "split" and dtype == torch.float32 and native.ops().first_layer_fast()
-    return KERNEL_GRADS if on and not switched_off(manual.ENV_SPLIT_KERNEL) else ()
+def _kernel_grads(step_path: str, method: str, dtype=torch.float32) -> tuple[str, ...]:
+    """The gradients the C++ first-layer kernel computes in this case (float32 BatchEnsemble, C++ steps)."""
+    on = step_path == "c++" and method == "batchensemble" and dtype == torch.float32 and native.ops().first_layer_fast()
+    return KERNEL_GRADS if on and not switched_off(manual.ENV_FIRST_LAYER_KERNEL) else ()
 
 
 def _assert_bit_equal(got, want, close: tuple[str, ...] = ()) -> None:
@@ -125,18 +125,20 @@ def test_losses_and_gradients_equal_autograds_bit_for_bit(
     model = _model(method, width, depth=depth, ensemble_size=members)
     x, y = _batch(model, width, batching == "split")
     got, want = _hand_written(model, x, y, reduction), _autograd(model, x, y, reduction)
-    _assert_bit_equal(got, want, close=_kernel_grads(step_path, batching))
+    _assert_bit_equal(got, want, close=_kernel_grads(step_path, method))
 
 
-@pytest.mark.parametrize(("method", "batching", "width", "depth", "members"), [c for c in CASES if c[1] == "split"])
+@pytest.mark.parametrize(
+    ("method", "batching", "width", "depth", "members"), [c for c in CASES if c[0] == "batchensemble"]
+)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
-def test_with_the_split_kernel_off_split_steps_equal_autograds_bit_for_bit(
+def test_with_the_first_layer_kernel_off_batchensemble_steps_equal_autograds_bit_for_bit(
     method, batching, width, depth, members, reduction, monkeypatch
 ):
     _kernel_ops()
-    monkeypatch.setenv(manual.ENV_SPLIT_KERNEL, "0")
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
     model = _model(method, width, depth=depth, ensemble_size=members)
-    x, y = _batch(model, width, True)
+    x, y = _batch(model, width, batching == "split")
     _assert_bit_equal(_hand_written(model, x, y, reduction), _autograd(model, x, y, reduction))
 
 
@@ -147,7 +149,7 @@ def test_equal_with_onednn_or_the_compiled_kernel_switched_off(switch, batching,
     model = _model("batchensemble", 2048, depth=1, ensemble_size=2)
     x, y = _batch(model, 2048, batching == "split")
     got, want = _hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean")
-    _assert_bit_equal(got, want, close=_kernel_grads(step_path, batching))
+    _assert_bit_equal(got, want, close=_kernel_grads(step_path, "batchensemble"))
     if switch == "BENCH_ONEDNN":
         assert not onednn.usable(x)
     else:
@@ -189,13 +191,14 @@ def test_a_gradient_already_there_is_replaced_not_added_to():
     ],
 )
 def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, monkeypatch):
-    """Split batching: bit for bit with the C++ split kernel off; with it on, within float32's rounding."""
+    """Bit for bit with the first-layer kernels off; with them on (BatchEnsemble, the classic ensemble's
+    vectorized first layer and Adam's step on it, AVX-512 CPUs), within float32's rounding."""
     data = make_synthetic(96, 16, (1, 3, 4), 4, 0)
     cfg = TrainConfig(epochs=2, batch_size=16, seed=0, device="cpu")
     runs = []
     for switch, split_kernel in (("0", "1"), ("1", "0"), ("1", "1")):  # autograd first
         monkeypatch.setenv(manual.ENV_SWITCH, switch)
-        monkeypatch.setenv(manual.ENV_SPLIT_KERNEL, split_kernel)
+        monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, split_kernel)
         torch.manual_seed(0)
         model = build_model(method, ModelConfig(hidden=8, ensemble_size=3, classic_mode=mode), 12, 4)
         records = [r for r in training.train(model, data, cfg, method=method, batching=batching) if r.kind == "epoch"]
@@ -204,7 +207,8 @@ def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, 
     assert kernel_off[0] == autograd[0]
     for a, b in zip(kernel_off[1], autograd[1], strict=True):
         assert torch.equal(a, b)
-    exact = batching != "split" or not (native.warm_up() and native.ops().first_layer_fast())
+    kernels = method == "batchensemble" or (method, mode) == ("classic", "vectorized")
+    exact = not (kernels and native.warm_up() and native.ops().first_layer_fast())
     for a, b in zip(kernel_on[0], autograd[0], strict=True):
         assert a == b if exact else a == pytest.approx(b, rel=1e-5)
     for a, b in zip(kernel_on[1], autograd[1], strict=True):
@@ -222,7 +226,11 @@ def test_a_cpu_training_step_builds_no_autograd_graph(method, profiled_step):
         model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
     names, _ = profiled_step(model, data)
     assert not any(n.startswith("autograd::engine") for n in names), sorted(names)
-    assert all(p.grad is not None for p in model.parameters())
+    stepped = manual.kernel_adam_weight(model)  # a first-layer weight the kernel steps (AVX-512): no gradient
+    assert (stepped is not None) == (method in ("classic", "batchensemble") and native.ops().first_layer_fast())
+    kernel = {"classic": "bench_core::first_layer_adam", "batchensemble": "bench_core::first_layer_grads_adam"}
+    assert (kernel.get(method) in names) == (stepped is not None)
+    assert all((p.grad is None) == (p is stepped) for p in model.parameters())
 
 
 def _hook_cases():
@@ -364,9 +372,9 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
         assert manual.describe_cpu_steps() == cpp + "split batching's first-layer gradients from one kernel"
     else:
         assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernel)"
-    monkeypatch.setenv(manual.ENV_SPLIT_KERNEL, "0")
-    assert manual.describe_cpu_steps() == cpp + products + " (BENCH_SPLIT_KERNEL=0)"
-    monkeypatch.delenv(manual.ENV_SPLIT_KERNEL)
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
+    assert manual.describe_cpu_steps() == cpp + products + " (BENCH_FIRST_LAYER_KERNEL=0)"
+    monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL)
     assert native.why_off() is None
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert manual.describe_cpu_steps().endswith("in Python (BENCH_NATIVE=0)")
@@ -379,7 +387,7 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
     assert manual.describe_cpu_steps() == "through autograd (BENCH_MANUAL_BACKWARD=0)"
 
 
-# --- Split batching's first-layer kernel (bench_core::first_layer_grads) ---------------------------
+# --- BatchEnsemble's first-layer kernel (bench_core::first_layer_grads) ----------------------------
 
 
 def _kernel_ops():
@@ -389,19 +397,21 @@ def _kernel_ops():
     return native.ops()
 
 
-def _first_layer_case(n_members: int, rows: int, n_in: int, n_out: int, seed: int = 0):
+def _first_layer_case(n_members: int, rows: int, n_in: int, n_out: int, seed: int = 0, shared: bool = False):
+    """(x, grad_z, weight, r): x [E, rows, in] (split batching), or [rows, in] with ``shared`` (repeat)."""
     gen = torch.Generator().manual_seed(seed)
+    x_shape = (rows, n_in) if shared else (n_members, rows, n_in)
     return [
         torch.randn(*shape, generator=gen)
-        for shape in ((n_members, rows, n_in), (n_members, rows, n_out), (n_in, n_out), (n_members, n_in))
+        for shape in (x_shape, (n_members, rows, n_out), (n_in, n_out), (n_members, n_in))
     ]
 
 
 def _first_layer_autograd(x, grad_z, weight, r, dtype=torch.float64):
-    """W's and r's gradients of Σ z ∘ grad_z, z_m = (x_m ∘ r_m) W, by autograd (float64 by default)."""
+    """W's and r's gradients of Σ z ∘ grad_z, z_m = (x_m ∘ r_m) W (x_m = x if x is 2-D), by autograd (float64)."""
     weight = weight.to(dtype).requires_grad_()
     r = r.to(dtype).requires_grad_()
-    z = torch.matmul(x.to(dtype) * r.unsqueeze(1), weight)  # (E, b, out)
+    z = torch.matmul(x.to(dtype) * r.unsqueeze(1), weight)  # (E, b, out); a 2-D x broadcasts over the members
     (z * grad_z.to(dtype)).sum().backward()
     return weight.grad, r.grad
 
@@ -421,9 +431,10 @@ def _first_layer_autograd(x, grad_z, weight, r, dtype=torch.float64):
         (2, 3, 5, 0),
     ],
 )
-def test_the_split_kernel_computes_the_first_layers_gradients(n_members, rows, n_in, n_out):
+@pytest.mark.parametrize("shared", [False, True], ids=["split", "repeat"])
+def test_the_first_layer_kernel_computes_the_first_layers_gradients(n_members, rows, n_in, n_out, shared):
     ops = _kernel_ops()
-    x, grad_z, weight, r = _first_layer_case(n_members, rows, n_in, n_out)
+    x, grad_z, weight, r = _first_layer_case(n_members, rows, n_in, n_out, shared=shared)
     grad_w, grad_r = ops.first_layer_grads(x, grad_z, weight, r)
     want_w, want_r = _first_layer_autograd(x, grad_z, weight, r)
     assert grad_w.shape == weight.shape and grad_r.shape == r.shape
@@ -438,9 +449,10 @@ def test_the_split_kernel_computes_the_first_layers_gradients(n_members, rows, n
         assert (grad_r.double() - want_r).abs().max() <= 2 * (f32_r.double() - want_r).abs().max() + 1e-12
 
 
-def test_the_split_kernel_gives_the_same_bits_on_any_number_of_threads():
+@pytest.mark.parametrize("shared", [False, True], ids=["split", "repeat"])
+def test_the_first_layer_kernel_gives_the_same_bits_on_any_number_of_threads(shared):
     ops = _kernel_ops()
-    case = _first_layer_case(5, 25, 3072, 128, seed=3)
+    case = _first_layer_case(5, 25, 3072, 128, seed=3, shared=shared)
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -454,9 +466,17 @@ def test_the_split_kernel_gives_the_same_bits_on_any_number_of_threads():
 
 @pytest.mark.parametrize(
     "change",
-    ["float64 x", "transposed weight", "non-contiguous x", "r of another width", "grad_z of other rows", "2-D x"],
+    [
+        "float64 x",
+        "transposed weight",
+        "non-contiguous x",
+        "r of another width",
+        "grad_z of other rows",
+        "2-D x of other rows",
+        "1-D x",
+    ],
 )
-def test_the_split_kernel_refuses_what_it_cannot_compute(change):
+def test_the_first_layer_kernel_refuses_what_it_cannot_compute(change):
     ops = _kernel_ops()
     x, grad_z, weight, r = _first_layer_case(2, 3, 6, 4)
     if change == "float64 x":
@@ -469,16 +489,18 @@ def test_the_split_kernel_refuses_what_it_cannot_compute(change):
         r = torch.randn(2, 5)
     elif change == "grad_z of other rows":
         grad_z = torch.randn(2, 4, 4)
+    elif change == "2-D x of other rows":
+        x = x[0, :2]
     else:
-        x = x[0]
-    with pytest.raises(RuntimeError, match=r"first_layer_grads: x \[E, b, in\], grad_z \[E, b, out\]"):
+        x = x[0, 0]
+    with pytest.raises(RuntimeError, match=r"first_layer_grads: x \[E, b, in\] or \[b, in\], grad_z \[E, b, out\]"):
         ops.first_layer_grads(x, grad_z, weight, r)
 
 
-def _ran_kernel(model, x, y) -> bool:
+def _ran_kernel(model, x, y, name: str = "bench_core::first_layer_grads") -> bool:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         manual.forward_backward(model, x, y, "mean")
-    return any(e.name == "bench_core::first_layer_grads" for e in prof.events())
+    return any(e.name == name for e in prof.events())
 
 
 def _avx512_cpu() -> bool:
@@ -490,7 +512,7 @@ def _avx512_cpu() -> bool:
     return all(f in flags for f in ("avx512f", "avx512bw", "avx512cd", "avx512dq", "avx512vl"))
 
 
-def test_the_split_kernel_is_used_where_the_cpu_has_avx512():
+def test_the_first_layer_kernel_is_used_where_the_cpu_has_avx512():
     """This project's machine has AVX-512: there the kernel must be in use, not quietly off."""
     ops = _kernel_ops()
     if not sys.platform.startswith("linux") or platform.machine() != "x86_64":
@@ -499,18 +521,21 @@ def test_the_split_kernel_is_used_where_the_cpu_has_avx512():
         assert ops.first_layer_fast() == _avx512_cpu()
 
 
-def test_the_split_kernel_runs_in_float32_split_steps_only(monkeypatch):
+def test_the_first_layer_kernel_runs_in_float32_batchensemble_steps_only(monkeypatch):
     ops = _kernel_ops()
     model = _model("batchensemble", 12)
     x, y = _batch(model, 12, True)
     assert _ran_kernel(model, x, y) == ops.first_layer_fast()
     repeat_x, repeat_y = _batch(model, 12, False)
-    assert not _ran_kernel(model, repeat_x, repeat_y), "repeat batching's first layer has its own kernel"
+    assert _ran_kernel(model, repeat_x, repeat_y) == ops.first_layer_fast()
+    classic = _model("classic", 12)
+    assert not _ran_kernel(classic, *_batch(classic, 12, False)), "the classic ensemble's has its own kernel"
     model64 = _model("batchensemble", 12).double()
     x64, y64 = _batch(model64, 12, True, dtype=torch.float64)
     assert not _ran_kernel(model64, x64, y64)
-    monkeypatch.setenv(manual.ENV_SPLIT_KERNEL, "0")
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
     assert not _ran_kernel(model, x, y)
+    assert not _ran_kernel(model, repeat_x, repeat_y)
 
 
 def test_a_split_batch_the_kernel_cannot_read_goes_through_the_products_bit_for_bit():
@@ -521,3 +546,195 @@ def test_a_split_batch_the_kernel_cannot_read_goes_through_the_products_bit_for_
     assert not x.is_contiguous()
     assert not _ran_kernel(model, x, y)
     _assert_bit_equal(_hand_written(model, x, y, "sum"), _autograd(model, x, y, "sum"))
+
+
+# --- Adam's step made by the first-layer kernels (first_layer_adam, first_layer_grads_adam) -------
+
+ADAM = (1e-2, 0.9, 0.999, 1e-8)  # lr, beta1, beta2, eps
+
+
+def _moments(shape, seed: int = 5):
+    """(exp_avg, exp_avg_sq, step) of a weight some steps into training."""
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(*shape, generator=gen) * 1e-2, torch.rand(*shape, generator=gen) * 1e-4, torch.tensor(3.0)]
+
+
+def _fused_adam(weight, grad, exp_avg, exp_avg_sq, step, weight_decay=0.0, settings=ADAM):
+    """torch.optim.Adam(fused=True)'s step, as bench_core.optim makes it: the count, then _fused_adam_."""
+    torch._foreach_add_([step], 1)
+    lr, beta1, beta2, eps = settings
+    torch._fused_adam_(
+        [weight], [grad], [exp_avg], [exp_avg_sq], [], [step], amsgrad=False, lr=lr, beta1=beta1, beta2=beta2,
+        weight_decay=weight_decay, eps=eps, maximize=False, grad_scale=None, found_inf=None,
+    )  # fmt: skip
+
+
+def _assert_adams_bits(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Equal to the last bit but for the last numel % 16 elements, which fused Adam steps in its scalar
+    loop (rounded its own way: there within float32's rounding)."""
+    vector = got.numel() - got.numel() % 16
+    assert torch.equal(got.reshape(-1)[:vector], want.reshape(-1)[:vector])
+    assert torch.allclose(got.reshape(-1)[vector:], want.reshape(-1)[vector:], rtol=1e-6, atol=0)
+
+
+def _adam_kernel_ops():
+    ops = _kernel_ops()
+    if not ops.first_layer_fast():
+        pytest.skip("the kernels that make Adam's step run on AVX-512 CPUs only")
+    return ops
+
+
+def _clones(*tensors):
+    return [t.clone() for t in tensors]
+
+
+@pytest.mark.parametrize(
+    ("weight_decay", "settings"),
+    [(0.0, ADAM), (0.1, ADAM), (0.0, (1e-3, 0.3, 0.9, 1e-6))],  # beta1 0.3: Adam's lerp takes its other form
+    ids=["adam", "weight-decay", "small-beta1"],
+)
+@pytest.mark.parametrize(
+    ("rows", "n_in", "n_out"),
+    [(128, 3072, 640), (1, 50, 70), (7, 25, 16), (33, 49, 65), (16, 1, 1), (4, 0, 3), (4, 3, 0)],
+)
+def test_the_classic_first_layer_kernel_makes_adams_step_with_the_products_gradient(
+    rows, n_in, n_out, weight_decay, settings
+):
+    """W, its moments and its step count as the product xᵀ dz then fused Adam leave them (3 steps).
+
+    With one row the gradient is one product per element, the same bits in any order: there the
+    step must be Adam's to the last bit (but for the elements fused Adam leaves to its scalar loop);
+    with more rows the sums' order may differ from the product's.
+    """
+    ops = _adam_kernel_ops()
+    gen = torch.Generator().manual_seed(rows + n_in)
+    weight = torch.randn(n_in, n_out, generator=gen) * 0.05
+    got, want = [weight.clone(), *_moments(weight.shape)], [weight.clone(), *_moments(weight.shape)]
+    for _ in range(3):
+        x, grad_z = torch.randn(rows, n_in, generator=gen), torch.randn(rows, n_out, generator=gen) * 1e-2
+        ops.first_layer_adam(x, grad_z, *got, *settings, weight_decay)
+        _fused_adam(*want[:1], x.t() @ grad_z, *want[1:], weight_decay=weight_decay, settings=settings)
+    assert float(got[3]) == float(want[3]) == 6.0
+    for a, b in zip(got[:3], want[:3], strict=True):
+        if a.numel():
+            assert (a - b).abs().max() <= 1e-6 * b.abs().max()
+        if rows == 1:
+            _assert_adams_bits(a, b)
+    if n_in and n_out:
+        assert not torch.equal(got[0], weight)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["split", "repeat"])
+@pytest.mark.parametrize(("n_members", "rows", "n_in", "n_out"), [(5, 25, 3072, 128), (3, 7, 25, 65), (2, 1, 1, 1)])
+def test_the_batchensemble_first_layer_kernel_makes_adams_step_with_its_gradient(n_members, rows, n_in, n_out, shared):
+    """dW and dr as first_layer_grads gives them (dr from W before its step), and W stepped with that dW
+    as fused Adam steps it, to the last bit (``_assert_adams_bits``)."""
+    ops = _adam_kernel_ops()
+    x, grad_z, weight, r = _first_layer_case(n_members, rows, n_in, n_out, shared=shared)
+    want_w, want_r = ops.first_layer_grads(x, grad_z, weight, r)
+    stepped, moments = weight.clone(), _moments(weight.shape)
+    got_w, got_r = ops.first_layer_grads_adam(x, grad_z, stepped, r, *moments, *ADAM, 0.0)
+    assert torch.equal(got_w, want_w) and torch.equal(got_r, want_r)
+    want = [weight.clone(), *_moments(weight.shape)]
+    _fused_adam(want[0], want_w, *want[1:])
+    for a, b in zip([stepped, *moments], want, strict=True):
+        _assert_adams_bits(a, b)
+
+
+def test_the_adam_kernels_give_the_same_bits_on_any_number_of_threads():
+    ops = _adam_kernel_ops()
+    gen = torch.Generator().manual_seed(4)
+    x, grad_z = torch.randn(128, 3072, generator=gen), torch.randn(128, 640, generator=gen)
+    weight = torch.randn(3072, 640, generator=gen)
+    be = _first_layer_case(5, 25, 3072, 128, seed=3)
+    threads = torch.get_num_threads()
+    runs = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            classic = [weight.clone(), *_moments(weight.shape)]
+            ops.first_layer_adam(x, grad_z, *classic, *ADAM, 0.0)
+            split = [be[2].clone(), *_moments(be[2].shape)]
+            grads = ops.first_layer_grads_adam(be[0], be[1], split[0], be[3], *split[1:], *ADAM, 0.0)
+            runs.append([*classic, *split, *grads])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["float64 exp_avg", "exp_avg of another shape", "non-contiguous exp_avg_sq", "two step counts", "x of other width"],
+)
+def test_the_adam_kernels_refuse_what_they_cannot_step_and_change_nothing(change):
+    ops = _adam_kernel_ops()
+    x, grad_z, weight, r = _first_layer_case(2, 3, 6, 4)
+    cx, cgz, cw = x[0], grad_z[0], torch.randn(6, 4)  # the classic kernel's: x [B, in], grad_z [B, out], W [in, out]
+    exp_avg, exp_avg_sq, step = _moments(weight.shape)
+    if change == "float64 exp_avg":
+        exp_avg = exp_avg.double()
+    elif change == "exp_avg of another shape":
+        exp_avg = exp_avg[:5]
+    elif change == "non-contiguous exp_avg_sq":
+        exp_avg_sq = exp_avg_sq.t().contiguous().t()
+    elif change == "two step counts":
+        step = torch.tensor([3.0, 3.0])
+    else:
+        x, cx = x[..., :5], cx[:, :5].contiguous()
+    before = _clones(weight, cw, exp_avg, exp_avg_sq, step)
+    split_message = r"^first_layer_grads_adam: x \[E, b, in\] or \[b, in\].*one-element step count"
+    with pytest.raises(RuntimeError, match=split_message):
+        ops.first_layer_grads_adam(x.contiguous(), grad_z, weight, r, exp_avg, exp_avg_sq, step, *ADAM, 0.0)
+    with pytest.raises(RuntimeError, match=r"^first_layer_adam: x \[B, in\], grad_z \[B, out\].*one-element step"):
+        ops.first_layer_adam(cx, cgz, cw, exp_avg, exp_avg_sq, step, *ADAM, 0.0)
+    for a, b in zip((weight, cw, exp_avg, exp_avg_sq, step), before, strict=True):
+        assert torch.equal(a, b)
+
+
+def _train_steps(method: str, split: bool, n_steps: int = 3, **adam):
+    """A model after ``n_steps`` CPU training steps (``training._Step``), with its step."""
+    data = make_synthetic(64, 16, (1, 3, 4), 4, 0)
+    torch.manual_seed(0)
+    model = build_model(method, ModelConfig(hidden=8, ensemble_size=4), 12, 4)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, fused=True, **adam)
+    step = training._Step(model, opt, data, split, training.loss_reduction(model))
+    for i in range(n_steps):
+        step(torch.arange(16) + 16 * i)
+    return model, step
+
+
+@pytest.mark.parametrize(("method", "split"), [("classic", False), ("batchensemble", False), ("batchensemble", True)])
+def test_training_steps_leave_the_kernels_weight_stepped_without_a_gradient(method, split, monkeypatch):
+    """From the second step (Adam's state is made by its own first), the first-layer weight is stepped
+    by the kernel: no gradient, its step count with the others', training as with the kernels off."""
+    _adam_kernel_ops()
+    model, step = _train_steps(method, split)
+    weight = step.kernel_weight
+    assert weight is manual.kernel_adam_weight(model) and weight is not None
+    assert weight.grad is None and all(p.grad is not None for p in model.parameters() if p is not weight)
+    assert all(float(s["step"]) == 3.0 for s in step.opt.state.values())
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
+    off, off_step = _train_steps(method, split)
+    assert off_step.kernel_weight is None
+    for a, b in zip(model.parameters(), off.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("adam", [{"amsgrad": True}, {"maximize": True}, {"weight_decay": 0.1}])
+def test_adam_settings_the_kernels_do_not_make_go_through_adams_own_step(adam, monkeypatch):
+    """amsgrad and maximize: Adam's own step (with the weight's gradient); weight decay: the kernel makes it."""
+    _adam_kernel_ops()
+    model, step = _train_steps("classic", False, **adam)
+    in_kernel = "weight_decay" in adam
+    assert (step.kernel_weight.grad is None) == in_kernel
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
+    off, _ = _train_steps("classic", False, **adam)
+    for a, b in zip(model.parameters(), off.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_with_adams_direct_call_off_the_weight_gets_its_gradient(monkeypatch):
+    _adam_kernel_ops()
+    monkeypatch.setenv("BENCH_FAST_ADAM", "0")
+    _, step = _train_steps("classic", False)
+    assert step.kernel_weight is not None and step.kernel_weight.grad is not None

@@ -181,11 +181,18 @@ def _tiny_data():
     return make_synthetic(800, 200, shape=(1, 6, 6), num_classes=10)
 
 
-@pytest.mark.parametrize(("be_batching", "compiles"), [("repeat", True), ("split", False)])
-def test_a_batchensemble_run_says_while_its_cpu_kernel_compiles(store, monkeypatch, be_batching, compiles):
-    """The kernel's compile (seconds) is a phase and the run's note, cleared once it is compiled."""
+@pytest.mark.parametrize(("be_batching", "first_layer_kernel"), [("repeat", "0"), ("repeat", "1"), ("split", "0")])
+def test_a_batchensemble_run_says_while_its_cpu_kernel_compiles(store, monkeypatch, be_batching, first_layer_kernel):
+    """The kernel's compile (seconds) is a phase and the run's note, cleared once it is compiled.
+
+    Repeat batching only, and only where the C++ steps' own first-layer kernel does not replace it.
+    """
     import bench_core.runner as runner
+    from bench_core import manual
     from bench_core.models import BatchEnsembleMLP
+
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, first_layer_kernel)
+    compiles = be_batching == "repeat" and not manual.first_layer_kernel_on()
 
     notes_while_compiling = []
     monkeypatch.setattr(BatchEnsembleMLP, "kernels_warm", lambda self: False)  # as in a fresh worker
@@ -205,7 +212,7 @@ def test_a_batchensemble_run_says_while_its_cpu_kernel_compiles(store, monkeypat
         assert messages[be_training + 1] == runner.COMPILING_NOTE
         compiling = next(i for i, e in enumerate(events) if e.kind == "phase" and e.message == runner.COMPILING_NOTE)
         assert compiling < next(i for i, e in enumerate(events) if e.kind == "epoch" and e.method == "batchensemble")
-    else:  # split batching with members: no kernel to compile
+    else:  # split batching with members, or the C++ steps' first-layer kernel in use: nothing to compile
         assert runner.COMPILING_NOTE not in messages
     assert store.list_runs()[0]["note"] is None
     assert events[-1].status == "finished"

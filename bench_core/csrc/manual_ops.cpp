@@ -5,11 +5,15 @@
 // written-out kernel (first_layer_grads) instead of two products, the same sums in another order.
 // Built and loaded by bench_core/native.py; the operators are torch.ops.bench_core.*.
 #include <ATen/ATen.h>
+#if defined(__x86_64__)
+#include <immintrin.h>
+#endif
 #include <ATen/Parallel.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -65,14 +69,76 @@ bool first_layer_fast() {
 #endif
 }
 
+// Adam's step, as torch._fused_adam_ makes it (for the kernels below that step a weight themselves).
+struct AdamCoefficients {
+  float neg_step_size, lerp_weight, beta2, sq_weight, bias_correction2_sqrt, eps, weight_decay;
+};
+
+// Adam's coefficients at `step` (this step's count, already incremented), as _fused_adam_ rounds them:
+// computed in double, then float.
+AdamCoefficients adam_coefficients(double step, double lr, double beta1, double beta2, double eps,
+                                   double weight_decay) {
+  const double bias_correction1 = 1 - std::pow(beta1, step), bias_correction2 = 1 - std::pow(beta2, step);
+  return {static_cast<float>(-(lr / bias_correction1)), static_cast<float>(1 - beta1), static_cast<float>(beta2),
+          static_cast<float>(1 - beta2), static_cast<float>(std::sqrt(bias_correction2)), static_cast<float>(eps),
+          static_cast<float>(weight_decay)};
+}
+
+#if BENCH_X86_CLONES
+// Adam's step on n elements of one row, as _fused_adam_'s AVX-512 loop makes it (exp_avg by lerp as
+// one fused multiply-add, exp_avg_sq's and weight decay's sums fused as torch's build fuses them),
+// the row's last n % 16 elements through the same vector operations, masked. Only for AVX-512 CPUs
+// (first_layer_fast). Contraction off: every fused multiply-add is written, none added.
+#if defined(__clang__)
+#define BENCH_NO_CONTRACT _Pragma("clang fp contract(off)")
+#define BENCH_NO_CONTRACT_ATTR
+#else
+#define BENCH_NO_CONTRACT
+#define BENCH_NO_CONTRACT_ATTR __attribute__((optimize("fp-contract=off")))
+#endif
+__attribute__((target("arch=x86-64-v4"))) BENCH_NO_CONTRACT_ATTR void adam_row(
+    float* __restrict param, float* __restrict exp_avg, float* __restrict exp_avg_sq, const float* __restrict grad,
+    int64_t n, const AdamCoefficients& c) {
+  BENCH_NO_CONTRACT
+  const __m512 lerp_weight = _mm512_set1_ps(c.lerp_weight), beta2 = _mm512_set1_ps(c.beta2),
+               sq_weight = _mm512_set1_ps(c.sq_weight), bc2_sqrt = _mm512_set1_ps(c.bias_correction2_sqrt),
+               eps = _mm512_set1_ps(c.eps), neg_step = _mm512_set1_ps(c.neg_step_size),
+               decay = _mm512_set1_ps(c.weight_decay), one = _mm512_set1_ps(1.0f);
+  const bool small = std::abs(c.lerp_weight) < 0.5f;  // exp_avg.lerp_(grad, 1 - beta1), as torch picks the form
+  const __m512 coeff = small ? lerp_weight : _mm512_sub_ps(lerp_weight, one);
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 k = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1);
+    __m512 p = _mm512_maskz_loadu_ps(k, param + d), g = _mm512_maskz_loadu_ps(k, grad + d);
+    if (c.weight_decay != 0.0f) g = _mm512_fmadd_ps(p, decay, g);
+    __m512 m = _mm512_maskz_loadu_ps(k, exp_avg + d);
+    m = _mm512_fmadd_ps(coeff, _mm512_sub_ps(g, m), small ? m : g);
+    __m512 v = _mm512_maskz_loadu_ps(k, exp_avg_sq + d);
+    v = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, g), g, _mm512_mul_ps(v, beta2));
+    _mm512_mask_storeu_ps(exp_avg + d, k, m);
+    _mm512_mask_storeu_ps(exp_avg_sq + d, k, v);
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2_sqrt), eps);
+    p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, m), denom));
+    _mm512_mask_storeu_ps(param + d, k, p);
+  }
+}
+#else
+void adam_row(float*, float*, float*, const float*, int64_t, const AdamCoefficients&) {
+  TORCH_CHECK(false, "first_layer_adam: only on x86-64 CPUs with AVX-512");
+}
+#endif
+
 struct FirstLayer {
-  const float* x;       // [E * b, in]
+  const float* x;       // [E * b, in], or [b, in] shared by the members (shared_x)
   const float* grad_z;  // [E * b, out_pad], columns from out on zero
   const float* weight;  // [in, out]
   const float* r;       // [E, in]
   float* grad_w;        // [in, out]
   float* grad_r;        // [E, in]
   int64_t n_members, rows, n_in, n_out, out_pad;
+  bool shared_x;
+  const AdamCoefficients* adam;  // non-null: Adam's step on W's rows once their gradient is complete
+  float* exp_avg;                // [in, out], W's moments (with adam)
+  float* exp_avg_sq;
 };
 
 // Member m's G_m on rows [i0, i0 + n_rows) (n_rows <= kTileRows) by columns [j0, j0 + 64), from
@@ -85,7 +151,7 @@ BENCH_CPU_CLONES void first_layer_tile(const FirstLayer& a, const float* __restr
   for (int ri = 0; ri < kTileRows; ++ri)
 #pragma GCC unroll 4
     for (int c = 0; c < kTileVectors; ++c) acc[ri][c] = f32x16{};
-  const float* xm = panel + m * a.rows * kPanel + s0;
+  const float* xm = panel + (a.shared_x ? 0 : m) * a.rows * kPanel + s0;
   const float* gm = a.grad_z + m * a.rows * a.out_pad + j0;
   for (int64_t k = 0; k < a.rows; ++k) {
     const float* gk = gm + k * a.out_pad;
@@ -132,7 +198,7 @@ BENCH_CPU_CLONES void first_layer_tile(const FirstLayer& a, const float* __restr
 
 // Rows [p_begin, p_end) of W (panel by panel, kPanel rows each, the last one possibly fewer).
 void first_layer_rows(const FirstLayer& a, int64_t p_begin, int64_t p_end) {
-  const int64_t n_rows_all = a.n_members * a.rows;
+  const int64_t n_rows_all = (a.shared_x ? 1 : a.n_members) * a.rows;
   std::vector<float> panel(n_rows_all * kPanel);
   float* pk = panel.data();
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kPanel) {
@@ -151,26 +217,34 @@ void first_layer_rows(const FirstLayer& a, int64_t p_begin, int64_t p_end) {
         for (int64_t ri = 0; ri < n_rows; ++ri) a.grad_r[m * a.n_in + p0 + s0 + ri] = dr[ri];
       }
     }
+    if (a.adam == nullptr) continue;
+    for (int64_t ri = 0; ri < width; ++ri) {  // every member's share is in: W's rows stepped (dr read them before)
+      const int64_t o = (p0 + ri) * a.n_out;
+      adam_row(const_cast<float*>(a.weight) + o, a.exp_avg + o, a.exp_avg_sq + o, a.grad_w + o, a.n_out, *a.adam);
+    }
   }
 }
 
 bool first_layer_applies(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& r) {
   for (const Tensor* t : {&x, &grad_z, &weight, &r})
     if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
-  return x.dim() == 3 && grad_z.dim() == 3 && weight.dim() == 2 && r.dim() == 2 && x.size(0) == r.size(0) &&
-         grad_z.size(0) == x.size(0) && grad_z.size(1) == x.size(1) && weight.size(0) == x.size(2) &&
-         weight.size(1) == grad_z.size(2) && r.size(1) == x.size(2);
+  if (grad_z.dim() != 3 || weight.dim() != 2 || r.dim() != 2 || grad_z.size(0) != r.size(0)) return false;
+  const bool shared = x.dim() == 2;  // repeat batching: every member on the whole batch
+  if (!shared && (x.dim() != 3 || x.size(0) != r.size(0))) return false;
+  const int64_t rows = x.size(shared ? 0 : 1), n_in = x.size(shared ? 1 : 2);
+  return grad_z.size(1) == rows && weight.size(0) == n_in && weight.size(1) == grad_z.size(2) && r.size(1) == n_in;
 }
 
 // (dW [in, out], dr [E, in]) of split batching's first layer (see above). x: [E, b, in], the layer's
-// input per member; grad_z: [E, b, out], d loss / d (x_m ∘ r_m) W; weight [in, out]; r [E, in]; all
-// float32, contiguous, on the CPU.
-std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
-                                             const Tensor& r) {
-  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r),
-              "first_layer_grads: x [E, b, in], grad_z [E, b, out], weight [in, out] and r [E, in], float32, contiguous, "
-              "on the CPU");
-  const int64_t n_members = x.size(0), rows = x.size(1), n_in = x.size(2), n_out = weight.size(1);
+// input per member, or [b, in], one input every member reads (repeat batching: G_m = xᵀ dz_m);
+// grad_z: [E, b, out], d loss / d (x_m ∘ r_m) W; weight [in, out]; r [E, in]; all float32,
+// contiguous, on the CPU. With adam (exp_avg, exp_avg_sq [in, out]: W's moments), Adam's step on W
+// follows each panel's gradient, in place (W's gradient is still returned; it has been used).
+std::tuple<Tensor, Tensor> first_layer_grads_impl(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
+                                                  const Tensor& r, const AdamCoefficients* adam, float* exp_avg,
+                                                  float* exp_avg_sq) {
+  const bool shared_x = x.dim() == 2;
+  const int64_t n_members = r.size(0), rows = grad_z.size(1), n_in = weight.size(0), n_out = weight.size(1);
   Tensor grad_w = at::empty({n_in, n_out}, x.options()), grad_r = at::empty({n_members, n_in}, x.options());
   if (n_in == 0 || n_out == 0) return {grad_w.zero_(), grad_r.zero_()};
   const int64_t out_pad = (n_out + kTileCols - 1) / kTileCols * kTileCols;
@@ -180,12 +254,153 @@ std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad
     gz.narrow(1, 0, n_out).copy_(grad_z.view({n_members * rows, n_out}));
   }
   const FirstLayer a{x.data_ptr<float>(), gz.data_ptr<float>(), weight.data_ptr<float>(), r.data_ptr<float>(),
-                     grad_w.data_ptr<float>(), grad_r.data_ptr<float>(), n_members, rows, n_in, n_out, out_pad};
+                     grad_w.data_ptr<float>(), grad_r.data_ptr<float>(), n_members, rows, n_in, n_out, out_pad,
+                     shared_x, adam, exp_avg, exp_avg_sq};
   const int64_t n_panels = (n_in + kPanel - 1) / kPanel;
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
     first_layer_rows(a, begin * kPanel, std::min(end * kPanel, n_in));
   });
   return {grad_w, grad_r};
+}
+
+constexpr const char* kFirstLayerShapes =
+    "x [E, b, in] or [b, in], grad_z [E, b, out], weight [in, out] and r [E, in], float32, contiguous, on the CPU";
+
+std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
+                                             const Tensor& r) {
+  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r), "first_layer_grads: ", kFirstLayerShapes);
+  return first_layer_grads_impl(x, grad_z, weight, r, nullptr, nullptr, nullptr);
+}
+
+bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step) {
+  for (const Tensor* t : {&exp_avg, &exp_avg_sq})
+    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous() ||
+        t->sizes() != weight.sizes())
+      return false;
+  return step.device().type() == at::kCPU && step.numel() == 1;
+}
+
+// first_layer_grads with Adam's step on W made as each panel's gradient is complete (AVX-512 CPUs):
+// weight, exp_avg and exp_avg_sq stepped in place, step counted (+1) first. Returns (dW, dr).
+std::tuple<Tensor, Tensor> first_layer_grads_adam(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
+                                                  const Tensor& r, const Tensor& exp_avg, const Tensor& exp_avg_sq,
+                                                  const Tensor& step, double lr, double beta1, double beta2,
+                                                  double eps, double weight_decay) {
+  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r) && moments_apply(weight, exp_avg, exp_avg_sq, step),
+              "first_layer_grads_adam: ", kFirstLayerShapes,
+              "; exp_avg and exp_avg_sq as weight, and a one-element step count");
+  TORCH_CHECK(first_layer_fast(), "first_layer_grads_adam: only on x86-64 CPUs with AVX-512");
+  step.add_(1);  // Adam counts the step before it steps
+  const AdamCoefficients c = adam_coefficients(step.item<float>(), lr, beta1, beta2, eps, weight_decay);
+  return first_layer_grads_impl(x, grad_z, weight, r, &c, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>());
+}
+
+// ---- The classic ensemble's first layer: W's gradient and Adam's step on W in one pass ---------
+//
+// The members' first layers are one weight W [in, E·out] on the shared batch x [B, in]; its gradient
+// is xᵀ dz. Taken as a product it is written out (7.5 MiB at CIFAR-10's E = 5) and read back by
+// Adam's step, which also reads and writes W and its two moments. Here each panel of kPanel rows of
+// W gets its gradient from register tiles (as first_layer_tile's, one member, no r) into a buffer
+// the size of L2's share, and Adam's step follows on those rows at once: the gradient is never
+// written out, and W's rows are stepped while the buffer is still in the cache. The gradient is the
+// same sum in another order (float32 roundings differ from the product's by about 1e-7 relative);
+// Adam's step is torch._fused_adam_'s (torch.optim.Adam(fused=True)) on AVX-512, bit for bit on the
+// same gradient (tested): its operations in its order, fused multiply-adds where it has them.
+
+// G's tile of rows [s0, s0 + n_rows) of the panel (n_rows <= kTileRows) by columns [j0, j0 + 64),
+// written to buf [kPanel, out_pad].
+BENCH_CPU_CLONES void product_tile(const float* __restrict panel, const float* __restrict grad_z, int64_t rows,
+                                   int64_t out_pad, int64_t s0, int64_t n_rows, int64_t j0, float* __restrict buf) {
+  f32x16 acc[kTileRows][kTileVectors];
+#pragma GCC unroll 8
+  for (int ri = 0; ri < kTileRows; ++ri)
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileVectors; ++c) acc[ri][c] = f32x16{};
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* gk = grad_z + k * out_pad + j0;
+    const f32x16 g[kTileVectors] = {load16(gk), load16(gk + 16), load16(gk + 32), load16(gk + 48)};
+    const float* xk = panel + k * kPanel + s0;
+#pragma GCC unroll 8
+    for (int ri = 0; ri < kTileRows; ++ri) {
+      const f32x16 xv = f32x16{} + xk[ri];
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileVectors; ++c) acc[ri][c] += xv * g[c];
+    }
+  }
+#pragma GCC unroll 8
+  for (int ri = 0; ri < kTileRows; ++ri) {
+    if (ri == n_rows) break;
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileVectors; ++c) store16(buf + (s0 + ri) * out_pad + j0 + 16 * c, acc[ri][c]);
+  }
+}
+
+struct FirstLayerAdam {
+  const float* x;       // [B, in]
+  const float* grad_z;  // [B, out_pad], columns from out on zero
+  float* weight;        // [in, out], and its moments
+  float* exp_avg;
+  float* exp_avg_sq;
+  int64_t rows, n_in, n_out, out_pad;
+  AdamCoefficients c;
+};
+
+// Rows [p_begin, p_end) of W: per panel of kPanel rows, their gradient, then Adam's step on them.
+void first_layer_adam_rows(const FirstLayerAdam& a, int64_t p_begin, int64_t p_end) {
+  std::vector<float> panel(a.rows * kPanel), buf(kPanel * a.out_pad);
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kPanel) {
+    const int64_t width = std::min(kPanel, p_end - p0);
+    for (int64_t q = 0; q < a.rows; ++q) {
+      const float* src = a.x + q * a.n_in + p0;
+      float* dst = panel.data() + q * kPanel;
+      for (int64_t l = 0; l < width; ++l) dst[l] = src[l];
+      for (int64_t l = width; l < kPanel; ++l) dst[l] = 0.0f;
+    }
+    for (int64_t s0 = 0; s0 < width; s0 += kTileRows)
+      for (int64_t j0 = 0; j0 < a.n_out; j0 += kTileCols)
+        product_tile(panel.data(), a.grad_z, a.rows, a.out_pad, s0, std::min(kTileRows, width - s0), j0, buf.data());
+    for (int64_t ri = 0; ri < width; ++ri) {
+      const int64_t o = (p0 + ri) * a.n_out;
+      adam_row(a.weight + o, a.exp_avg + o, a.exp_avg_sq + o, buf.data() + ri * a.out_pad, a.n_out, a.c);
+    }
+  }
+}
+
+bool first_layer_adam_applies(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& exp_avg,
+                              const Tensor& exp_avg_sq, const Tensor& step) {
+  for (const Tensor* t : {&x, &grad_z, &weight})
+    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
+  return x.dim() == 2 && grad_z.dim() == 2 && weight.dim() == 2 && grad_z.size(0) == x.size(0) &&
+         weight.size(0) == x.size(1) && weight.size(1) == grad_z.size(1) &&
+         moments_apply(weight, exp_avg, exp_avg_sq, step);
+}
+
+// W's gradient xᵀ dz and Adam's step on W with it, in place (see above); the gradient is not kept.
+// x [B, in], grad_z [B, out], weight, exp_avg, exp_avg_sq [in, out]: float32, contiguous, on the CPU;
+// step: Adam's step count for W, incremented here, then read as _fused_adam_ reads it. AVX-512 only.
+void first_layer_adam(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& exp_avg,
+                      const Tensor& exp_avg_sq, const Tensor& step, double lr, double beta1, double beta2, double eps,
+                      double weight_decay) {
+  TORCH_CHECK(first_layer_adam_applies(x, grad_z, weight, exp_avg, exp_avg_sq, step),
+              "first_layer_adam: x [B, in], grad_z [B, out], weight, exp_avg and exp_avg_sq [in, out], float32, "
+              "contiguous, and a one-element step count, on the CPU");
+  TORCH_CHECK(first_layer_fast(), "first_layer_adam: only on x86-64 CPUs with AVX-512");
+  step.add_(1);  // Adam counts the step before it steps (torch._foreach_add_(steps, 1), then _fused_adam_)
+  const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(1);
+  if (n_in == 0 || n_out == 0) return;
+  const int64_t out_pad = (n_out + kTileCols - 1) / kTileCols * kTileCols;
+  Tensor gz = grad_z;
+  if (out_pad != n_out) {
+    gz = at::zeros({rows, out_pad}, x.options());
+    gz.narrow(1, 0, n_out).copy_(grad_z);
+  }
+  const FirstLayerAdam a{x.data_ptr<float>(), gz.data_ptr<float>(), weight.data_ptr<float>(), exp_avg.data_ptr<float>(),
+                         exp_avg_sq.data_ptr<float>(), rows, n_in, n_out, out_pad,
+                         adam_coefficients(step.item<float>(), lr, beta1, beta2, eps, weight_decay)};
+  const int64_t n_panels = (n_in + kPanel - 1) / kPanel;
+  at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
+    first_layer_adam_rows(a, begin * kPanel, std::min(end * kPanel, n_in));
+  });
 }
 
 // x @ w (+ bias) through oneDNN: mkldnn::_linear_pointwise(x, w.t(), bias, "none", [], None), as
@@ -231,14 +446,20 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
 // s [E, out], bias [E, out]. Returns (member losses, the 4 gradients per layer in that order, and
 // with relu_first the gradient of h). first_kernel: the first layer's W and r gradients through
 // first_layer_grads where it applies (split batching, float32, an AVX-512 CPU), else through the two
-// products autograd runs.
-std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_layers(
+// products autograd runs. adam: empty, or the first layer's [exp_avg, exp_avg_sq, step] with settings
+// [lr, beta1, beta2, eps, weight_decay]: where the kernel runs, it also makes Adam's step on the first
+// layer's weight (first_layer_grads_adam), and the last output says so (the weight's gradient, still
+// returned, must not be stepped again).
+std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>, bool> batchensemble_layers(
     const Tensor& h_in, const Tensor& labels, at::TensorList params, c10::List<bool> onednn, bool mean,
-    bool relu_first, bool first_kernel) {
+    bool relu_first, bool first_kernel, at::TensorList adam, at::ArrayRef<double> settings) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n_layers && static_cast<int64_t>(onednn.size()) == n_layers,
               "batchensemble_layers: 4 parameters and one oneDNN flag per layer");
+  TORCH_CHECK((adam.empty() && settings.empty()) || (adam.size() == 3 && settings.size() == 5),
+              "batchensemble_layers: adam is [exp_avg, exp_avg_sq, step] with 5 settings, or empty");
+  bool stepped = false;
   std::vector<Tensor> inputs, scaled, products;
   Tensor h = h_in;
   for (int64_t li = 0; li < n_layers; ++li) {
@@ -263,6 +484,19 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
     if (!need_input && first_kernel) {
       const Tensor grad_z3 = grad_z.view({r.size(0), -1, weight.size(1)});
       if (first_layer_fast() && first_layer_applies(inp, grad_z3, weight, r)) {  // dispatched: the profiler shows it
+        if (!adam.empty() && moments_apply(weight, adam[0], adam[1], adam[2])) {
+          static const auto op_adam =
+              c10::Dispatcher::singleton()
+                  .findSchemaOrThrow("bench_core::first_layer_grads_adam", "")
+                  .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                                    const Tensor&, const Tensor&, const Tensor&, double, double,
+                                                    double, double, double)>();
+          std::tie(grads[4 * li], grads[4 * li + 1]) = op_adam.call(
+              inp, grad_z3, weight, r, adam[0], adam[1], adam[2], settings[0], settings[1], settings[2], settings[3],
+              settings[4]);
+          stepped = true;
+          continue;
+        }
         static const auto op = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("bench_core::first_layer_grads", "")
                                    .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
@@ -281,13 +515,22 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
   }
   c10::optional<Tensor> grad_h;
   if (relu_first) grad_h = grad;
-  return {member_losses, grads, grad_h};
+  return {member_losses, grads, grad_h, stepped};
 }
+
+// Adam's state and settings for the classic ensemble's first-layer weight (vectorized_adam).
+struct FirstLayerAdamArgs {
+  Tensor exp_avg, exp_avg_sq, step;
+  double lr, beta1, beta2, eps, weight_decay;
+};
 
 // manual._vectorized: the classic ensemble on a shared batch x [B, in]; weights[0] [in, E, out],
 // later weights [E, in, out], biases [E, out]. Returns (member losses, weights' and biases' gradients).
-std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
-    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean) {
+// With adam, the first layer's weight is stepped in place by first_layer_adam and its gradient is
+// left out: the weights' gradients are those of layers 1 on.
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean,
+    const FirstLayerAdamArgs* adam) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(biases.size()) == n_layers, "vectorized: one bias per weight");
@@ -314,9 +557,35 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
     grad = at::threshold_backward(at::bmm(grad, weights[li].transpose(1, 2)), a, 0);
   }
   const Tensor grad_z = grad.transpose(0, 1).reshape({batch, -1});  // models.shared_input_linear_grads
-  grad_w[0] = at::mm(x.t(), grad_z).view({n_in, n_members, n_out});
   grad_b[0] = grad.sum(1);
+  if (adam == nullptr) {
+    grad_w[0] = at::mm(x.t(), grad_z).view({n_in, n_members, n_out});
+    return {member_losses, grad_w, grad_b};
+  }
+  static const auto op =  // dispatched: the profiler shows it
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("bench_core::first_layer_adam", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
+                      double, double, double, double)>();
+  op.call(x, grad_z, w, adam->exp_avg.view({n_in, -1}), adam->exp_avg_sq.view({n_in, -1}), adam->step, adam->lr,
+          adam->beta1, adam->beta2, adam->eps, adam->weight_decay);
+  grad_w.erase(grad_w.begin());
   return {member_losses, grad_w, grad_b};
+}
+
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean) {
+  return vectorized_impl(x, labels, weights, biases, onednn, mean, nullptr);
+}
+
+// vectorized, with Adam's step on the first layer's weight made by first_layer_adam (AVX-512 CPUs):
+// exp_avg, exp_avg_sq [in, E, out] and step are Adam's state for weights[0], stepped in place.
+std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_adam(
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean,
+    const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step, double lr, double beta1, double beta2,
+    double eps, double weight_decay) {
+  const FirstLayerAdamArgs adam{exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay};
+  return vectorized_impl(x, labels, weights, biases, onednn, mean, &adam);
 }
 
 // manual._plain: one MLP of nn.Linear layers (weights [out, in]) on x [B, in].
@@ -350,19 +619,33 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
 
 TORCH_LIBRARY(bench_core, m) {
   m.def(
-      "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, bool mean, bool relu_first,"
-      " bool first_kernel) -> (Tensor, Tensor[], Tensor?)");
+      "batchensemble_layers(Tensor h, Tensor labels, Tensor(a!)[] params, bool[] onednn, bool mean, bool relu_first,"
+      " bool first_kernel, Tensor(b!)[] adam, float[] settings) -> (Tensor, Tensor[], Tensor?, bool)");
   m.def("first_layer_grads(Tensor x, Tensor grad_z, Tensor weight, Tensor r) -> (Tensor, Tensor)");
+  m.def(
+      "first_layer_grads_adam(Tensor x, Tensor grad_z, Tensor(a!) weight, Tensor r, Tensor(b!) exp_avg,"
+      " Tensor(c!) exp_avg_sq, Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay)"
+      " -> (Tensor, Tensor)");
   m.def("first_layer_fast() -> bool", &first_layer_fast);
   m.def(
       "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mean)"
       " -> (Tensor, Tensor[], Tensor[])");
+  m.def(
+      "first_layer_adam(Tensor x, Tensor grad_z, Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq,"
+      " Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
+  m.def(
+      "vectorized_adam(Tensor x, Tensor labels, Tensor(a!)[] weights, Tensor[] biases, bool onednn, bool mean,"
+      " Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) step, float lr, float beta1, float beta2, float eps,"
+      " float weight_decay) -> (Tensor, Tensor[], Tensor[])");
   m.def("plain(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool mean) -> (Tensor, Tensor[], Tensor[])");
 }
 
 TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("batchensemble_layers", &batchensemble_layers);
   m.impl("first_layer_grads", &first_layer_grads);
+  m.impl("first_layer_grads_adam", &first_layer_grads_adam);
   m.impl("vectorized", &vectorized);
+  m.impl("first_layer_adam", &first_layer_adam);
+  m.impl("vectorized_adam", &vectorized_adam);
   m.impl("plain", &plain);
 }
