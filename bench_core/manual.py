@@ -20,13 +20,23 @@ before: ``applies`` says which.
 
 Where the C++ operators of ``bench_core.native`` are built (once per machine; ``BENCH_NATIVE=0``
 turns them off), each of these steps runs as one C++ call making the same operator calls, bit for
-bit the same, with one exception: split batching's first-layer W and r gradients come from one
-written-out kernel (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles reduced
-at once into both, in place of two products; the same sums in another order, within float32's
-rounding of autograd's; on CPUs without AVX-512, where it would be slower, and with
-``BENCH_FIRST_LAYER_KERNEL=0`` the products stay). BatchEnsemble with repeat batching keeps its first
-layer in Python (its gradients go through the compiled kernel of ``bench_core.kernels``) and runs
-the rest in C++. Should a C++ call fail, one warning says so and the Python steps run from then on.
+bit the same, but for the first layer, on CPUs with AVX-512 (elsewhere, where these kernels
+would be slower, and with ``BENCH_FIRST_LAYER_KERNEL=0``, autograd's products and Adam's own step):
+
+- BatchEnsemble's first-layer W and r gradients, either batching, come from one written-out kernel
+  (``bench_core::first_layer_grads``: each member's ``x_mᵀ dz_m`` in tiles reduced at once into
+  both, in place of two products (split) or of the product into ``[in, E, out]`` and its reductions
+  (repeat, whose first layer's forward stays in Python); the same sums in another order, within
+  float32's rounding of autograd's);
+- the first-layer weight of the classic ensemble and of BatchEnsemble gets Adam's step inside its
+  gradient's kernel (``bench_core::first_layer_adam``, ``bench_core::first_layer_grads_adam``), each
+  block of rows stepped as soon as its gradient is done, so the gradient (7.5 MiB for the classic
+  ensemble at CIFAR-10's E = 5) is never written out and read back: ``forward_backward(...,
+  adam=AdamStep.kernel_state(weight))``, which ``training._Step`` passes from Adam's second step
+  on; the weight's ``.grad`` stays None and ``AdamStep(stepped=weight)`` steps the rest. The step is
+  ``torch._fused_adam_``'s arithmetic on AVX-512, bit for bit on the same gradient (tested).
+
+Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
 
 from __future__ import annotations
@@ -67,20 +77,26 @@ def describe_cpu_steps() -> str:
         return f"through autograd ({ENV_SWITCH}=0)"
     if native.warm_up():
         cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native)"
-        return f"{cpp}; {_split_kernel()}"
+        return f"{cpp}; {_first_layer_kernels()}"
     return f"forward and backward written out without autograd, in Python ({native.why_off()})"
 
 
-def _split_kernel() -> str:
-    """Whether the C++ split steps take their first-layer W and r gradients from their kernel, in words."""
+FIRST_LAYER_KERNELS = (
+    "first layers through their kernels (BatchEnsemble's W and r gradients in one pass; Adam's step on the"
+    " first-layer weight inside its gradient's kernel)"
+)
+
+
+def _first_layer_kernels() -> str:
+    """Whether the C++ steps take first layers through their kernels, in words."""
     why_not = None
     if switched_off(ENV_FIRST_LAYER_KERNEL):
         why_not = f"{ENV_FIRST_LAYER_KERNEL}=0"
     elif not native.ops().first_layer_fast():
-        why_not = "no AVX-512 on this CPU for their kernel"
+        why_not = "no AVX-512 on this CPU for their kernels"
     if why_not:
-        return f"split batching's first-layer gradients through autograd's two products ({why_not})"
-    return "split batching's first-layer gradients from one kernel"
+        return f"first layers through autograd's products and Adam's own step ({why_not})"
+    return FIRST_LAYER_KERNELS
 
 
 def _hooked(model: nn.Module) -> bool:

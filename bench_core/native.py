@@ -4,9 +4,11 @@
 called from Python (about 95 for BatchEnsemble with split batching); the interpreter between them is
 a measurable part of a small step. ``csrc/manual_ops.cpp`` makes the same calls, in the same order
 and layouts, from C++ (``torch.ops.bench_core.*``), so losses and gradients are the Python ones bit
-for bit (tests), and only the interpreter goes (but for split batching's first-layer W and r
-gradients, which one written-out kernel computes in place of two products: ``first_layer_grads``,
-within float32's rounding, on CPUs with AVX-512; ``BENCH_FIRST_LAYER_KERNEL=0`` turns it off). On this
+for bit (tests), and only the interpreter goes (but for the first layer on CPUs with AVX-512:
+BatchEnsemble's W and r gradients, which one written-out kernel computes in place of two products,
+``first_layer_grads``, within float32's rounding, and the first-layer weight's Adam step, made
+inside its gradient's kernel, ``first_layer_adam`` and ``first_layer_grads_adam``;
+``BENCH_FIRST_LAYER_KERNEL=0`` turns them off; see ``bench_core.manual``). On this
 project's machine (2 cores, AMD EPYC), one model switching between the two in one process, steps
 took 0.92-0.955× as long for BatchEnsemble with split batching, 0.97× with repeat batching,
 0.95-0.96× for the single MLP and 0.98-0.995× for the vectorized classic ensemble, whose step has

@@ -1,8 +1,11 @@
 """The hand-written training step (bench_core.manual): bit for bit autograd's, and the cases it leaves to autograd.
 
-One exception, split batching's first layer in the C++ steps: its weight's and r's gradients come
-from one kernel (``bench_core::first_layer_grads``), the same sums in another order, so they are
-checked against autograd's to float32's rounding, and bit for bit with ``BENCH_FIRST_LAYER_KERNEL=0``.
+The exceptions, first layers in the C++ steps on AVX-512 CPUs: BatchEnsemble's weight and r
+gradients come from one kernel (``bench_core::first_layer_grads``), the same sums in another order,
+so they are checked against autograd's to float32's rounding, and bit for bit with
+``BENCH_FIRST_LAYER_KERNEL=0``; the first-layer weight stepped by Adam inside its gradient's kernel
+(``first_layer_adam``, ``first_layer_grads_adam``) is checked against ``torch._fused_adam_`` on the
+same gradient, and training against autograd's to float32's rounding.
 """
 
 from __future__ import annotations
@@ -367,11 +370,12 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
     if native.compiler() is None:
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
     cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native); "
-    products = "split batching's first-layer gradients through autograd's two products"
+    products = "first layers through autograd's products and Adam's own step"
     if native.ops().first_layer_fast():
-        assert manual.describe_cpu_steps() == cpp + "split batching's first-layer gradients from one kernel"
+        assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS
+        assert "Adam's step on the first-layer weight" in manual.FIRST_LAYER_KERNELS
     else:
-        assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernel)"
+        assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernels)"
     monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
     assert manual.describe_cpu_steps() == cpp + products + " (BENCH_FIRST_LAYER_KERNEL=0)"
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL)

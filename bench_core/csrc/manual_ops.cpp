@@ -1,8 +1,10 @@
 // The hand-written training steps of bench_core/manual.py, in C++: the same ATen operators in the
 // same order and layouts, so losses and gradients are bit for bit the Python ones (and autograd's);
 // what goes is the Python interpreter between the operators (about 95 calls in a split step).
-// One exception, split batching's first layer: its weight's and r's gradients come from one
-// written-out kernel (first_layer_grads) instead of two products, the same sums in another order.
+// The exceptions are first layers, on AVX-512 CPUs: BatchEnsemble's weight and r gradients come from
+// one written-out kernel (first_layer_grads) instead of products, the same sums in another order,
+// and the first-layer weight of the classic ensemble (first_layer_adam) and of BatchEnsemble
+// (first_layer_grads_adam) gets Adam's step inside its gradient's kernel.
 // Built and loaded by bench_core/native.py; the operators are torch.ops.bench_core.*.
 #include <ATen/ATen.h>
 #if defined(__x86_64__)
