@@ -28,13 +28,14 @@ would be slower, and with ``BENCH_FIRST_LAYER_KERNEL=0``, autograd's products an
   both, in place of two products (split) or of the product into ``[in, E, out]`` and its reductions
   (repeat, whose first layer's forward stays in Python); the same sums in another order, within
   float32's rounding of autograd's);
-- the first-layer weight of the classic ensemble and of BatchEnsemble gets Adam's step inside its
-  gradient's kernel (``bench_core::first_layer_adam``, ``bench_core::first_layer_grads_adam``), each
-  block of rows stepped as soon as its gradient is done, so the gradient (7.5 MiB for the classic
-  ensemble at CIFAR-10's E = 5) is never written out and read back: ``forward_backward(...,
-  adam=AdamStep.kernel_state(weight))``, which ``training._Step`` passes from Adam's second step
-  on; the weight's ``.grad`` stays None and ``AdamStep(stepped=weight)`` steps the rest. The step is
-  ``torch._fused_adam_``'s arithmetic on AVX-512, bit for bit on the same gradient (tested).
+- the classic ensemble's first-layer weight gets Adam's step inside its gradient's kernel
+  (``bench_core::first_layer_adam``), each block of rows stepped as soon as its gradient is done,
+  so the gradient (7.5 MiB at CIFAR-10's E = 5) is never written out and read back:
+  ``forward_backward(..., adam=AdamStep.kernel_state(weight))``, which ``training._Step`` passes
+  from Adam's second step on; the weight's ``.grad`` stays None and ``AdamStep(stepped=weight)``
+  steps the rest. The step is ``torch._fused_adam_``'s arithmetic on AVX-512, bit for bit on the
+  same gradient (tested). (BatchEnsemble's first-layer weight, 1.5 MiB, gained nothing from the
+  same: its steps were 1.01× and 1.07× as long, so it keeps Adam's own step.)
 
 Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
@@ -83,7 +84,7 @@ def describe_cpu_steps() -> str:
 
 FIRST_LAYER_KERNELS = (
     "first layers through their kernels (BatchEnsemble's W and r gradients in one pass; Adam's step on the"
-    " first-layer weight inside its gradient's kernel)"
+    " classic ensemble's first-layer weight inside its gradient's kernel)"
 )
 
 
@@ -134,17 +135,13 @@ def first_layer_kernel_on() -> bool:
 def kernel_adam_weight(model: nn.Module) -> torch.Tensor | None:
     """The parameter whose Adam step ``forward_backward`` can make as it computes its gradient; None if none.
 
-    The first-layer weight of the classic ensemble (``VectorizedEnsemble``) and of BatchEnsemble,
-    float32, where the C++ steps are built and this CPU has AVX-512 for their kernels
-    (``bench_core::first_layer_adam``, ``bench_core::first_layer_grads_adam``), unless
-    ``BENCH_FIRST_LAYER_KERNEL=0``.
+    The classic ensemble's first-layer weight (``VectorizedEnsemble``), float32, where the C++
+    steps are built and this CPU has AVX-512 for their kernel (``bench_core::first_layer_adam``),
+    unless ``BENCH_FIRST_LAYER_KERNEL=0``.
     """
-    if isinstance(model, VectorizedEnsemble):
-        weight = model.weights[0]
-    elif isinstance(model, BatchEnsembleMLP):
-        weight = model.layers[0].weight
-    else:
+    if not isinstance(model, VectorizedEnsemble):
         return None
+    weight = model.weights[0]
     if weight.device.type != "cpu" or weight.dtype != torch.float32:
         return None
     return weight if first_layer_kernel_on() else None
@@ -206,7 +203,7 @@ def _native_step(
         _set_grads(biases, grad_b)
         return member_losses
     if isinstance(model, BatchEnsembleMLP):
-        return _native_batchensemble(ops, model, x, labels, mean, adam)
+        return _native_batchensemble(ops, model, x, labels, mean)
     linears = _plain_mlp(model)
     weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
     member_losses, grad_w, grad_b = ops.plain(x, labels, weights, biases, mean)
@@ -215,14 +212,10 @@ def _native_step(
     return member_losses
 
 
-def _native_batchensemble(
-    ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, mean: bool, adam: KernelAdam | None = None
-):
+def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels: torch.Tensor, mean: bool):
     layers: list[BatchEnsembleLinear] = list(model.layers)
     first = layers[0]
-    if adam is not None and kernel_adam_weight(model) is not first.weight:
-        adam = None
-    shared = x.dim() == 2  # repeat batching: the first layer on the shared batch, in Python (its compiled kernel)
+    shared = x.dim() == 2  # repeat batching: the first layer's forward on the shared batch, in Python
     if shared:
         models._check_shared_input(x, first.in_features)
         h, z = models.shared_input_batchensemble(x, first.weight, first.r, first.s, first.bias)
@@ -233,26 +226,16 @@ def _native_batchensemble(
     params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
     via_onednn = [models.through_onednn(x, layer.in_features) for layer in layers]
     first_kernel = not switched_off(ENV_FIRST_LAYER_KERNEL)  # the C++ step uses it in split batching's first layer only
-    moments, settings = ([], []) if adam is None or shared else (list(adam[:3]), [float(v) for v in adam[3:]])
-    member_losses, grads, grad_h, stepped = ops.batchensemble_layers(
-        h, labels, params, via_onednn, mean, shared, first_kernel, moments, settings
-    )
+    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared, first_kernel)
     _set_grads(params, grads)
-    if stepped:  # split batching's kernel made Adam's step on the first layer's weight: no gradient to step with
-        first.weight.grad = None
     if shared and first_kernel and ops.first_layer_fast() and x.dtype == torch.float32:
         # Repeat batching: W's and r's gradients from the first-layer kernel on the shared batch (each
-        # member's xᵀ dz_m reduced in registers), in place of the product into [in, E, out] and its
-        # reductions; with adam, Adam's step on W made there too.
+        # member's xᵀ dz_m reduced in registers), in place of the product into [in, E, out] and its reductions.
         grad_z = torch.empty_like(grad_h, memory_format=torch.contiguous_format)  # (E, B, out)
         torch.mul(grad_h, first.s.unsqueeze(1), out=grad_z)
-        xc = x.contiguous()
-        if adam is not None:
-            _, first.r.grad = ops.first_layer_grads_adam(xc, grad_z, first.weight, first.r, *adam)
-        else:
-            first.weight.grad, first.r.grad = ops.first_layer_grads(xc, grad_z, first.weight, first.r)
+        first.weight.grad, first.r.grad = ops.first_layer_grads(x.contiguous(), grad_z, first.weight, first.r)
         first.s.grad, first.bias.grad = (grad_h * z).sum(1), grad_h.sum(1)
-    elif shared:
+    elif shared:  # the product into [in, E, out], reduced by the compiled kernel of bench_core.kernels
         _, first.weight.grad, first.r.grad, first.s.grad, first.bias.grad = models.shared_input_batchensemble_grads(
             x, first.weight, first.r, first.s, z, grad_h, need_x=False
         )

@@ -5,10 +5,10 @@ called from Python (about 95 for BatchEnsemble with split batching); the interpr
 a measurable part of a small step. ``csrc/manual_ops.cpp`` makes the same calls, in the same order
 and layouts, from C++ (``torch.ops.bench_core.*``), so losses and gradients are the Python ones bit
 for bit (tests), and only the interpreter goes (but for the first layer on CPUs with AVX-512:
-BatchEnsemble's W and r gradients, which one written-out kernel computes in place of two products,
-``first_layer_grads``, within float32's rounding, and the first-layer weight's Adam step, made
-inside its gradient's kernel, ``first_layer_adam`` and ``first_layer_grads_adam``;
-``BENCH_FIRST_LAYER_KERNEL=0`` turns them off; see ``bench_core.manual``). On this
+BatchEnsemble's W and r gradients, which one written-out kernel computes in place of products,
+``first_layer_grads``, within float32's rounding, and the classic ensemble's first-layer weight,
+stepped by Adam inside its gradient's kernel, ``first_layer_adam``; ``BENCH_FIRST_LAYER_KERNEL=0``
+turns them off; see ``bench_core.manual``). On this
 project's machine (2 cores, AMD EPYC), one model switching between the two in one process, steps
 took 0.92-0.955× as long for BatchEnsemble with split batching, 0.97× with repeat batching,
 0.95-0.96× for the single MLP and 0.98-0.995× for the vectorized classic ensemble, whose step has
@@ -234,11 +234,10 @@ def _first_calls(ops) -> None:
     x, labels = torch.ones(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
     be = [torch.ones(3, 2), torch.ones(2, 3), torch.ones(2, 2), torch.zeros(2, 2)]  # W, r, s, bias of one layer
     with torch.no_grad():
-        ops.batchensemble_layers(x, labels, be, [False], True, False, True, [], [])
+        ops.batchensemble_layers(x, labels, be, [False], True, False, True)
         ops.first_layer_grads(x, torch.ones(2, 1, 2), be[0], be[1])
-        if ops.first_layer_fast():  # the kernels that make Adam's step on what they are given (copies here)
+        if ops.first_layer_fast():  # the kernel that makes Adam's step on what it is given (copies here)
             adam = [torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(()), 1e-3, 0.9, 0.999, 1e-8, 0.0]
-            ops.first_layer_grads_adam(x, torch.ones(2, 1, 2), be[0].clone(), be[1], *adam)
             ops.first_layer_adam(x[0], torch.ones(1, 2), be[0].clone(), *adam)
         ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, True)
         ops.plain(x[0], labels[0], [torch.ones(2, 3)], [torch.zeros(2)], True)

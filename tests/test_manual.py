@@ -3,9 +3,9 @@
 The exceptions, first layers in the C++ steps on AVX-512 CPUs: BatchEnsemble's weight and r
 gradients come from one kernel (``bench_core::first_layer_grads``), the same sums in another order,
 so they are checked against autograd's to float32's rounding, and bit for bit with
-``BENCH_FIRST_LAYER_KERNEL=0``; the first-layer weight stepped by Adam inside its gradient's kernel
-(``first_layer_adam``, ``first_layer_grads_adam``) is checked against ``torch._fused_adam_`` on the
-same gradient, and training against autograd's to float32's rounding.
+``BENCH_FIRST_LAYER_KERNEL=0``; the classic ensemble's first-layer weight, stepped by Adam inside its
+gradient's kernel (``first_layer_adam``), is checked against ``torch._fused_adam_`` on the same
+gradient, and training against autograd's to float32's rounding.
 """
 
 from __future__ import annotations
@@ -229,10 +229,9 @@ def test_a_cpu_training_step_builds_no_autograd_graph(method, profiled_step):
         model = build_model(method, ModelConfig(hidden=8, ensemble_size=3), 12, 4)
     names, _ = profiled_step(model, data)
     assert not any(n.startswith("autograd::engine") for n in names), sorted(names)
-    stepped = manual.kernel_adam_weight(model)  # a first-layer weight the kernel steps (AVX-512): no gradient
-    assert (stepped is not None) == (method in ("classic", "batchensemble") and native.ops().first_layer_fast())
-    kernel = {"classic": "bench_core::first_layer_adam", "batchensemble": "bench_core::first_layer_grads_adam"}
-    assert (kernel.get(method) in names) == (stepped is not None)
+    stepped = manual.kernel_adam_weight(model)  # the classic ensemble's first layer on AVX-512: stepped, no gradient
+    assert (stepped is not None) == (method == "classic" and native.ops().first_layer_fast())
+    assert ("bench_core::first_layer_adam" in names) == (stepped is not None)
     assert all((p.grad is None) == (p is stepped) for p in model.parameters())
 
 
@@ -373,7 +372,7 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
     products = "first layers through autograd's products and Adam's own step"
     if native.ops().first_layer_fast():
         assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS
-        assert "Adam's step on the first-layer weight" in manual.FIRST_LAYER_KERNELS
+        assert "Adam's step on the classic ensemble's first-layer weight" in manual.FIRST_LAYER_KERNELS
     else:
         assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernels)"
     monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
@@ -552,7 +551,7 @@ def test_a_split_batch_the_kernel_cannot_read_goes_through_the_products_bit_for_
     _assert_bit_equal(_hand_written(model, x, y, "sum"), _autograd(model, x, y, "sum"))
 
 
-# --- Adam's step made by the first-layer kernels (first_layer_adam, first_layer_grads_adam) -------
+# --- Adam's step made by the classic ensemble's first-layer kernel (first_layer_adam) --------------
 
 ADAM = (1e-2, 0.9, 0.999, 1e-8)  # lr, beta1, beta2, eps
 
@@ -628,29 +627,11 @@ def test_the_classic_first_layer_kernel_makes_adams_step_with_the_products_gradi
         assert not torch.equal(got[0], weight)
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["split", "repeat"])
-@pytest.mark.parametrize(("n_members", "rows", "n_in", "n_out"), [(5, 25, 3072, 128), (3, 7, 25, 65), (2, 1, 1, 1)])
-def test_the_batchensemble_first_layer_kernel_makes_adams_step_with_its_gradient(n_members, rows, n_in, n_out, shared):
-    """dW and dr as first_layer_grads gives them (dr from W before its step), and W stepped with that dW
-    as fused Adam steps it, to the last bit (``_assert_adams_bits``)."""
-    ops = _adam_kernel_ops()
-    x, grad_z, weight, r = _first_layer_case(n_members, rows, n_in, n_out, shared=shared)
-    want_w, want_r = ops.first_layer_grads(x, grad_z, weight, r)
-    stepped, moments = weight.clone(), _moments(weight.shape)
-    got_w, got_r = ops.first_layer_grads_adam(x, grad_z, stepped, r, *moments, *ADAM, 0.0)
-    assert torch.equal(got_w, want_w) and torch.equal(got_r, want_r)
-    want = [weight.clone(), *_moments(weight.shape)]
-    _fused_adam(want[0], want_w, *want[1:])
-    for a, b in zip([stepped, *moments], want, strict=True):
-        _assert_adams_bits(a, b)
-
-
-def test_the_adam_kernels_give_the_same_bits_on_any_number_of_threads():
+def test_the_adam_kernel_gives_the_same_bits_on_any_number_of_threads():
     ops = _adam_kernel_ops()
     gen = torch.Generator().manual_seed(4)
     x, grad_z = torch.randn(128, 3072, generator=gen), torch.randn(128, 640, generator=gen)
     weight = torch.randn(3072, 640, generator=gen)
-    be = _first_layer_case(5, 25, 3072, 128, seed=3)
     threads = torch.get_num_threads()
     runs = []
     try:
@@ -658,9 +639,7 @@ def test_the_adam_kernels_give_the_same_bits_on_any_number_of_threads():
             torch.set_num_threads(n)
             classic = [weight.clone(), *_moments(weight.shape)]
             ops.first_layer_adam(x, grad_z, *classic, *ADAM, 0.0)
-            split = [be[2].clone(), *_moments(be[2].shape)]
-            grads = ops.first_layer_grads_adam(be[0], be[1], split[0], be[3], *split[1:], *ADAM, 0.0)
-            runs.append([*classic, *split, *grads])
+            runs.append(classic)
     finally:
         torch.set_num_threads(threads)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
@@ -670,10 +649,10 @@ def test_the_adam_kernels_give_the_same_bits_on_any_number_of_threads():
     "change",
     ["float64 exp_avg", "exp_avg of another shape", "non-contiguous exp_avg_sq", "two step counts", "x of other width"],
 )
-def test_the_adam_kernels_refuse_what_they_cannot_step_and_change_nothing(change):
+def test_the_adam_kernel_refuses_what_it_cannot_step_and_changes_nothing(change):
     ops = _adam_kernel_ops()
-    x, grad_z, weight, r = _first_layer_case(2, 3, 6, 4)
-    cx, cgz, cw = x[0], grad_z[0], torch.randn(6, 4)  # the classic kernel's: x [B, in], grad_z [B, out], W [in, out]
+    gen = torch.Generator().manual_seed(6)
+    x, grad_z, weight = torch.randn(3, 6, generator=gen), torch.randn(3, 4, generator=gen), torch.randn(6, 4)
     exp_avg, exp_avg_sq, step = _moments(weight.shape)
     if change == "float64 exp_avg":
         exp_avg = exp_avg.double()
@@ -684,14 +663,11 @@ def test_the_adam_kernels_refuse_what_they_cannot_step_and_change_nothing(change
     elif change == "two step counts":
         step = torch.tensor([3.0, 3.0])
     else:
-        x, cx = x[..., :5], cx[:, :5].contiguous()
-    before = _clones(weight, cw, exp_avg, exp_avg_sq, step)
-    split_message = r"^first_layer_grads_adam: x \[E, b, in\] or \[b, in\].*one-element step count"
-    with pytest.raises(RuntimeError, match=split_message):
-        ops.first_layer_grads_adam(x.contiguous(), grad_z, weight, r, exp_avg, exp_avg_sq, step, *ADAM, 0.0)
+        x = x[:, :5].contiguous()
+    before = _clones(weight, exp_avg, exp_avg_sq, step)
     with pytest.raises(RuntimeError, match=r"^first_layer_adam: x \[B, in\], grad_z \[B, out\].*one-element step"):
-        ops.first_layer_adam(cx, cgz, cw, exp_avg, exp_avg_sq, step, *ADAM, 0.0)
-    for a, b in zip((weight, cw, exp_avg, exp_avg_sq, step), before, strict=True):
+        ops.first_layer_adam(x, grad_z, weight, exp_avg, exp_avg_sq, step, *ADAM, 0.0)
+    for a, b in zip((weight, exp_avg, exp_avg_sq, step), before, strict=True):
         assert torch.equal(a, b)
 
 
@@ -707,11 +683,15 @@ def _train_steps(method: str, split: bool, n_steps: int = 3, **adam):
     return model, step
 
 
-@pytest.mark.parametrize(("method", "split"), [("classic", False), ("batchensemble", False), ("batchensemble", True)])
-def test_training_steps_leave_the_kernels_weight_stepped_without_a_gradient(method, split, monkeypatch):
-    """From the second step (Adam's state is made by its own first), the first-layer weight is stepped
-    by the kernel: no gradient, its step count with the others', training as with the kernels off."""
+def test_training_steps_leave_the_kernels_weight_stepped_without_a_gradient(monkeypatch):
+    """From the second step (Adam's state is made by its own first), the classic ensemble's first-layer
+    weight is stepped by the kernel: no gradient, its step count with the others', training as with
+    the kernels off. BatchEnsemble's weights all get their gradients, and Adam's own step."""
     _adam_kernel_ops()
+    for method, split in (("batchensemble", False), ("batchensemble", True)):
+        model, step = _train_steps(method, split)
+        assert step.kernel_weight is None and all(p.grad is not None for p in model.parameters())
+    method, split = "classic", False
     model, step = _train_steps(method, split)
     weight = step.kernel_weight
     assert weight is manual.kernel_adam_weight(model) and weight is not None

@@ -4,10 +4,9 @@ The parts, by what each operator is and what it runs under (``classify``):
 
 - matrix products: ``mm``, ``addmm``, ``bmm``, ``baddbmm``, ``addbmm``, oneDNN's linear (``bench_core.onednn``),
   the C++ kernels that compute a first layer's weight gradient as one product (BatchEnsemble's with
-  its sums, ``bench_core::first_layer_grads``; with Adam's step on that weight made as each block of
-  its rows is done, ``bench_core::first_layer_grads_adam`` and, for the classic ensemble,
-  ``bench_core::first_layer_adam``: that weight's Adam step is counted here, not under Adam), and
-  what they call;
+  its sums, ``bench_core::first_layer_grads``; the classic ensemble's with Adam's step on that weight
+  made as each block of its rows is done, ``bench_core::first_layer_adam``: that weight's Adam step
+  is counted here, not under Adam), and what they call;
 - element-wise and other operators: every other ATen operator of the forward, the backward and the
   loss (activations, the fast weights' scaling and folding, sums, views, copies), and the kernels
   compiled with ``torch.compile`` (``bench_core.kernels``) with their dispatch: the profiler records
@@ -47,7 +46,6 @@ GEMM_OPS = frozenset(
         "aten::addbmm",
         "mkldnn::_linear_pointwise",
         "bench_core::first_layer_grads",
-        "bench_core::first_layer_grads_adam",
         "bench_core::first_layer_adam",
     }
 )

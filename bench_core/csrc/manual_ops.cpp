@@ -3,8 +3,8 @@
 // what goes is the Python interpreter between the operators (about 95 calls in a split step).
 // The exceptions are first layers, on AVX-512 CPUs: BatchEnsemble's weight and r gradients come from
 // one written-out kernel (first_layer_grads) instead of products, the same sums in another order,
-// and the first-layer weight of the classic ensemble (first_layer_adam) and of BatchEnsemble
-// (first_layer_grads_adam) gets Adam's step inside its gradient's kernel.
+// and the classic ensemble's first-layer weight gets Adam's step inside its gradient's kernel
+// (first_layer_adam).
 // Built and loaded by bench_core/native.py; the operators are torch.ops.bench_core.*.
 #include <ATen/ATen.h>
 #if defined(__x86_64__)
@@ -71,64 +71,6 @@ bool first_layer_fast() {
 #endif
 }
 
-// Adam's step, as torch._fused_adam_ makes it (for the kernels below that step a weight themselves).
-struct AdamCoefficients {
-  float neg_step_size, lerp_weight, beta2, sq_weight, bias_correction2_sqrt, eps, weight_decay;
-};
-
-// Adam's coefficients at `step` (this step's count, already incremented), as _fused_adam_ rounds them:
-// computed in double, then float.
-AdamCoefficients adam_coefficients(double step, double lr, double beta1, double beta2, double eps,
-                                   double weight_decay) {
-  const double bias_correction1 = 1 - std::pow(beta1, step), bias_correction2 = 1 - std::pow(beta2, step);
-  return {static_cast<float>(-(lr / bias_correction1)), static_cast<float>(1 - beta1), static_cast<float>(beta2),
-          static_cast<float>(1 - beta2), static_cast<float>(std::sqrt(bias_correction2)), static_cast<float>(eps),
-          static_cast<float>(weight_decay)};
-}
-
-#if BENCH_X86_CLONES
-// Adam's step on n elements of one row, as _fused_adam_'s AVX-512 loop makes it (exp_avg by lerp as
-// one fused multiply-add, exp_avg_sq's and weight decay's sums fused as torch's build fuses them),
-// the row's last n % 16 elements through the same vector operations, masked. Only for AVX-512 CPUs
-// (first_layer_fast). Contraction off: every fused multiply-add is written, none added.
-#if defined(__clang__)
-#define BENCH_NO_CONTRACT _Pragma("clang fp contract(off)")
-#define BENCH_NO_CONTRACT_ATTR
-#else
-#define BENCH_NO_CONTRACT
-#define BENCH_NO_CONTRACT_ATTR __attribute__((optimize("fp-contract=off")))
-#endif
-__attribute__((target("arch=x86-64-v4"))) BENCH_NO_CONTRACT_ATTR void adam_row(
-    float* __restrict param, float* __restrict exp_avg, float* __restrict exp_avg_sq, const float* __restrict grad,
-    int64_t n, const AdamCoefficients& c) {
-  BENCH_NO_CONTRACT
-  const __m512 lerp_weight = _mm512_set1_ps(c.lerp_weight), beta2 = _mm512_set1_ps(c.beta2),
-               sq_weight = _mm512_set1_ps(c.sq_weight), bc2_sqrt = _mm512_set1_ps(c.bias_correction2_sqrt),
-               eps = _mm512_set1_ps(c.eps), neg_step = _mm512_set1_ps(c.neg_step_size),
-               decay = _mm512_set1_ps(c.weight_decay), one = _mm512_set1_ps(1.0f);
-  const bool small = std::abs(c.lerp_weight) < 0.5f;  // exp_avg.lerp_(grad, 1 - beta1), as torch picks the form
-  const __m512 coeff = small ? lerp_weight : _mm512_sub_ps(lerp_weight, one);
-  for (int64_t d = 0; d < n; d += 16) {
-    const __mmask16 k = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1);
-    __m512 p = _mm512_maskz_loadu_ps(k, param + d), g = _mm512_maskz_loadu_ps(k, grad + d);
-    if (c.weight_decay != 0.0f) g = _mm512_fmadd_ps(p, decay, g);
-    __m512 m = _mm512_maskz_loadu_ps(k, exp_avg + d);
-    m = _mm512_fmadd_ps(coeff, _mm512_sub_ps(g, m), small ? m : g);
-    __m512 v = _mm512_maskz_loadu_ps(k, exp_avg_sq + d);
-    v = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, g), g, _mm512_mul_ps(v, beta2));
-    _mm512_mask_storeu_ps(exp_avg + d, k, m);
-    _mm512_mask_storeu_ps(exp_avg_sq + d, k, v);
-    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2_sqrt), eps);
-    p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, m), denom));
-    _mm512_mask_storeu_ps(param + d, k, p);
-  }
-}
-#else
-void adam_row(float*, float*, float*, const float*, int64_t, const AdamCoefficients&) {
-  TORCH_CHECK(false, "first_layer_adam: only on x86-64 CPUs with AVX-512");
-}
-#endif
-
 struct FirstLayer {
   const float* x;       // [E * b, in], or [b, in] shared by the members (shared_x)
   const float* grad_z;  // [E * b, out_pad], columns from out on zero
@@ -138,9 +80,6 @@ struct FirstLayer {
   float* grad_r;        // [E, in]
   int64_t n_members, rows, n_in, n_out, out_pad;
   bool shared_x;
-  const AdamCoefficients* adam;  // non-null: Adam's step on W's rows once their gradient is complete
-  float* exp_avg;                // [in, out], W's moments (with adam)
-  float* exp_avg_sq;
 };
 
 // Member m's G_m on rows [i0, i0 + n_rows) (n_rows <= kTileRows) by columns [j0, j0 + 64), from
@@ -219,11 +158,6 @@ void first_layer_rows(const FirstLayer& a, int64_t p_begin, int64_t p_end) {
         for (int64_t ri = 0; ri < n_rows; ++ri) a.grad_r[m * a.n_in + p0 + s0 + ri] = dr[ri];
       }
     }
-    if (a.adam == nullptr) continue;
-    for (int64_t ri = 0; ri < width; ++ri) {  // every member's share is in: W's rows stepped (dr read them before)
-      const int64_t o = (p0 + ri) * a.n_out;
-      adam_row(const_cast<float*>(a.weight) + o, a.exp_avg + o, a.exp_avg_sq + o, a.grad_w + o, a.n_out, *a.adam);
-    }
   }
 }
 
@@ -237,14 +171,15 @@ bool first_layer_applies(const Tensor& x, const Tensor& grad_z, const Tensor& we
   return grad_z.size(1) == rows && weight.size(0) == n_in && weight.size(1) == grad_z.size(2) && r.size(1) == n_in;
 }
 
-// (dW [in, out], dr [E, in]) of split batching's first layer (see above). x: [E, b, in], the layer's
-// input per member, or [b, in], one input every member reads (repeat batching: G_m = xᵀ dz_m);
-// grad_z: [E, b, out], d loss / d (x_m ∘ r_m) W; weight [in, out]; r [E, in]; all float32,
-// contiguous, on the CPU. With adam (exp_avg, exp_avg_sq [in, out]: W's moments), Adam's step on W
-// follows each panel's gradient, in place (W's gradient is still returned; it has been used).
-std::tuple<Tensor, Tensor> first_layer_grads_impl(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
-                                                  const Tensor& r, const AdamCoefficients* adam, float* exp_avg,
-                                                  float* exp_avg_sq) {
+// (dW [in, out], dr [E, in]) of BatchEnsemble's first layer (see above). x: [E, b, in], the layer's
+// input per member (split batching), or [b, in], one input every member reads (repeat batching:
+// G_m = xᵀ dz_m); grad_z: [E, b, out], d loss / d (x_m ∘ r_m) W; weight [in, out]; r [E, in]; all
+// float32, contiguous, on the CPU.
+std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
+                                             const Tensor& r) {
+  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r),
+              "first_layer_grads: x [E, b, in] or [b, in], grad_z [E, b, out], weight [in, out] and r [E, in], float32, "
+              "contiguous, on the CPU");
   const bool shared_x = x.dim() == 2;
   const int64_t n_members = r.size(0), rows = grad_z.size(1), n_in = weight.size(0), n_out = weight.size(1);
   Tensor grad_w = at::empty({n_in, n_out}, x.options()), grad_r = at::empty({n_members, n_in}, x.options());
@@ -257,21 +192,12 @@ std::tuple<Tensor, Tensor> first_layer_grads_impl(const Tensor& x, const Tensor&
   }
   const FirstLayer a{x.data_ptr<float>(), gz.data_ptr<float>(), weight.data_ptr<float>(), r.data_ptr<float>(),
                      grad_w.data_ptr<float>(), grad_r.data_ptr<float>(), n_members, rows, n_in, n_out, out_pad,
-                     shared_x, adam, exp_avg, exp_avg_sq};
+                     shared_x};
   const int64_t n_panels = (n_in + kPanel - 1) / kPanel;
   at::parallel_for(0, n_panels, 1, [&](int64_t begin, int64_t end) {
     first_layer_rows(a, begin * kPanel, std::min(end * kPanel, n_in));
   });
   return {grad_w, grad_r};
-}
-
-constexpr const char* kFirstLayerShapes =
-    "x [E, b, in] or [b, in], grad_z [E, b, out], weight [in, out] and r [E, in], float32, contiguous, on the CPU";
-
-std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
-                                             const Tensor& r) {
-  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r), "first_layer_grads: ", kFirstLayerShapes);
-  return first_layer_grads_impl(x, grad_z, weight, r, nullptr, nullptr, nullptr);
 }
 
 bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step) {
@@ -280,21 +206,6 @@ bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& ex
         t->sizes() != weight.sizes())
       return false;
   return step.device().type() == at::kCPU && step.numel() == 1;
-}
-
-// first_layer_grads with Adam's step on W made as each panel's gradient is complete (AVX-512 CPUs):
-// weight, exp_avg and exp_avg_sq stepped in place, step counted (+1) first. Returns (dW, dr).
-std::tuple<Tensor, Tensor> first_layer_grads_adam(const Tensor& x, const Tensor& grad_z, const Tensor& weight,
-                                                  const Tensor& r, const Tensor& exp_avg, const Tensor& exp_avg_sq,
-                                                  const Tensor& step, double lr, double beta1, double beta2,
-                                                  double eps, double weight_decay) {
-  TORCH_CHECK(first_layer_applies(x, grad_z, weight, r) && moments_apply(weight, exp_avg, exp_avg_sq, step),
-              "first_layer_grads_adam: ", kFirstLayerShapes,
-              "; exp_avg and exp_avg_sq as weight, and a one-element step count");
-  TORCH_CHECK(first_layer_fast(), "first_layer_grads_adam: only on x86-64 CPUs with AVX-512");
-  step.add_(1);  // Adam counts the step before it steps
-  const AdamCoefficients c = adam_coefficients(step.item<float>(), lr, beta1, beta2, eps, weight_decay);
-  return first_layer_grads_impl(x, grad_z, weight, r, &c, exp_avg.data_ptr<float>(), exp_avg_sq.data_ptr<float>());
 }
 
 // ---- The classic ensemble's first layer: W's gradient and Adam's step on W in one pass ---------
@@ -308,6 +219,63 @@ std::tuple<Tensor, Tensor> first_layer_grads_adam(const Tensor& x, const Tensor&
 // same sum in another order (float32 roundings differ from the product's by about 1e-7 relative);
 // Adam's step is torch._fused_adam_'s (torch.optim.Adam(fused=True)) on AVX-512, bit for bit on the
 // same gradient (tested): its operations in its order, fused multiply-adds where it has them.
+
+struct AdamCoefficients {
+  float neg_step_size, lerp_weight, beta2, sq_weight, bias_correction2_sqrt, eps, weight_decay;
+};
+
+// Adam's coefficients at `step` (this step's count, already incremented), as _fused_adam_ rounds them:
+// computed in double, then float.
+AdamCoefficients adam_coefficients(double step, double lr, double beta1, double beta2, double eps,
+                                   double weight_decay) {
+  const double bias_correction1 = 1 - std::pow(beta1, step), bias_correction2 = 1 - std::pow(beta2, step);
+  return {static_cast<float>(-(lr / bias_correction1)), static_cast<float>(1 - beta1), static_cast<float>(beta2),
+          static_cast<float>(1 - beta2), static_cast<float>(std::sqrt(bias_correction2)), static_cast<float>(eps),
+          static_cast<float>(weight_decay)};
+}
+
+#if BENCH_X86_CLONES
+// Adam's step on n elements of one row, as _fused_adam_'s AVX-512 loop makes it (exp_avg by lerp as
+// one fused multiply-add, exp_avg_sq's and weight decay's sums fused as torch's build fuses them),
+// the row's last n % 16 elements through the same vector operations, masked. Only for AVX-512 CPUs
+// (first_layer_fast). Contraction off: every fused multiply-add is written, none added.
+#if defined(__clang__)
+#define BENCH_NO_CONTRACT _Pragma("clang fp contract(off)")
+#define BENCH_NO_CONTRACT_ATTR
+#else
+#define BENCH_NO_CONTRACT
+#define BENCH_NO_CONTRACT_ATTR __attribute__((optimize("fp-contract=off")))
+#endif
+__attribute__((target("arch=x86-64-v4"))) BENCH_NO_CONTRACT_ATTR void adam_row(
+    float* __restrict param, float* __restrict exp_avg, float* __restrict exp_avg_sq, const float* __restrict grad,
+    int64_t n, const AdamCoefficients& c) {
+  BENCH_NO_CONTRACT
+  const __m512 lerp_weight = _mm512_set1_ps(c.lerp_weight), beta2 = _mm512_set1_ps(c.beta2),
+               sq_weight = _mm512_set1_ps(c.sq_weight), bc2_sqrt = _mm512_set1_ps(c.bias_correction2_sqrt),
+               eps = _mm512_set1_ps(c.eps), neg_step = _mm512_set1_ps(c.neg_step_size),
+               decay = _mm512_set1_ps(c.weight_decay), one = _mm512_set1_ps(1.0f);
+  const bool small = std::abs(c.lerp_weight) < 0.5f;  // exp_avg.lerp_(grad, 1 - beta1), as torch picks the form
+  const __m512 coeff = small ? lerp_weight : _mm512_sub_ps(lerp_weight, one);
+  for (int64_t d = 0; d < n; d += 16) {
+    const __mmask16 k = n - d >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - d)) - 1);
+    __m512 p = _mm512_maskz_loadu_ps(k, param + d), g = _mm512_maskz_loadu_ps(k, grad + d);
+    if (c.weight_decay != 0.0f) g = _mm512_fmadd_ps(p, decay, g);
+    __m512 m = _mm512_maskz_loadu_ps(k, exp_avg + d);
+    m = _mm512_fmadd_ps(coeff, _mm512_sub_ps(g, m), small ? m : g);
+    __m512 v = _mm512_maskz_loadu_ps(k, exp_avg_sq + d);
+    v = _mm512_fmadd_ps(_mm512_mul_ps(sq_weight, g), g, _mm512_mul_ps(v, beta2));
+    _mm512_mask_storeu_ps(exp_avg + d, k, m);
+    _mm512_mask_storeu_ps(exp_avg_sq + d, k, v);
+    const __m512 denom = _mm512_add_ps(_mm512_div_ps(_mm512_sqrt_ps(v), bc2_sqrt), eps);
+    p = _mm512_add_ps(p, _mm512_div_ps(_mm512_mul_ps(neg_step, m), denom));
+    _mm512_mask_storeu_ps(param + d, k, p);
+  }
+}
+#else
+void adam_row(float*, float*, float*, const float*, int64_t, const AdamCoefficients&) {
+  TORCH_CHECK(false, "first_layer_adam: only on x86-64 CPUs with AVX-512");
+}
+#endif
 
 // G's tile of rows [s0, s0 + n_rows) of the panel (n_rows <= kTileRows) by columns [j0, j0 + 64),
 // written to buf [kPanel, out_pad].
@@ -448,20 +416,14 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
 // s [E, out], bias [E, out]. Returns (member losses, the 4 gradients per layer in that order, and
 // with relu_first the gradient of h). first_kernel: the first layer's W and r gradients through
 // first_layer_grads where it applies (split batching, float32, an AVX-512 CPU), else through the two
-// products autograd runs. adam: empty, or the first layer's [exp_avg, exp_avg_sq, step] with settings
-// [lr, beta1, beta2, eps, weight_decay]: where the kernel runs, it also makes Adam's step on the first
-// layer's weight (first_layer_grads_adam), and the last output says so (the weight's gradient, still
-// returned, must not be stepped again).
-std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>, bool> batchensemble_layers(
+// products autograd runs.
+std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_layers(
     const Tensor& h_in, const Tensor& labels, at::TensorList params, c10::List<bool> onednn, bool mean,
-    bool relu_first, bool first_kernel, at::TensorList adam, at::ArrayRef<double> settings) {
+    bool relu_first, bool first_kernel) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n_layers && static_cast<int64_t>(onednn.size()) == n_layers,
               "batchensemble_layers: 4 parameters and one oneDNN flag per layer");
-  TORCH_CHECK((adam.empty() && settings.empty()) || (adam.size() == 3 && settings.size() == 5),
-              "batchensemble_layers: adam is [exp_avg, exp_avg_sq, step] with 5 settings, or empty");
-  bool stepped = false;
   std::vector<Tensor> inputs, scaled, products;
   Tensor h = h_in;
   for (int64_t li = 0; li < n_layers; ++li) {
@@ -486,19 +448,6 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>, bool> batchensemb
     if (!need_input && first_kernel) {
       const Tensor grad_z3 = grad_z.view({r.size(0), -1, weight.size(1)});
       if (first_layer_fast() && first_layer_applies(inp, grad_z3, weight, r)) {  // dispatched: the profiler shows it
-        if (!adam.empty() && moments_apply(weight, adam[0], adam[1], adam[2])) {
-          static const auto op_adam =
-              c10::Dispatcher::singleton()
-                  .findSchemaOrThrow("bench_core::first_layer_grads_adam", "")
-                  .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                                                    const Tensor&, const Tensor&, const Tensor&, double, double,
-                                                    double, double, double)>();
-          std::tie(grads[4 * li], grads[4 * li + 1]) = op_adam.call(
-              inp, grad_z3, weight, r, adam[0], adam[1], adam[2], settings[0], settings[1], settings[2], settings[3],
-              settings[4]);
-          stepped = true;
-          continue;
-        }
         static const auto op = c10::Dispatcher::singleton()
                                    .findSchemaOrThrow("bench_core::first_layer_grads", "")
                                    .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
@@ -517,7 +466,7 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>, bool> batchensemb
   }
   c10::optional<Tensor> grad_h;
   if (relu_first) grad_h = grad;
-  return {member_losses, grads, grad_h, stepped};
+  return {member_losses, grads, grad_h};
 }
 
 // Adam's state and settings for the classic ensemble's first-layer weight (vectorized_adam).
@@ -621,13 +570,9 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
 
 TORCH_LIBRARY(bench_core, m) {
   m.def(
-      "batchensemble_layers(Tensor h, Tensor labels, Tensor(a!)[] params, bool[] onednn, bool mean, bool relu_first,"
-      " bool first_kernel, Tensor(b!)[] adam, float[] settings) -> (Tensor, Tensor[], Tensor?, bool)");
+      "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, bool mean, bool relu_first,"
+      " bool first_kernel) -> (Tensor, Tensor[], Tensor?)");
   m.def("first_layer_grads(Tensor x, Tensor grad_z, Tensor weight, Tensor r) -> (Tensor, Tensor)");
-  m.def(
-      "first_layer_grads_adam(Tensor x, Tensor grad_z, Tensor(a!) weight, Tensor r, Tensor(b!) exp_avg,"
-      " Tensor(c!) exp_avg_sq, Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay)"
-      " -> (Tensor, Tensor)");
   m.def("first_layer_fast() -> bool", &first_layer_fast);
   m.def(
       "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mean)"
@@ -645,7 +590,6 @@ TORCH_LIBRARY(bench_core, m) {
 TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("batchensemble_layers", &batchensemble_layers);
   m.impl("first_layer_grads", &first_layer_grads);
-  m.impl("first_layer_grads_adam", &first_layer_grads_adam);
   m.impl("vectorized", &vectorized);
   m.impl("first_layer_adam", &first_layer_adam);
   m.impl("vectorized_adam", &vectorized_adam);
