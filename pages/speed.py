@@ -437,8 +437,9 @@ def results_view(
             "Adam with zeroing "
             "the gradients; the batch's gather by index; and the time spent outside any operator, in Python "
             "and the autograd engine. The black tick is the floor: the gap between it and the green part is "
-            "what the matrix products lose to their small shapes and cold caches. Operator by operator: "
-            "`python scripts/profile_step.py`."
+            "what the matrix products lose to their small shapes and cold caches. On CPUs with AVX-512 the "
+            "classic ensemble's first-layer weight gets Adam's step inside its gradient's kernel, so that "
+            "step counts with the matrix products. Operator by operator: `python scripts/profile_step.py`."
         )
     targets = targets if targets is not None else computed_targets
     if any(t["value"] is not None for t in targets):
