@@ -34,8 +34,9 @@ would be slower, and with ``BENCH_FIRST_LAYER_KERNEL=0``, autograd's products an
   ``forward_backward(..., adam=AdamStep.kernel_state(weight))``, which ``training._Step`` passes
   from Adam's second step on; the weight's ``.grad`` stays None and ``AdamStep(stepped=weight)``
   steps the rest. The step is ``torch._fused_adam_``'s arithmetic on AVX-512, bit for bit on the
-  same gradient (tested). (BatchEnsemble's first-layer weight, 1.5 MiB, gained nothing from the
-  same: its steps were 1.01× and 1.07× as long, so it keeps Adam's own step.)
+  same gradient with torch 2.14 (tested; older torches within float32's rounding).
+  (BatchEnsemble's first-layer weight, 1.5 MiB, gained nothing from the same: its steps were 1.01×
+  and 1.07× as long, so it keeps Adam's own step.)
 
 Should a C++ call fail, one warning says so and the Python steps run from then on.
 """

@@ -572,12 +572,19 @@ def _fused_adam(weight, grad, exp_avg, exp_avg_sq, step, weight_decay=0.0, setti
     )  # fmt: skip
 
 
+# The torch whose fused CPU Adam the kernel's arithmetic was matched against, operation by operation
+# (older ones, which the requirements admit, formed exp_avg without lerp: there within rounding).
+ADAM_BITS_FROM = (2, 14)
+
+
 def _assert_adams_bits(got: torch.Tensor, want: torch.Tensor) -> None:
     """Equal to the last bit but for the last numel % 16 elements, which fused Adam steps in its scalar
     loop (rounded its own way: there within float32's rounding)."""
     vector = got.numel() - got.numel() % 16
+    if tuple(int(v) for v in torch.__version__.split("+")[0].split(".")[:2]) < ADAM_BITS_FROM:
+        vector = 0
     assert torch.equal(got.reshape(-1)[:vector], want.reshape(-1)[:vector])
-    assert torch.allclose(got.reshape(-1)[vector:], want.reshape(-1)[vector:], rtol=1e-6, atol=0)
+    assert torch.allclose(got.reshape(-1)[vector:], want.reshape(-1)[vector:], rtol=1e-6, atol=1e-12)
 
 
 def _adam_kernel_ops():

@@ -218,7 +218,8 @@ bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& ex
 // written out, and W's rows are stepped while the buffer is still in the cache. The gradient is the
 // same sum in another order (float32 roundings differ from the product's by about 1e-7 relative);
 // Adam's step is torch._fused_adam_'s (torch.optim.Adam(fused=True)) on AVX-512, bit for bit on the
-// same gradient (tested): its operations in its order, fused multiply-adds where it has them.
+// same gradient with torch 2.14 (tested; older torches formed exp_avg without lerp: within rounding):
+// its operations in its order, fused multiply-adds where it has them.
 
 struct AdamCoefficients {
   float neg_step_size, lerp_weight, beta2, sq_weight, bias_correction2_sqrt, eps, weight_decay;
