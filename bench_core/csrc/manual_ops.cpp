@@ -16,6 +16,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <initializer_list>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -71,6 +72,57 @@ bool first_layer_fast() {
 #endif
 }
 
+// acc = Σ_k x[k, rows of the tile] ⊗ grad_z[k, 64 columns]: a tile of xᵀ dz over `rows` rows, x's
+// tile columns read from a packed panel (row stride kPanel), grad_z's from row stride out_pad. Inlined
+// into each caller's build, so acc stays in registers.
+__attribute__((always_inline)) inline void accumulate_tile(f32x16 (&acc)[kTileRows][kTileVectors],
+                                                           const float* __restrict xm, const float* __restrict gm,
+                                                           int64_t rows, int64_t out_pad) {
+#pragma GCC unroll 8
+  for (int ri = 0; ri < kTileRows; ++ri)
+#pragma GCC unroll 4
+    for (int c = 0; c < kTileVectors; ++c) acc[ri][c] = f32x16{};
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* gk = gm + k * out_pad;
+    const f32x16 g[kTileVectors] = {load16(gk), load16(gk + 16), load16(gk + 32), load16(gk + 48)};
+    const float* xk = xm + k * kPanel;
+#pragma GCC unroll 8
+    for (int ri = 0; ri < kTileRows; ++ri) {
+      const f32x16 xv = f32x16{} + xk[ri];
+#pragma GCC unroll 4
+      for (int c = 0; c < kTileVectors; ++c) acc[ri][c] += xv * g[c];
+    }
+  }
+}
+
+// x's columns [p0, p0 + width) of its n_rows rows (row stride n_in) packed into panel [n_rows, kPanel],
+// zeros after them: the tiles' rows past width are computed and never stored.
+void pack_panel(const float* x, int64_t n_rows, int64_t n_in, int64_t p0, int64_t width, float* panel) {
+  for (int64_t q = 0; q < n_rows; ++q) {
+    const float* src = x + q * n_in + p0;
+    float* dst = panel + q * kPanel;
+    for (int64_t l = 0; l < width; ++l) dst[l] = src[l];
+    for (int64_t l = width; l < kPanel; ++l) dst[l] = 0.0f;
+  }
+}
+
+// grad_z [n_rows, n_out] with its columns padded with zeros to a multiple of 64 (the tiles read 64
+// at a time): (the padded tensor, or grad_z itself where no padding is needed; its row stride).
+std::tuple<Tensor, int64_t> padded_columns(const Tensor& grad_z, int64_t n_rows, int64_t n_out) {
+  const int64_t out_pad = (n_out + kTileCols - 1) / kTileCols * kTileCols;
+  if (out_pad == n_out) return {grad_z, out_pad};
+  Tensor gz = at::zeros({n_rows, out_pad}, grad_z.options());
+  gz.narrow(1, 0, n_out).copy_(grad_z.reshape({n_rows, n_out}));
+  return {gz, out_pad};
+}
+
+// Whether every tensor is a contiguous float32 CPU tensor, as the kernels read them.
+bool cpu_float32_contiguous(std::initializer_list<const Tensor*> tensors) {
+  for (const Tensor* t : tensors)
+    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
+  return true;
+}
+
 struct FirstLayer {
   const float* x;       // [E * b, in], or [b, in] shared by the members (shared_x)
   const float* grad_z;  // [E * b, out_pad], columns from out on zero
@@ -88,23 +140,8 @@ struct FirstLayer {
 BENCH_CPU_CLONES void first_layer_tile(const FirstLayer& a, const float* __restrict panel, int64_t s0, int64_t i0,
                                        int64_t n_rows, int64_t j0, int64_t m, float* __restrict dr) {
   f32x16 acc[kTileRows][kTileVectors];
-#pragma GCC unroll 8
-  for (int ri = 0; ri < kTileRows; ++ri)
-#pragma GCC unroll 4
-    for (int c = 0; c < kTileVectors; ++c) acc[ri][c] = f32x16{};
-  const float* xm = panel + (a.shared_x ? 0 : m) * a.rows * kPanel + s0;
-  const float* gm = a.grad_z + m * a.rows * a.out_pad + j0;
-  for (int64_t k = 0; k < a.rows; ++k) {
-    const float* gk = gm + k * a.out_pad;
-    const f32x16 g[kTileVectors] = {load16(gk), load16(gk + 16), load16(gk + 32), load16(gk + 48)};
-    const float* xk = xm + k * kPanel;
-#pragma GCC unroll 8
-    for (int ri = 0; ri < kTileRows; ++ri) {
-      const f32x16 xv = f32x16{} + xk[ri];
-#pragma GCC unroll 4
-      for (int c = 0; c < kTileVectors; ++c) acc[ri][c] += xv * g[c];
-    }
-  }
+  accumulate_tile(acc, panel + (a.shared_x ? 0 : m) * a.rows * kPanel + s0, a.grad_z + m * a.rows * a.out_pad + j0,
+                  a.rows, a.out_pad);
   const int64_t n_cols = std::min(kTileCols, a.n_out - j0);
 #pragma GCC unroll 8
   for (int ri = 0; ri < kTileRows; ++ri) {  // constant indices into acc: it stays in registers
@@ -144,12 +181,7 @@ void first_layer_rows(const FirstLayer& a, int64_t p_begin, int64_t p_end) {
   float* pk = panel.data();
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kPanel) {
     const int64_t width = std::min(kPanel, p_end - p0);
-    for (int64_t q = 0; q < n_rows_all; ++q) {  // x's columns [p0, p0 + width), zeros after them
-      const float* src = a.x + q * a.n_in + p0;
-      float* dst = pk + q * kPanel;
-      for (int64_t l = 0; l < width; ++l) dst[l] = src[l];
-      for (int64_t l = width; l < kPanel; ++l) dst[l] = 0.0f;  // rows computed, never stored
-    }
+    pack_panel(a.x, n_rows_all, a.n_in, p0, width, pk);
     for (int64_t s0 = 0; s0 < width; s0 += kTileRows) {
       const int64_t n_rows = std::min(kTileRows, width - s0);
       for (int64_t m = 0; m < a.n_members; ++m) {
@@ -162,8 +194,7 @@ void first_layer_rows(const FirstLayer& a, int64_t p_begin, int64_t p_end) {
 }
 
 bool first_layer_applies(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& r) {
-  for (const Tensor* t : {&x, &grad_z, &weight, &r})
-    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
+  if (!cpu_float32_contiguous({&x, &grad_z, &weight, &r})) return false;
   if (grad_z.dim() != 3 || weight.dim() != 2 || r.dim() != 2 || grad_z.size(0) != r.size(0)) return false;
   const bool shared = x.dim() == 2;  // repeat batching: every member on the whole batch
   if (!shared && (x.dim() != 3 || x.size(0) != r.size(0))) return false;
@@ -184,12 +215,7 @@ std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad
   const int64_t n_members = r.size(0), rows = grad_z.size(1), n_in = weight.size(0), n_out = weight.size(1);
   Tensor grad_w = at::empty({n_in, n_out}, x.options()), grad_r = at::empty({n_members, n_in}, x.options());
   if (n_in == 0 || n_out == 0) return {grad_w.zero_(), grad_r.zero_()};
-  const int64_t out_pad = (n_out + kTileCols - 1) / kTileCols * kTileCols;
-  Tensor gz = grad_z;
-  if (out_pad != n_out) {  // the tiles read 64 columns at a time
-    gz = at::zeros({n_members * rows, out_pad}, x.options());
-    gz.narrow(1, 0, n_out).copy_(grad_z.view({n_members * rows, n_out}));
-  }
+  const auto [gz, out_pad] = padded_columns(grad_z, n_members * rows, n_out);
   const FirstLayer a{x.data_ptr<float>(), gz.data_ptr<float>(), weight.data_ptr<float>(), r.data_ptr<float>(),
                      grad_w.data_ptr<float>(), grad_r.data_ptr<float>(), n_members, rows, n_in, n_out, out_pad,
                      shared_x};
@@ -201,11 +227,8 @@ std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad
 }
 
 bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step) {
-  for (const Tensor* t : {&exp_avg, &exp_avg_sq})
-    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous() ||
-        t->sizes() != weight.sizes())
-      return false;
-  return step.device().type() == at::kCPU && step.numel() == 1;
+  return cpu_float32_contiguous({&exp_avg, &exp_avg_sq}) && exp_avg.sizes() == weight.sizes() &&
+         exp_avg_sq.sizes() == weight.sizes() && step.device().type() == at::kCPU && step.numel() == 1;
 }
 
 // ---- The classic ensemble's first layer: W's gradient and Adam's step on W in one pass ---------
@@ -213,8 +236,8 @@ bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& ex
 // The members' first layers are one weight W [in, E·out] on the shared batch x [B, in]; its gradient
 // is xᵀ dz. Taken as a product it is written out (7.5 MiB at CIFAR-10's E = 5) and read back by
 // Adam's step, which also reads and writes W and its two moments. Here each panel of kPanel rows of
-// W gets its gradient from register tiles (as first_layer_tile's, one member, no r) into a buffer
-// the size of L2's share, and Adam's step follows on those rows at once: the gradient is never
+// W gets its gradient from register tiles (accumulate_tile, as first_layer_tile's: one member, no r)
+// into a buffer the size of L2's share, and Adam's step follows on those rows at once: the gradient is never
 // written out, and W's rows are stepped while the buffer is still in the cache. The gradient is the
 // same sum in another order (float32 roundings differ from the product's by about 1e-7 relative);
 // Adam's step is torch._fused_adam_'s (torch.optim.Adam(fused=True)) on AVX-512, bit for bit on the
@@ -283,21 +306,7 @@ void adam_row(float*, float*, float*, const float*, int64_t, const AdamCoefficie
 BENCH_CPU_CLONES void product_tile(const float* __restrict panel, const float* __restrict grad_z, int64_t rows,
                                    int64_t out_pad, int64_t s0, int64_t n_rows, int64_t j0, float* __restrict buf) {
   f32x16 acc[kTileRows][kTileVectors];
-#pragma GCC unroll 8
-  for (int ri = 0; ri < kTileRows; ++ri)
-#pragma GCC unroll 4
-    for (int c = 0; c < kTileVectors; ++c) acc[ri][c] = f32x16{};
-  for (int64_t k = 0; k < rows; ++k) {
-    const float* gk = grad_z + k * out_pad + j0;
-    const f32x16 g[kTileVectors] = {load16(gk), load16(gk + 16), load16(gk + 32), load16(gk + 48)};
-    const float* xk = panel + k * kPanel + s0;
-#pragma GCC unroll 8
-    for (int ri = 0; ri < kTileRows; ++ri) {
-      const f32x16 xv = f32x16{} + xk[ri];
-#pragma GCC unroll 4
-      for (int c = 0; c < kTileVectors; ++c) acc[ri][c] += xv * g[c];
-    }
-  }
+  accumulate_tile(acc, panel + s0, grad_z + j0, rows, out_pad);
 #pragma GCC unroll 8
   for (int ri = 0; ri < kTileRows; ++ri) {
     if (ri == n_rows) break;
@@ -321,12 +330,7 @@ void first_layer_adam_rows(const FirstLayerAdam& a, int64_t p_begin, int64_t p_e
   std::vector<float> panel(a.rows * kPanel), buf(kPanel * a.out_pad);
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kPanel) {
     const int64_t width = std::min(kPanel, p_end - p0);
-    for (int64_t q = 0; q < a.rows; ++q) {
-      const float* src = a.x + q * a.n_in + p0;
-      float* dst = panel.data() + q * kPanel;
-      for (int64_t l = 0; l < width; ++l) dst[l] = src[l];
-      for (int64_t l = width; l < kPanel; ++l) dst[l] = 0.0f;
-    }
+    pack_panel(a.x, a.rows, a.n_in, p0, width, panel.data());
     for (int64_t s0 = 0; s0 < width; s0 += kTileRows)
       for (int64_t j0 = 0; j0 < a.n_out; j0 += kTileCols)
         product_tile(panel.data(), a.grad_z, a.rows, a.out_pad, s0, std::min(kTileRows, width - s0), j0, buf.data());
@@ -339,8 +343,7 @@ void first_layer_adam_rows(const FirstLayerAdam& a, int64_t p_begin, int64_t p_e
 
 bool first_layer_adam_applies(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& exp_avg,
                               const Tensor& exp_avg_sq, const Tensor& step) {
-  for (const Tensor* t : {&x, &grad_z, &weight})
-    if (t->device().type() != at::kCPU || t->scalar_type() != at::kFloat || !t->is_contiguous()) return false;
+  if (!cpu_float32_contiguous({&x, &grad_z, &weight})) return false;
   return x.dim() == 2 && grad_z.dim() == 2 && weight.dim() == 2 && grad_z.size(0) == x.size(0) &&
          weight.size(0) == x.size(1) && weight.size(1) == grad_z.size(1) &&
          moments_apply(weight, exp_avg, exp_avg_sq, step);
@@ -359,12 +362,7 @@ void first_layer_adam(const Tensor& x, const Tensor& grad_z, const Tensor& weigh
   step.add_(1);  // Adam counts the step before it steps (torch._foreach_add_(steps, 1), then _fused_adam_)
   const int64_t rows = x.size(0), n_in = x.size(1), n_out = weight.size(1);
   if (n_in == 0 || n_out == 0) return;
-  const int64_t out_pad = (n_out + kTileCols - 1) / kTileCols * kTileCols;
-  Tensor gz = grad_z;
-  if (out_pad != n_out) {
-    gz = at::zeros({rows, out_pad}, x.options());
-    gz.narrow(1, 0, n_out).copy_(grad_z);
-  }
+  const auto [gz, out_pad] = padded_columns(grad_z, rows, n_out);
   const FirstLayerAdam a{x.data_ptr<float>(), gz.data_ptr<float>(), weight.data_ptr<float>(), exp_avg.data_ptr<float>(),
                          exp_avg_sq.data_ptr<float>(), rows, n_in, n_out, out_pad,
                          adam_coefficients(step.item<float>(), lr, beta1, beta2, eps, weight_decay)};
