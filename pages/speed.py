@@ -84,6 +84,13 @@ PART_COLORS = dict(zip(TIME_PARTS, ("#1b9e77", "#d95f02", "#bbbbbb"), strict=Tru
 FLOOR_TICK = "floor (the products at the measured rate)"
 # A legend under a figure, its entries left to right as far as they fit (one a row on narrow screens).
 LEGEND_BELOW = {"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"}
+# A target met, missed, or its row not measured: Material icons, which Streamlit ships as a font, so
+# they draw on machines without an emoji font (a projector's Linux box; this project's headless Chromium).
+TARGET_MARKS = {
+    True: ":green[:material/check_circle:]",
+    False: ":red[:material/cancel:]",
+    None: ":gray[:material/remove:]",
+}
 STEP_COLORS = dict(zip(STEP_PARTS, ("#1b9e77", "#7570b3", "#e7298a", "#e6ab02", "#999999"), strict=True))
 
 
@@ -446,9 +453,9 @@ def results_view(
         st.markdown(f"**Targets at E = {targets[0]['ensemble_size']}**")
         for t in targets:
             if t["value"] is None:
-                st.markdown(f"- ➖ {t['target']}: row not measured")
+                st.markdown(f"- {TARGET_MARKS[None]} {t['target']}: row not measured")
             else:
-                st.markdown(f"- {'✅' if t['met'] else '❌'} {t['target']}: {t['value']:.2f}×{turns_text(t)}")
+                st.markdown(f"- {TARGET_MARKS[t['met']]} {t['target']}: {t['value']:.2f}×{turns_text(t)}")
 
 
 def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple:

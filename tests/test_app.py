@@ -313,6 +313,8 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
         assert len(steps[0]["data"][0]["y"]) == step_rows
         assert len(steps[0]["layout"]["shapes"]) == step_rows, "one floor tick per row"
     assert any("Targets at E = 5" in t for t in texts(at.markdown))
+    marks = [t for t in texts(at.markdown) if "≤" in t or "≥" in t]
+    assert len(marks) == 6 and all(":material/" in t for t in marks), marks  # icons drawn without an emoji font
 
 
 def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
