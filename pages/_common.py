@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import functools
+import inspect
 import io
 import itertools
 import json
@@ -228,13 +229,25 @@ def numbers_table(
     ``counts``: columns shown with thousands separators and no decimals (2,055,730 parameters);
     ``exact``: shown as they are (names, whole numbers); every other column as its numbers were
     rounded (``{:g}``). The values underneath stay numbers, so the columns still sort by value. A
-    missing value reads "—" where the Styler is rendered as HTML; Streamlit's grid ignores that and
-    shows its own greyed "None".
+    missing value reads "—" where the Styler is rendered as HTML; in ``st.dataframe``'s grid pass it
+    ``**missing_placeholder()`` for the same.
     """
     frame = pd.DataFrame(table)
     counts, exact = set(counts), set(exact)
     formats = {c: "{:,.0f}" if c in counts else "{:g}" for c in frame.columns if c not in exact}
-    return frame.style.format(formats, na_rep="—")
+    return frame.style.format(formats, na_rep=MISSING)
+
+
+MISSING = "—"  # a table's cell with no value (a ratio that does not apply to its row)
+
+
+def missing_placeholder() -> dict:
+    """``st.dataframe``'s keyword for how an empty cell reads (``MISSING``), where this Streamlit takes it.
+
+    Streamlit added ``placeholder`` in late 2025; before it the grid writes a greyed "None" in such
+    a cell, which reads like a value. Empty where this Streamlit lacks the keyword.
+    """
+    return {"placeholder": MISSING} if "placeholder" in inspect.signature(st.dataframe).parameters else {}
 
 
 def log_ticks(values: list[float]) -> list[float]:

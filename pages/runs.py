@@ -17,6 +17,7 @@ from pages._common import (
     export_csv,
     export_json,
     method_label,
+    missing_placeholder,
     open_store,
     ordered_methods,
     require_router,
@@ -150,6 +151,7 @@ event = st.dataframe(
     hide_index=True,
     width="stretch",
     column_config=COLUMN_CONFIG,
+    **missing_placeholder(),
 )
 selected = [int(frame.iloc[i]["id"]) for i in event.selection.rows if 0 <= i < len(frame)]
 

@@ -48,6 +48,7 @@ from pages._common import (
     hms,
     log_ticks,
     method_color,
+    missing_placeholder,
     numbers_table,
     require_router,
     show,
@@ -427,7 +428,7 @@ def results_view(
     with cols[1]:
         show(memory_fig, key=f"speed_mem_{key}")
     shown = numbers_table(table, counts=("inference examples / s", "parameters"), exact=("method", "mode", "E"))
-    st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}")
+    st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}", **missing_placeholder())
     show(parts_fig, key=f"speed_parts_{key}")
     st.caption(
         "The green part is the floor: the time the epoch's matrix products would take at the matrix-multiply "

@@ -25,6 +25,7 @@ from bench_core.models import build_model
 from bench_core.runner import run_experiment
 from bench_core.store import RunStore
 from pages._common import (
+    MISSING,
     agreement_figure,
     batchensemble_params,
     empty_loss_figure,
@@ -36,6 +37,7 @@ from pages._common import (
     loss_figure,
     loss_series,
     member_accuracy_figure,
+    missing_placeholder,
     mlp_params,
     numbers_table,
     preflight,
@@ -315,6 +317,10 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     assert any("Targets at E = 5" in t for t in texts(at.markdown))
     marks = [t for t in texts(at.markdown) if "≤" in t or "≥" in t]
     assert len(marks) == 6 and all(":material/" in t for t in marks), marks  # icons drawn without an emoji font
+    # an empty cell (a ratio that does not apply to the row) reads "—", not the grid's "None"
+    (table,) = at.dataframe
+    assert table.value.isna().any(axis=None)
+    assert table.proto.placeholder == (MISSING if missing_placeholder() else "")
 
 
 def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
