@@ -221,6 +221,9 @@ def style(
 LOG_TICKS_MAX = 9  # more 1-2-5 ticks than this crowd a chart's axis: powers of ten instead
 
 
+MISSING = "—"  # a table's cell with no value (a ratio that does not apply to its row)
+
+
 def numbers_table(
     table: list[dict], counts: Iterable[str] = (), exact: Iterable[str] = ()
 ) -> pd.io.formats.style.Styler:
@@ -238,9 +241,7 @@ def numbers_table(
     return frame.style.format(formats, na_rep=MISSING)
 
 
-MISSING = "—"  # a table's cell with no value (a ratio that does not apply to its row)
-
-
+@functools.cache
 def missing_placeholder() -> dict:
     """``st.dataframe``'s keyword for how an empty cell reads (``MISSING``), where this Streamlit takes it.
 
