@@ -243,11 +243,6 @@ std::tuple<Tensor, Tensor> first_layer_grads(const Tensor& x, const Tensor& grad
   return {grad_w, grad_r};
 }
 
-bool moments_apply(const Tensor& weight, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step) {
-  return cpu_float32_contiguous({&exp_avg, &exp_avg_sq}) && exp_avg.sizes() == weight.sizes() &&
-         exp_avg_sq.sizes() == weight.sizes() && step.device().type() == at::kCPU && step.numel() == 1;
-}
-
 // ---- The classic ensemble's first layer: W's gradient and Adam's step on W in one pass ---------
 //
 // The members' first layers are one weight W [in, E·out] on the shared batch x [B, in]; its gradient
@@ -360,10 +355,10 @@ void first_layer_adam_rows(const FirstLayerAdam& a, int64_t p_begin, int64_t p_e
 
 bool first_layer_adam_applies(const Tensor& x, const Tensor& grad_z, const Tensor& weight, const Tensor& exp_avg,
                               const Tensor& exp_avg_sq, const Tensor& step) {
-  if (!cpu_float32_contiguous({&x, &grad_z, &weight})) return false;
+  if (!cpu_float32_contiguous({&x, &grad_z, &weight, &exp_avg, &exp_avg_sq})) return false;
   return x.dim() == 2 && grad_z.dim() == 2 && weight.dim() == 2 && grad_z.size(0) == x.size(0) &&
-         weight.size(0) == x.size(1) && weight.size(1) == grad_z.size(1) &&
-         moments_apply(weight, exp_avg, exp_avg_sq, step);
+         weight.size(0) == x.size(1) && weight.size(1) == grad_z.size(1) && exp_avg.sizes() == weight.sizes() &&
+         exp_avg_sq.sizes() == weight.sizes() && step.device().type() == at::kCPU && step.numel() == 1;
 }
 
 // W's gradient xᵀ dz and Adam's step on W with it, in place (see above); the gradient is not kept.
