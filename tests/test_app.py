@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from bench_core.bench import STEP_PARTS
+from bench_core.bench import STEP_PARTS, BenchSettings
 from bench_core.config import RunConfig
 from bench_core.errors import ConfigError
 from bench_core.models import build_model
@@ -287,6 +287,12 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert second.folder != job.folder and not job.folder.exists() and second.folder.exists()
     assert second.proc.wait(timeout=WORKER_TIMEOUT_S) == 0, second.log_path.read_text()[-2000:]
     shutil.rmtree(second.folder)
+
+
+def test_speed_takes_the_median_of_three_repeats_by_default(store_file):
+    at = open_page("speed")
+    repeats = at.number_input(key="speed_set_repeats").value
+    assert repeats == BenchSettings().repeats == 3, "as the command line's; a median of two repeats is their mean"
 
 
 @pytest.mark.parametrize(
