@@ -123,7 +123,7 @@ layer_pictures()
 st.subheader("Parameters against ensemble size")
 params_section()
 
-st.subheader("Why BatchEnsemble is fast on one device")
+st.subheader("Why BatchEnsemble can be fast on one device, and where it is not")
 st.markdown(
     """
 - **One batched pass for all members.** Every member's forward and backward pass is a few large
@@ -137,6 +137,13 @@ st.markdown(
   each batch instead: E times less work per step, but each member sees 1/E of the data per epoch.
 - A classic ensemble can be vectorized too (this workbench does it by default); the difference that
   remains is the parameter count and the memory it moves.
+- **Not on every device.** Against that vectorized classic ensemble, what BatchEnsemble buys in time
+  depends on where it runs. On this project's 2-core CPU, where a step is arithmetic and memory,
+  repeat batching trained about as fast (0.96–1.06× its time in most benchmark runs) and split
+  batching in 0.3–0.5× of it. On a GPU a step this small is bound by kernel launches, not
+  arithmetic: BatchEnsemble's extra element-wise kernels (its r and s and their gradients) made it
+  *slower* there in every GPU run (repeat about 1.45×, split about 1.1× on an H100 and an H200).
+  Its smaller parameter count holds everywhere. The Speed page measures your device.
 """
 )
 

@@ -458,6 +458,8 @@ def test_learn_with_sliders_moved(store_file):
     at.selectbox(key="learn_dataset").set_value("mnist").run()
     assert not at.exception, at.exception
     assert at.latex, "the formulas"
+    devices = [m.value for m in at.markdown if "Not on every device" in m.value]
+    assert devices and "kernel launches" in devices[0], "where BatchEnsemble is not faster: on a GPU"
 
 
 # ----------------------------------------------------------------------------- helpers
