@@ -123,7 +123,7 @@ layer_pictures()
 st.subheader("Parameters against ensemble size")
 params_section()
 
-st.subheader("Why BatchEnsemble can be fast on one device, and where it is not")
+st.subheader("Where BatchEnsemble is fast, and where it is not")
 st.markdown(
     """
 - **One batched pass for all members.** Every member's forward and backward pass is a few large
