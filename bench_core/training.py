@@ -38,7 +38,7 @@ class EpochRecord:
     method: str
     epoch: int  # 1-based; a stopped epoch counts as begun
     epochs: int  # epochs planned
-    member_loss: list[float]  # mean training loss of each member over the epoch
+    member_loss: list[float]  # each member's training loss over the epoch, per example it trained on
     loss: float  # mean of member_loss
     epoch_seconds: float  # wall clock of this epoch (synchronised on CUDA)
     examples_per_second: float  # training examples consumed per second in this epoch
@@ -57,7 +57,7 @@ class StepRecord:
     epoch: int
     step: int  # steps done in this epoch
     steps_per_epoch: int
-    member_loss: list[float]  # mean training loss of each member since the last record
+    member_loss: list[float]  # each member's training loss since the last record, per example
     loss: float
     examples_per_second: float  # since the last record
     elapsed_seconds: float
@@ -326,8 +326,10 @@ def train(
         perm = torch.randperm(dataset.n_train, generator=order_gen).to(device, non_blocking=True)
         loss_sum = torch.zeros(n_members, device=device)
         window_sum = torch.zeros(n_members, device=device)
-        window_steps, window_examples = 0, 0
+        window_examples = 0
+        window_seen = 0  # examples each member saw since the last record (one pass: the same for every member)
         member_steps = [0] * n_members
+        member_seen = [0] * n_members  # examples each member trained on this epoch: its losses' weights
         examples_done = 0
         t_epoch = t_window = time.perf_counter()
         stopped = False
@@ -338,22 +340,26 @@ def train(
                 if stop is not None and stop.is_set():
                     stopped = True
                     break
-                detached = step_fn(perm[start:end])  # (E,)
+                detached = step_fn(perm[start:end])  # (E,): each member's mean loss over its examples
                 if check_each_step and not math.isfinite(float(detached.sum())):
                     raise _diverged(method, epoch)
-                loss_sum[rows] += detached
-                window_sum[rows] += detached
-                window_steps += 1
+                # Weighted by the examples behind each mean, so that a short last batch counts as what it is.
+                seen = (end - start) // n_members if batching == "split" else end - start
+                loss_sum[rows].add_(detached, alpha=seen)
+                window_sum[rows].add_(detached, alpha=seen)
                 if len(members) > 1:
                     member_steps[mi] += 1
+                    member_seen[mi] += seen
                 else:
                     member_steps = [s + 1 for s in member_steps]
+                    member_seen = [s + seen for s in member_seen]
+                    window_seen += seen
                 window_examples += end - start
                 examples_done += end - start
                 if cfg.log_every and len(members) == 1 and step % cfg.log_every == 0:
                     synchronize(device)
                     now = time.perf_counter()
-                    member_loss = (window_sum / window_steps).tolist()
+                    member_loss = (window_sum / window_seen).tolist()
                     _check_finite(member_loss, method, epoch)
                     yield StepRecord(
                         method=method,
@@ -366,15 +372,16 @@ def train(
                         elapsed_seconds=now - t_start,
                     )
                     window_sum.zero_()
-                    window_steps, window_examples, t_window = 0, 0, now
+                    window_examples, window_seen, t_window = 0, 0, now
             if stopped:
                 break
         synchronize(device)
         now = time.perf_counter()
         seconds = now - t_epoch
-        steps_t = torch.tensor(member_steps, dtype=loss_sum.dtype)
-        # NaN marks a member that made no step this epoch (a stop before its turn).
-        member_loss = (loss_sum.cpu() / steps_t).tolist()
+        seen_t = torch.tensor(member_seen, dtype=loss_sum.dtype)
+        # Each member's mean loss per example it trained on; NaN marks a member that made no step
+        # this epoch (a stop before its turn).
+        member_loss = (loss_sum.cpu() / seen_t).tolist()
         reached = [v for v, n in zip(member_loss, member_steps, strict=True) if n]
         _check_finite(reached, method, epoch)
         finite = [v for v in member_loss if math.isfinite(v)]

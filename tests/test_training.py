@@ -43,6 +43,48 @@ def test_vectorized_classic_trains_exactly_like_sequential_classic(tiny):
         assert a.member_loss == pytest.approx(b.member_loss, rel=1e-4)
 
 
+@pytest.mark.parametrize(
+    ("method", "batching", "mode"),
+    [("single", "repeat", None), ("classic", "repeat", "sequential"), ("classic", "repeat", "vectorized"),
+     ("batchensemble", "repeat", None), ("batchensemble", "split", None)],
+)  # fmt: skip
+def test_losses_are_means_over_the_examples_each_member_trained_on(tiny, method, batching, mode):
+    """A short last batch weighs what its examples weigh: 600 examples in batches of 64 end with 24
+    (split, E = 3: steps of 3 x 21, the last 3 x 11). With lr = 0 the model stays as it is, so each
+    member's epoch loss is its mean cross-entropy over the examples the permutation gave it, and the
+    second step record's covers steps 6 to 10. Unweighted means of batch means miss both."""
+    model = _model(method, tiny, **({"classic_mode": mode} if mode else {}))
+    cfg = TrainConfig(epochs=1, batch_size=64, lr=0.0, seed=3, log_every=5)
+    records = list(train(model, tiny, cfg, method=method, batching=batching))
+    n_members = 1 if method == "single" else 3
+    perm = torch.randperm(tiny.n_train, generator=torch.Generator().manual_seed(cfg.seed))
+    plan = batch_plan(tiny.n_train, 64, n_members, batching)
+    assert plan[-1][1] - plan[-1][0] == (33 if batching == "split" else 24)
+    with torch.no_grad():
+        members = [model] if method == "single" else [model.member(k) for k in range(n_members)]
+        logits = [m(tiny.x_train).reshape(tiny.n_train, -1) for m in members]  # the single MLP's is (1, N, C)
+        per_example = torch.stack([F.cross_entropy(z, tiny.y_train, reduction="none") for z in logits])
+
+    def expected(steps):
+        rows = [[] for _ in range(n_members)]
+        for start, end in steps:
+            idx = perm[start:end]
+            for k in range(n_members):
+                part = idx.view(n_members, -1)[k] if batching == "split" else idx
+                rows[k].append(per_example[k, part])
+        return [torch.cat(r).double().mean().item() for r in rows]
+
+    epoch = records[-1]
+    assert isinstance(epoch, EpochRecord)
+    assert epoch.member_loss == pytest.approx(expected(plan), rel=1e-5)
+    windows = [r for r in records if isinstance(r, StepRecord)]
+    if mode == "sequential":  # members one after another: no step records
+        assert windows == []
+    else:
+        assert [r.step for r in windows] == [5, 10]
+        assert windows[1].member_loss == pytest.approx(expected(plan[5:]), rel=1e-5)
+
+
 def test_training_is_reproducible_on_cpu(tiny):
     a = _run(_model("batchensemble", tiny), tiny)
     b = _run(_model("batchensemble", tiny), tiny)
