@@ -218,7 +218,7 @@ def evaluate(model: nn.Module, x_test: Tensor, y_test: Tensor, batch_size: int =
         ensemble_accuracy=metrics.ensemble_accuracy(logits, y_test),
         member_accuracy=[float(v) for v in member_acc.tolist()],
         mean_member_accuracy=float(member_acc.mean()),
-        nll=metrics.negative_log_likelihood(probs, y_test),
+        nll=metrics.ensemble_nll(logits, y_test),  # in log space: exact where a probability underflows
         ece=metrics.expected_calibration_error(probs, y_test, n_bins=metrics.DEFAULT_BINS),
         brier=metrics.brier_score(probs, y_test),
         agreement=metrics.agreement_matrix(preds).tolist(),

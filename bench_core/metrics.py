@@ -17,6 +17,8 @@ dimensions, a mismatched N, an empty tensor, a non-finite value, labels out of r
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -29,6 +31,7 @@ __all__ = [
     "agreement_matrix",
     "brier_score",
     "ensemble_accuracy",
+    "ensemble_nll",
     "ensemble_probs",
     "expected_calibration_error",
     "mean_member_accuracy",
@@ -253,7 +256,8 @@ def negative_log_likelihood(probs: Tensor, labels: Tensor) -> float:
     """Mean negative log-likelihood of the true class, in nats.
 
     ``mean_n -log(max(p[n, y_n], NLL_EPS))`` with ``NLL_EPS = 1e-12``: a probability of exactly
-    0 on the true class costs ``-log(1e-12) ≈ 27.63`` nats instead of infinity.
+    0 on the true class costs ``-log(1e-12) ≈ 27.63`` nats instead of infinity, and so does any
+    probability below it. From logits, ``ensemble_nll`` has no such cap (the workbench's reports use it).
 
     Args:
         probs: predicted class probabilities (e.g. ``ensemble_probs(logits)``).
@@ -274,6 +278,39 @@ def negative_log_likelihood(probs: Tensor, labels: Tensor) -> float:
     labels = _check_labels(labels, n, c, probs.device)
     p_true = probs.to(_acc_dtype(probs)).gather(1, labels.unsqueeze(1)).squeeze(1)
     return float(-torch.log(p_true.clamp_min(NLL_EPS)).mean())
+
+
+def ensemble_nll(logits: Tensor, labels: Tensor) -> float:
+    """Mean negative log-likelihood of the ensemble's prediction (the mean of the members' softmax), from logits.
+
+    ``mean_n -log(mean_k softmax(logits[k, n])[y_n])``, computed in log space,
+    ``log(mean_k p_k) = logsumexp_k(log_softmax(logits[k, n])[y_n]) - log E``, so it stays exact
+    where a probability underflows: where ``negative_log_likelihood`` on the probabilities would
+    clamp at ``-log(NLL_EPS) ≈ 27.63`` nats, this gives the true figure (logits ``[0, 100]`` with
+    label 0: 100 nats). Otherwise equal to ``negative_log_likelihood(ensemble_probs(logits), labels)``
+    within float rounding.
+
+    Args:
+        logits: the members' logits.
+        labels: the true classes.
+
+    Returns:
+        The mean NLL in nats (``log C`` when every member predicts uniformly).
+
+    Shape:
+        logits: ``[E, N, C]``; labels: ``[N]``.
+
+    Raises:
+        ValueError: ``logits`` is not a non-empty, finite, floating-point ``[E, N, C]`` tensor,
+            mismatched N, or labels outside ``[0, C)``.
+    """
+    _check_logits(logits)
+    n_members, n, c = logits.shape
+    labels = _check_labels(labels, n, c, logits.device)
+    log_p = torch.log_softmax(logits.to(_acc_dtype(logits)), dim=-1)  # [E, N, C]
+    log_p_true = log_p.gather(2, labels.view(1, n, 1).expand(n_members, n, 1)).squeeze(2)  # [E, N]
+    log_mean = torch.logsumexp(log_p_true, dim=0) - math.log(n_members)  # [N]
+    return float(-log_mean.mean())
 
 
 def brier_score(probs: Tensor, labels: Tensor) -> float:

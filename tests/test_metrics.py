@@ -114,6 +114,24 @@ def test_nll_hand_case_and_clamp():
     assert M.negative_log_likelihood(probs_of([[1.0, 0.0]]), labels_of([1])) == pytest.approx(-math.log(M.NLL_EPS))
 
 
+def test_ensemble_nll_from_logits_matches_the_probabilities_and_has_no_cap():
+    torch.manual_seed(0)
+    logits, labels = torch.randn(4, 50, 6), torch.randint(0, 6, (50,))
+    from_probs = M.negative_log_likelihood(M.ensemble_probs(logits.double()), labels)
+    assert M.ensemble_nll(logits, labels) == pytest.approx(from_probs, rel=1e-6)
+    # hand cases: one member with logits [0, 100] and label 0 costs 100 + log(1 + e^-100) nats, not the
+    # 27.63 that clamping the probability at NLL_EPS gives
+    assert M.ensemble_nll(torch.tensor([[[0.0, 100.0]]]), labels_of([0])) == pytest.approx(100.0)
+    assert M.negative_log_likelihood(M.ensemble_probs(torch.tensor([[[0.0, 100.0]]])), labels_of([0])) == (
+        pytest.approx(-math.log(M.NLL_EPS))
+    )
+    # two confident members that disagree: the mean probability of the truth is about 1/2
+    two = torch.tensor([[[0.0, 100.0]], [[100.0, 0.0]]])
+    assert M.ensemble_nll(two, labels_of([0])) == pytest.approx(math.log(2))
+    # uniform members: log C
+    assert M.ensemble_nll(torch.zeros(3, 5, 4), labels_of([0, 1, 2, 3, 0])) == pytest.approx(math.log(4))
+
+
 def test_brier_score_conventions():
     onehot = probs_of([[0.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
     assert M.brier_score(onehot, labels_of([1, 0])) == 0.0  # one-hot and right
@@ -319,6 +337,10 @@ PREDS = torch.tensor([[0, 1, 2], [0, 1, 1]])
         (lambda: M.negative_log_likelihood(PROBS, labels_of([0, 1])), "N = 3"),
         (lambda: M.negative_log_likelihood(torch.zeros(0, 4), labels_of([])), "empty"),
         (lambda: M.negative_log_likelihood(torch.randn(3, 4), LABELS), "probabilities"),
+        (lambda: M.ensemble_nll(PROBS, LABELS), r"\[E, N, C\]"),
+        (lambda: M.ensemble_nll(LOGITS, labels_of([0, 1])), "N = 3"),
+        (lambda: M.ensemble_nll(LOGITS, labels_of([0, 1, 7])), r"\[0, 4\)"),
+        (lambda: M.ensemble_nll(torch.full((2, 3, 4), float("inf")), LABELS), "finite|inf"),
         (lambda: M.brier_score(PROBS * 2, LABELS), "sum to 1"),
         (lambda: M.brier_score(torch.tensor([[1.5, -0.5]] * 3), labels_of([0, 1, 0])), "negative"),
         (lambda: M.brier_score(PROBS, labels_of([0, 1])), "N = 3"),
