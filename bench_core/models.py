@@ -95,6 +95,33 @@ class SequentialEnsemble(nn.Module):
         return self.members[k]
 
 
+def _old_ensemble_shape(shape: torch.Size, first: bool) -> tuple[int, ...]:
+    """A ``VectorizedEnsemble`` weight's shape in the version-1 layout ``[E, out, in]``."""
+    return (shape[1], shape[2], shape[0]) if first else (shape[0], shape[2], shape[1])
+
+
+def _saved_in_old_layout(local_metadata: dict, stored: dict, new_shapes: dict, old_shapes: dict) -> bool:
+    """Whether a module's weights in a state dict are in its version-1 layout (to be converted on load).
+
+    With the version saved (``state_dict()`` writes it in the dict's metadata), the version says.
+    Without it (a dict rebuilt without torch's metadata) the shapes say: the old layout where a
+    weight fits only the old shape, else the current one, also where every weight is square and
+    the shapes cannot tell (such a dict comes from this code, not from files of version 1, which
+    carry their version).
+    """
+    version = local_metadata.get("version")
+    if version is not None:
+        return version < 2
+    for key, tensor in stored.items():
+        if tensor is None or not isinstance(tensor, torch.Tensor):
+            continue
+        if tuple(tensor.shape) == tuple(new_shapes[key]):
+            continue
+        if tuple(tensor.shape) == tuple(old_shapes[key]):
+            return True
+    return False
+
+
 class VectorizedEnsemble(nn.Module):
     """A classic ensemble with every member's weights stacked: one batched pass for all members.
 
@@ -149,7 +176,9 @@ class VectorizedEnsemble(nn.Module):
         return (weight[:, k] if li == 0 else weight[k]).t()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
-        if local_metadata.get("version", 1) < 2:  # saved with every weight [E, out, in]
+        stored = {li: state_dict.get(f"{prefix}weights.{li}") for li in range(len(self.weights))}
+        old_shapes = {li: _old_ensemble_shape(w.shape, li == 0) for li, w in enumerate(self.weights)}
+        if _saved_in_old_layout(local_metadata, stored, {li: w.shape for li, w in enumerate(self.weights)}, old_shapes):
             for li in range(len(self.weights)):
                 key = f"{prefix}weights.{li}"
                 if key in state_dict:
@@ -402,8 +431,10 @@ class BatchEnsembleLinear(nn.Module):
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
         key = f"{prefix}weight"
-        if local_metadata.get("version", 1) < 2 and key in state_dict:  # saved [out, in]
-            state_dict[key] = state_dict[key].t().contiguous()
+        shape = self.weight.shape
+        stored = {0: state_dict.get(key)}
+        if key in state_dict and _saved_in_old_layout(local_metadata, stored, {0: shape}, {0: shape[::-1]}):
+            state_dict[key] = state_dict[key].t().contiguous()  # saved [out, in]
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -534,6 +565,20 @@ class BatchEnsembleMLP(nn.Module):
             if i < len(self.layers) - 1:
                 h = F.relu(h)
         return h.contiguous()  # (E, B, C)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, *args, **kwargs):
+        # A dict without torch's metadata (no versions anywhere) in the old [out, in] layout: where one
+        # layer's shape shows it, every layer is converted here, square ones too, which alone could
+        # not tell (each layer then finds its weight in the current layout).
+        if local_metadata.get("version") is None:
+            keys = {i: f"{prefix}layers.{i}.weight" for i in range(len(self.layers))}
+            stored = {i: state_dict.get(key) for i, key in keys.items()}
+            shapes = {i: layer.weight.shape for i, layer in enumerate(self.layers)}
+            if _saved_in_old_layout({}, stored, shapes, {i: shape[::-1] for i, shape in shapes.items()}):
+                for i, key in keys.items():
+                    if isinstance(stored[i], torch.Tensor) and stored[i].dim() == 2:
+                        state_dict[key] = stored[i].t().contiguous()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, *args, **kwargs)
 
     def warm_up_kernels(self) -> bool:
         """Compile (or load) the CPU kernel of the first layer's backward now, before anything is timed.

@@ -265,6 +265,13 @@ def test_weights_saved_in_the_old_out_in_layout_load_converted(kind, tmp_path):
     torch.testing.assert_close(fresh(x), expected)
     fresh.load_state_dict(model.state_dict())  # the current layout loads as it is
     torch.testing.assert_close(fresh(x), expected)
+    # Dicts rebuilt without torch's metadata (no versions): the shapes tell the layouts apart, the
+    # square 7 x 7 hidden layers included, in either layout.
+    for plain in (dict(model.state_dict()), {key: value for key, value in old.items()}):
+        assert not hasattr(plain, "_metadata")
+        fresh = build_model(kind, ModelConfig(hidden=7, ensemble_size=3), 12, 4)
+        fresh.load_state_dict(plain)
+        torch.testing.assert_close(fresh(x), expected)
 
 
 # --- the compiled CPU kernel of the first layer's backward ---------------------------------------
