@@ -152,7 +152,8 @@ def predict_logits(model: nn.Module, x: Tensor, batch_size: int = 1024) -> Tenso
     Args:
         model: maps ``x [B, D]`` to logits ``[E, B, C]``.
         x: the inputs, on the model's device.
-        batch_size: examples per forward pass; the result does not depend on it.
+        batch_size: examples per forward pass; the result depends on it only through float rounding (the
+            products may sum in another order at another size).
 
     Returns:
         The logits of all members on all of ``x``.
