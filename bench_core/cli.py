@@ -15,9 +15,9 @@ import threading
 import time
 from pathlib import Path
 
-from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, METHODS, RunConfig
+from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, MAX_SEED, METHODS, RunConfig
 from bench_core.devices import DEVICE_CHOICES
-from bench_core.errors import BenchError, ConfigError
+from bench_core.errors import BenchError, ConfigError, check_output_file, is_allocation_failure
 
 EXIT_USAGE = 2
 
@@ -29,7 +29,7 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(EXIT_USAGE, f"{self.prog}: error: {message}\n")
 
 
-def _positive_int(label: str, minimum: int = 1):
+def _positive_int(label: str, minimum: int = 1, maximum: int | None = None):
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -37,19 +37,23 @@ def _positive_int(label: str, minimum: int = 1):
             raise argparse.ArgumentTypeError(f"{label} must be a whole number, got {text!r}") from None
         if value < minimum:
             raise argparse.ArgumentTypeError(f"{label} must be at least {minimum}, got {value}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"{label} must be at most {maximum}, got {value}")
         return value
 
     return parse
 
 
-def _positive_float(label: str):
+def _positive_float(label: str, allow_zero: bool = False):
+    kind = "a number of at least 0" if allow_zero else "a positive number"
+
     def parse(text: str) -> float:
         try:
             value = float(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{label} must be a positive number, got {text!r}") from None
-        if not math.isfinite(value) or value <= 0:
-            raise argparse.ArgumentTypeError(f"{label} must be a positive number, got {text!r}")
+            raise argparse.ArgumentTypeError(f"{label} must be {kind}, got {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(f"{label} must be {kind}, got {text!r}")
         return value
 
     return parse
@@ -98,11 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--hidden", type=_positive_int("hidden width"), default=128)
     tr.add_argument("--depth", type=_positive_int("depth"), default=2)
     tr.add_argument("--device", type=_device, default="auto")
-    tr.add_argument("--seed", type=_positive_int("seed", minimum=0), default=0)
+    tr.add_argument("--seed", type=_positive_int("seed", minimum=0, maximum=MAX_SEED), default=0)
     tr.add_argument("--classic-mode", type=_choice("classic mode", CLASSIC_MODES), default="vectorized")
     tr.add_argument("--be-batching", type=_choice("BatchEnsemble batching", BE_BATCHINGS), default="repeat")
     tr.add_argument("--be-init", type=_choice("fast-weight init", BE_INITS), default="normal")
-    tr.add_argument("--be-init-std", type=_positive_float("fast-weight init std"), default=0.5)
+    tr.add_argument("--be-init-std", type=_positive_float("fast-weight init std", allow_zero=True), default=0.5)
     tr.add_argument("--data-dir", default=None, help="data folder (default $BENCH_DATA_DIR or ./data)")
     tr.add_argument("--no-download", action="store_true", help="never download a missing dataset")
     tr.add_argument("--synthetic-train", type=_positive_int("synthetic train size"), default=50_000)
@@ -156,8 +160,29 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader of stdout went away (``runs | head``): nothing more to say
+        _quiet_stdout()
+        return 141
+    except OSError as err:  # a file or folder that can't be reached; the commands' own checks name most
+        where = f": {err.filename}" if err.filename else ""
+        print(f"error: {err.strerror or err}{where}", file=sys.stderr)
+        return EXIT_USAGE
+    except (MemoryError, RuntimeError) as err:
+        if not is_allocation_failure(err):
+            raise
+        print("error: out of memory on this machine: lower the sizes asked for", file=sys.stderr)
+        return EXIT_USAGE
     parser.error(f"unknown command {args.command!r}")
     return EXIT_USAGE
+
+
+def _quiet_stdout() -> None:
+    """Point stdout at /dev/null, so that the interpreter's last flush at exit raises nothing."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 def _store_path(args: argparse.Namespace) -> Path:
@@ -189,11 +214,15 @@ def _install_stop_handler(stop: threading.Event) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from bench_core.devices import resolve_device
     from bench_core.report import format_table, results_json
-    from bench_core.runner import RunDone, run_experiment
+    from bench_core.runner import RunDone, preflight, run_experiment
     from bench_core.store import RunStore
 
-    cfg = config_from_args(args)
+    cfg = preflight(config_from_args(args))  # what the data can't serve is an input error too
     resolve_device(cfg.train.device)  # a missing device is an input error: no run is created for it
+    if args.no_store and (args.store or args.name):
+        raise ConfigError(f"--no-store keeps no run, so it takes no {'--store' if args.store else '--name'}")
+    if args.json_path:
+        check_output_file(args.json_path, "--json")  # before training, not after it
     store = None if args.no_store else RunStore(_store_path(args))
     run_id = None
     if store is not None:

@@ -18,6 +18,7 @@ METHODS = ("single", "classic", "batchensemble")
 CLASSIC_MODES = ("vectorized", "sequential")
 BE_BATCHINGS = ("repeat", "split")
 BE_INITS = ("normal", "random_sign")
+MAX_SEED = 2**63 - 1  # torch.manual_seed takes less than 2**64; int64 everywhere else
 
 
 @dataclass
@@ -37,6 +38,7 @@ class DataConfig:
         for name in ("synthetic_train", "synthetic_test"):
             _check_int(name.replace("_", " "), getattr(self, name), minimum=1)
         _check_int("synthetic classes", self.synthetic_classes, minimum=2)
+        _check_int("synthetic seed", self.synthetic_seed, minimum=0, maximum=MAX_SEED)
         if not self.synthetic_shape or any(not isinstance(d, int) or d < 1 for d in self.synthetic_shape):
             raise ConfigError(f"synthetic shape must be positive integers, got {self.synthetic_shape!r}")
 
@@ -79,7 +81,7 @@ class TrainConfig:
         _check_int("epochs", self.epochs, minimum=1, maximum=10_000)
         _check_int("batch size", self.batch_size, minimum=1)
         _check_float("learning rate", self.lr)
-        _check_int("seed", self.seed, minimum=0)
+        _check_int("seed", self.seed, minimum=0, maximum=MAX_SEED)
         _check_int("log every", self.log_every, minimum=0)
         _check_int("eval batch size", self.eval_batch_size, minimum=1)
 

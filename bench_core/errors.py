@@ -50,3 +50,26 @@ class DeviceOutOfMemoryError(BenchError):
 
 class StoreError(BenchError):
     """The run store can't be opened, is corrupt, or is of another schema."""
+
+
+def check_output_file(path: str | os.PathLike, flag: str) -> None:
+    """Raise ConfigError unless ``path`` can be written as a file: not a folder, its folder there and writable.
+
+    Asked before the work whose figures go there, so that nothing is computed for a file that
+    can't be written.
+    """
+    target = os.path.abspath(os.fspath(path))
+    if os.path.isdir(target):
+        raise ConfigError(f"can't write {flag} {path}: it is a folder")
+    folder = os.path.dirname(target)
+    if not os.path.isdir(folder):
+        raise ConfigError(f"can't write {flag} {path}: its folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
+        raise ConfigError(f"can't write {flag} {path}: permission denied")
+
+
+def is_allocation_failure(err: BaseException) -> bool:
+    """Whether ``err`` is a failed memory allocation: ``MemoryError``, or torch's CPU allocator refusing."""
+    if isinstance(err, MemoryError):
+        return True
+    return isinstance(err, RuntimeError) and "can't allocate memory" in str(err)

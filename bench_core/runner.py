@@ -19,7 +19,7 @@ from bench_core import native
 from bench_core.config import RunConfig
 from bench_core.data import Dataset, load_dataset
 from bench_core.devices import resolve_device
-from bench_core.errors import BenchError, ConfigError, DeviceOutOfMemoryError, DivergedError
+from bench_core.errors import BenchError, ConfigError, DeviceOutOfMemoryError, DivergedError, is_allocation_failure
 from bench_core.evaluation import evaluate
 from bench_core.locks import LockCancelledError, device_lock
 from bench_core.models import build_model
@@ -73,6 +73,25 @@ def software_versions() -> dict:
         "bench_core": __version__,
         "platform": platform.platform(),
     }
+
+
+# Training-split sizes of the real datasets, known without loading them.
+TRAIN_SIZES = {"cifar10": 50_000, "fashion-mnist": 60_000, "mnist": 60_000}
+
+
+def preflight(cfg: RunConfig) -> RunConfig:
+    """``cfg.validate()`` plus the checks the run would otherwise make only once its data is loaded.
+
+    The command line and the dashboard call it before a run is created, so that a setting the
+    data can't serve costs no loading (or download) and leaves no failed run behind.
+
+    Raises:
+        ConfigError: one line naming the setting to change.
+    """
+    cfg.validate()
+    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
+    check_fits(cfg, n_train, cfg.data.name)
+    return cfg
 
 
 def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:
@@ -129,7 +148,15 @@ def run_experiment(
         if store is not None:
             store.start_run(run_id, device=str(device), versions=software_versions())
         yield Phase(f"loading {cfg.data.name}")
-        dataset = load_dataset(cfg.data, device, progress=progress)
+        try:
+            dataset = load_dataset(cfg.data, device, progress=progress)
+        except (MemoryError, RuntimeError) as err:
+            if not is_allocation_failure(err):
+                raise
+            raise DeviceOutOfMemoryError(
+                f"{cfg.data.name} does not fit in this machine's memory: use fewer examples"
+                + (" (the synthetic training and test sizes)" if cfg.data.name == "synthetic" else "")
+            ) from None
         check_fits(cfg, dataset.n_train, dataset.name)
         results: dict[str, dict] = {}
         lock_dir = store.path.parent if store is not None else Path.cwd()
@@ -197,7 +224,9 @@ def _run_method(
             report = evaluate(model, dataset.x_test, dataset.y_test, batch_size=cfg.train.eval_batch_size)
         except ValueError as err:  # non-finite outputs on the test split
             raise DivergedError(f"{method} can't be evaluated: {err}; try a lower learning rate") from None
-    except torch.OutOfMemoryError:
+    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
+        if not isinstance(err, torch.OutOfMemoryError) and not is_allocation_failure(err):
+            raise
         raise DeviceOutOfMemoryError(
             f"out of memory on {device} while running {method}: lower the ensemble size "
             f"({cfg.model.ensemble_size}), hidden width ({cfg.model.hidden}) or batch size ({cfg.train.batch_size})"

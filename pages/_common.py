@@ -28,7 +28,7 @@ from plotly.subplots import make_subplots
 from bench_core.config import METHODS, RunConfig
 from bench_core.errors import BenchError
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
-from bench_core.runner import check_fits
+from bench_core.runner import TRAIN_SIZES
 from bench_core.store import RunStore, default_store_path
 
 # Session-state keys shared by several pages.
@@ -41,8 +41,7 @@ METHOD_COLORS = {"classic": "#0072B2", "batchensemble": "#D55E00", "single": "#0
 METHOD_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 DATASET_LABELS = {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "synthetic": "synthetic"}
-# Training-split sizes and example shapes of the real datasets, known without loading them.
-TRAIN_SIZES = {"cifar10": 50_000, "fashion-mnist": 60_000, "mnist": 60_000}
+# Example shapes of the real datasets, known without loading them (training-split sizes: TRAIN_SIZES).
 DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
 DATASET_CLASSES = {"cifar10": 10, "fashion-mnist": 10, "mnist": 10}
 
@@ -165,18 +164,6 @@ def one_line_errors(func: Callable) -> Callable:
             return None
 
     return wrapper
-
-
-def preflight(cfg: RunConfig) -> RunConfig:
-    """``cfg.validate()`` plus the checks the worker would only make after loading the data.
-
-    Raises:
-        ConfigError: one line naming the setting to change.
-    """
-    cfg.validate()
-    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
-    check_fits(cfg, n_train, cfg.data.name)
-    return cfg
 
 
 def log_every_for(cfg: RunConfig, points_per_epoch: int) -> int:

@@ -17,6 +17,7 @@ from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, M
 from bench_core.data import dataset_status
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError, StoreError
+from bench_core.runner import preflight
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
@@ -30,7 +31,6 @@ from pages._common import (
     one_line_errors,
     open_store,
     ordered_methods,
-    preflight,
     progress_of,
     require_router,
     show,

@@ -22,7 +22,7 @@ from bench_core.bench import STEP_PARTS, BenchSettings
 from bench_core.config import RunConfig
 from bench_core.errors import ConfigError
 from bench_core.models import build_model
-from bench_core.runner import run_experiment
+from bench_core.runner import preflight, run_experiment
 from bench_core.store import RunStore
 from pages._common import (
     MISSING,
@@ -40,7 +40,6 @@ from pages._common import (
     missing_placeholder,
     mlp_params,
     numbers_table,
-    preflight,
     progress_of,
 )
 

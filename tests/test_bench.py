@@ -670,6 +670,9 @@ def test_cli_bad_input_exits_2_with_one_line(args, word):
         (["--depth", "3"], "reference"),
         (["--ensemble-sizes", "2,x"], "ensemble size"),
         (["--json", "/nonexistent-folder/out.json", "--no-reference"], "nonexistent"),
+        (["--batch-size", "1000000000000", "--no-reference"], "larger than the 50000 training examples"),
+        (["--json", str(ROOT), "--no-reference"], "it is a folder"),  # was found only after the benchmark
+        (["--progress-jsonl", str(ROOT), "--no-reference"], "--progress-jsonl"),
     ],
 )
 def test_cli_bad_input_in_process(args, word, capsys):

@@ -47,6 +47,11 @@ def cli(*args, tmp_path, timeout=300, **popen):
         (["--batch-size", "x"], "batch size must be a whole number"),
         (["--classic-mode", "parallel"], "unknown classic mode"),
         (["--be-batching", "half"], "unknown BatchEnsemble batching"),
+        (["--seed", str(2**64)], "seed must be at most 9223372036854775807"),
+        (["--no-store", "--store", "elsewhere.sqlite"], "--no-store keeps no run, so it takes no --store"),
+        (["--no-store", "--name", "mine"], "--no-store keeps no run, so it takes no --name"),
+        (["--json", "."], "can't write --json .: it is a folder"),
+        (["--json", "nowhere/x.json"], "its folder"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(tmp_path, args, expected):
@@ -90,11 +95,65 @@ def test_train_writes_json_table_and_store(tmp_path):
     assert "finished" in listing.stdout and "synthetic" in listing.stdout
 
 
-def test_unwritable_json_path_is_one_line(tmp_path):
+def test_unwritable_json_path_is_one_line_before_any_training(tmp_path):
     (tmp_path / "afile").write_text("")
     result = cli("train", *TINY, "--epochs", "1", "--json", str(tmp_path / "afile" / "x.json"), tmp_path=tmp_path)
     assert result.returncode == 2
-    assert "can't write --json" in result.stderr.splitlines()[-1]
+    assert result.stderr.strip().splitlines() == [f"error: can't write --json {tmp_path / 'afile' / 'x.json'}: "
+                                                   f"its folder {tmp_path / 'afile'} does not exist"]  # fmt: skip
+    assert result.stdout == ""  # no table: nothing was trained for a file that can't be written
+    assert "no runs" in cli("runs", tmp_path=tmp_path).stdout
+
+
+def test_settings_the_data_cannot_serve_fail_before_a_run_is_created(tmp_path):
+    """Split batching with a batch smaller than E: one line, no data loaded, no failed run left behind."""
+    args = ["--ensemble-size", "4", "--batch-size", "2", "--methods", "batchensemble", "--be-batching", "split"]
+    result = cli("train", *TINY, *args, tmp_path=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [
+        "error: batch size 2 can't be split among 4 members: raise the batch size to at least 4, "
+        "lower the ensemble size, or use repeat batching"
+    ]
+    assert "no runs" in cli("runs", tmp_path=tmp_path).stdout
+
+
+def test_data_larger_than_memory_is_one_line(tmp_path):
+    """A synthetic set of 10^12 examples: the allocator refuses; one line, not its RuntimeError's traceback."""
+    result = cli("train", *TINY, "--synthetic-train", str(10**12), tmp_path=tmp_path, timeout=60)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: synthetic does not fit in this machine's memory: use fewer examples "
+        "(the synthetic training and test sizes)"
+    )
+    assert "Traceback" not in result.stderr
+    assert "failed" in cli("runs", tmp_path=tmp_path).stdout  # stored as failed, with that message
+
+
+def test_settings_parse_as_the_config_takes_them():
+    from bench_core.cli import build_parser, config_from_args
+
+    args = build_parser().parse_args(["train", "--be-init-std", "0", "--seed", str(2**63 - 1)])
+    cfg = config_from_args(args)  # validated: the command line refuses nothing the settings take
+    assert cfg.model.be_init_std == 0 and cfg.train.seed == 2**63 - 1
+
+
+def test_runs_into_a_closed_pipe_ends_quietly(tmp_path):
+    """``runs | head -1``: the reader goes away after one line; no BrokenPipeError traceback."""
+    from bench_core.store import RunStore
+
+    store = RunStore(tmp_path / "many.sqlite")
+    for _ in range(1500):  # more than a pipe's buffer of lines
+        store.create_run({"methods": ["classic"], "data": {"name": "synthetic"}}, source="test")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench_core", "runs", "--store", str(tmp_path / "many.sqlite")],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout.readline().split()[0] == b"id"
+    proc.stdout.close()
+    stderr = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == 141
+    assert stderr == ""
 
 
 def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import threading
 from pathlib import Path
@@ -13,7 +12,7 @@ from bench_core.bench.results import format_table
 from bench_core.bench.schedule import cmd_row, run_benchmark
 from bench_core.bench.settings import DATASET_SHAPES, ROW_GROUPS, ROWS, BenchSettings, parse_shape
 from bench_core.cli import _device, _install_stop_handler, _positive_int
-from bench_core.errors import ConfigError
+from bench_core.errors import ConfigError, check_output_file
 
 
 def _shape_arg(text: str) -> str:
@@ -115,9 +114,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.row is not None:
         return cmd_row(args.row)
     settings = settings_from_args(args)
-    for path in (args.json_path, args.progress_jsonl):
-        if path and not os.access(Path(path).resolve().parent, os.W_OK):
-            raise ConfigError(f"can't write {path}: its folder does not exist or is not writable")
+    for path, flag in ((args.json_path, "--json"), (args.progress_jsonl, "--progress-jsonl")):
+        if path:
+            check_output_file(path, flag)  # before the benchmark, not after it
     stop = threading.Event()
     _install_stop_handler(stop)  # first Ctrl-C / SIGTERM: stop after this row's current work
     progress = open(args.progress_jsonl, "a") if args.progress_jsonl else None  # noqa: SIM115 - closed below

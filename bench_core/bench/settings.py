@@ -96,6 +96,8 @@ class BenchSettings:
                 f"the reference rows run the seed's models, which have 2 hidden layers, not {self.depth}: "
                 "use --depth 2 or --no-reference"
             )
+        if self.batch_size > n_train:
+            raise ConfigError(f"batch size {self.batch_size} is larger than the {n_train} training examples")
         if "batchensemble-split" in self.rows and self.batch_size < max(self.ensemble_sizes):
             raise ConfigError(
                 f"split batching needs a batch size of at least E = {max(self.ensemble_sizes)}, got {self.batch_size}"
