@@ -240,6 +240,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(format_table(done.results))
     if done.status == "stopped":
         print("stopped early: the figures are for the models as trained so far", file=sys.stderr)
+    for note in done.notes:
+        print(f"warning: {note}", file=sys.stderr)
     if args.json_path:
         try:
             Path(args.json_path).write_text(json.dumps(results_json(done.results), indent=2))
@@ -256,6 +258,15 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
     store = RunStore(args.store)
     run = store.get_run(args.run_id)
+    if run["status"] != "queued":  # a run that ended (or another worker's) keeps its records and results
+        raise ConfigError(f"run {args.run_id} is {run['status']}, not queued: a worker runs only a queued run")
+    try:
+        if not run["config_readable"]:
+            raise ValueError("the stored settings are not a readable JSON object")
+        cfg = RunConfig.from_dict(run["config"]).validate()
+    except (AttributeError, KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+        store.finish_run(args.run_id, "failed", f"bad settings: {err}")
+        raise ConfigError(f"run {args.run_id} has bad settings: {err}") from None
     stop = threading.Event()
     _install_stop_handler(stop)
     watch_stop(store, args.run_id, stop)
@@ -263,11 +274,6 @@ def cmd_worker(args: argparse.Namespace) -> int:
     def progress(fraction: float, message: str) -> None:
         store.set_note(args.run_id, message)
 
-    try:
-        cfg = RunConfig.from_dict(run["config"])
-    except (TypeError, ValueError) as err:
-        store.finish_run(args.run_id, "failed", f"bad settings: {err}")
-        raise ConfigError(f"run {args.run_id} has bad settings: {err}") from None
     for _ in run_experiment(cfg, store=store, run_id=args.run_id, stop=stop, progress=progress):
         pass
     return 0
@@ -276,26 +282,44 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_runs(args: argparse.Namespace) -> int:
     from bench_core.store import RunStore
 
-    store = RunStore(_store_path(args))
+    path = _store_path(args)
+    if not path.exists():  # a mistyped --store: say so, and make no folder or store there
+        print(f"no runs: there is no run store at {path}")
+        return 0
+    store = RunStore(path)
     rows = store.list_runs()
     if not rows:
         print(f"no runs in {store.path}")
         return 0
     print(f"{'id':>4}  {'status':<11} {'dataset':<13} {'E':>3} {'epochs':>6}  {'methods':<28} created")
     for run in rows:
-        cfg = run.get("config") or {}
-        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(run["created"]))
-        accs = run.get("summary") or {}
-        methods = ", ".join(
-            f"{m} {accs[m]['ensemble_accuracy']:.3f}" if accs.get(m, {}).get("ensemble_accuracy") is not None else m
-            for m in cfg.get("methods", [])
-        )
-        print(
-            f"{run['id']:>4}  {run['status']:<11} {cfg.get('data', {}).get('name', '?'):<13} "
-            f"{cfg.get('model', {}).get('ensemble_size', '?'):>3} {cfg.get('train', {}).get('epochs', '?'):>6}  "
-            f"{methods:<28} {created}"
-        )
+        print(_run_line(run))
     return 0
+
+
+def _run_line(run: dict) -> str:
+    """One run of ``runs``; a field the store holds in another shape than this code wrote shows as ``?``."""
+
+    def field(*keys: str) -> object:
+        value: object = run.get("config") or {}
+        for key in keys:
+            value = value.get(key, "?") if isinstance(value, dict) else "?"
+        return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "?"
+
+    summary = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+    methods = []
+    for method in run.get("methods") or []:
+        accuracy = (summary.get(method) or {}).get("ensemble_accuracy")
+        ok = isinstance(accuracy, (int, float)) and not isinstance(accuracy, bool) and math.isfinite(accuracy)
+        methods.append(f"{method} {accuracy:.3f}" if ok else method)
+    try:
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(run["created"])))
+    except (TypeError, ValueError, OverflowError, OSError):
+        created = "?"
+    return (
+        f"{run['id']:>4}  {run['status']!s:<11} {field('data', 'name')!s:<13} {field('model', 'ensemble_size')!s:>3} "
+        f"{field('train', 'epochs')!s:>6}  {', '.join(methods):<28} {created}"
+    )
 
 
 class ProgressBar:

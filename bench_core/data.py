@@ -242,11 +242,22 @@ def load_dataset(
         return dataset
 
     root = Path(cfg.data_dir).expanduser() if cfg.data_dir else default_data_dir()
-    if cfg.name == "cifar10":
-        raw = _read_cifar10(root, cfg.download, report)
-    else:
-        raw = _read_idx_dataset(cfg.name, root, cfg.download, report)
+    try:
+        if cfg.name == "cifar10":
+            raw = _read_cifar10(root, cfg.download, report)
+        else:
+            raw = _read_idx_dataset(cfg.name, root, cfg.download, report)
+    except PermissionError as err:  # not corrupt: deleting it would not help
+        raise _permission_error(cfg.name, err) from None
     return _assemble(cfg.name, raw, dev, report)
+
+
+def _permission_error(name: str, err: PermissionError) -> DatasetError:
+    where = err.filename or "a file or folder of it"
+    return DatasetError(
+        f"{name}: can't read {where} (permission denied): give your user read access to it and its folders, "
+        f"or set {ENV_DATA_DIR}"
+    )
 
 
 def dataset_status(name: str, data_dir: str | os.PathLike | None = None) -> tuple[bool, str]:
@@ -269,6 +280,13 @@ def dataset_status(name: str, data_dir: str | os.PathLike | None = None) -> tupl
     if name == "synthetic":
         return True, "generated from a seed; nothing to download"
     root = Path(data_dir).expanduser() if data_dir is not None else default_data_dir()
+    try:
+        return _status_on_disk(name, root)
+    except PermissionError as err:
+        return False, f"can't read {err.filename or root} (permission denied)"
+
+
+def _status_on_disk(name: str, root: Path) -> tuple[bool, str]:
     size = SOURCES[name].size
     later = f"it will be downloaded ({size}) when a network is available"
     if name == "cifar10":
@@ -460,6 +478,8 @@ def _read_cifar10(root: Path, download: bool, report: Progress) -> _Raw:
     try:
         train = kind(root, train=True, download=False)
         test = kind(root, train=False, download=False)
+    except PermissionError:
+        raise  # load_dataset says so: not corrupt
     except _CORRUPT as err:
         bad = [name for name, md5 in source.members if not check_integrity(folder / name, md5)]
         what = f"{', '.join(bad)} {'fails its' if len(bad) == 1 else 'fail their'} md5 check" if bad else _reason(err)
@@ -477,6 +497,8 @@ def _read_cifar10(root: Path, download: bool, report: Progress) -> _Raw:
             where=str(folder),
             fix=f"delete {folder} to download it again",
         )
+    except PermissionError:
+        raise  # load_dataset says so: not corrupt
     except _CORRUPT as err:
         raise DatasetError(f"cifar10 at {folder} is corrupt ({_reason(err)}): delete it to download it again") from None
 
@@ -594,6 +616,8 @@ def _read_idx_dataset(name: str, root: Path, download: bool, report: Progress) -
             where=str(raw),
             fix=f"delete {raw} to download it again",
         )
+    except PermissionError:
+        raise  # load_dataset says so: not corrupt
     except _CORRUPT as err:
         raise DatasetError(
             f"{name} at {raw} is truncated or corrupt ({_reason(err)}): delete {raw} to download it again"
@@ -611,6 +635,8 @@ def _read_idx_folder(
         path = folder / f"{stem}{suffix}"
         try:
             tensors.append(_read_idx(path))
+        except PermissionError:
+            raise  # load_dataset says so: not corrupt
         except _CORRUPT as err:
             raise DatasetError(f"{name} file {path} is truncated or corrupt ({_reason(err)}): {fix}") from None
         report(0.1 + 0.7 * (i + 1) / len(_IDX_NAMES), f"read {path.name}")

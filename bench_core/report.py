@@ -33,10 +33,19 @@ def derived(result: dict) -> dict:
     if members:
         out["best_member_accuracy"] = max(members)
         out["worst_member_accuracy"] = min(members)
-    epochs = result.get("epoch_seconds") or []
+    epochs = _whole_epochs(result)
     if epochs:
         out["mean_epoch_seconds"] = statistics.fmean(epochs)
     return out
+
+
+def _whole_epochs(result: dict) -> list[float]:
+    """The seconds of the epochs that ran to their end: a stop's cut-short epoch is not an epoch's time."""
+    epochs = [s for s in result.get("epoch_seconds") or [] if isinstance(s, (int, float))]
+    done = result.get("epochs_done")
+    if result.get("stopped") and isinstance(done, int):
+        return epochs[: max(done, 0)]
+    return epochs
 
 
 def figure_rows(results: dict[str, dict]) -> list[dict]:
@@ -52,13 +61,21 @@ def figure_rows(results: dict[str, dict]) -> list[dict]:
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:
-    """Classic / BatchEnsemble ratios of training time and parameters, where both are present."""
+    """Classic / BatchEnsemble ratios of training time and parameters, where both are present.
+
+    Training time: of the whole training where both ran every epoch; where a stop cut either
+    short, of their mean whole epochs (none: no ratio), so that a partial run is not set against a
+    full one.
+    """
     out: dict[str, float] = {}
     classic, be = results.get("classic"), results.get("batchensemble")
     if not classic or not be:
         return out
-    for key in ("train_seconds", "params"):
-        a, b = classic.get(key), be.get(key)
+    pairs = {"train_seconds": (classic.get("train_seconds"), be.get("train_seconds"))}
+    if classic.get("stopped") or be.get("stopped"):
+        pairs["train_seconds"] = (derived(classic).get("mean_epoch_seconds"), derived(be).get("mean_epoch_seconds"))
+    pairs["params"] = (classic.get("params"), be.get("params"))
+    for key, (a, b) in pairs.items():
         if a and b:
             out[key] = a / b
     return out

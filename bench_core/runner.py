@@ -19,7 +19,14 @@ from bench_core import native
 from bench_core.config import RunConfig
 from bench_core.data import Dataset, load_dataset
 from bench_core.devices import resolve_device
-from bench_core.errors import BenchError, ConfigError, DeviceOutOfMemoryError, DivergedError, is_allocation_failure
+from bench_core.errors import (
+    BenchError,
+    ConfigError,
+    DeviceOutOfMemoryError,
+    DivergedError,
+    StoreError,
+    is_allocation_failure,
+)
 from bench_core.evaluation import evaluate
 from bench_core.locks import LockCancelledError, device_lock
 from bench_core.models import build_model
@@ -54,6 +61,7 @@ class RunDone:
     status: str
     results: dict[str, dict]
     run_id: int | None = None
+    notes: list[str] = field(default_factory=list)  # what went wrong without failing the run (weights not saved)
     kind: str = field(default="done", init=False)
 
 
@@ -159,6 +167,7 @@ def run_experiment(
             ) from None
         check_fits(cfg, dataset.n_train, dataset.name)
         results: dict[str, dict] = {}
+        notes: list[str] = []
         lock_dir = store.path.parent if store is not None else Path.cwd()
         on_wait = (lambda: store.set_note(run_id, "waiting for the GPU: another run is using it")) if store else None
         with device_lock(device, lock_dir, on_wait=on_wait, cancel=stop):
@@ -167,13 +176,13 @@ def run_experiment(
             for method in cfg.methods:
                 if stop.is_set():
                     break
-                result = yield from _run_method(method, cfg, dataset, device, stop, store, run_id)
+                result = yield from _run_method(method, cfg, dataset, device, stop, store, run_id, notes)
                 results[method] = result
                 yield MethodResult(method, result)
         status = "stopped" if stop.is_set() else "finished"
         if store is not None:
-            store.finish_run(run_id, status)
-        yield RunDone(status, results, run_id)
+            store.finish_run(run_id, status, "; ".join(notes))
+        yield RunDone(status, results, run_id, notes)
     except LockCancelledError:
         # Stopped while waiting for the GPU: nothing was trained, nothing failed.
         if store is not None:
@@ -186,6 +195,10 @@ def run_experiment(
     except GeneratorExit:
         if store is not None:
             store.finish_run(run_id, "stopped", "the consumer went away")
+        raise
+    except KeyboardInterrupt:  # a second Ctrl-C (or SIGTERM) aborts: the epochs stored so far are kept
+        if store is not None:
+            store.finish_run(run_id, "interrupted", "aborted by a second Ctrl-C or SIGTERM")
         raise
     except BaseException as err:
         if store is not None:
@@ -201,7 +214,12 @@ def _run_method(
     stop: threading.Event,
     store: RunStore | None,
     run_id: int | None,
+    notes: list[str],
 ) -> Iterator[Event]:
+    """Train and evaluate one method; its records, result and weights go to ``store``.
+
+    Weights that can't be saved fail nothing: the figures are stored, and a line on ``notes`` says so.
+    """
     torch.manual_seed(cfg.train.seed)  # every method starts from the same seed
     mode = cfg.model.classic_mode if method == "classic" else ""
     batching = cfg.model.be_batching if method == "batchensemble" else "repeat"
@@ -243,7 +261,11 @@ def _run_method(
     )
     if store is not None:
         store.set_result(run_id, method, result)
-        store.save_weights(run_id, method, model.state_dict())
+        try:
+            store.save_weights(run_id, method, model.state_dict())
+        except StoreError as err:
+            notes.append(f"the weights of {method} were not saved: {err}")
+            yield Phase(notes[-1], method)
     return result
 
 

@@ -34,6 +34,7 @@ from typing import Any
 from bench_core.errors import StoreError
 
 SCHEMA_VERSION = 1
+_CONFIG_SECTIONS = ("data", "model", "train")  # the parts of a run's config that are objects
 STATUSES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
 FINAL_STATUSES = ("finished", "stopped", "failed", "interrupted")
@@ -372,7 +373,12 @@ class RunStore:
         except OSError as err:
             msg = f"can't create the folder of run store {path} ({_one_line(err)}): set BENCH_STORE to a writable path"
             raise StoreError(msg) from None
-        if path.is_dir():
+        try:
+            is_dir = path.is_dir()
+        except OSError as err:  # a folder on the way that can't be searched
+            msg = f"can't reach run store {path} ({_one_line(err)}): check its folders' permissions or set BENCH_STORE"
+            raise StoreError(msg) from None
+        if is_dir:
             msg = f"run store {path} is a folder, not a file: set BENCH_STORE to a file path"
             raise StoreError(msg)
         if not os.access(path.parent, os.W_OK):
@@ -595,9 +601,19 @@ class RunStore:
     def _run_dict(row: tuple, summaries: dict[int, dict[str, dict]]) -> dict:
         keys = [k.strip() for k in _LIST_COLUMNS.split(",")]
         run = dict(zip(keys, row, strict=True))
-        run["config"] = _loads(run["config"], {})
-        if not isinstance(run["config"], dict):
-            run["config"] = {}
+        config = _loads(run["config"], None)
+        # A config or section of another shape (a store edited by hand): {} stands in, so that pages
+        # and listings show what they can; a worker refuses it rather than run defaults.
+        readable = isinstance(config, dict) and all(isinstance(config.get(k, {}), dict) for k in _CONFIG_SECTIONS)
+        run["config_readable"] = readable
+        run["config"] = config if readable else {}
+        for key in ("created", "updated"):
+            try:
+                run[key] = float(run[key])
+            except (TypeError, ValueError):
+                run[key] = math.nan
+            if not math.isfinite(run[key]):
+                run[key] = 0.0  # the epoch: shown as a date long past rather than failing the listing
         run["stop_requested"] = bool(run["stop_requested"])
         run["message"] = run["message"] or ""
         methods = run["config"].get("methods") or []
@@ -608,7 +624,8 @@ class RunStore:
     def list_runs(self) -> list[dict]:
         """Every run, newest first, without records (see ``get_run``).
 
-        Each dict holds id, created, updated, name, source, status, message, device, config,
+        Each dict holds id, created, updated, name, source, status, message, device, config
+        (``{}`` where the stored one is not a readable JSON object: ``config_readable`` False),
         note, progress, stop_requested, pid, host, methods, and ``summary``:
         ``{method: {"ensemble_accuracy": ..., "train_seconds": ...}}`` for each stored result.
         """
@@ -670,9 +687,10 @@ class RunStore:
             torch.save(state_dict, tmp)
             os.replace(tmp, path)
         except OSError as err:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
             raise StoreError(f"can't save weights to {path} ({_one_line(err)})") from None
+        finally:  # a half-written file goes whatever stopped it (an error, a second Ctrl-C)
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
         return path
 
     def load_weights(self, run_id: int, method: str, map_location: Any = "cpu") -> dict:

@@ -73,7 +73,10 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
     if not found:
         return
     names = {
-        "train_seconds": ("Training time: classic ÷ BatchEnsemble", "training seconds of the classic ensemble"),
+        "train_seconds": (
+            "Training time: classic ÷ BatchEnsemble",
+            "training seconds of the classic ensemble (per whole epoch where a stop cut either short)",
+        ),
         "params": ("Parameters: classic ÷ BatchEnsemble", "parameters of the classic ensemble"),
     }
     for cell, (key, value) in zip(st.columns(max(2, len(found))), found.items(), strict=False):

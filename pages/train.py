@@ -228,6 +228,8 @@ def final_status(run: dict) -> None:
     )
     if status == "finished":
         st.success(f"Run {run_id} finished. Ensemble accuracy: {accs}." if accs else f"Run {run_id} finished.")
+        if run.get("message"):  # what went wrong without failing it (weights not saved)
+            st.warning(run["message"], icon=":material/warning:")
     elif status == "stopped":
         kept = f" Ensemble accuracy so far: {accs}." if accs else ""
         st.warning(f"Run {run_id} was stopped; what was trained is kept.{kept}", icon=":material/stop_circle:")

@@ -166,6 +166,12 @@ def test_train_launches_a_worker_that_finishes(store_file):
     panels = [a["text"] for a in live["layout"]["annotations"]]
     assert panels == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
     assert at.get("page_link"), "a link to the results"
+    note = "the weights of classic were not saved: can't save weights to x"
+    assert note not in texts(at.warning)
+    with RunStore(store_file) as store:  # what the runner writes where weights could not be saved
+        store.finish_run(run_id, "finished", note)
+    at.run()
+    assert note in texts(at.warning), "a finished run's message is shown"
 
 
 def test_two_browser_sessions_each_see_only_their_own_live_run(store_file):

@@ -184,3 +184,115 @@ def test_diverging_run_is_one_line_and_stored_as_failed(tmp_path):
 )
 def test_sizes_the_dataset_cannot_serve(tmp_path, args, needle):
     assert_one_line_error(cli(tmp_path, "train", *TINY, *args), needle)
+
+
+# --- permissions, the worker, weights that can't be saved, a second Ctrl-C ----------------------
+
+
+def _without_root_override() -> list[str]:
+    """An argv prefix under which file permissions apply to root too (none is needed for a user)."""
+    if os.geteuid() != 0:
+        return []
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        pytest.skip("running as root without setpriv: file permissions can't be made to apply")
+    return [setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner"]
+
+
+def cli_as_user(tmp_path, *args, env=None):
+    return subprocess.run(
+        [*_without_root_override(), sys.executable, "-m", "bench_core", *args],
+        cwd=tmp_path, env=env or _env(tmp_path), capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
+def test_unreadable_dataset_file_is_a_permission_error_not_corruption(tmp_path):
+    copy = tmp_path / "fm"
+    shutil.copytree(FASHION, copy)
+    (copy / "train-labels-idx1-ubyte.gz").chmod(0)
+    env = _env(tmp_path, BENCH_FASHION_MNIST_DIR=str(copy))
+    result = cli_as_user(tmp_path, "train", "--dataset", "fashion-mnist", "--no-download", "--no-store", env=env)
+    last = assert_one_line_error(result, "permission denied", "train-labels-idx1-ubyte.gz")
+    assert "corrupt" not in last and "delete" not in last  # deleting a good file would not help
+
+
+def test_store_in_a_folder_that_cannot_be_searched_is_one_line(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o600)  # readable, not searchable
+    try:
+        for args in (["runs"], ["train", *TINY, "--epochs", "1"]):
+            result = cli_as_user(tmp_path, *args, "--store", str(locked / "runs.sqlite"))
+            assert_one_line_error(result, "Permission denied", str(locked / "runs.sqlite"))
+    finally:
+        locked.chmod(0o700)
+
+
+def test_runs_of_a_store_that_does_not_exist_creates_nothing(tmp_path):
+    result = cli(tmp_path, "runs", "--store", str(tmp_path / "typo" / "runs.sqlite"))
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"no runs: there is no run store at {tmp_path / 'typo' / 'runs.sqlite'}"
+    assert not (tmp_path / "typo").exists()
+
+
+def test_a_store_edited_into_other_shapes_still_lists(tmp_path):
+    """Settings and dates of shapes this code never writes: `runs` shows '?', a worker refuses them."""
+    import sqlite3
+
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    ids = [store.create_run(tiny_config().to_dict(), source="test") for _ in range(3)]
+    with sqlite3.connect(path) as conn:
+        conn.execute("UPDATE runs SET config = ? WHERE id = ?", ('{"methods": ["classic"], "data": "cifar10"}', ids[0]))
+        conn.execute("UPDATE runs SET config = ?, created = 'yesterday' WHERE id = ?", ('{"methods": [', ids[1]))
+    by_id = {run["id"]: run for run in RunStore(path).list_runs()}
+    assert [by_id[i]["config_readable"] for i in ids] == [False, False, True]
+    assert by_id[ids[1]]["created"] == 0.0
+    listing = cli(tmp_path, "runs", "--store", str(path))
+    assert listing.returncode == 0 and "Traceback" not in listing.stderr
+    assert len(listing.stdout.strip().splitlines()) == 4  # the header and the three runs
+    for run_id in ids[:2]:
+        result = cli(tmp_path, "worker", "--store", str(path), "--run-id", str(run_id))
+        assert_one_line_error(result, f"run {run_id} has bad settings")
+        assert RunStore(path).status(run_id) == "failed"  # not run with default settings, not left queued
+
+
+def test_the_worker_runs_only_a_queued_run(tmp_path):
+    path = tmp_path / "runs.sqlite"
+    store = RunStore(path)
+    events = list(run_experiment(tiny_config(epochs=1), store=store, source="test"))
+    run_id = events[-1].run_id
+    before = store.get_run(run_id)
+    result = cli(tmp_path, "worker", "--store", str(path), "--run-id", str(run_id))
+    assert_one_line_error(result, f"run {run_id} is finished, not queued")
+    after = RunStore(path).get_run(run_id)
+    assert (after["status"], after["records"], after["results"]) == ("finished", before["records"], before["results"])
+
+
+def test_weights_that_cannot_be_saved_fail_nothing_else(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    (tmp_path / "weights").write_text("a file where the weights folder would go")
+    done = list(run_experiment(tiny_config(epochs=1), store=store, source="test"))[-1]
+    assert done.status == "finished" and set(done.results) == {"classic", "batchensemble"}
+    assert [note.split(":")[0] for note in done.notes] == [
+        "the weights of classic were not saved",
+        "the weights of batchensemble were not saved",
+    ]
+    run = store.get_run(done.run_id)
+    assert run["status"] == "finished" and set(run["results"]) == {"classic", "batchensemble"}
+    assert run["message"].startswith("the weights of classic were not saved: can't save weights to")
+
+
+def test_a_second_ctrl_c_marks_the_run_interrupted_and_keeps_its_epochs(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    events = run_experiment(tiny_config(epochs=3), store=store, source="test")
+    for event in events:
+        if getattr(event, "kind", "") == "epoch":
+            break
+    with pytest.raises(KeyboardInterrupt):
+        events.throw(KeyboardInterrupt)  # what the second Ctrl-C's handler raises in the loop
+    (run,) = store.list_runs()
+    assert (run["status"], run["message"]) == ("interrupted", "aborted by a second Ctrl-C or SIGTERM")
+    assert len(store.records(run["id"])) == 1
+    assert not list((tmp_path / "weights").rglob("*.tmp"))

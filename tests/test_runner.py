@@ -248,3 +248,20 @@ def test_a_cpu_run_says_while_the_cpp_steps_are_built(store, monkeypatch):
     assert building < next(i for i, e in enumerate(events) if e.kind == "epoch")
     assert store.list_runs()[0]["note"] is None
     assert events[-1].status == "finished"
+
+
+def test_stopped_epoch_is_not_an_epoch_time():
+    """A stop a few batches into epoch 3: the mean is over epochs 1 and 2, and the time ratio compares
+    mean whole epochs, not a part run's seconds with a whole one's."""
+    from bench_core.report import derived, ratios
+
+    classic = {"epoch_seconds": [2.0, 4.0, 0.1], "epochs_done": 2, "stopped": True, "train_seconds": 6.1, "params": 30}
+    be = {"epoch_seconds": [1.0, 1.0, 1.0], "epochs_done": 3, "stopped": False, "train_seconds": 3.0, "params": 10}
+    assert derived(classic)["mean_epoch_seconds"] == 3.0
+    assert derived(be)["mean_epoch_seconds"] == 1.0
+    assert ratios({"classic": classic, "batchensemble": be}) == {"train_seconds": 3.0, "params": 3.0}
+    cut_in_first = {**classic, "epoch_seconds": [0.1], "epochs_done": 0}
+    assert "mean_epoch_seconds" not in derived(cut_in_first)
+    assert ratios({"classic": cut_in_first, "batchensemble": be}) == {"params": 3.0}
+    both_whole = {**classic, "stopped": False, "epochs_done": 3}
+    assert ratios({"classic": both_whole, "batchensemble": be})["train_seconds"] == pytest.approx(6.1 / 3.0)
