@@ -7,6 +7,8 @@ as it arrives, and the run's final status is always written, whatever ends it.
 
 from __future__ import annotations
 
+import itertools
+import math
 import platform
 import threading
 from collections.abc import Callable, Iterator
@@ -29,7 +31,7 @@ from bench_core.errors import (
 )
 from bench_core.evaluation import evaluate
 from bench_core.locks import LockCancelledError, device_lock
-from bench_core.models import build_model
+from bench_core.models import build_model, mlp_sizes
 from bench_core.store import RunStore
 from bench_core.training import EpochRecord, StepRecord, compiles_kernels, train
 
@@ -83,15 +85,20 @@ def software_versions() -> dict:
     }
 
 
-# Training-split sizes of the real datasets, known without loading them.
+# The real datasets as known without loading them: training and test sizes, one example's shape, classes.
 TRAIN_SIZES = {"cifar10": 50_000, "fashion-mnist": 60_000, "mnist": 60_000}
+TEST_SIZES = {"cifar10": 10_000, "fashion-mnist": 10_000, "mnist": 10_000}
+DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
+DATASET_CLASSES = {"cifar10": 10, "fashion-mnist": 10, "mnist": 10}
 
 
 def preflight(cfg: RunConfig) -> RunConfig:
     """``cfg.validate()`` plus the checks the run would otherwise make only once its data is loaded.
 
     The command line and the dashboard call it before a run is created, so that a setting the
-    data can't serve costs no loading (or download) and leaves no failed run behind.
+    data can't serve costs no loading (or download) and leaves no failed run behind, and a run
+    far larger than the machine's free memory is refused in one line rather than killed by the
+    system with none (``check_memory``).
 
     Raises:
         ConfigError: one line naming the setting to change.
@@ -99,7 +106,65 @@ def preflight(cfg: RunConfig) -> RunConfig:
     cfg.validate()
     n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
     check_fits(cfg, n_train, cfg.data.name)
+    check_memory(cfg)
     return cfg
+
+
+def memory_needed(cfg: RunConfig) -> int:
+    """Bytes a run of ``cfg`` needs at least on its device, counted from its settings (nothing allocated).
+
+    The data in float32, and the largest of its methods' models (they train one after another)
+    four times over: weights, gradients and Adam's two moments; plus one step's activations. An
+    underestimate (no allocator slack, no temporaries): it is used to refuse only what can't fit.
+    """
+    if cfg.data.name == "synthetic":
+        shape, classes = tuple(cfg.data.synthetic_shape), cfg.data.synthetic_classes
+        examples = cfg.data.synthetic_train + cfg.data.synthetic_test
+    else:
+        shape, classes = DATASET_SHAPES[cfg.data.name], DATASET_CLASSES[cfg.data.name]
+        examples = TRAIN_SIZES[cfg.data.name] + TEST_SIZES[cfg.data.name]
+    in_features = math.prod(shape)
+    sizes = mlp_sizes(in_features, cfg.model.hidden, cfg.model.depth, classes)
+    pairs = list(itertools.pairwise(sizes))
+    e = cfg.model.ensemble_size
+    one = sum(a * b + b for a, b in pairs)
+    params = {"single": one, "classic": e * one, "batchensemble": sum(a * b + e * (a + 2 * b) for a, b in pairs)}
+    members = {"single": 1, "classic": e, "batchensemble": e}
+    steps = [4 * params[m] + 2 * cfg.train.batch_size * members[m] * sum(sizes[1:]) for m in cfg.methods]
+    return 4 * (examples * in_features + max(steps))
+
+
+def check_memory(cfg: RunConfig, available: int | None = None) -> None:
+    """Raise ConfigError where a CPU run needs more than the machine's free memory (``memory_needed``).
+
+    ``available``: free bytes; None reads ``MemAvailable`` from ``/proc/meminfo`` (where there is
+    none, or the run is not on the CPU, nothing is checked: a GPU's own allocator answers there).
+    """
+    try:
+        if resolve_device(cfg.train.device).type != "cpu":
+            return
+    except BenchError:
+        return  # the caller's own resolve_device says what is wrong with the device
+    available = _memory_available() if available is None else available
+    needed = memory_needed(cfg)
+    if available is None or needed <= available:
+        return
+    raise ConfigError(
+        f"these settings need at least {needed / 2**30:.1f} GiB of memory, more than the {available / 2**30:.1f} GiB "
+        f"free on this machine: lower the ensemble size ({cfg.model.ensemble_size}), hidden width "
+        f"({cfg.model.hidden}), depth ({cfg.model.depth}) or the number of examples"
+    )
+
+
+def _memory_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:

@@ -41,9 +41,6 @@ METHOD_COLORS = {"classic": "#0072B2", "batchensemble": "#D55E00", "single": "#0
 METHOD_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 DATASET_LABELS = {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "synthetic": "synthetic"}
-# Example shapes of the real datasets, known without loading them (training-split sizes: TRAIN_SIZES).
-DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28), "mnist": (1, 28, 28)}
-DATASET_CLASSES = {"cifar10": 10, "fashion-mnist": 10, "mnist": 10}
 
 # Font sizes for a projector at the back of a classroom.
 TITLE_SIZE = 20

@@ -7,9 +7,8 @@ import torch
 
 from bench_core.config import BE_INITS, DATASETS, DataConfig
 from bench_core.models import BatchEnsembleLinear, mlp_sizes
+from bench_core.runner import DATASET_CLASSES, DATASET_SHAPES
 from pages._common import (
-    DATASET_CLASSES,
-    DATASET_SHAPES,
     batchensemble_params,
     dataset_label,
     matrix_figure,

@@ -145,6 +145,21 @@ def test_out_of_memory_names_the_settings_to_lower(store, monkeypatch):
     assert store.list_runs()[0]["status"] == "failed"
 
 
+def test_an_allocation_that_fails_is_one_line_and_a_failed_run(store, monkeypatch):
+    import bench_core.runner as runner
+
+    def refuse(*args, **kwargs):  # what torch's CPU allocator raises when the system says no
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: ...")
+
+    monkeypatch.setattr(runner, "load_dataset", refuse)
+    with pytest.raises(runner.DeviceOutOfMemoryError, match="synthetic does not fit in this machine's memory"):
+        list(run_experiment(tiny_config(), store=store))
+    monkeypatch.setattr(runner, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("other")))
+    with pytest.raises(RuntimeError, match="other"):  # any other error is not called a lack of memory
+        list(run_experiment(tiny_config(), store=store))
+    assert [run["status"] for run in store.list_runs()] == ["failed", "failed"]
+
+
 def test_unknown_device_is_refused(store):
     from bench_core.errors import DeviceError
 
@@ -265,3 +280,27 @@ def test_stopped_epoch_is_not_an_epoch_time():
     assert ratios({"classic": cut_in_first, "batchensemble": be}) == {"params": 3.0}
     both_whole = {**classic, "stopped": False, "epochs_done": 3}
     assert ratios({"classic": both_whole, "batchensemble": be})["train_seconds"] == pytest.approx(6.1 / 3.0)
+
+
+def test_memory_needed_counts_data_models_and_a_step():
+    """By hand: synthetic 800 + 200 examples of 36 features; MLP 36-16-16-10, E = 3, batch 64."""
+    from bench_core.runner import memory_needed
+
+    cfg = tiny_config()
+    one = 36 * 16 + 16 + 16 * 16 + 16 + 16 * 10 + 10  # 1034
+    classic = 4 * 3 * one + 2 * 64 * 3 * (16 + 16 + 10)  # weights, gradients, two moments; a step's activations
+    be = 4 * ((36 * 16 + 16 * 16 + 16 * 10) + 3 * ((36 + 32) + (16 + 32) + (16 + 20))) + 2 * 64 * 3 * 42
+    assert memory_needed(cfg) == 4 * ((800 + 200) * 36 + max(classic, be))
+
+
+def test_a_run_larger_than_free_memory_is_refused_in_one_line():
+    from bench_core.runner import check_memory, memory_needed, preflight
+
+    cfg = tiny_config()
+    need = memory_needed(cfg)
+    check_memory(cfg, available=need)  # exactly enough: taken
+    with pytest.raises(ConfigError, match=r"need at least .* GiB of memory, more than the .* free on this machine"):
+        check_memory(cfg, available=need - 1)
+    cfg.model.hidden, cfg.model.ensemble_size = 65_536, 256  # about 10^12 parameters: terabytes
+    with pytest.raises(ConfigError, match=r"lower the ensemble size \(256\), hidden width \(65536\)"):
+        preflight(cfg)
