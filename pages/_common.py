@@ -26,7 +26,7 @@ import streamlit as st
 from plotly.subplots import make_subplots
 
 from bench_core.config import METHODS, RunConfig
-from bench_core.errors import BenchError
+from bench_core.errors import BenchError, StoreError
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import TRAIN_SIZES
 from bench_core.store import RunStore, default_store_path
@@ -743,6 +743,21 @@ def matrix_figure(matrix: list[list[float]], title: str, zmax: float | None = No
 
 
 # ----------------------------------------------------------------------------- exports
+
+
+def fetch_runs(run_ids: list[int], path: str) -> list[dict]:
+    """The runs' full records for a download, read when the user clicks (in Streamlit's download thread).
+
+    A run deleted since the page was drawn (in another session) is left out, not the whole download.
+    """
+    runs = []
+    with RunStore(path) as store:
+        for run_id in run_ids:
+            try:
+                runs.append(store.get_run(run_id))
+            except StoreError:
+                continue
+    return runs
 
 
 def export_csv(runs: list[dict]) -> str:

@@ -10,12 +10,12 @@ import streamlit as st
 from bench_core import jobs
 from bench_core.errors import BenchError
 from bench_core.report import FIGURES, derived, format_value
-from bench_core.store import RunStore
 from pages._common import (
     LAST_RUN_KEY,
     dataset_label,
     export_csv,
     export_json,
+    fetch_runs,
     method_label,
     missing_placeholder,
     open_store,
@@ -29,6 +29,9 @@ from pages._common import (
 require_router("pages/runs.py")
 
 CONFIRM_KEY = "runs_confirm_delete"  # run ids waiting for the user to confirm their deletion
+TABLE_KEY = "runs_table"  # the table's selection: positions of rows in the table as it was drawn
+TABLE_IDS_KEY = "runs_table_ids"  # the run ids of those rows, to read the positions by
+MAX_COMPARED = 12  # runs drawn side by side at most: more is unreadable, and thousands froze the page
 ACCURACY_METHODS = ("classic", "batchensemble", "single")
 
 
@@ -71,10 +74,22 @@ COLUMN_CONFIG = {
 }
 
 
-def fetch_runs(run_ids: list[int], path: str) -> list[dict]:
-    """The runs' full records for a download, read when the user clicks (in Streamlit's download thread)."""
-    with RunStore(path) as store:
-        return [store.get_run(run_id) for run_id in run_ids]
+def selected_ids(frame: pd.DataFrame) -> list[int]:
+    """The ids of the runs ticked in the table, kept on those runs when runs come or go.
+
+    The table's selection holds row positions. Where the list changed since the table was drawn (a
+    run made or deleted in another session), the positions are read against the rows as drawn and
+    the selection is moved to where those runs are now, before the table is drawn again.
+    """
+    ids = [int(i) for i in frame["id"]]
+    drawn = st.session_state.get(TABLE_IDS_KEY)
+    state = st.session_state.get(TABLE_KEY)
+    rows = list(state["selection"]["rows"]) if state and "selection" in state else []
+    if drawn is not None and drawn != ids and rows:
+        still = [drawn[i] for i in rows if 0 <= i < len(drawn) and drawn[i] in ids]
+        st.session_state[TABLE_KEY] = {"selection": {"rows": [ids.index(i) for i in still], "columns": []}}
+    st.session_state[TABLE_IDS_KEY] = ids
+    return ids
 
 
 def compare_table(runs: list[dict]) -> pd.DataFrame:
@@ -102,12 +117,14 @@ def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
             st.session_state.pop(CONFIRM_KEY, None)
             store = open_store()
             try:
+                there = {r["id"] for r in store.list_runs()}  # one deleted elsewhere meanwhile is gone already
                 for run_id in pending:
-                    store.delete_run(run_id)
+                    if run_id in there:
+                        store.delete_run(run_id)
             except BenchError as err:
                 st.error(str(err), icon=":material/error:")
                 return
-            st.session_state.pop("runs_table", None)  # the old selection points at rows that are gone
+            st.session_state.pop(TABLE_KEY, None)  # nothing stays ticked after a deletion
             st.toast(f"Deleted {len(pending)} run{'s' if len(pending) > 1 else ''}.")
             st.rerun()
         if no.button("Cancel", key="runs_delete_no"):
@@ -142,10 +159,11 @@ if not runs:
 by_id = {r["id"]: r for r in runs}
 
 frame = runs_frame(runs)
+ids = selected_ids(frame)
 st.caption("Click a column title to sort. Tick runs at the left to compare, export or delete them.")
 event = st.dataframe(
     frame,
-    key="runs_table",
+    key=TABLE_KEY,
     on_select="rerun",
     selection_mode="multi-row",
     hide_index=True,
@@ -153,7 +171,7 @@ event = st.dataframe(
     column_config=COLUMN_CONFIG,
     **missing_placeholder(),
 )
-selected = [int(frame.iloc[i]["id"]) for i in event.selection.rows if 0 <= i < len(frame)]
+selected = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
 
 delete_block(selected, by_id)
 
@@ -185,8 +203,14 @@ row.caption(
     else f"Download the figures of all {len(chosen)} run{'s' if len(chosen) > 1 else ''} (or select some first)."
 )
 
+if len(selected) > MAX_COMPARED:
+    st.info(
+        f"{len(selected)} runs are ticked: the curves and figures below are of the first {MAX_COMPARED} in the "
+        f"table. The downloads and Delete take all {len(selected)}.",
+        icon=":material/info:",
+    )
 if selected:
-    full = [store.get_run(run_id) for run_id in selected]
+    full = fetch_runs(selected[:MAX_COMPARED], path)
     if len(selected) == 1:
         st.session_state[LAST_RUN_KEY] = selected[0]
         st.page_link(

@@ -31,6 +31,7 @@ from pages._common import (
     empty_loss_figure,
     export_csv,
     export_json,
+    fetch_runs,
     live_chart_due,
     live_figure,
     log_ticks,
@@ -434,6 +435,67 @@ def test_runs_lists_compares_and_deletes(store_file):
     with RunStore(store_file) as store:
         assert [r["id"] for r in store.list_runs()] == [gone]
     assert list(at.dataframe[0].value["id"]) == [gone]
+
+
+def test_ticked_runs_stay_ticked_when_other_sessions_add_or_delete_runs(store_file):
+    """The table's selection is positions; a run made or deleted elsewhere must not move the ticks
+    onto other runs (which Delete would then take)."""
+    with RunStore(store_file) as store:
+        ids = [store.create_run(tiny_config().to_dict(), source="test", status="queued") for _ in range(4)]
+        for run_id in ids:
+            store.finish_run(run_id, "stopped")
+    at = open_page("runs")
+    assert list(at.dataframe[0].value["id"]) == ids[::-1]
+    at.session_state["runs_table"] = {"selection": {"rows": [1], "columns": [], "cells": []}}  # ids[2]
+    at.run()
+    with RunStore(store_file) as store:  # another session makes a run: every row moves down one
+        made = store.create_run(tiny_config().to_dict(), source="test", status="queued")
+        store.finish_run(made, "stopped")
+    at.run()
+    assert not at.exception, at.exception
+    assert list(at.dataframe[0].value["id"]) == [made, *ids[::-1]]
+    assert list(at.session_state["runs_table"]["selection"]["rows"]) == [2], "still on the same run"
+    with RunStore(store_file) as store:  # and deletes two, one above it and one below
+        store.delete_run(ids[3])
+        store.delete_run(ids[1])
+    at.run()
+    assert list(at.dataframe[0].value["id"]) == [made, ids[2], ids[0]]
+    assert list(at.session_state["runs_table"]["selection"]["rows"]) == [1], "still on the same run"
+    assert at.button(key="runs_delete").label == "Delete 1 selected run"
+    assert any(f"Open run {ids[2]}" in link.label for link in at.get("page_link"))
+
+
+def test_deleting_runs_one_of_which_went_meanwhile_deletes_the_others(store_file):
+    with RunStore(store_file) as store:
+        ids = [store.create_run(tiny_config().to_dict(), source="test", status="queued") for _ in range(3)]
+        for run_id in ids:
+            store.finish_run(run_id, "failed", "x")
+    at = open_page("runs")
+    at.session_state["runs_table"] = {"selection": {"rows": [0, 1], "columns": [], "cells": []}}
+    at.run()
+    at.button(key="runs_delete").click().run()
+    with RunStore(store_file) as store:
+        store.delete_run(ids[2])  # the newest, deleted in another session before Yes
+    at.button(key="runs_delete_yes").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    with RunStore(store_file) as store:
+        assert [r["id"] for r in store.list_runs()] == [ids[0]]
+
+
+def test_many_ticked_runs_compare_the_first_twelve(store_file):
+    with RunStore(store_file) as store:
+        ids = [store.create_run(tiny_config().to_dict(), source="test", status="queued") for _ in range(15)]
+        for run_id in ids:
+            store.finish_run(run_id, "failed", "x")
+        store.delete_run(ids[0])
+    assert [r["id"] for r in fetch_runs(ids[:3], str(store_file))] == ids[1:3]  # a deleted run: left out
+    at = open_page("runs")
+    at.session_state["runs_table"] = {"selection": {"rows": list(range(14)), "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert any("the first 12 in the table" in i for i in texts(at.info))
+    assert any("Download the figures of the 14 selected runs" in c for c in texts(at.caption))
 
 
 def test_exports_hold_every_figure_of_every_method(store_file):
