@@ -141,6 +141,19 @@ class SpeedJob:
         return lines[-1] if lines else f"the benchmark ended with status {self.proc.returncode}"
 
 
+def saved_benchmark(data: bytes) -> tuple[dict, list[dict], list[dict] | None]:
+    """(header, rows, targets) of a ``bench --json`` file; ValueError where its shape is another."""
+    saved = json.loads(data)
+    if not isinstance(saved, dict):
+        raise ValueError("the file holds no JSON object")
+    header, rows, targets = saved["header"], saved["rows"], saved.get("targets")
+    if not isinstance(header, dict) or not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+        raise ValueError("its header is not an object or its rows are not a list of objects")
+    if targets is not None and not (isinstance(targets, list) and all(isinstance(t, dict) for t in targets)):
+        raise ValueError("its targets are not a list of objects")
+    return header, rows, targets
+
+
 def settings_widgets(locked: bool) -> BenchSettings:
     """Draw the settings (disabled while ``locked``) and return the BenchSettings they describe."""
     top = st.columns([1, 1.6, 0.8])
@@ -501,6 +514,8 @@ def live_view(was_running: bool) -> None:
             job.proc.terminate()  # SIGTERM: the benchmark stops and writes what it measured
             job.stop_requested = True
             st.rerun(scope="fragment")
+    elif job.stop_requested and done is None:  # stopped while it started: it ends by the signal, writing nothing
+        st.warning("The benchmark was stopped before it measured a row.", icon=":material/stop_circle:")
     elif job.error():
         st.error(f"The benchmark failed: {job.error()}", icon=":material/error:")
     elif done is not None and done.get("stopped"):
@@ -531,11 +546,15 @@ if st.button("Run benchmark", type="primary", icon=":material/play_arrow:", disa
 with st.expander("Show results saved by the command line (`--json`)"):
     upload = st.file_uploader("bench JSON", type=["json"], key="speed_upload", label_visibility="collapsed")
     if upload is not None:
+        drawn = st.empty()  # what a file drew before it failed goes: one error line, not half a view
         try:
-            saved = json.loads(upload.getvalue())
-            results_view(saved["header"], saved["rows"], saved.get("targets"), key="upload")
-        except (ValueError, KeyError, TypeError) as err:
-            not_bench = f"That is not a file written by `python -m bench_core bench --json`: {err}"
+            header, rows, targets = saved_benchmark(upload.getvalue())
+            with drawn.container():
+                results_view(header, rows, targets, key="upload")
+        except (ValueError, KeyError, TypeError, AttributeError, ArithmeticError, RecursionError) as err:
+            drawn.empty()
+            reason = " ".join(str(err).split())[:200] or type(err).__name__
+            not_bench = f"That is not a file written by `python -m bench_core bench --json`: {reason}"
             st.error(not_bench, icon=":material/error:")
 
 if job is not None:

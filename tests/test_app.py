@@ -252,6 +252,23 @@ def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
 # ----------------------------------------------------------------------------- Speed
 
 
+def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
+    at = open_page("speed")
+    for name, value in {"shape": "mnist", "sizes": [1], "rows": ["single"], "steps": 1, "warmup": 0,
+                        "repeats": 1, "hidden": 16, "device": "cpu", "profile_steps": 0}.items():  # fmt: skip
+        at.session_state[f"speed_set_{name}"] = value
+    at.run()
+    at.button(key="speed_start").click().run()
+    job = at.session_state["speed_job"]
+    job.proc.terminate()  # what Stop does, here while the benchmark still imports torch
+    job.stop_requested = True
+    assert job.proc.wait(timeout=60) != 0 and not job.events()
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    assert "The benchmark was stopped before it measured a row." in texts(at.warning)
+
+
 def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     at = open_page("speed")
     for name, value in {"shape": "mnist", "sizes": [2], "rows": ["classic-vectorized", "batchensemble-repeat"],
@@ -354,13 +371,34 @@ def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
         assert captions == ([shown] if shown else [])
 
 
-def test_speed_says_in_one_line_when_a_file_is_not_a_benchmark(store_file):
+def _saved_bench(change) -> bytes:
+    saved = json.loads((ROOT / "docs" / "bench" / "cpu-e5-2026-11-27-session18-run4.json").read_text())
+    change(saved)
+    return json.dumps(saved).encode()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"rows": 3}',
+        b"[1, 2]",
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the JSON decoder goes
+        pytest.param(lambda d: d.__setitem__("header", "x"), id="header-text"),
+        pytest.param(lambda d: d.__setitem__("targets", {"x": 1}), id="targets-object"),
+        pytest.param(lambda d: [r.__setitem__("epoch_seconds", 0) for r in d["rows"]], id="zero-seconds"),
+        pytest.param(lambda d: [r.__setitem__("step_shares", [1, 2]) for r in d["rows"]], id="shares-list"),
+    ],
+)
+def test_speed_says_in_one_line_when_a_file_is_not_a_benchmark(store_file, content):
+    """One error line, and nothing of the file drawn above it (a view half drawn was left before)."""
     at = open_page("speed")
-    at.get("file_uploader")[0].upload("notes.json", b'{"rows": 3}', "application/json")
+    data = _saved_bench(content) if callable(content) else content
+    at.get("file_uploader")[0].upload("notes.json", data, "application/json")
     at.run()
     assert not at.exception, at.exception
     (error,) = texts(at.error)
     assert "not a file written by `python -m bench_core bench --json`" in error and "\n" not in error
+    assert not charts(at)
 
 
 # ----------------------------------------------------------------------------- Results
