@@ -25,5 +25,6 @@ page = st.navigation(
     ]
 )
 if DEEP_LINK_KEY in st.session_state:  # a page asked for before this router had run (see require_router)
-    st.switch_page(st.session_state.pop(DEEP_LINK_KEY))
+    target, params = st.session_state.pop(DEEP_LINK_KEY)
+    st.switch_page(target, query_params=params or None)
 page.run()

@@ -117,7 +117,7 @@ def require_router(page: str) -> None:
     pages/results.py alone (no wide layout, every file of pages/ in the sidebar).
     """
     if not _ROUTER["seen"] and _old_style_pages():
-        st.session_state[DEEP_LINK_KEY] = page
+        st.session_state[DEEP_LINK_KEY] = (page, st.query_params.to_dict())  # ?run=2 goes on with it
         st.switch_page("app.py")
 
 

@@ -44,7 +44,9 @@ def pick_run(runs: list[dict]) -> int:
     else:
         default = next((r["id"] for r in runs if r["status"] == "finished"), ids[0])
     by_id = {r["id"]: r for r in runs}
-    return st.selectbox("Run", ids, index=ids.index(default), format_func=lambda i: run_label(by_id[i]))
+    chosen = st.selectbox("Run", ids, index=ids.index(default), format_func=lambda i: run_label(by_id[i]))
+    st.session_state[LAST_RUN_KEY] = chosen  # the run shown again when the user comes back to this page
+    return chosen
 
 
 def status_line(run: dict) -> None:
@@ -98,9 +100,10 @@ def figure_table(results: dict[str, dict], methods: list[str]) -> pd.DataFrame:
 
 st.title("Results")
 store = open_store()
-runs = [r for r in store.list_runs() if r["status"] in FINAL_STATUSES]
+every = store.list_runs()
+runs = [r for r in every if r["status"] in FINAL_STATUSES]
 live = st.session_state.get(LIVE_RUN_KEY)
-if live is not None and live not in {r["id"] for r in runs}:
+if live is not None and any(r["id"] == live and r["status"] not in FINAL_STATUSES for r in every):
     st.info(f"Run {live} is still training: its results appear here when it ends.", icon=":material/hourglass_top:")
 if not runs:
     st.info("No run has ended yet: train one on the Train page.")

@@ -404,6 +404,22 @@ def test_speed_says_in_one_line_when_a_file_is_not_a_benchmark(store_file, conte
 # ----------------------------------------------------------------------------- Results
 
 
+def test_results_keeps_the_chosen_run_and_calls_no_deleted_run_training(store_file):
+    older, newer = make_run(store_file), make_run(store_file)
+    at = open_page("results")
+    assert at.selectbox[0].value == newer
+    at.selectbox[0].set_value(older).run()
+    at.switch_page("pages/learn.py").run()
+    at.switch_page("pages/results.py").run()
+    assert at.selectbox[0].value == older, "the run chosen before, not the newest again"
+    with RunStore(store_file) as store:
+        store.delete_run(newer)
+    at.session_state["live_run_id"] = newer  # this session's last live run, deleted on the Runs page
+    at.run()
+    assert not at.exception, at.exception
+    assert not any("still training" in i for i in texts(at.info))
+
+
 def test_results_shows_the_latest_finished_run(store_file):
     make_run(store_file)
     run_id = make_run(store_file)

@@ -209,3 +209,27 @@ def test_every_page_opens_without_errors(page, server):
         ui.go_to(page, title)
         ui.wait_settled(page)
         assert not ui.error_texts(page), f"{title}: {ui.error_texts(page)}"
+
+
+def test_a_deep_link_to_a_run_is_the_first_request_of_a_fresh_server(chromium, tmp_path):
+    """/results?run=<id> before any session has been routed through app.py keeps its ?run=."""
+    from bench_core.runner import run_experiment
+    from bench_core.store import RunStore
+    from tests.test_runner import tiny_config
+
+    data = tmp_path / "dashboard"
+    data.mkdir()
+    with RunStore(data / "runs.sqlite") as store:
+        runs = [list(run_experiment(tiny_config(epochs=1), store=store, source="test"))[-1] for _ in range(2)]
+    first = runs[0].run_id  # not the newest, which the page would show anyway
+    with ui.DashboardServer(data) as srv:
+        context = chromium.new_context(viewport=VIEWPORT)
+        try:
+            tab = context.new_page()
+            tab.goto(f"{srv.url}/results?run={first}")
+            ui.heading(tab, "Results").wait_for(timeout=60_000)
+            ui.wait_settled(tab)
+            run_box = tab.get_by_role("combobox", name="Run", exact=True).first
+            assert run_box.input_value().startswith(f"#{first} "), run_box.input_value()
+        finally:
+            context.close()
