@@ -644,12 +644,11 @@ class RunStore:
         run["versions"] = _loads(row[n], {}) or {}
         run["pid_start"] = row[n + 1]
         run["records"] = [data for _, data in self.records(run_id)]
-        run["results"] = {
-            method: _loads(text, {})
-            for method, text in self._read(
-                "SELECT method, data FROM results WHERE run_id = ? ORDER BY rowid", (run_id,)
-            )
-        }
+        results = {}
+        for method, text in self._read("SELECT method, data FROM results WHERE run_id = ? ORDER BY rowid", (run_id,)):
+            result = _loads(text, {})
+            results[method] = result if isinstance(result, dict) else {}  # another shape: an empty result
+        run["results"] = results
         return run
 
     def status(self, run_id: int) -> str:
@@ -664,7 +663,8 @@ class RunStore:
         rows = self._read(
             "SELECT id, data FROM records WHERE run_id = ? AND id > ? ORDER BY id", (run_id, int(after_id))
         )
-        return [(rid, _loads(text, {})) for rid, text in rows]
+        out = [(rid, _loads(text, {})) for rid, text in rows]
+        return [(rid, data) for rid, data in out if isinstance(data, dict)]  # a record of another shape is skipped
 
     # -- weights ----------------------------------------------------------------------------
 

@@ -82,9 +82,12 @@ def run_label(run: dict) -> str:
     methods = ", ".join(method_label(m) for m in run.get("methods") or [])
     created = time.strftime("%d %b %H:%M", time.localtime(run.get("created") or 0))
     status = run.get("status", "?")
+    epochs = train.get("epochs", "?")
+    # A run of the single model alone has one member whatever E its settings hold.
+    members = "" if run.get("methods") == ["single"] else f"E={model.get('ensemble_size', '?')} · "
     return (
         f"#{run['id']} {status} · {dataset_label(data.get('name', '?'))} · "
-        f"{methods or '—'} · E={model.get('ensemble_size', '?')} · {train.get('epochs', '?')} epochs · {created}"
+        f"{methods or '—'} · {members}{epochs} epoch{'' if epochs == 1 else 's'} · {created}"
     )
 
 
@@ -378,7 +381,13 @@ def epoch_metric_figure(records: list[dict], key: str, title: str, y_title: str)
 
 
 def _epoch_methods(records: list[dict]) -> list[str]:
-    return ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch")
+    """The methods with at least one full epoch: the ones the speed charts have a point of."""
+    return ordered_methods(r.get("method") for r in records if r.get("kind") == "epoch" and not r.get("stopped"))
+
+
+def has_full_epoch(records: list[dict]) -> bool:
+    """Whether some method ran an epoch to its end (a stop in the first epoch leaves none to time)."""
+    return bool(_epoch_methods(records))
 
 
 def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> go.Scatter:

@@ -88,7 +88,9 @@ def params_section() -> None:
         be = batchensemble_params(sizes, members)
         st.metric("One MLP", f"{single:,}")
         st.metric(f"Classic ensemble, E={members}", f"{members * single:,}")
-        st.metric(f"BatchEnsemble, E={members}", f"{be:,}", f"{members * single / be:.2f}× fewer than classic")
+        ratio = members * single / be
+        versus = f"{ratio:.2f}× fewer than classic" if ratio >= 1 else f"{1 / ratio:.2f}× more than classic"
+        st.metric(f"BatchEnsemble, E={members}", f"{be:,}", versus, delta_color="normal" if ratio >= 1 else "inverse")
         st.caption(f"Layer widths: {' → '.join(map(str, sizes))} ({dataset_label(name)}: {shape}, {classes} classes)")
 
 

@@ -16,6 +16,7 @@ from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
     agreement_figure,
+    has_full_epoch,
     loss_figure,
     member_accuracy_figure,
     method_label,
@@ -98,6 +99,45 @@ def figure_table(results: dict[str, dict], methods: list[str]) -> pd.DataFrame:
     return table
 
 
+def figures(run: dict, results: dict, methods: list[str]) -> None:
+    """The run's figures: headline, members' accuracy, agreement, every figure, calibration, curves."""
+    headline(results, methods)
+    show(member_accuracy_figure(results))
+
+    st.subheader("Do the members agree?")
+    st.caption(
+        "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
+        "(1 on the diagonal). Lower off the diagonal means more diverse members; the colours share one 0–1 scale."
+    )
+    for cell, method in zip(st.columns(len(methods)), methods, strict=True):
+        with cell:
+            show(agreement_figure(results[method], method))
+
+    left, right = st.columns([1.1, 1])
+    with left:
+        st.subheader("Every figure")
+        st.table(figure_table(results, methods))
+    with right:
+        show(reliability_figure(results))
+        st.caption(
+            "Test examples are binned by the ensemble's confidence; each dot is a bin (bigger: more examples). "
+            "Dots below the diagonal: over-confident; above: under-confident."
+        )
+
+    records = run.get("records") or []
+    if records:
+        with st.expander("Training curves"):
+            show(loss_figure(records))
+            if has_full_epoch(records):
+                cols = st.columns(2)
+                with cols[0]:
+                    show(seconds_figure(records))
+                with cols[1]:
+                    show(throughput_figure(records))
+            else:
+                st.caption("No epoch ran to its end (the run was stopped in its first): nothing to time.")
+
+
 st.title("Results")
 store = open_store()
 every = store.list_runs()
@@ -121,37 +161,18 @@ missing = [m for m in run.get("methods") or [] if m not in results]
 if missing:
     st.caption(f"Not trained in this run: {', '.join(method_label(m) for m in missing)}.")
 
-headline(results, methods)
-show(member_accuracy_figure(results))
 
-st.subheader("Do the members agree?")
-st.caption(
-    "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
-    "(1 on the diagonal). Lower off the diagonal means more diverse members; the colours share one 0–1 scale."
-)
-for cell, method in zip(st.columns(len(methods)), methods, strict=True):
-    with cell:
-        show(agreement_figure(results[method], method))
-
-left, right = st.columns([1.1, 1])
-with left:
-    st.subheader("Every figure")
-    st.table(figure_table(results, methods))
-with right:
-    show(reliability_figure(results))
-    st.caption(
-        "Test examples are binned by the ensemble's confidence; each dot is a bin (bigger: more examples). "
-        "Dots below the diagonal: over-confident; above: under-confident."
+# What a store edited by hand (or written by another version) may hold where these figures read:
+# the settings and software below still show, with one line saying why the figures do not.
+STORED_SHAPE_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError)
+try:
+    figures(run, results, methods)
+except STORED_SHAPE_ERRORS as err:
+    reason = " ".join(str(err).split())[:160] or type(err).__name__
+    st.error(
+        f"Run {run_id}'s stored figures can't be drawn ({type(err).__name__}: {reason}): "
+        "its entry in the run store was changed by hand or written by another version.",
+        icon=":material/error:",
     )
-
-records = run.get("records") or []
-if records:
-    with st.expander("Training curves"):
-        show(loss_figure(records))
-        cols = st.columns(2)
-        with cols[0]:
-            show(seconds_figure(records))
-        with cols[1]:
-            show(throughput_figure(records))
 with st.expander("Settings and software of this run"):
     st.json({"config": run.get("config"), "device": run.get("device"), "versions": run.get("versions")})

@@ -23,6 +23,7 @@ from pages._common import (
     LIVE_RUN_KEY,
     dataset_label,
     empty_loss_figure,
+    has_full_epoch,
     hms,
     live_chart_due,
     live_figure,
@@ -145,7 +146,8 @@ def settings(locked: bool) -> RunConfig:
         a[0].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
         a[0].number_input("Hidden layers", 1, 8, key=P + "depth", disabled=locked)
         a[1].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
-        a[1].number_input("Learning rate (Adam)", 0.0, 1.0, step=1e-4, format="%.4f", key=P + "lr", disabled=locked)
+        # %g: 0.00005 reads as 5e-05, the value trained with (%.4f showed 0.0001)
+        a[1].number_input("Learning rate (Adam)", 0.0, 1.0, step=1e-4, format="%g", key=P + "lr", disabled=locked)
         a[1].number_input("Seed", 0, 2**31 - 1, key=P + "seed", disabled=locked)
         a[2].radio(
             "Classic mode",
@@ -299,8 +301,12 @@ def live_charts(run_id: int, records: list[dict], active: bool) -> None:
             st.caption("The charts appear with the first training records.")
         return
     show(live_chart_figure(run_id, records, active))
-    if not any(r.get("kind") == "epoch" for r in records):
-        st.caption("The speed charts appear when a first epoch is complete.")
+    if not has_full_epoch(records):
+        st.caption(
+            "The speed charts appear when a first epoch is complete."
+            if active
+            else "No epoch ran to its end (the run was stopped in its first): no speed to chart."
+        )
 
 
 def live_chart_figure(run_id: int, records: list[dict], active: bool):

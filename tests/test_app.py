@@ -420,6 +420,28 @@ def test_results_keeps_the_chosen_run_and_calls_no_deleted_run_training(store_fi
     assert not any("still training" in i for i in texts(at.info))
 
 
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "UPDATE results SET data = json_set(data, '$.agreement', json('[[1, 0], [0]]')) WHERE method = 'classic'",
+        "UPDATE records SET data = json_set(data, '$.epoch', 'one')",
+        "UPDATE results SET data = '[1, 2]' WHERE method = 'classic'",
+        "UPDATE records SET data = 'null'",
+    ],
+    ids=["ragged-agreement", "epoch-as-text", "result-a-list", "record-null"],
+)
+def test_results_of_a_store_edited_by_hand_is_one_line_at_most(store_file, sql):
+    import sqlite3
+
+    make_run(store_file)
+    with sqlite3.connect(store_file) as conn:
+        conn.execute(sql)
+    at = open_page("results")
+    assert not at.exception, at.exception
+    assert len(at.error) <= 1 and all("changed by hand" in e for e in texts(at.error))
+    assert at.get("expander"), "the run's settings still show"
+
+
 def test_results_shows_the_latest_finished_run(store_file):
     make_run(store_file)
     run_id = make_run(store_file)
@@ -576,6 +598,9 @@ def test_learn_with_sliders_moved(store_file):
     assert any("**Member 6**" in m.value for m in at.markdown), "the picked member's r and s beside W_k"
     at.radio(key="learn_init").set_value("random_sign").run()
     at.slider(key="learn_members").set_value(1).run()
+    at.slider(key="learn_mark").set_value(1).run()
+    (be,) = [m for m in at.metric if m.label.startswith("BatchEnsemble")]  # E = 1: r, s and a bias on one MLP
+    assert "more than classic" in be.delta, "not '0.99x fewer'"
     at.selectbox(key="learn_dataset").set_value("mnist").run()
     assert not at.exception, at.exception
     assert at.latex, "the formulas"
@@ -658,6 +683,22 @@ def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method(
     alone = live_figure(steps)
     assert [t.name for t in alone.data] == ["classic members", "classic (mean of members)"]
     assert not alone.layout.annotations
+    # A stop in the first epoch: its cut-short record times nothing, so still the loss alone (not two
+    # empty speed panels).
+    stopped = {"kind": "epoch", "method": "classic", "epoch": 1, "stopped": True, "epoch_seconds": 0.1,
+               "examples_per_second": 10.0, "loss": 2.0, "member_loss": [2.0, 2.1]}  # fmt: skip
+    assert not live_figure([*steps, stopped]).layout.annotations
+
+
+def test_run_label_names_members_and_epochs_as_they_are():
+    from pages._common import run_label
+
+    cfg = tiny_config().to_dict()
+    cfg["train"]["epochs"], cfg["model"]["ensemble_size"] = 1, 16
+    run = {"id": 4, "status": "finished", "config": cfg, "methods": ["single"], "created": 0.0}
+    label = run_label(run)
+    assert " · 1 epoch · " in label and "E=" not in label  # one model: no E=16, and not "1 epochs"
+    assert "E=16 · 1 epoch" in run_label({**run, "methods": ["single", "classic"]})
 
 
 def test_empty_loss_figure_shows_the_coming_epochs_and_no_data():

@@ -90,7 +90,7 @@ class BenchSettings:
             if name not in ROWS:
                 raise ConfigError(f"unknown row {name!r}: choose from {', '.join(ROWS)}")
         if not self.active_rows():
-            raise ConfigError("no rows to measure: choose rows other than the reference, or drop --no-reference")
+            raise ConfigError("no rows to measure: choose a row besides the reference ones, or measure the reference")
         if self.depth != 2 and any(r in REFERENCE_ROWS for r in self.active_rows()):
             raise ConfigError(
                 f"the reference rows run the seed's models, which have 2 hidden layers, not {self.depth}: "
