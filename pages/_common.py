@@ -516,12 +516,13 @@ def progress_of(records: list[dict], methods: list[str], epochs: int) -> tuple[f
 # ----------------------------------------------------------------------------- results
 
 
-def _accuracy_title(method: str, result: dict) -> str:
+def _accuracy_title(method: str, result: dict, stacked: bool = False) -> str:
+    """The method, then its ensemble's and mean member's accuracy: on one line, or on two (``stacked``)."""
     ens, mean = _finite(result.get("ensemble_accuracy")), _finite(result.get("mean_member_accuracy"))
     parts = [f"ensemble {ens:.3f}"] if ens is not None else []
     if mean is not None and len(result.get("member_accuracy") or []) > 1:
         parts.append(f"mean member {mean:.3f}")
-    return f"<b>{method_label(method)}</b><br>{' · '.join(parts)}"
+    return f"<b>{method_label(method)}</b><br>{('<br>' if stacked else ' · ').join(parts)}"
 
 
 def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
@@ -531,7 +532,8 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
         rows=1,
         cols=max(1, len(methods)),
         shared_yaxes=True,
-        subplot_titles=[_accuracy_title(m, results[m]) for m in methods],
+        # Three panels side by side at 1280 px: the two figures on lines of their own (on one they overlapped).
+        subplot_titles=[_accuracy_title(m, results[m], stacked=len(methods) > 2) for m in methods],
         horizontal_spacing=0.06,
     )
     values: list[float] = []
@@ -572,7 +574,7 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
             fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, row=1, col=col)
         fig.update_xaxes(title_text="member", row=1, col=col, type="category")
     style(fig, "Test accuracy of each member; dashed: the ensemble, dotted: the mean member", height=470)
-    fig.update_layout(margin={"t": 120})
+    fig.update_layout(margin={"t": 140 if len(methods) > 2 else 120})
     titles = {_accuracy_title(m, results[m]) for m in methods}
     for ann in fig.layout.annotations:
         if ann.text in titles:
@@ -587,6 +589,9 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
     return fig
 
 
+MAX_CELL_TEXT = 6  # members up to which the agreement matrix writes its values in the cells
+
+
 def agreement_figure(result: dict, method: str) -> go.Figure:
     """The E x E agreement matrix of a method as an annotated heatmap on a fixed 0..1 colour scale."""
     matrix = result.get("agreement") or [[1.0]]
@@ -598,15 +603,18 @@ def agreement_figure(result: dict, method: str) -> go.Figure:
         y=labels,
         zmin=0,
         zmax=1,
-        text_auto=".2f",
+        # Values in the cells up to E = MAX_CELL_TEXT; beyond, at 1280 px they ran into each other:
+        # the colour and the hover say it.
+        text_auto=".2f" if n <= MAX_CELL_TEXT else False,
         color_continuous_scale="Viridis",
         labels={"x": "member", "y": "member", "color": "agreement"},
         aspect="equal",
     )
     disagreement = _finite(result.get("disagreement"))
-    sub = f" · mean disagreement {disagreement:.3f}" if disagreement is not None and n > 1 else ""
+    # The figure of its second line on a line of its own: side by side at 1280 px it was cut off.
+    sub = f"<br><sup>mean disagreement {disagreement:.3f}</sup>" if disagreement is not None and n > 1 else ""
     style(fig, f"{method_label(method)}{sub}", "member", "member", height=460)
-    fig.update_traces(textfont={"size": 16 if n <= 6 else 13 if n <= 10 else 9})
+    fig.update_traces(textfont={"size": 16 if n <= 4 else 13})
     fig.update_xaxes(type="category", side="bottom")
     fig.update_yaxes(type="category")
     fig.update_layout(title={"font": {"size": TITLE_SIZE - 2}})

@@ -453,7 +453,7 @@ def test_results_shows_the_latest_finished_run(store_file):
     for figure in found:
         assert (figure["layout"]["coloraxis"]["cmin"], figure["layout"]["coloraxis"]["cmax"]) == (0, 1)
         assert figure["data"][0]["z"]["shape"] == "3, 3"  # E x E, as Plotly encodes arrays
-    assert [f["layout"]["title"]["text"].split(" ·")[0] for f in found] == ["classic", "BatchEnsemble"]
+    assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
     ratios = {m.label: m.value for m in at.metric if "÷" in m.label}
     assert list(ratios) == ["Training time: classic ÷ BatchEnsemble", "Parameters: classic ÷ BatchEnsemble"]
     assert float(ratios["Parameters: classic ÷ BatchEnsemble"].rstrip("×")) > 1, "classic has more parameters"
@@ -468,7 +468,7 @@ def test_results_of_a_single_model_with_one_member(store_file):
     assert not at.exception, at.exception
     assert not at.error
     assert len(heatmaps(at)) == 1
-    assert [m.label for m in at.metric] == ["single: ensemble accuracy"], "no ratios without both ensembles"
+    assert [m.label for m in at.metric] == ["single"], "no ratios without both ensembles"
 
 
 def test_results_of_a_failed_run_say_so(store_file):
@@ -688,6 +688,13 @@ def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method(
     stopped = {"kind": "epoch", "method": "classic", "epoch": 1, "stopped": True, "epoch_seconds": 0.1,
                "examples_per_second": 10.0, "loss": 2.0, "member_loss": [2.0, 2.1]}  # fmt: skip
     assert not live_figure([*steps, stopped]).layout.annotations
+
+
+def test_agreement_values_in_the_cells_only_while_they_fit():
+    six = agreement_figure({"agreement": [[1.0] * 6] * 6, "disagreement": 0.0}, "classic")
+    eight = agreement_figure({"agreement": [[1.0] * 8] * 8, "disagreement": 0.0}, "classic")
+    assert six.data[0].texttemplate and not eight.data[0].texttemplate  # 8 x 8 at 1280 px: the colours say it
+    assert eight.layout.title.text == "classic<br><sup>mean disagreement 0.000</sup>"
 
 
 def test_run_label_names_members_and_epochs_as_they_are():
