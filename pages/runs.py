@@ -42,18 +42,21 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
         cfg = run.get("config") or {}
         summary = run.get("summary") or {}
         seconds = [s.get("train_seconds") for s in summary.values() if isinstance(s.get("train_seconds"), (int, float))]
+        # What tells runs apart and ranks them first: at 1280 px beside the sidebar about seven
+        # columns show before the table scrolls sideways, and the accuracies were past them.
         row = {
             "id": run["id"],
-            "created": datetime.fromtimestamp(run["created"]),  # local time
             "status": run["status"],
-            "dataset": dataset_label((cfg.get("data") or {}).get("name", "?")),
             "methods": ", ".join(method_label(m) for m in ordered_methods(run.get("methods") or [])),
-            "E": (cfg.get("model") or {}).get("ensemble_size"),
+            # The single model alone has one member, whatever E its settings hold.
+            "E": 1 if run.get("methods") == ["single"] else (cfg.get("model") or {}).get("ensemble_size"),
             "epochs": (cfg.get("train") or {}).get("epochs"),
         }
         for method in ACCURACY_METHODS:
             row[f"acc. {method_label(method)}"] = (summary.get(method) or {}).get("ensemble_accuracy")
         row["training s"] = sum(seconds) if seconds else None
+        row["dataset"] = dataset_label((cfg.get("data") or {}).get("name", "?"))
+        row["created"] = datetime.fromtimestamp(run["created"])  # local time
         row["device"] = run.get("device") or (cfg.get("train") or {}).get("device")
         rows.append(row)
     return pd.DataFrame(rows)
@@ -221,7 +224,8 @@ if selected:
     table = compare_table(full)
     if not table.empty:
         st.subheader("Figures side by side")
-        st.table(table)
+        # A table that scrolls sideways: several runs' columns did not fit at 1280 px and were cut off.
+        st.dataframe(table, width="stretch", height=36 * (len(table) + 1) + 3)
     else:
         st.caption("None of the selected runs has results.")
 st.caption(f"Run store: {store_path()}")

@@ -501,7 +501,7 @@ def test_runs_lists_compares_and_deletes(store_file):
     at.run()
     assert not at.exception, at.exception
     assert len(charts(at)) == 1, "the selected runs' loss curves"
-    compared = at.table[0].value
+    compared = at.dataframe[1].value  # [0]: the runs table
     assert f"#{first} classic" in compared.columns and f"#{second} BatchEnsemble" in compared.columns
 
     at.button(key="runs_delete").click().run()
