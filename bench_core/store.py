@@ -34,6 +34,7 @@ from typing import Any
 from bench_core.errors import StoreError
 
 SCHEMA_VERSION = 1
+DEFAULT_STORE_NAME = "runs.sqlite"  # its weights go in weights/ beside it (others: <stem>-weights/)
 _CONFIG_SECTIONS = ("data", "model", "train")  # the parts of a run's config that are objects
 STATUSES = ("queued", "running", "finished", "stopped", "failed", "interrupted")
 ACTIVE_STATUSES = ("queued", "running")
@@ -107,7 +108,7 @@ def default_store_path() -> Path:
     explicit = os.environ.get("BENCH_STORE")
     if explicit:
         return Path(explicit).expanduser()
-    return Path(os.environ.get("BENCH_DATA_DIR") or "data").expanduser() / "runs.sqlite"
+    return Path(os.environ.get("BENCH_DATA_DIR") or "data").expanduser() / DEFAULT_STORE_NAME
 
 
 # ----------------------------------------------------------------------------- processes
@@ -669,7 +670,15 @@ class RunStore:
     # -- weights ----------------------------------------------------------------------------
 
     def weights_dir(self, run_id: int) -> Path:
-        return self.directory / "weights" / str(int(run_id))
+        return self.directory / self.weights_folder_name() / str(int(run_id))
+
+    def weights_folder_name(self) -> str:
+        """``weights`` beside ``runs.sqlite``; ``<stem>-weights`` beside a store of another name.
+
+        Two stores in one folder would otherwise share ``weights/<run id>/``, and run 1 of one
+        would overwrite run 1's weights of the other.
+        """
+        return "weights" if self.path.name == DEFAULT_STORE_NAME else f"{self.path.stem}-weights"
 
     def weights_path(self, run_id: int, method: str) -> Path:
         if not isinstance(method, str) or not _METHOD_NAME.match(method):

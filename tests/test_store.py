@@ -256,6 +256,20 @@ def test_weights_round_trip_and_delete(store):
     assert not path.parent.exists()
 
 
+def test_two_stores_in_one_folder_keep_their_own_weights(tmp_path):
+    import torch
+
+    a, b = RunStore(tmp_path / "runs.sqlite"), RunStore(tmp_path / "other.sqlite")
+    run_a, run_b = a.create_run(CONFIG, source="test"), b.create_run(CONFIG, source="test")
+    assert run_a == run_b == 1  # each store counts from 1
+    a.save_weights(run_a, "classic", {"w": torch.zeros(2)})
+    b.save_weights(run_b, "classic", {"w": torch.ones(2)})
+    assert torch.equal(a.load_weights(run_a, "classic")["w"], torch.zeros(2)), "not overwritten by the other store"
+    assert b.weights_path(run_b, "classic") == tmp_path / "other-weights" / "1" / "classic.pt"
+    b.delete_run(run_b)
+    assert a.weights_path(run_a, "classic").is_file()
+
+
 # ----------------------------------------------------------------------------- stop requests
 
 
