@@ -528,12 +528,12 @@ def _accuracy_title(method: str, result: dict, stacked: bool = False) -> str:
 def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
     """Each method's members' test accuracy as bars, side by side, with the ensemble's accuracy marked."""
     methods = ordered_methods(results)
+    stacked = len(methods) > 2  # three panels at 1280 px: the two figures on lines of their own (they overlapped)
     fig = make_subplots(
         rows=1,
         cols=max(1, len(methods)),
         shared_yaxes=True,
-        # Three panels side by side at 1280 px: the two figures on lines of their own (on one they overlapped).
-        subplot_titles=[_accuracy_title(m, results[m], stacked=len(methods) > 2) for m in methods],
+        subplot_titles=[_accuracy_title(m, results[m], stacked) for m in methods],
         horizontal_spacing=0.06,
     )
     values: list[float] = []
@@ -574,8 +574,8 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
             fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, row=1, col=col)
         fig.update_xaxes(title_text="member", row=1, col=col, type="category")
     style(fig, "Test accuracy of each member; dashed: the ensemble, dotted: the mean member", height=470)
-    fig.update_layout(margin={"t": 140 if len(methods) > 2 else 120})
-    titles = {_accuracy_title(m, results[m]) for m in methods}
+    fig.update_layout(margin={"t": 140 if stacked else 120})
+    titles = {_accuracy_title(m, results[m], stacked) for m in methods}
     for ann in fig.layout.annotations:
         if ann.text in titles:
             ann.font = {"size": AXIS_TITLE_SIZE}

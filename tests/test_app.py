@@ -697,6 +697,16 @@ def test_agreement_values_in_the_cells_only_while_they_fit():
     assert eight.layout.title.text == "classic<br><sup>mean disagreement 0.000</sup>"
 
 
+def test_three_methods_accuracy_titles_on_two_lines_in_the_axis_title_size():
+    from pages._common import AXIS_TITLE_SIZE, member_accuracy_figure
+
+    result = {"member_accuracy": [0.5, 0.6], "ensemble_accuracy": 0.6, "mean_member_accuracy": 0.55}
+    fig = member_accuracy_figure({m: result for m in ("single", "classic", "batchensemble")})
+    titles = [a for a in fig.layout.annotations if a.text.startswith("<b>")]
+    assert [a.text.count("<br>") for a in titles] == [2, 2, 2]
+    assert all(a.font.size == AXIS_TITLE_SIZE for a in titles)
+
+
 def test_run_label_names_members_and_epochs_as_they_are():
     from pages._common import run_label
 
