@@ -612,7 +612,11 @@ def agreement_figure(result: dict, method: str) -> go.Figure:
     )
     disagreement = _finite(result.get("disagreement"))
     # The figure of its second line on a line of its own: side by side at 1280 px it was cut off.
-    sub = f"<br><sup>mean disagreement {disagreement:.3f}</sup>" if disagreement is not None and n > 1 else ""
+    sub = (
+        f"<br><span style='font-size:{AXIS_TITLE_SIZE}px'>mean disagreement {disagreement:.3f}</span>"
+        if disagreement is not None and n > 1
+        else ""
+    )
     style(fig, f"{method_label(method)}{sub}", "member", "member", height=460)
     fig.update_traces(textfont={"size": 16 if n <= 4 else 13})
     fig.update_xaxes(type="category", side="bottom")
