@@ -306,7 +306,7 @@ def _run_line(run: dict) -> str:
             value = value.get(key, "?") if isinstance(value, dict) else "?"
         return value if isinstance(value, (str, int, float)) and not isinstance(value, bool) else "?"
 
-    summary = run.get("summary") if isinstance(run.get("summary"), dict) else {}
+    summary = run.get("summary") or {}
     methods = []
     for method in run.get("methods") or []:
         accuracy = (summary.get(method) or {}).get("ensemble_accuracy")

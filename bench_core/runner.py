@@ -307,8 +307,8 @@ def _run_method(
             report = evaluate(model, dataset.x_test, dataset.y_test, batch_size=cfg.train.eval_batch_size)
         except ValueError as err:  # non-finite outputs on the test split
             raise DivergedError(f"{method} can't be evaluated: {err}; try a lower learning rate") from None
-    except (torch.OutOfMemoryError, MemoryError, RuntimeError) as err:
-        if not isinstance(err, torch.OutOfMemoryError) and not is_allocation_failure(err):
+    except (MemoryError, RuntimeError) as err:  # torch.OutOfMemoryError is a RuntimeError
+        if not (isinstance(err, torch.OutOfMemoryError) or is_allocation_failure(err)):
             raise
         raise DeviceOutOfMemoryError(
             f"out of memory on {device} while running {method}: lower the ensemble size "

@@ -766,19 +766,24 @@ def matrix_figure(matrix: list[list[float]], title: str, zmax: float | None = No
 # ----------------------------------------------------------------------------- exports
 
 
-def fetch_runs(run_ids: list[int], path: str) -> list[dict]:
-    """The runs' full records for a download, read when the user clicks (in Streamlit's download thread).
-
-    A run deleted since the page was drawn (in another session) is left out, not the whole download.
-    """
+def existing_runs(store: RunStore, run_ids: list[int]) -> list[dict]:
+    """The runs' full records, in order; a run deleted since the page was drawn (in another session) is left out."""
     runs = []
-    with RunStore(path) as store:
-        for run_id in run_ids:
-            try:
-                runs.append(store.get_run(run_id))
-            except StoreError:
-                continue
+    for run_id in run_ids:
+        try:
+            runs.append(store.get_run(run_id))
+        except StoreError:
+            continue
     return runs
+
+
+def fetch_runs(run_ids: list[int], path: str) -> list[dict]:
+    """``existing_runs`` for a download, read when the user clicks.
+
+    That is in Streamlit's download thread, so on a store opened there.
+    """
+    with RunStore(path) as store:
+        return existing_runs(store, run_ids)
 
 
 def export_csv(runs: list[dict]) -> str:

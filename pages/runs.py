@@ -13,6 +13,7 @@ from bench_core.report import FIGURES, derived, format_value
 from pages._common import (
     LAST_RUN_KEY,
     dataset_label,
+    existing_runs,
     export_csv,
     export_json,
     fetch_runs,
@@ -120,9 +121,8 @@ def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
             st.session_state.pop(CONFIRM_KEY, None)
             store = open_store()
             try:
-                there = {r["id"] for r in store.list_runs()}  # one deleted elsewhere meanwhile is gone already
                 for run_id in pending:
-                    if run_id in there:
+                    if run_id in by_id:  # this rerun's list: one deleted elsewhere meanwhile is gone already
                         store.delete_run(run_id)
             except BenchError as err:
                 st.error(str(err), icon=":material/error:")
@@ -213,7 +213,7 @@ if len(selected) > MAX_COMPARED:
         icon=":material/info:",
     )
 if selected:
-    full = fetch_runs(selected[:MAX_COMPARED], path)
+    full = existing_runs(store, selected[:MAX_COMPARED])
     if len(selected) == 1:
         st.session_state[LAST_RUN_KEY] = selected[0]
         st.page_link(
