@@ -236,18 +236,33 @@ def cmd_train(args: argparse.Namespace) -> int:
         bar.update(event)
         if isinstance(event, RunDone):
             done = event
-    bar.close()
-    print(format_table(done.results))
-    if done.status == "stopped":
-        print("stopped early: the figures are for the models as trained so far", file=sys.stderr)
-    for note in done.notes:
-        print(f"warning: {note}", file=sys.stderr)
-    if args.json_path:
-        try:
-            Path(args.json_path).write_text(json.dumps(results_json(done.results), indent=2))
-        except OSError as err:
-            raise ConfigError(f"can't write --json {args.json_path}: {err.strerror}") from None
+    try:
+        bar.close()
+        print(format_table(done.results))
+        if done.status == "stopped":
+            print("stopped early: the figures are for the models as trained so far", file=sys.stderr)
+        for note in done.notes:
+            print(f"warning: {note}", file=sys.stderr)
+        if args.json_path:
+            _write_json(Path(args.json_path), results_json(done.results))
+    except KeyboardInterrupt:  # a Ctrl-C after the run was stored: it stays as it ended
+        kept = f": run {run_id} is stored as {done.status}" if run_id is not None else ""
+        print(f"\ninterrupted{kept}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _write_json(path: Path, data) -> None:
+    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, renamed)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        try:
+            tmp.write_text(json.dumps(data, indent=2))
+            os.replace(tmp, path)
+        finally:
+            tmp.unlink(missing_ok=True)
+    except OSError as err:
+        raise ConfigError(f"can't write --json {path}: {err.strerror}") from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -247,12 +247,12 @@ def run_experiment(
         status = "stopped" if stop.is_set() else "finished"
         if store is not None:
             store.finish_run(run_id, status, "; ".join(notes))
-        yield RunDone(status, results, run_id, notes)
+        done = RunDone(status, results, run_id, notes)
     except LockCancelledError:
         # Stopped while waiting for the GPU: nothing was trained, nothing failed.
         if store is not None:
             store.finish_run(run_id, "stopped", "stopped while waiting for the GPU")
-        yield RunDone("stopped", {}, run_id)
+        done = RunDone("stopped", {}, run_id)
     except BenchError as err:
         if store is not None:
             store.finish_run(run_id, "failed", str(err))
@@ -269,6 +269,9 @@ def run_experiment(
         if store is not None:
             store.finish_run(run_id, "failed", f"{type(err).__name__}: {err}".splitlines()[0])
         raise
+    # Outside the try: the run is stored as it ended, and what happens to the consumer after this
+    # (a second Ctrl-C, a closed generator) must not store it again as interrupted or stopped.
+    yield done
 
 
 def _run_method(

@@ -296,3 +296,28 @@ def test_a_second_ctrl_c_marks_the_run_interrupted_and_keeps_its_epochs(tmp_path
     assert (run["status"], run["message"]) == ("interrupted", "aborted by a second Ctrl-C or SIGTERM")
     assert len(store.records(run["id"])) == 1
     assert not list((tmp_path / "weights").rglob("*.tmp"))
+
+
+def test_a_run_stored_as_it_ended_stays_so_when_its_consumer_goes_away(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    events = run_experiment(tiny_config(epochs=1), store=store, source="test")
+    done = next(event for event in events if type(event).__name__ == "RunDone")
+    events.close()  # GeneratorExit at the last yield: the run was already stored as finished
+    run = store.get_run(done.run_id)
+    assert (run["status"], done.status) == ("finished", "finished")
+
+
+def test_a_ctrl_c_after_the_run_was_stored_says_so_and_keeps_it(tmp_path, monkeypatch, capsys):
+    from bench_core import cli, report
+
+    def interrupted(results):
+        raise KeyboardInterrupt  # the second Ctrl-C, as the table is printed
+
+    monkeypatch.setattr(report, "format_table", interrupted)
+    store_path, out = tmp_path / "runs.sqlite", tmp_path / "out.json"
+    args = ["train", "--dataset", "synthetic", "--synthetic-train", "300", "--synthetic-test", "100", "--hidden", "8"]
+    code = cli.main([*args, "--epochs", "1", "--quiet", "--store", str(store_path), "--json", str(out)])
+    assert code == 130
+    assert capsys.readouterr().err.strip().endswith("interrupted: run 1 is stored as finished")
+    assert RunStore(store_path).get_run(1)["status"] == "finished"
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
