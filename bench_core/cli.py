@@ -89,29 +89,83 @@ def _device(text: str) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineParser(prog="python -m bench_core", description=__doc__.splitlines()[0])
+    parser = OneLineParser(
+        prog="python -m bench_core", description="The ensemble workbench's command line: train, runs, bench, worker."
+    )
     sub = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
 
     tr = sub.add_parser("train", help="train and compare methods, print a table of figures")
-    tr.add_argument("--dataset", type=_choice("dataset", DATASETS), default="cifar10")
-    tr.add_argument("--methods", type=_methods, default=("classic", "batchensemble"), help="comma list")
-    tr.add_argument("--ensemble-size", type=_positive_int("ensemble size"), default=5)
-    tr.add_argument("--epochs", type=_positive_int("epochs"), default=10)
-    tr.add_argument("--batch-size", type=_positive_int("batch size"), default=128)
-    tr.add_argument("--lr", type=_positive_float("learning rate"), default=1e-3)
-    tr.add_argument("--hidden", type=_positive_int("hidden width"), default=128)
-    tr.add_argument("--depth", type=_positive_int("depth"), default=2)
-    tr.add_argument("--device", type=_device, default="auto")
-    tr.add_argument("--seed", type=_positive_int("seed", minimum=0, maximum=MAX_SEED), default=0)
-    tr.add_argument("--classic-mode", type=_choice("classic mode", CLASSIC_MODES), default="vectorized")
-    tr.add_argument("--be-batching", type=_choice("BatchEnsemble batching", BE_BATCHINGS), default="repeat")
-    tr.add_argument("--be-init", type=_choice("fast-weight init", BE_INITS), default="normal")
-    tr.add_argument("--be-init-std", type=_positive_float("fast-weight init std", allow_zero=True), default=0.5)
+    one_of = ", ".join
+    tr.add_argument(
+        "--dataset", type=_choice("dataset", DATASETS), default="cifar10", help=f"{one_of(DATASETS)} (default cifar10)"
+    )
+    tr.add_argument(
+        "--methods",
+        type=_methods,
+        default=("classic", "batchensemble"),
+        help=f"comma list of {one_of(METHODS)} (default classic,batchensemble)",
+    )
+    tr.add_argument("--ensemble-size", type=_positive_int("ensemble size"), default=5, help="members E (default 5)")
+    tr.add_argument("--epochs", type=_positive_int("epochs"), default=10, help="(default 10)")
+    tr.add_argument("--batch-size", type=_positive_int("batch size"), default=128, help="(default 128)")
+    tr.add_argument(
+        "--lr", type=_positive_float("learning rate"), default=1e-3, help="Adam's learning rate (default 0.001)"
+    )
+    tr.add_argument("--hidden", type=_positive_int("hidden width"), default=128, help="hidden width (default 128)")
+    tr.add_argument("--depth", type=_positive_int("depth"), default=2, help="hidden layers (default 2)")
+    tr.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        help=f"{one_of(DEVICE_CHOICES)}, or cuda:N (default auto: the first of cuda, mps, cpu here)",
+    )
+    tr.add_argument(
+        "--seed", type=_positive_int("seed", minimum=0, maximum=MAX_SEED), default=0, help="random seed (default 0)"
+    )
+    tr.add_argument(
+        "--classic-mode",
+        type=_choice("classic mode", CLASSIC_MODES),
+        default="vectorized",
+        help="vectorized (all members in one batched pass, the default) or sequential (one after another)",
+    )
+    tr.add_argument(
+        "--be-batching",
+        type=_choice("BatchEnsemble batching", BE_BATCHINGS),
+        default="repeat",
+        help="repeat (every member sees the whole batch, the default) or split (each member 1/E of it)",
+    )
+    tr.add_argument(
+        "--be-init",
+        type=_choice("fast-weight init", BE_INITS),
+        default="normal",
+        help=f"how BatchEnsemble's r and s start: {one_of(BE_INITS)} (default normal: N(1, std²))",
+    )
+    tr.add_argument(
+        "--be-init-std",
+        type=_positive_float("fast-weight init std", allow_zero=True),
+        default=0.5,
+        help="std of the normal init (default 0.5)",
+    )
     tr.add_argument("--data-dir", default=None, help="data folder (default $BENCH_DATA_DIR or ./data)")
     tr.add_argument("--no-download", action="store_true", help="never download a missing dataset")
-    tr.add_argument("--synthetic-train", type=_positive_int("synthetic train size"), default=50_000)
-    tr.add_argument("--synthetic-test", type=_positive_int("synthetic test size"), default=10_000)
-    tr.add_argument("--log-every", type=_positive_int("log every", minimum=0), default=0)
+    tr.add_argument(
+        "--synthetic-train",
+        type=_positive_int("synthetic train size"),
+        default=50_000,
+        help="training examples of --dataset synthetic (default 50000)",
+    )
+    tr.add_argument(
+        "--synthetic-test",
+        type=_positive_int("synthetic test size"),
+        default=10_000,
+        help="test examples of --dataset synthetic (default 10000)",
+    )
+    tr.add_argument(
+        "--log-every",
+        type=_positive_int("log every", minimum=0),
+        default=0,
+        help="record the loss every N steps too (default 0: per epoch only)",
+    )
     tr.add_argument("--json", dest="json_path", default=None, help="write the figures to this JSON file")
     tr.add_argument("--store", default=None, help="run store file (default $BENCH_STORE or <data dir>/runs.sqlite)")
     tr.add_argument("--no-store", action="store_true", help="keep nothing in the run store")
@@ -331,8 +385,9 @@ def _run_line(run: dict) -> str:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(run["created"])))
     except (TypeError, ValueError, OverflowError, OSError):
         created = "?"
+    members = 1 if run.get("methods") == ["single"] else field("model", "ensemble_size")  # as the Runs page
     return (
-        f"{run['id']:>4}  {run['status']!s:<11} {field('data', 'name')!s:<13} {field('model', 'ensemble_size')!s:>3} "
+        f"{run['id']:>4}  {run['status']!s:<11} {field('data', 'name')!s:<13} {members!s:>3} "
         f"{field('train', 'epochs')!s:>6}  {', '.join(methods):<28} {created}"
     )
 

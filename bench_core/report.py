@@ -8,10 +8,10 @@ import statistics
 # (key, label, format) in the order a reader wants them.
 FIGURES: list[tuple[str, str, str]] = [
     ("ensemble_accuracy", "ensemble accuracy (mean softmax)", "{:.4f}"),
-    ("mean_member_accuracy", "mean member accuracy (the seed's figure)", "{:.4f}"),
+    ("mean_member_accuracy", "mean member accuracy (the seed notebook's figure)", "{:.4f}"),
     ("best_member_accuracy", "best member accuracy", "{:.4f}"),
     ("worst_member_accuracy", "worst member accuracy", "{:.4f}"),
-    ("nll", "NLL", "{:.4f}"),
+    ("nll", "NLL (nats)", "{:.4f}"),
     ("ece", "ECE (15 bins)", "{:.4f}"),
     ("brier", "Brier score", "{:.4f}"),
     ("disagreement", "mean pairwise disagreement", "{:.4f}"),
@@ -23,6 +23,37 @@ FIGURES: list[tuple[str, str, str]] = [
     ("inference_examples_per_second", "inference examples / s", "{:,.0f}"),
 ]
 
+# What each figure means, for a reader who has not met it (the Results page and the Learn page).
+FIGURE_HELP: dict[str, str] = {
+    "ensemble_accuracy": "test accuracy of the ensemble's prediction, the class with the highest mean of "
+    "the members' softmax probabilities; higher is better",
+    "mean_member_accuracy": "the members' test accuracies averaged: what the seed notebook reported",
+    "best_member_accuracy": "the most accurate member's test accuracy",
+    "worst_member_accuracy": "the least accurate member's test accuracy",
+    "nll": "negative log-likelihood: the mean of −ln(probability the ensemble gave the true class); "
+    "0 is perfect, ln C (2.30 for 10 classes) is a uniform guess; lower is better",
+    "ece": "expected calibration error: test examples binned by the ensemble's confidence (15 equal bins), "
+    "the gap |accuracy − mean confidence| of each bin averaged, weighted by its examples; 0 is perfectly "
+    "calibrated; lower is better",
+    "brier": "the squared distance between the ensemble's probabilities and the one-hot true class, summed "
+    "over classes and averaged over examples: 0 is perfect, 2 the worst; lower is better",
+    "disagreement": "the fraction of test examples on which two members predict different classes, averaged "
+    "over every pair of members (1 − the agreement matrix off its diagonal); none for a single model",
+    "predictive_entropy": "the entropy of the ensemble's mean prediction, averaged over test examples: "
+    "0 when it is certain, ln C when uniform; how unsure the ensemble is",
+    "mutual_information": "the entropy of the ensemble's mean prediction minus the members' mean entropy: "
+    "the part of the uncertainty that comes from the members disagreeing; 0 when every member predicts "
+    "the same probabilities; none for a single model",
+    "params": "trainable numbers in the model (every member's together)",
+    "train_seconds": "wall-clock seconds of training, evaluation left out; one run's timing, which a busy "
+    "machine can stretch",
+    "mean_epoch_seconds": "the mean of the whole epochs' seconds (a stopped epoch's fragment left out)",
+    "inference_examples_per_second": "test examples predicted per second, every member included",
+}
+
+# Figures about pairs of members: none for a single model, which has no pair.
+PAIRWISE = ("disagreement", "mutual_information")
+
 METHOD_LABELS = {"single": "single", "classic": "classic", "batchensemble": "BatchEnsemble"}
 
 
@@ -30,6 +61,8 @@ def derived(result: dict) -> dict:
     """A result with the figures that are computed from others (best/worst member, mean epoch)."""
     out = dict(result)
     members = result.get("member_accuracy") or []
+    if result.get("ensemble_size") == 1 or len(members) == 1:
+        out.update(dict.fromkeys(PAIRWISE))
     if members:
         out["best_member_accuracy"] = max(members)
         out["worst_member_accuracy"] = min(members)

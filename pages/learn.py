@@ -7,6 +7,7 @@ import torch
 
 from bench_core.config import BE_INITS, DATASETS, DataConfig
 from bench_core.models import BatchEnsembleLinear, mlp_sizes
+from bench_core.report import FIGURE_HELP
 from bench_core.runner import DATASET_CLASSES, DATASET_SHAPES
 from pages._common import (
     batchensemble_params,
@@ -21,6 +22,7 @@ from pages._common import (
 require_router("pages/learn.py")
 
 N_IN, N_OUT = 8, 6  # the small layer drawn below
+INIT_LABELS = {"normal": "normal N(1, std²)", "random_sign": "random signs ±1"}
 
 
 def layer_pictures() -> None:
@@ -32,7 +34,15 @@ def layer_pictures() -> None:
     else:
         k = 1
         controls[1].caption("One member: k = 1")
-    init = controls[2].radio("Fast-weight init", BE_INITS, key="learn_init", horizontal=True)
+    init = controls[2].radio(
+        "How r and s start",
+        BE_INITS,
+        format_func=INIT_LABELS.get,
+        key="learn_init",
+        horizontal=True,
+        help="r_k and s_k are the 'fast weights': each entry drawn from a normal distribution around 1 "
+        "(std below; the paper's code uses 0.5), or each +1 or −1 with equal chance",
+    )
     std = controls[2].slider("std (normal init)", 0.0, 1.5, 0.5, 0.05, key="learn_std", disabled=init != "normal")
     seed = controls[3].number_input("Seed", 0, 10_000, 0, key="learn_seed")
 
@@ -71,7 +81,9 @@ def params_section() -> None:
     name = controls[0].selectbox("Dataset shape", DATASETS, format_func=dataset_label, key="learn_dataset")
     hidden = controls[1].number_input("Hidden width", 1, 4096, 128, step=16, key="learn_hidden")
     depth = controls[2].number_input("Hidden layers", 1, 8, 2, key="learn_depth")
-    members = controls[3].slider("Mark E", 1, 16, 5, key="learn_mark")
+    members = controls[3].slider(
+        "Ensemble size to mark", 1, 16, 5, key="learn_mark", help="The counts for this E, beside the chart"
+    )
     if name == "synthetic":
         shape, classes = tuple(DataConfig.synthetic_shape), DataConfig.synthetic_classes
     else:
@@ -89,8 +101,14 @@ def params_section() -> None:
         st.metric("One MLP", f"{single:,}")
         st.metric(f"Classic ensemble, E={members}", f"{members * single:,}")
         ratio = members * single / be
-        versus = f"{ratio:.2f}× fewer than classic" if ratio >= 1 else f"{1 / ratio:.2f}× more than classic"
-        st.metric(f"BatchEnsemble, E={members}", f"{be:,}", versus, delta_color="normal" if ratio >= 1 else "inverse")
+        versus = f"classic has {ratio:.2f}× as many" if ratio >= 1 else f"{1 / ratio:.2f}× as many as classic"
+        st.metric(
+            f"BatchEnsemble, E={members}",
+            f"{be:,}",
+            versus,
+            delta_color="normal" if ratio >= 1 else "inverse",
+            delta_arrow="off",  # an arrow beside "as many" reads as more or fewer of BatchEnsemble's own
+        )
         st.caption(f"Layer widths: {' → '.join(map(str, sizes))} ({dataset_label(name)}: {shape}, {classes} classes)")
 
 
@@ -102,14 +120,18 @@ An **ensemble** trains several models (its *members*) and averages their predict
 A **classic ensemble** of E MLPs has E times the parameters and does E times the work.
 
 **BatchEnsemble** (Wen, Tran & Ba, ICLR 2020) lets the members share most of their weights. In each
-layer, one weight matrix $W$ (outputs × inputs) is shared by all members; member $k$ owns only two
-vectors, $r_k$ on the input side and $s_k$ on the output side, and its own bias $b_k$.
-Member $k$'s weight matrix is $W$ scaled, entry by entry, by the rank-1 matrix $s_k r_k^\top$:
+layer, one weight matrix $W$ is shared by all members; member $k$ owns only three vectors: the
+*fast weights* $r_k$ on the input side and $s_k$ on the output side, and its own bias $b_k$.
+Member $k$'s weight matrix is $W$ scaled, entry by entry, by the rank-1 matrix $s_k r_k^\top$.
+This page writes $W$ as outputs × inputs, as `nn.Linear` prints it; the paper (and this workbench's
+code) store its transpose, inputs × outputs, where the same matrix reads $W \circ (r_k s_k^\top)$.
 """
 )
 st.latex(r"W_k \;=\; W \circ \left(s_k\, r_k^{\top}\right), \qquad (W_k)_{oi} = W_{oi}\, s_{k,o}\, r_{k,i}")
 st.markdown(
-    "It never has to be built: scale the input by $r_k$, multiply by the shared $W$, scale the output by $s_k$."
+    "$W_k$ need not be built: scale the input by $r_k$, multiply by the shared $W$, scale the output by $s_k$. "
+    "(Where building it is faster, this workbench does: with repeat batching, the first layer multiplies "
+    "the shared input by every member's $W \\circ r_k$ side by side.)"
 )
 st.latex(r"y_k \;=\; W_k\, x + b_k \;=\; s_k \circ \big(W\,(r_k \circ x)\big) + b_k")
 st.markdown("For a layer with $d_{in}$ inputs and $d_{out}$ outputs, the parameters are:")
@@ -127,24 +149,24 @@ params_section()
 st.subheader("Where BatchEnsemble is fast, and where it is not")
 st.markdown(
     """
-- **One batched pass for all members.** Every member's forward and backward pass is a few large
-  matrix products over the shared W, not E small models run one after another.
-- **The input is read once.** In the first layer all members see the same batch (repeat batching):
-  the input is loaded once and multiplied by all members' weights side by side.
+- **Against what.** This workbench runs the classic ensemble *vectorized* by default: every member's
+  forward and backward pass in a few batched matrix products, the shared input read once. So the
+  batched pass is not BatchEnsemble's own advantage here; what it has that classic has not is below.
 - **Fewer parameters to update.** The optimizer (Adam) updates one W per layer plus small vectors,
-  instead of E full copies of every weight — less memory traffic on every step.
-- **Honestly:** with repeat batching each member still processes every example, so the multiply-adds
-  still grow with E (in the first layer as in the others). *Split* batching gives each member 1/E of
-  each batch instead: E times less work per step, but each member sees 1/E of the data per epoch.
-- A classic ensemble can be vectorized too (this workbench does it by default); the difference that
-  remains is the parameter count and the memory it moves.
-- **Not on every device.** Against that vectorized classic ensemble, what BatchEnsemble buys in time
-  depends on where it runs. On this project's 2-core CPU, where a step is arithmetic and memory,
-  repeat batching trained about as fast (0.96–1.06× its time in most benchmark runs) and split
-  batching in 0.3–0.5× of it. On a GPU a step this small is bound by kernel launches, not
-  arithmetic: BatchEnsemble's extra element-wise kernels (its r and s and their gradients) made it
-  *slower* there in every GPU run (repeat about 1.45×, split about 1.1× on an H100 and an H200).
-  Its smaller parameter count holds everywhere. The Speed page measures your device.
+  instead of E full copies of every weight: less memory to hold and less to move on every step.
+- **Repeat batching does as much arithmetic.** Each member still processes every example, so the
+  multiply-adds grow with E as a classic ensemble's do, and r and s add element-wise work on top.
+  What it saves is the optimizer's share of the step.
+- ***Split* batching does E times less.** Each member gets 1/E of each batch: E times fewer
+  multiply-adds per step, but each member sees 1/E of the data per epoch.
+- **Not on every device.** What BatchEnsemble buys in time depends on where it runs. On this
+  project's 2-core CPU, where a step is arithmetic and memory, repeat batching trained about as fast
+  as the vectorized classic ensemble (0.96–1.06× its time in most benchmark runs) and split
+  batching in 0.3–0.5× of it. On a GPU a step this small is a few dozen short kernels, each too
+  small to fill the GPU, even replayed as one CUDA graph (which takes away the CPU's cost of
+  launching them): BatchEnsemble's extra element-wise kernels (its r and s and their gradients)
+  made it *slower* there in every GPU run (repeat about 1.45×, split about 1.1× on an H100 and an
+  H200). Its smaller parameter count holds everywhere. The Speed page measures your device.
 """
 )
 
@@ -155,9 +177,30 @@ st.markdown(
   predict the same class; the diagonal is 1. Values near 1 everywhere mean the members are near
   copies and the ensemble adds little; lower values off the diagonal mean more diverse members.
   BatchEnsemble members share W, so they often agree more than independent MLPs do.
-- **Why the ensemble beats its average member.** Members make partly *different* mistakes.
-  Averaging their probabilities lets the right answer win where most members are right, and
-  cancels much of the noise of any single one. So ensemble accuracy is usually above the *mean*
-  member accuracy, often above the best member, and the gain is larger when members disagree more.
+- **Why the ensemble beats its average member.** Members make partly *different* mistakes. The
+  ensemble averages their probabilities (a *soft* vote: a confident member weighs more than an
+  unsure one, so it is not a head count), which cancels much of any single member's noise. So
+  ensemble accuracy is usually above the *mean* member accuracy, often above the best member, and
+  the gain is larger when members disagree more.
+- **Mean member accuracy** is what the seed notebook reported for each method: the members'
+  accuracies averaged, which says nothing about the ensemble's own prediction.
 """
+)
+
+st.subheader("Reading the calibration figures")
+st.markdown(
+    "A good ensemble is not only accurate: its probabilities should mean what they say. The Results "
+    "page's table measures that on the test set (C is the number of classes; nats are natural-log units):\n\n"
+    + "\n".join(
+        f"- **{label}**: {FIGURE_HELP[key]}."
+        for key, label in (
+            ("nll", "NLL"),
+            ("ece", "ECE"),
+            ("brier", "Brier score"),
+            ("predictive_entropy", "Predictive entropy"),
+            ("mutual_information", "Mutual information"),
+        )
+    )
+    + "\n\nThe reliability chart beside the table draws ECE's bins: each dot is a bin's mean confidence "
+    "against its accuracy; dots below the diagonal are over-confident."
 )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from bench_core.report import FIGURES, figure_rows, format_value, ratios
+from bench_core.report import FIGURE_HELP, FIGURES, figure_rows, format_value, ratios
 from bench_core.store import FINAL_STATUSES
 from pages._common import (
     LAST_RUN_KEY,
@@ -96,7 +96,20 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
     }
     for cell, (key, value) in zip(st.columns(max(2, len(found))), found.items(), strict=False):
         label, what = names[key]
-        cell.metric(label, f"{value:.2f}×", help=f"The {what} ÷ those of BatchEnsemble", border=True)
+        note = NOISE_NOTE if key == "train_seconds" else ""
+        cell.metric(label, f"{value:.2f}×", help=f"The {what} ÷ those of BatchEnsemble.{note}", border=True)
+
+
+NOISE_NOTE = (
+    " One run, timed once: on a busy machine the same settings can give a ratio several times larger or"
+    " smaller. The Speed page times each method with repeats, side by side."
+)
+
+
+def figure_glossary() -> None:
+    """What every figure of the table means, in an expander under it."""
+    with st.expander("What the figures mean"):
+        st.markdown("\n".join(f"- **{label}**: {FIGURE_HELP[key]}." for key, label, _ in FIGURES))
 
 
 def figure_table(results: dict[str, dict], methods: list[str]) -> pd.DataFrame:
@@ -129,6 +142,7 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     with left:
         st.subheader("Every figure")
         st.table(figure_table(results, methods))
+        figure_glossary()
     with right:
         show(reliability_figure(results))
         st.caption(

@@ -528,8 +528,8 @@ def live_view(was_running: bool) -> None:
 require_router("pages/speed.py")
 st.title("Speed")
 st.caption(
-    "Seconds per training epoch, inference throughput and peak memory of each method against the "
-    "ensemble size, measured now on this machine — the same benchmark as `python -m bench_core bench`. "
+    "Seconds per training epoch and peak memory of each method against the ensemble size (inference "
+    "throughput in the table), measured now on this machine — the same benchmark as `python -m bench_core bench`. "
     "Epochs are extrapolated from a few timed steps; the floor is the matrix products' FLOPs at the "
     "fastest matrix-multiply rate measured at the start. On a CPU the dashboard and its browser share the cores "
     "the benchmark measures: for figures to quote, run the command line with nothing else running."

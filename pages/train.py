@@ -126,7 +126,13 @@ def settings(locked: bool) -> RunConfig:
         help="classic: E independent MLPs. BatchEnsemble: one shared weight per layer plus cheap per-member "
         "vectors. single: one MLP, the baseline.",
     )
-    top[2].selectbox("Device", DEVICES, key=P + "device", disabled=locked, help="auto: the fastest device here")
+    top[2].selectbox(
+        "Device",
+        DEVICES,
+        key=P + "device",
+        disabled=locked,
+        help="auto: the first of cuda, mps and cpu that this machine has (nothing is timed to choose)",
+    )
 
     usable, reason = dataset_status(name)
     if usable:

@@ -573,7 +573,7 @@ def click_round(page) -> dict[str, float]:
     """Six clicks a user makes while a run trains, each timed from the click to the page's answer.
 
     Starts and ends on the Train page: sidebar to Learn (answer: its title heading), two steps
-    of its "Member k" slider (the member's matrices are redrawn), one of "Mark E" (the parameter
+    of its "Member k" slider (the member's matrices are redrawn), one of "Ensemble size to mark" (the parameter
     chart and counts change), sidebar to Runs, sidebar back to Train (each: the page's heading).
     """
     latencies: dict[str, float] = {}
@@ -581,7 +581,7 @@ def click_round(page) -> dict[str, float]:
     wait_settled(page)
     for step in (1, 2):
         latencies[f"slider Member k (step {step})"] = timed_slider_step(page, "Member k")
-    latencies["slider Mark E"] = timed_slider_step(page, "Mark E")
+    latencies["slider Ensemble size to mark"] = timed_slider_step(page, "Ensemble size to mark")
     latencies["sidebar: Runs"] = go_to(page, "Runs")
     wait_settled(page)
     latencies["sidebar: Train"] = go_to(page, "Train")

@@ -469,6 +469,11 @@ def test_results_of_a_single_model_with_one_member(store_file):
     assert not at.error
     assert len(heatmaps(at)) == 1
     assert [m.label for m in at.metric] == ["single"], "no ratios without both ensembles"
+    table = at.table[0].value
+    assert table.loc["mean pairwise disagreement", "single"] == "—", "one member has no pair"
+    assert table.loc["mutual information (nats)", "single"] == "—"
+    glossary = [m.value for m in at.expander[0].markdown] if at.expander else []
+    assert glossary and "**ECE (15 bins)**: expected calibration error" in glossary[0]
 
 
 def test_results_of_a_failed_run_say_so(store_file):
@@ -600,12 +605,17 @@ def test_learn_with_sliders_moved(store_file):
     at.slider(key="learn_members").set_value(1).run()
     at.slider(key="learn_mark").set_value(1).run()
     (be,) = [m for m in at.metric if m.label.startswith("BatchEnsemble")]  # E = 1: r, s and a bias on one MLP
-    assert "more than classic" in be.delta, "not '0.99x fewer'"
+    assert be.delta.endswith("as many as classic"), "not '0.99x fewer'"
+    at.slider(key="learn_mark").set_value(5).run()
+    (be,) = [m for m in at.metric if m.label.startswith("BatchEnsemble")]
+    assert be.delta.startswith("classic has") and be.proto.direction == be.proto.NONE, 'no arrow beside "as many"'
     at.selectbox(key="learn_dataset").set_value("mnist").run()
     assert not at.exception, at.exception
     assert at.latex, "the formulas"
     devices = [m.value for m in at.markdown if "Not on every device" in m.value]
-    assert devices and "kernel launches" in devices[0], "where BatchEnsemble is not faster: on a GPU"
+    assert devices and "CUDA graph" in devices[0], "where BatchEnsemble is not faster: on a GPU"
+    calibration = [m.value for m in at.markdown if "probabilities should mean what they say" in m.value]
+    assert calibration and all(name in calibration[0] for name in ("**NLL**", "**ECE**", "**Brier score**"))
 
 
 # ----------------------------------------------------------------------------- helpers

@@ -201,3 +201,29 @@ def test_fashion_mnist_reaches_88_percent_for_both_methods(tmp_path):
     for method in ("classic", "batchensemble"):
         assert figures[method]["ensemble_accuracy"] >= 0.88, (method, figures[method]["ensemble_accuracy"])
     assert figures["classic"]["ensemble_accuracy"] > figures["classic"]["mean_member_accuracy"]
+
+
+def test_train_help_names_every_choice_and_default(capsys):
+    from bench_core.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for needle in (
+        "comma list of single, classic, batchensemble (default classic,batchensemble)",
+        "cifar10, fashion-mnist, mnist, synthetic (default cifar10)",
+        "--epochs EPOCHS (default 10)",
+        "repeat (every member sees the whole batch, the default) or split",
+        "normal, random_sign (default normal: N(1, std²))",
+    ):
+        assert needle in text, needle
+
+
+def test_runs_lists_one_member_for_a_run_of_the_single_model_alone():
+    from bench_core.cli import _run_line
+
+    run = {"id": 3, "status": "finished", "methods": ["single"], "created": 0, "summary": {}}
+    run["config"] = {"data": {"name": "synthetic"}, "model": {"ensemble_size": 5}, "train": {"epochs": 2}}
+    assert _run_line(run).split()[:4] == ["3", "finished", "synthetic", "1"], "as the Runs page: E = 1"
+    run["methods"] = ["single", "classic"]
+    assert _run_line(run).split()[3] == "5"
