@@ -284,6 +284,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"run {run_id} (store: {store.path})", file=sys.stderr)
     stop = threading.Event()
     _install_stop_handler(stop)
+    if store is not None:  # the dashboard's Stop (Train or Runs page) reaches a run started here too
+        from bench_core.jobs import watch_stop
+
+        watch_stop(store, run_id, stop)
     bar = ProgressBar(cfg, enabled=not args.quiet)
     done = None
     for event in run_experiment(cfg, store=store, run_id=run_id, stop=stop, progress=bar.download):

@@ -634,6 +634,14 @@ class RunStore:
         summaries = self._summaries()
         return [self._run_dict(row, summaries) for row in rows]
 
+    def active_runs(self) -> list[dict]:
+        """The runs still queued or running, newest first, as ``list_runs`` gives them."""
+        marks = ",".join("?" * len(ACTIVE_STATUSES))
+        sql = f"SELECT {_LIST_COLUMNS} FROM runs WHERE status IN ({marks}) ORDER BY id DESC"
+        rows = self._read(sql, ACTIVE_STATUSES)
+        summaries = self._summaries([row[0] for row in rows]) if rows else {}
+        return [self._run_dict(row, summaries) for row in rows]
+
     def get_run(self, run_id: int) -> dict:
         """One run with everything: the ``list_runs`` fields, versions, records and results."""
         rows = self._read(f"SELECT {_LIST_COLUMNS}, versions, pid_start FROM runs WHERE id = ?", (run_id,))

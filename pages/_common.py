@@ -7,6 +7,7 @@ directly. Every figure uses one colour per method and fonts big enough for a pro
 
 from __future__ import annotations
 
+import atexit
 import csv
 import functools
 import inspect
@@ -141,6 +142,50 @@ def store_path() -> Path:
     if STORE_PATH_KEY not in st.session_state:
         st.session_state[STORE_PATH_KEY] = str(default_store_path())
     return Path(st.session_state[STORE_PATH_KEY])
+
+
+@st.cache_resource(show_spinner=False)
+def benchmark_jobs() -> list:
+    """The Speed page's benchmark processes, one list for the whole server (every session and tab).
+
+    A benchmark started in one tab is drawn, and can be stopped, in any other and after a reload;
+    its process (started in a session of its own) is ended with the server, whose pages are its
+    only readers.
+    """
+    started: list = []
+    atexit.register(_end_benchmarks, started)
+    return started
+
+
+def _end_benchmarks(started: list) -> None:
+    for job in started:
+        if job.running():
+            job.proc.terminate()
+
+
+def running_benchmark():
+    """The benchmark running now on this server (the newest), or None."""
+    return next((job for job in reversed(benchmark_jobs()) if job.running()), None)
+
+
+def sharing_note(runs: list[dict], benchmark: bool) -> str | None:
+    """One sentence on what else is using this machine's cores now, or None.
+
+    ``runs``: the active runs other than the one in view; ``benchmark``: a Speed benchmark runs.
+    """
+    parts = []
+    if runs:
+        ids = ", ".join(str(r["id"]) for r in runs)
+        parts.append(f"run{'s' if len(runs) > 1 else ''} {ids} {'are' if len(runs) > 1 else 'is'} training")
+    if benchmark:
+        parts.append("a Speed benchmark is running")
+    if not parts:
+        return None
+    text = " and ".join(parts)
+    return (
+        f"{text[0].upper()}{text[1:]} on this machine: what runs at the same time shares its cores, so "
+        "seconds per epoch (and a benchmark's figures) come out slower than alone."
+    )
 
 
 def open_store() -> RunStore:

@@ -168,9 +168,11 @@ st.title("Results")
 store = open_store()
 every = store.list_runs()
 runs = [r for r in every if r["status"] in FINAL_STATUSES]
-live = st.session_state.get(LIVE_RUN_KEY)
-if live is not None and any(r["id"] == live and r["status"] not in FINAL_STATUSES for r in every):
-    st.info(f"Run {live} is still training: its results appear here when it ends.", icon=":material/hourglass_top:")
+training = {r["id"] for r in every if r["status"] not in FINAL_STATUSES}
+wanted = st.query_params.get("run")
+asked = int(wanted) if wanted is not None and wanted.isdigit() else None  # a link to one run: /results?run=7
+for waiting in dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training):
+    st.info(f"Run {waiting} is still training: its results appear here when it ends.", icon=":material/hourglass_top:")
 if not runs:
     st.info("No run has ended yet: train one on the Train page.")
     st.stop()

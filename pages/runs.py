@@ -137,7 +137,20 @@ def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
     if not selected:
         return
     active = [i for i in selected if jobs.is_active(by_id[i]["status"])]
-    if st.button(
+    row = st.container(horizontal=True)
+    if active:  # wherever they were started: a tab closed or reloaded can't stop them any more
+        asked = [i for i in active if by_id[i].get("stop_requested")]
+        names = f"run{'s' if len(active) > 1 else ''} {', '.join(map(str, active))}"
+        if row.button(f"Stop {names}", key="runs_stop", icon=":material/stop:", disabled=len(asked) == len(active)):
+            try:
+                for run_id in active:
+                    jobs.request_stop(store_path(), run_id)
+            except BenchError as err:
+                st.error(str(err), icon=":material/error:")
+                return
+            st.toast(f"{names.capitalize()} stop{'' if len(active) > 1 else 's'} after the current batch.")
+            st.rerun()
+    if row.button(
         f"Delete {len(selected)} selected run{'s' if len(selected) > 1 else ''}",
         key="runs_delete",
         icon=":material/delete:",
@@ -214,7 +227,7 @@ if len(selected) > MAX_COMPARED:
     )
 if selected:
     full = existing_runs(store, selected[:MAX_COMPARED])
-    if len(selected) == 1:
+    if len(selected) == 1 and not jobs.is_active(by_id[selected[0]]["status"]):  # Results shows ended runs
         st.session_state[LAST_RUN_KEY] = selected[0]
         st.page_link(
             "pages/results.py", label=f"Open run {selected[0]} on the Results page", icon=":material/bar_chart:"

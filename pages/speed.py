@@ -43,7 +43,9 @@ from bench_core.bench import (
 )
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError
+from bench_core.store import RunStore
 from pages._common import (
+    benchmark_jobs,
     dataset_label,
     hms,
     log_ticks,
@@ -51,7 +53,10 @@ from pages._common import (
     missing_placeholder,
     numbers_table,
     require_router,
+    running_benchmark,
+    sharing_note,
     show,
+    store_path,
     style,
 )
 
@@ -243,7 +248,12 @@ def launch(settings: BenchSettings) -> None:
             start_new_session=True,
         )
     previous = st.session_state.get(JOB_KEY)
-    st.session_state[JOB_KEY] = SpeedJob(proc, folder, settings.to_dict())
+    job = SpeedJob(proc, folder, settings.to_dict())
+    st.session_state[JOB_KEY] = job
+    started = benchmark_jobs()
+    started.append(job)
+    for old in [j for j in started[:-1] if not j.running()]:  # the server keeps the running ones only
+        started.remove(old)
     if previous is not None and not previous.running():  # its files are read by no one now
         shutil.rmtree(previous.folder, ignore_errors=True)
     st.rerun()  # draw the settings locked
@@ -536,7 +546,25 @@ st.caption(
 )
 
 job = st.session_state.get(JOB_KEY)
+elsewhere = running_benchmark()  # one started in another tab, or in this one before a reload
+if elsewhere is not None and elsewhere is not job:
+    if job is not None and not job.running():
+        shutil.rmtree(job.folder, ignore_errors=True)
+    st.session_state[JOB_KEY] = job = elsewhere
+    st.info(
+        "A benchmark started in another tab (or before this page was reloaded) is running: its progress is "
+        "below, and its Stop works here too. One runs at a time: two would time each other.",
+        icon=":material/sync:",
+    )
 job_running = job is not None and job.running()
+try:
+    with RunStore(store_path()) as run_store:  # not open_store: a store that can't be read stops nothing here
+        training = run_store.active_runs()
+except BenchError:
+    training = []
+sharing = sharing_note(training, False)
+if sharing:
+    st.warning(sharing, icon=":material/speed:")
 bench_settings = settings_widgets(locked=job_running)
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")

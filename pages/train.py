@@ -8,6 +8,7 @@ and come back to a run still going.
 
 from __future__ import annotations
 
+import math
 import time
 
 import streamlit as st
@@ -17,7 +18,7 @@ from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, M
 from bench_core.data import dataset_status
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError, StoreError
-from bench_core.runner import preflight
+from bench_core.runner import TRAIN_SIZES, preflight
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
@@ -34,6 +35,9 @@ from pages._common import (
     ordered_methods,
     progress_of,
     require_router,
+    run_label,
+    running_benchmark,
+    sharing_note,
     show,
     store_path,
 )
@@ -44,6 +48,11 @@ POLL_SECONDS = 2.0  # the live view: progress line, Stop button, charts (a click
 CHART_SECONDS = 4.0  # between epochs' ends the loss chart takes new points at most this often
 FIGURES_KEY = "train_live_figure"  # the live chart and what it was built from (see live_chart_figure)
 LAUNCH_ERROR_KEY = "train_launch_error"  # why the last press of Train launched nothing
+SCROLL_KEY = "train_scroll_up"  # set by a launch: the next page run scrolls to the live view at the top
+MAX_OTHERS = 3  # runs started elsewhere, listed with Watch and Stop
+# After a launch the browser keeps the scroll position, which at 1280x720 is the locked form at the
+# bottom, under the live view: back to the top once.
+SCROLL_UP = "<script>document.querySelector('[data-testid=\"stMain\"] h1')?.scrollIntoView({block: 'start'});</script>"
 P = "train_set_"  # prefix of the settings' widget keys
 
 DEFAULTS = {
@@ -73,6 +82,8 @@ DEVICES = ["auto", *available_devices()]
 def settings_of(config: dict) -> dict:
     """The widget values that describe a stored run's settings."""
     cfg = RunConfig.from_dict(config)
+    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name, 50_000)
+    steps = math.ceil(n_train / max(1, cfg.train.batch_size))  # as log_every_for counts them
     return {
         "dataset": cfg.data.name,
         "methods": list(cfg.methods),
@@ -90,6 +101,8 @@ def settings_of(config: dict) -> dict:
         "be_init_std": float(cfg.model.be_init_std),
         "synthetic_train": cfg.data.synthetic_train,
         "synthetic_test": cfg.data.synthetic_test,
+        # The number typed is not stored, only the log_every it gave: about steps / log_every.
+        "points_per_epoch": round(steps / cfg.train.log_every) if cfg.train.log_every else 0,
     }
 
 
@@ -101,7 +114,12 @@ def restore_settings(live_config: dict | None) -> None:
     """
     saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
     if live_config is not None:
+        typed = saved["points_per_epoch"]
         saved.update(settings_of(live_config))
+        if log_every_for(RunConfig.from_flat({**saved, "methods": ("single",)}), typed) == (
+            (live_config.get("train") or {}).get("log_every")
+        ):
+            saved["points_per_epoch"] = typed  # what this session typed for its run, exactly
     if saved["device"] not in DEVICES:  # a device that went away since
         saved["device"] = "auto"
     for name, value in saved.items():
@@ -221,8 +239,52 @@ def launch() -> None:
     except BenchError as err:
         st.session_state[LAUNCH_ERROR_KEY] = str(err)
         return
+    remember_settings()  # as launched: a value typed just before the click included
     st.session_state[LIVE_RUN_KEY] = run_id
     st.session_state[LAST_RUN_KEY] = run_id
+    st.session_state[SCROLL_KEY] = True
+
+
+def watch(run_id: int) -> None:
+    """Follow a run started elsewhere (another tab, before a reload, the command line) in this page."""
+    st.session_state[LIVE_RUN_KEY] = run_id
+    st.session_state[LAST_RUN_KEY] = run_id
+    st.session_state.pop(FIGURES_KEY, None)
+
+
+def stop_run(run_id: int) -> None:
+    try:
+        jobs.request_stop(store_path(), run_id)
+    except BenchError as err:
+        st.session_state[LAUNCH_ERROR_KEY] = str(err)
+        return
+    st.toast(f"Run {run_id} stops after its current batch.")
+
+
+def other_runs_block(others: list[dict]) -> None:
+    """Runs training that this session did not launch, each with Watch it here and Stop it.
+
+    Started in another tab, before a reload or a server restart, or from the command line: without
+    these buttons nothing on the page could follow or stop them.
+    """
+    for run in others[:MAX_OTHERS]:
+        where = {"cli": "from the command line", "dashboard": "from the dashboard"}.get(run.get("source"), "")
+        state = "stopping" if run.get("stop_requested") else run["status"]
+        row = st.container(horizontal=True, vertical_alignment="center")
+        what = run_label(run).split(" · ", 1)[-1]  # the label without its "#id status"
+        text = f"Run {run['id']} is {state}, started {where or 'elsewhere'}: {what}"
+        row.info(text, icon=":material/sync:")
+        row.button("Watch it here", key=f"train_watch_{run['id']}", on_click=watch, args=(run["id"],))
+        row.button(
+            "Stop it",
+            key=f"train_stop_other_{run['id']}",
+            icon=":material/stop:",
+            on_click=stop_run,
+            args=(run["id"],),
+            disabled=bool(run.get("stop_requested")),
+        )
+    if len(others) > MAX_OTHERS:
+        st.caption(f"And {len(others) - MAX_OTHERS} more: the Runs page lists them all and can stop them.")
 
 
 def final_status(run: dict) -> None:
@@ -238,6 +300,8 @@ def final_status(run: dict) -> None:
         st.success(f"Run {run_id} finished. Ensemble accuracy: {accs}." if accs else f"Run {run_id} finished.")
         if run.get("message"):  # what went wrong without failing it (weights not saved)
             st.warning(run["message"], icon=":material/warning:")
+    elif status == "stopped" and not results:
+        st.warning(f"Run {run_id} was stopped before any method was trained.", icon=":material/stop_circle:")
     elif status == "stopped":
         kept = f" Ensemble accuracy so far: {accs}." if accs else ""
         st.warning(f"Run {run_id} was stopped; what was trained is kept.{kept}", icon=":material/stop_circle:")
@@ -288,7 +352,9 @@ def progress_line(run: dict, records: list[dict]) -> None:
     fraction, eta, where = progress_of(records, methods, epochs)
     fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
     elapsed = time.time() - (run.get("created") or time.time())
-    state = "stopping after this batch…" if run.get("stop_requested") else run["status"]
+    # Before the first record (data loading, building kernels) there is no batch to finish yet.
+    stopping = "stopping after this batch…" if records else "stopping once the data is ready…"
+    state = stopping if run.get("stop_requested") else run["status"]
     text = f"Run {run_id} {state}"
     text += f" · {where}" if where else ""
     text += f" · elapsed {hms(elapsed)} · ETA {hms(eta)}" if eta is not None else f" · elapsed {hms(elapsed)}"
@@ -357,9 +423,19 @@ if live_id is not None:
         live_active = jobs.is_active(live_run["status"])
         live_config = live_run["config"] if live_active else None
 
+try:
+    others = [r for r in store.active_runs() if r["id"] != live_id]
+except StoreError:
+    others = []
+sharing = sharing_note(others, running_benchmark() is not None)
+if not live_active and others:
+    other_runs_block(others)
+
 # While this session's run is active, its live view comes first, above the locked settings,
 # so that on a projector's first screen the class sees the charts, not the form.
 live_slot = st.container()
+if st.session_state.pop(SCROLL_KEY, False):
+    st.html(SCROLL_UP, unsafe_allow_javascript=True)
 restore_settings(live_config)
 config = settings(locked=live_active)
 remember_settings()
@@ -370,6 +446,8 @@ st.button(
 )
 if LAUNCH_ERROR_KEY in st.session_state:
     st.error(st.session_state.pop(LAUNCH_ERROR_KEY), icon=":material/error:")
+if sharing and not live_active:
+    st.warning(sharing, icon=":material/speed:")
 
 if live_id is None:
     # The loss chart's empty frame, where this session's first run will draw. It also has the browser
@@ -381,4 +459,6 @@ if live_id is None:
 else:
     with live_slot if live_active else st.container():
         st.divider()
+        if sharing and live_active:
+            st.warning(sharing, icon=":material/speed:")
         st.fragment(run_every=POLL_SECONDS if live_active else None)(live_view)(live_id, live_active)

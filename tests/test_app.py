@@ -207,6 +207,57 @@ def test_two_browser_sessions_each_see_only_their_own_live_run(store_file):
         assert f"Run {other} " not in shown
 
 
+def active_run(store_file: Path, source: str = "cli") -> int:
+    """A run that is running in the store, owned by this process (alive to the store's reconcile)."""
+    with RunStore(store_file) as store:
+        run_id = store.create_run(tiny_config().to_dict(), source=source, status="queued")
+        store.start_run(run_id, device="cpu", versions={})
+    return run_id
+
+
+def test_train_follows_or_stops_a_run_started_elsewhere(store_file):
+    """A run of another tab, of a session before a reload, or of the command line: Watch and Stop."""
+    run_id = active_run(store_file)
+    at = open_page("train")
+    assert not at.exception, at.exception
+    assert any(f"Run {run_id} is running, started from the command line" in i for i in texts(at.info))
+    assert any(f"Run {run_id} is training on this machine" in w for w in texts(at.warning)), "shared cores"
+    at.button(key=f"train_stop_other_{run_id}").click().run()
+    with RunStore(store_file) as store:
+        assert store.get_run(run_id)["stop_requested"]
+    at.button(key=f"train_watch_{run_id}").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["live_run_id"] == run_id
+    assert at.get("progress") and at.slider(key="train_set_epochs").disabled, "its live view, settings locked"
+    assert "stopping once the data is ready" in at.get("progress")[0].proto.text, "no batch has run yet"
+    assert not any("started from" in i for i in texts(at.info)), "followed here: not listed as elsewhere"
+    with RunStore(store_file) as store:
+        store.finish_run(run_id, "stopped")
+    at.run()
+    assert any(f"Run {run_id} was stopped before any method was trained" in w for w in texts(at.warning))
+
+
+def test_a_value_typed_just_before_train_is_the_one_shown_for_the_run(store_file, monkeypatch):
+    launched = []
+
+    def launch_run(config, path):  # queues the run as jobs.launch_run does, and starts no worker
+        launched.append(config)
+        with RunStore(path) as store:
+            return store.create_run(config, source="dashboard", status="queued"), None
+
+    monkeypatch.setattr("bench_core.jobs.launch_run", launch_run)
+    at = open_page("train")
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    at.number_input(key="train_set_synthetic_train").set_value(4096)
+    at.number_input(key="train_set_points_per_epoch").set_value(7)  # no rerun before the click
+    at.button(key="train_start").click().run()
+    assert not at.exception, at.exception
+    assert launched and launched[0]["train"]["log_every"] == 32 // 7
+    assert at.number_input(key="train_set_points_per_epoch").value == 7, "not the value saved before it"
+    at.run()
+    assert at.number_input(key="train_set_points_per_epoch").value == 7
+
+
 @pytest.mark.parametrize(
     ("settings", "needle"),
     [
@@ -267,6 +318,37 @@ def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
     assert not at.exception, at.exception
     assert not at.error, texts(at.error)
     assert "The benchmark was stopped before it measured a row." in texts(at.warning)
+
+
+def test_speed_shows_and_stops_a_benchmark_started_in_another_tab(store_file):
+    first = open_page("speed")
+    for name, value in {"shape": "mnist", "sizes": [1], "rows": ["single"], "steps": 1, "warmup": 0,
+                        "repeats": 1, "hidden": 16, "device": "cpu", "profile_steps": 0}.items():  # fmt: skip
+        first.session_state[f"speed_set_{name}"] = value
+    first.run()
+    first.button(key="speed_start").click().run()
+    job = first.session_state["speed_job"]
+    try:
+        second = open_page("speed")  # another tab, or the same one reloaded: a new session
+        assert not second.exception, second.exception
+        assert second.session_state["speed_job"] is job
+        assert any("started in another tab" in i for i in texts(second.info))
+        assert second.button(key="speed_start").disabled, "one benchmark at a time"
+        second.button(key="speed_stop").click().run()
+        assert job.proc.wait(timeout=60) is not None and job.stop_requested
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+        shutil.rmtree(job.folder, ignore_errors=True)
+
+
+def test_pages_say_what_else_shares_the_cores():
+    from pages._common import sharing_note
+
+    assert sharing_note([], False) is None
+    assert sharing_note([{"id": 4}], False).startswith("Run 4 is training on this machine")
+    note = sharing_note([{"id": 4}, {"id": 6}], True)
+    assert note.startswith("Runs 4, 6 are training and a Speed benchmark is running on this machine")
 
 
 def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
@@ -562,6 +644,32 @@ def test_deleting_runs_one_of_which_went_meanwhile_deletes_the_others(store_file
     assert not at.error, texts(at.error)
     with RunStore(store_file) as store:
         assert [r["id"] for r in store.list_runs()] == [ids[0]]
+
+
+def test_runs_stops_a_ticked_run_that_trains(store_file):
+    run_id = active_run(store_file, source="dashboard")
+    at = open_page("runs")
+    at.session_state["runs_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    assert not at.exception, at.exception
+    assert not at.get("page_link"), "no link to Results, which shows ended runs"
+    at.button(key="runs_stop").click().run()
+    assert not at.exception, at.exception
+    with RunStore(store_file) as store:
+        assert store.get_run(run_id)["stop_requested"]
+    assert at.button(key="runs_stop").disabled, "asked once"
+
+
+def test_results_linked_to_a_run_that_trains_says_so(store_file):
+    finished = make_run(store_file)
+    running = active_run(store_file)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = str(running)
+    at.run()
+    at.switch_page("pages/results.py").run()
+    assert not at.exception, at.exception
+    assert any(f"Run {running} is still training" in i for i in texts(at.info))
+    assert at.selectbox[0].value == finished
 
 
 def test_many_ticked_runs_compare_the_first_twelve(store_file):

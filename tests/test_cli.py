@@ -227,3 +227,35 @@ def test_runs_lists_one_member_for_a_run_of_the_single_model_alone():
     assert _run_line(run).split()[:4] == ["3", "finished", "synthetic", "1"], "as the Runs page: E = 1"
     run["methods"] = ["single", "classic"]
     assert _run_line(run).split()[3] == "5"
+
+
+def test_a_stop_asked_in_the_store_stops_a_command_line_run(tmp_path):
+    """The dashboard's Stop (Train's 'Stop it', the Runs page) reaches a run started by ``train``."""
+    from bench_core.store import RunStore
+
+    env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    env.pop("BENCH_STORE", None)
+    args = ["--dataset", "synthetic", "--synthetic-train", "20000", "--synthetic-test", "500", "--epochs", "50"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench_core", "train", *args, "--quiet"],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    store_file = tmp_path / "data" / "runs.sqlite"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if store_file.exists():
+            with RunStore(store_file) as store:
+                runs = store.list_runs()
+                if runs and store.records(runs[0]["id"]):  # training has begun
+                    store.request_stop(runs[0]["id"])
+                    break
+        time.sleep(0.2)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 0, stderr
+    assert "stopped early" in stderr and "ensemble accuracy" in stdout
+    with RunStore(store_file) as store:
+        assert store.list_runs()[0]["status"] == "stopped"

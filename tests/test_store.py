@@ -540,3 +540,12 @@ def test_a_second_store_object_does_not_break_the_first_ones_view_of_another_pro
     assert first.status(run_id) == "finished"
     assert second.status(run_id) == "finished"
     assert first.get_run(run_id)["status"] == "finished"
+
+
+def test_active_runs_are_the_queued_and_running_ones_newest_first(tmp_path):
+    store = RunStore(tmp_path / "runs.sqlite")
+    done, queued, running = (store.create_run({"methods": ["single"]}, status="queued") for _ in range(3))
+    store.finish_run(done, "finished")
+    store.start_run(running, device="cpu", versions={})  # this process: alive
+    assert [r["id"] for r in store.active_runs()] == [running, queued]
+    assert {r["status"] for r in store.active_runs()} == {"queued", "running"}
