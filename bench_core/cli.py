@@ -17,7 +17,7 @@ from pathlib import Path
 
 from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, MAX_SEED, METHODS, RunConfig
 from bench_core.devices import DEVICE_CHOICES
-from bench_core.errors import BenchError, ConfigError, check_output_file, is_allocation_failure
+from bench_core.errors import BenchError, ConfigError, check_output_file, is_allocation_failure, write_output_file
 
 EXIT_USAGE = 2
 
@@ -302,25 +302,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         for note in done.notes:
             print(f"warning: {note}", file=sys.stderr)
         if args.json_path:
-            _write_json(Path(args.json_path), results_json(done.results))
+            write_output_file(args.json_path, json.dumps(results_json(done.results), indent=2), "--json")
     except KeyboardInterrupt:  # a Ctrl-C after the run was stored: it stays as it ended
         kept = f": run {run_id} is stored as {done.status}" if run_id is not None else ""
         print(f"\ninterrupted{kept}", file=sys.stderr)
         return 130
     return 0
-
-
-def _write_json(path: Path, data) -> None:
-    """Write ``data`` to ``path`` whole or not at all (a temporary file beside it, renamed)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        try:
-            tmp.write_text(json.dumps(data, indent=2))
-            os.replace(tmp, path)
-        finally:
-            tmp.unlink(missing_ok=True)
-    except OSError as err:
-        raise ConfigError(f"can't write --json {path}: {err.strerror}") from None
 
 
 def cmd_worker(args: argparse.Namespace) -> int:

@@ -29,6 +29,7 @@ from bench_core.bench import (
     ROW_LABELS,
     ROW_NAMES,
     ROWS,
+    SPLIT_VS_REFERENCE,
     STEP_PARTS,
     TIME_PARTS,
     BenchSettings,
@@ -40,6 +41,7 @@ from bench_core.bench import (
     time_parts,
     training_steps,
     turns_text,
+    value_text,
 )
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError
@@ -401,13 +403,13 @@ def table_rows(rows: list[dict]) -> list[dict]:
             "method": r["method"],
             "mode": r["mode"],
             "E": r["ensemble_size"],
-            "s / epoch": round(r["epoch_seconds"], 3),
+            "s / epoch": float(f"{r['epoch_seconds']:.3g}"),  # 3 digits, as the command line prints it
             "× floor": round(r["x_floor"], 2),
             "× classic vectorized": ratio(r.get("x_classic_vectorized")),
             "× faster than reference": ratio(r.get("speedup_over_reference")),
             "inference examples / s": round(r["inference_examples_per_second"]),
             "parameters": r["params"],
-            "peak MiB": round(r["peak_mib"], 1),
+            "peak MiB": None if r.get("peak_mib") is None else round(r["peak_mib"], 1),
         }
         for r in rows
     ]
@@ -452,6 +454,8 @@ def results_view(
         show(memory_fig, key=f"speed_mem_{key}")
     shown = numbers_table(table, counts=("inference examples / s", "parameters"), exact=("method", "mode", "E"))
     st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}", **missing_placeholder())
+    if any(r["mode"] == "split" and r.get("× faster than reference") for r in table):
+        st.caption(SPLIT_VS_REFERENCE[0].upper() + SPLIT_VS_REFERENCE[1:] + ".")
     show(parts_fig, key=f"speed_parts_{key}")
     st.caption(
         "The green part is the floor: the time the epoch's matrix products would take at the matrix-multiply "
@@ -479,7 +483,8 @@ def results_view(
             if t["value"] is None:
                 st.markdown(f"- {TARGET_MARKS[None]} {t['target']}: row not measured")
             else:
-                st.markdown(f"- {TARGET_MARKS[t['met']]} {t['target']}: {t['value']:.2f}×{turns_text(t)}")
+                value = value_text(t["value"], t.get("limit"))
+                st.markdown(f"- {TARGET_MARKS[t['met']]} {t['target']}: {value}×{turns_text(t)}")
 
 
 def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple:
@@ -494,7 +499,13 @@ def built_views(rows: list[dict], log_y: bool, signature: tuple | None) -> tuple
     rows = compare_rows(rows)
     built = (
         by_ensemble_size_figure(rows, "epoch_seconds", "Seconds per training epoch", "seconds", log_y),
-        by_ensemble_size_figure(rows, "peak_mib", "Peak training memory", "MiB above the data"),
+        by_ensemble_size_figure(
+            rows,
+            "peak_mib",
+            "Peak training memory"
+            + ("" if any(r.get("peak_mib") is not None for r in rows) else ": not measured (rows in one process)"),
+            "MiB above the data",
+        ),
         time_parts_figure(rows),
         step_parts_figure(rows),
         table_rows(rows),

@@ -484,6 +484,9 @@ def test_targets_turn_by_turn():
     assert bench.target_line(targets[4]).endswith("reference classic: row missing")
     one_turn = {**targets[2], "per_turn": [1.05]}
     assert "turn by turn" not in bench.target_line(one_turn)
+    near = {**targets[0], "value": 1.2549, "met": False, "per_turn": [1.2549, 1.2449]}
+    assert bench.target_line(near).endswith(": 1.255× (turn by turn: 1.255, 1.24)"), "never '1.25' beside NOT met"
+    assert bench.value_text(1.25, 1.25) == "1.25" and bench.value_text(0.3012, 0.35) == "0.30"
 
 
 def test_plan_rows_single_once_and_no_reference():
@@ -508,6 +511,7 @@ def test_plan_rows_single_once_and_no_reference():
         {"depth": 3},  # the reference rows are the seed's 2-hidden-layer models
         {"device": "tpu"},
         {"profile_steps": -1},
+        {"dataset_shape": "5x4x4"},  # the reference rows' PIL images take 1 to 4 channels
     ],
 )
 def test_bad_settings_raise(change):
@@ -537,7 +541,7 @@ def test_tiny_benchmark_every_row(one_thread):
         for key in ("epoch_seconds", "floor_seconds", "x_floor", "inference_examples_per_second", "flops_per_epoch"):
             assert row[key] > 0, (row["name"], key)
         assert row["params"] > 0
-        assert row["peak_mib"] >= 0
+        assert row["peak_mib"] is None, "rows in one process share its peak counter: none is its own"
         assert row["steps_per_epoch"] >= row["timed_steps"] > 0
     cv = next(r for r in done.rows if r["name"] == "classic-vectorized" and r["ensemble_size"] == 2)
     assert cv["x_classic_vectorized"] == pytest.approx(1.0)
@@ -555,7 +559,12 @@ def test_tiny_benchmark_every_row(one_thread):
     assert rate == max(onednn, done.header["matmul_flops_per_second"])  # the floor: the faster rate
     for row in done.rows:
         assert row["floor_seconds"] == pytest.approx(row["flops_per_epoch"] / rate)
-    assert "targets" not in table  # E = 5 was not measured
+    assert "targets: stated for E = 5; add 5 to --ensemble-sizes to check them" in table  # E = 5 not measured
+    assert "peak MiB: not measured (--in-process" in table
+    rows_table = table[table.index("method ") :].split("\n\n")[0].splitlines()[2:]  # under its title and rule
+    rows_table = [line for line in rows_table if line != bench.SPLIT_VS_REFERENCE]  # the note under it
+    assert rows_table and all(line.rstrip().endswith("—") for line in rows_table), "no peak MiB"
+    assert bench.SPLIT_VS_REFERENCE in table, "split's speed-up over the reference is not like for like"
     for row in done.rows:  # where a step goes: the workbench's rows, on this CPU
         if row["method"] == "reference":
             assert "step_shares" not in row and step_parts(row) is None
@@ -563,7 +572,7 @@ def test_tiny_benchmark_every_row(one_thread):
             assert sum(step_parts(row).values()) == pytest.approx(row["epoch_seconds"]), row["name"]
     section = table.split("where a step goes")[1].splitlines()
     workbench = [r for r in done.rows if r["method"] != "reference"]
-    lines = [line for line in section if line.split()[0] in ("single", "classic", "batchensemble")]
+    lines = [line for line in section if line.split()[:1] in (["single"], ["classic"], ["batchensemble"])]
     assert len(lines) == len(workbench), "one line per profiled row"
     assert all(line.count("%") == len(STEP_PARTS) for line in lines)
     assert set(done.header["model_gemm_flops_per_second"]["2"]["split"]) == {"forward", "weight_grad", "input_grad"}

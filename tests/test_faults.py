@@ -321,3 +321,19 @@ def test_a_ctrl_c_after_the_run_was_stored_says_so_and_keeps_it(tmp_path, monkey
     assert capsys.readouterr().err.strip().endswith("interrupted: run 1 is stored as finished")
     assert RunStore(store_path).get_run(1)["status"] == "finished"
     assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
+def test_an_output_file_that_only_opening_refuses_is_refused_before_any_work(tmp_path):
+    from bench_core.errors import ConfigError, check_output_file, write_output_file
+
+    for path in (tmp_path / ("a" * 300 + ".json"), Path("/proc/nope.json")):
+        with pytest.raises(ConfigError, match="can't write --json"):
+            check_output_file(path, "--json")
+    fine = tmp_path / "out.json"
+    check_output_file(fine, "--json")
+    assert not fine.exists(), "the check leaves no file behind"
+    fine.write_text("old")
+    check_output_file(fine, "--json")
+    assert fine.read_text() == "old", "nor empties one that was there"
+    write_output_file(fine, "new", "--json")
+    assert fine.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]

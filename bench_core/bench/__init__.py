@@ -55,6 +55,7 @@ from bench_core.bench.cli import add_arguments, cmd_bench, settings_from_args
 from bench_core.bench.flops import epoch_flops, floor_seconds, gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import measure_row, untimed_epochs
 from bench_core.bench.results import (
+    SPLIT_VS_REFERENCE,
     TIME_PARTS,
     check_targets,
     compare_rows,
@@ -68,6 +69,7 @@ from bench_core.bench.results import (
     time_parts,
     training_steps,
     turns_text,
+    value_text,
 )
 from bench_core.bench.schedule import plan_rows, run_benchmark
 from bench_core.bench.settings import (
@@ -91,6 +93,7 @@ __all__ = [
     "ROW_GROUPS",
     "ROW_LABELS",
     "ROW_NAMES",
+    "SPLIT_VS_REFERENCE",
     "STEP_PARTS",
     "TARGET_E",
     "TIME_PARTS",
@@ -121,4 +124,5 @@ __all__ = [
     "training_steps",
     "turns_text",
     "untimed_epochs",
+    "value_text",
 ]

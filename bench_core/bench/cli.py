@@ -6,13 +6,12 @@ import argparse
 import json
 import sys
 import threading
-from pathlib import Path
 
 from bench_core.bench.results import format_table
 from bench_core.bench.schedule import cmd_row, run_benchmark
 from bench_core.bench.settings import DATASET_SHAPES, ROW_GROUPS, ROWS, BenchSettings, parse_shape
 from bench_core.cli import _device, _install_stop_handler, _positive_int
-from bench_core.errors import ConfigError, check_output_file
+from bench_core.errors import ConfigError, check_output_file, write_output_file
 
 
 def _shape_arg(text: str) -> str:
@@ -140,5 +139,5 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print("stopped early: only the rows above were measured", file=sys.stderr)
     if args.json_path:
         out = {"header": final.header, "rows": final.rows, "targets": final.targets, "stopped": final.stopped}
-        Path(args.json_path).write_text(json.dumps(out, indent=2))
+        write_output_file(args.json_path, json.dumps(out, indent=2), "--json")
     return 0

@@ -157,6 +157,13 @@ def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]
 # ------------------------------------------------------------------------------------------------
 
 
+# Under the table wherever split batching has a speed-up over the reference.
+SPLIT_VS_REFERENCE = (
+    "split's × faster than ref is not like for like: each member sees 1/E of each batch, so its epoch does "
+    "about 1/E of the reference BatchEnsemble's arithmetic (repeat's does the same work)"
+)
+
+
 def format_table(header: dict, rows: list[dict], targets: list[dict] | None = None) -> str:
     """The printed report: machine and method lines, one line per row, then the targets."""
     s = header["settings"]
@@ -185,7 +192,9 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         "worker start-up counted once per member per epoch",
         f"floor: {header['floor']}",
         *([f"workbench training steps: {training_steps(header)}"] if training_steps(header) else []),
-        f"peak MiB: {header['memory']}, each row {'in its own process' if s['isolate'] else 'in this process'}",
+        f"peak MiB: {header['memory']}, each row in its own process"
+        if s["isolate"]
+        else "peak MiB: not measured (--in-process: the rows share one process's peak counter; run without it)",
     ]
     lines += [f"warning: {w}" for w in noise_warnings(header, rows)]
     lines.append("")
@@ -213,12 +222,16 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
             _fmt_ratio(r.get("speedup_over_reference")),
             f"{r['inference_examples_per_second']:,.0f}",
             f"{r['params']:,d}",
-            f"{r['peak_mib']:.1f}",
+            "—" if r.get("peak_mib") is None else f"{r['peak_mib']:.1f}",
         ]
         body.append(values)
     lines += _aligned(cols, body)
+    if any(r["name"] == "batchensemble-split" and r.get("speedup_over_reference") for r in rows):
+        lines.append(SPLIT_VS_REFERENCE)
     lines += step_parts_lines(rows)
-    if targets and any(t["value"] is not None for t in targets):
+    if not any(r["ensemble_size"] == TARGET_E for r in rows):
+        lines += ["", f"targets: stated for E = {TARGET_E}; add {TARGET_E} to --ensemble-sizes to check them"]
+    elif targets and any(t["value"] is not None for t in targets):
         lines += ["", f"targets (E = {targets[0]['ensemble_size']}, medians of this run):"]
         lines += [f"  {target_line(t)}" for t in targets]
         cv = next(
@@ -373,14 +386,27 @@ def _aligned(cols: list[tuple[str, str, int]], body: list[list[str]]) -> list[st
 def target_line(t: dict) -> str:
     """One target as printed: verdict, text, the medians' figure and, with several turns, each turn's."""
     verdict = "n/a" if t["met"] is None else ("met" if t["met"] else "NOT met")
-    value = "row missing" if t["value"] is None else f"{t['value']:.2f}×{turns_text(t)}"
+    value = "row missing" if t["value"] is None else f"{value_text(t['value'], t.get('limit'))}×{turns_text(t)}"
     return f"[{verdict:^7}] {t['target']}: {value}"
+
+
+def value_text(value: float, limit: float | None) -> str:
+    """``value`` to 2 decimals, or more where 2 would print the limit it is judged against.
+
+    1.2549 against ≤ 1.25 is "1.255", not a "1.25" beside NOT met.
+    """
+    for digits in (2, 3, 4):
+        text = f"{value:.{digits}f}"
+        if limit is None or value == limit or float(text) != limit:
+            return text
+    return text
 
 
 def turns_text(t: dict) -> str:
     """`` (turn by turn: a, b, c)`` for a target measured over several turns; "" otherwise."""
     turns = t.get("per_turn") or []
-    return f" (turn by turn: {', '.join(f'{v:.2f}' for v in turns)})" if len(turns) > 1 else ""
+    limit = t.get("limit")
+    return f" (turn by turn: {', '.join(value_text(v, limit) for v in turns)})" if len(turns) > 1 else ""
 
 
 def _e_key(item: tuple[str, dict]) -> int:

@@ -260,7 +260,9 @@ class _ThreadRow:
             elif item[0] == "gate":
                 return
             elif item[0] == "end":
-                self.done, self.result = True, item[1]
+                # Rows in one process take turns, and each one's start resets the process-wide peak
+                # (RSS or CUDA's) that the others are reading: no row's memory figure is its own.
+                self.done, self.result = True, {**item[1], "peak_mib": None}
                 return
             else:
                 self.done = True

@@ -96,6 +96,12 @@ class BenchSettings:
                 f"the reference rows run the seed's models, which have 2 hidden layers, not {self.depth}: "
                 "use --depth 2 or --no-reference"
             )
+        channels = self.shape_info()[0][0]
+        if channels > 4 and any(r in REFERENCE_ROWS for r in self.active_rows()):
+            raise ConfigError(
+                f"the reference rows make a PIL image of each example, which takes 1 to 4 channels, not {channels}: "
+                "use --no-reference or another --dataset-shape"
+            )
         if self.batch_size > n_train:
             raise ConfigError(f"batch size {self.batch_size} is larger than the {n_train} training examples")
         if "batchensemble-split" in self.rows and self.batch_size < max(self.ensemble_sizes):
