@@ -303,13 +303,23 @@ def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
 # ----------------------------------------------------------------------------- Speed
 
 
-def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
+# The smallest benchmark the Speed page runs: the single MLP on MNIST's shape, one step.
+SPEED_TINY = {"shape": "mnist", "sizes": [1], "rows": ["single"], "steps": 1, "warmup": 0, "repeats": 1,
+              "hidden": 16, "device": "cpu", "profile_steps": 0}  # fmt: skip
+
+
+def start_tiny_benchmark() -> AppTest:
+    """A Speed page that has pressed Run benchmark on SPEED_TINY; its job in ``speed_job``."""
     at = open_page("speed")
-    for name, value in {"shape": "mnist", "sizes": [1], "rows": ["single"], "steps": 1, "warmup": 0,
-                        "repeats": 1, "hidden": 16, "device": "cpu", "profile_steps": 0}.items():  # fmt: skip
+    for name, value in SPEED_TINY.items():
         at.session_state[f"speed_set_{name}"] = value
     at.run()
     at.button(key="speed_start").click().run()
+    return at
+
+
+def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
+    at = start_tiny_benchmark()
     job = at.session_state["speed_job"]
     job.proc.terminate()  # what Stop does, here while the benchmark still imports torch
     job.stop_requested = True
@@ -321,12 +331,7 @@ def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
 
 
 def test_speed_shows_and_stops_a_benchmark_started_in_another_tab(store_file):
-    first = open_page("speed")
-    for name, value in {"shape": "mnist", "sizes": [1], "rows": ["single"], "steps": 1, "warmup": 0,
-                        "repeats": 1, "hidden": 16, "device": "cpu", "profile_steps": 0}.items():  # fmt: skip
-        first.session_state[f"speed_set_{name}"] = value
-    first.run()
-    first.button(key="speed_start").click().run()
+    first = start_tiny_benchmark()
     job = first.session_state["speed_job"]
     try:
         second = open_page("speed")  # another tab, or the same one reloaded: a new session
