@@ -8,7 +8,12 @@ from pages._common import DEEP_LINK_KEY, STORE_PATH_KEY, mark_routed
 st.set_page_config(page_title="Ensemble workbench", page_icon=":material/science:", layout="wide")
 # A progress bar's value change slides for 0.5 s: 30 frames of work for the browser every time
 # the live view polls, which on a small machine is CPU taken from the training.
-st.html("<style>[data-testid='stProgress'] * { transition: none !important; }</style>")
+# Its label is the live run's main line (where it is, elapsed, ETA): Streamlit draws it small
+# (14.9 px at 1920x1080), at the body's size here so that a projector's back row can read it.
+st.html(
+    "<style>[data-testid='stProgress'] * { transition: none !important; }"
+    " [data-testid='stProgress'] p { font-size: 1rem !important; }</style>"
+)
 
 # Shared state, set once per browser session: every page reads the store from here.
 if STORE_PATH_KEY not in st.session_state:

@@ -133,7 +133,7 @@ def remember_settings() -> None:
 
 def settings(locked: bool) -> RunConfig:
     """Draw the settings (disabled while ``locked``) and return the RunConfig they describe."""
-    top = st.columns([1, 1.4, 0.8])
+    top = st.columns([1, 1.8, 0.8])  # three methods' chips fit in one row at 1280 px (1.4 cut the last one off)
     name = top[0].selectbox("Dataset", DATASETS, key=P + "dataset", format_func=dataset_label, disabled=locked)
     top[1].multiselect(
         "Methods",
