@@ -5,7 +5,6 @@ Every error raised on purpose by bench_core derives from BenchError; the CLI pri
 """
 
 import os
-import tempfile
 import warnings
 
 
@@ -67,34 +66,25 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
         raise ConfigError(f"can't write {flag} {path}: its folder {folder} does not exist")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
         raise ConfigError(f"can't write {flag} {path}: permission denied")
-    existed = os.path.exists(target)
-    try:  # what only opening tells: a name too long, a file system that takes no files (/proc)
-        with open(target, "a"):
-            pass
+    if os.path.lexists(target):  # a file, a link, /dev/stdout, a FIFO: written as it is, never opened here
+        return
+    try:  # what only creating tells: a name too long, a file system that takes no files (/proc)
+        os.close(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
     except OSError as err:
         raise ConfigError(f"can't write {flag} {path}: {err.strerror or err}") from None
-    if not existed:
-        os.unlink(target)
+    os.unlink(target)
 
 
 def write_output_file(path: str | os.PathLike, text: str, flag: str) -> None:
-    """Write ``text`` to ``path`` whole or not at all: a temporary file beside it, then renamed.
+    """Write ``text`` to ``path`` as ``open(path, "w")`` does (a link followed, /dev/stdout written to).
 
     Raises ConfigError, with the reason, where it can't be written.
     """
-    target = os.path.abspath(os.fspath(path))
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=".bench-", suffix=".tmp", dir=os.path.dirname(target))
-        with os.fdopen(fd, "w") as f:
+        with open(path, "w") as f:
             f.write(text)
-        os.replace(tmp, target)
-        tmp = None
     except OSError as err:
         raise ConfigError(f"can't write {flag} {path}: {err.strerror or err}") from None
-    finally:
-        if tmp is not None and os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def is_allocation_failure(err: BaseException) -> bool:

@@ -8,6 +8,7 @@ directly. Every figure uses one colour per method and fonts big enough for a pro
 from __future__ import annotations
 
 import atexit
+import contextlib
 import csv
 import functools
 import inspect
@@ -15,6 +16,8 @@ import io
 import itertools
 import json
 import math
+import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -144,28 +147,61 @@ def store_path() -> Path:
     return Path(st.session_state[STORE_PATH_KEY])
 
 
-@st.cache_resource(show_spinner=False)
-def benchmark_jobs() -> list:
-    """The Speed page's benchmark processes, one list for the whole server (every session and tab).
+class BenchmarkJobs:
+    """The Speed page's benchmark processes, one registry for the whole server (every session and tab).
 
-    A benchmark started in one tab is drawn, and can be stopped, in any other and after a reload;
-    its process (started in a session of its own) is ended with the server, whose pages are its
-    only readers.
+    A benchmark started in one tab is drawn, and can be stopped, in any other and after a reload.
+    One runs at a time: ``start`` checks and registers under a lock, so two clicks at once start
+    one. The folders of the last ``KEEP`` finished benchmarks stay (another tab may be showing
+    one); older ones go. At the server's exit a running benchmark is ended (its process, started in
+    a session of its own, would outlive its only readers) and every folder removed.
     """
-    started: list = []
-    atexit.register(_end_benchmarks, started)
-    return started
+
+    KEEP = 4
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.jobs: list = []
+        atexit.register(self.end_all)
+
+    def running(self):
+        """The benchmark running now on this server, or None."""
+        with self.lock:
+            return next((job for job in reversed(self.jobs) if job.running()), None)
+
+    def start(self, make_job):
+        """``make_job()`` (which starts the process) unless a benchmark runs: (job, None) or (None, the running one)."""
+        with self.lock:
+            busy = next((job for job in reversed(self.jobs) if job.running()), None)
+            if busy is not None:
+                return None, busy
+            job = make_job()
+            self.jobs.append(job)
+            finished = [j for j in self.jobs if not j.running()]
+            for old in finished[: max(0, len(finished) - self.KEEP)]:
+                self.jobs.remove(old)
+                shutil.rmtree(old.folder, ignore_errors=True)
+            return job, None
+
+    def end_all(self) -> None:
+        with self.lock:
+            for job in self.jobs:
+                if job.running():
+                    job.proc.terminate()
+                    with contextlib.suppress(Exception):
+                        job.proc.wait(timeout=10)
+                shutil.rmtree(job.folder, ignore_errors=True)
 
 
-def _end_benchmarks(started: list) -> None:
-    for job in started:
-        if job.running():
-            job.proc.terminate()
+@st.cache_resource(show_spinner=False)
+def benchmark_jobs() -> BenchmarkJobs:
+    """The server's one BenchmarkJobs."""
+    return BenchmarkJobs()
 
 
 def running_benchmark():
-    """The benchmark running now on this server (the newest), or None."""
-    return next((job for job in reversed(benchmark_jobs()) if job.running()), None)
+    """The benchmark running now on this server, or None."""
+    return benchmark_jobs().running()
 
 
 def sharing_note(runs: list[dict], benchmark: bool) -> str | None:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +31,7 @@ from bench_core.bench import (
     ROWS,
     SPLIT_VS_REFERENCE,
     STEP_PARTS,
+    TARGET_E,
     TIME_PARTS,
     BenchSettings,
     check_targets,
@@ -63,7 +64,8 @@ from pages._common import (
 )
 
 POLL_SECONDS = 2.0  # the live view (each poll re-sends its figures and table: browser CPU the benchmark shares)
-JOB_KEY = "speed_job"  # the SpeedJob this session launched last
+JOB_KEY = "speed_job"  # the SpeedJob this session launched last, or the server's running one it shows
+OWNER_KEY = "speed_owner"  # this session's id, kept by the jobs it starts
 BUILT_KEY = "speed_built_views"  # the live view's figures and table and what they were built from
 P = "speed_set_"  # prefix of the settings' widget keys
 SIZES = [1, 2, 3, 4, 5, 6, 8, 12, 16]
@@ -109,6 +111,7 @@ class SpeedJob:
     proc: subprocess.Popen
     folder: Path
     settings: dict
+    owner: str = ""  # the session that started it (OWNER_KEY)
     started: float = field(default_factory=time.time)
     stop_requested: bool = False
 
@@ -239,26 +242,23 @@ def launch(settings: BenchSettings) -> None:
     except BenchError as err:
         st.error(str(err), icon=":material/error:")
         return
-    folder = Path(tempfile.mkdtemp(prefix="bench-speed-"))
-    with open(folder / "log.txt", "wb") as log:
-        proc = subprocess.Popen(
-            command(settings, folder),
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env=jobs.worker_env(),
-            start_new_session=True,
-        )
-    previous = st.session_state.get(JOB_KEY)
-    job = SpeedJob(proc, folder, settings.to_dict())
-    st.session_state[JOB_KEY] = job
-    started = benchmark_jobs()
-    started.append(job)
-    for old in [j for j in started[:-1] if not j.running()]:  # the server keeps the running ones only
-        started.remove(old)
-    if previous is not None and not previous.running():  # its files are read by no one now
-        shutil.rmtree(previous.folder, ignore_errors=True)
-    st.rerun()  # draw the settings locked
+
+    def start() -> SpeedJob:
+        folder = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+        with open(folder / "log.txt", "wb") as log:
+            proc = subprocess.Popen(
+                command(settings, folder),
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=jobs.worker_env(),
+                start_new_session=True,
+            )
+        return SpeedJob(proc, folder, settings.to_dict(), owner=st.session_state[OWNER_KEY])
+
+    job, busy = benchmark_jobs().start(start)  # one at a time on the server: two clicks at once start one
+    st.session_state[JOB_KEY] = job or busy
+    st.rerun()  # draw the settings locked, and the running benchmark
 
 
 # ----------------------------------------------------------------------------- figures
@@ -477,7 +477,9 @@ def results_view(
             "step counts with the matrix products. Operator by operator: `python scripts/profile_step.py`."
         )
     targets = targets if targets is not None else computed_targets
-    if any(t["value"] is not None for t in targets):
+    if rows and not any(r.get("ensemble_size") == TARGET_E for r in rows):
+        st.caption(f"The speed targets are stated for E = {TARGET_E}: add {TARGET_E} to the sizes to check them.")
+    elif any(t["value"] is not None for t in targets):
         st.markdown(f"**Targets at E = {targets[0]['ensemble_size']}**")
         for t in targets:
             if t["value"] is None:
@@ -556,23 +558,28 @@ st.caption(
     "the benchmark measures: for figures to quote, run the command line with nothing else running."
 )
 
+st.session_state.setdefault(OWNER_KEY, uuid.uuid4().hex)
 job = st.session_state.get(JOB_KEY)
+if job is not None and not job.running() and not job.folder.exists():  # cleared: newer benchmarks ran since
+    st.session_state.pop(JOB_KEY, None)
+    job = None
 elsewhere = running_benchmark()  # one started in another tab, or in this one before a reload
-if elsewhere is not None and elsewhere is not job:
-    if job is not None and not job.running():
-        shutil.rmtree(job.folder, ignore_errors=True)
+if elsewhere is not None:
     st.session_state[JOB_KEY] = job = elsewhere
+if elsewhere is not None and elsewhere.owner != st.session_state[OWNER_KEY]:
     st.info(
         "A benchmark started in another tab (or before this page was reloaded) is running: its progress is "
         "below, and its Stop works here too. One runs at a time: two would time each other.",
         icon=":material/sync:",
     )
 job_running = job is not None and job.running()
-try:
-    with RunStore(store_path()) as run_store:  # not open_store: a store that can't be read stops nothing here
-        training = run_store.active_runs()
-except BenchError:
-    training = []
+training = []
+if store_path().exists():  # a store is made by training, not by a look at this page
+    try:
+        with RunStore(store_path()) as run_store:  # not open_store: a store that can't be read stops nothing here
+            training = run_store.active_runs()
+    except BenchError:
+        pass
 sharing = sharing_note(training, False)
 if sharing:
     st.warning(sharing, icon=":material/speed:")

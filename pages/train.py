@@ -74,6 +74,21 @@ DEFAULTS = {
     "synthetic_test": 10_000,
     "points_per_epoch": 2,
 }
+# The number widgets' ranges. A run started elsewhere (the command line) may hold more: watched here,
+# the locked form shows the nearest value it can, and a caption says what the run really has.
+RANGES = {
+    "ensemble_size": (1, 16),
+    "epochs": (1, 50),
+    "hidden": (1, 4096),
+    "depth": (1, 8),
+    "batch_size": (1, 65_536),
+    "lr": (0.0, 1.0),
+    "seed": (0, 2**31 - 1),
+    "be_init_std": (0.0, 5.0),
+    "synthetic_train": (10, 1_000_000),
+    "synthetic_test": (10, 1_000_000),
+    "points_per_epoch": (0, 50),
+}
 SAVED_KEY = "train_saved_settings"  # a copy of the settings that outlives the widgets (Streamlit drops
 # the state of widgets a page run does not draw, so a visit to another page would reset them)
 DEVICES = ["auto", *available_devices()]
@@ -106,11 +121,12 @@ def settings_of(config: dict) -> dict:
     }
 
 
-def restore_settings(live_config: dict | None) -> None:
+def restore_settings(live_config: dict | None) -> list[str]:
     """Put values into the settings' widgets before they are drawn.
 
     While this session's run is active its own settings are shown (locked); otherwise the
-    user's last settings come back after a visit to another page.
+    user's last settings come back after a visit to another page. Returns the live run's settings
+    that lie beyond the widgets' ranges ("epochs 100"), each shown at the nearest value in range.
     """
     saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
     if live_config is not None:
@@ -122,9 +138,17 @@ def restore_settings(live_config: dict | None) -> None:
             saved["points_per_epoch"] = typed  # what this session typed for its run, exactly
     if saved["device"] not in DEVICES:  # a device that went away since
         saved["device"] = "auto"
+    beyond = []
+    for name, (low, high) in RANGES.items():
+        value = saved[name]
+        if not low <= value <= high:
+            shown = f"{value:g}" if isinstance(value, float) else str(value)
+            beyond.append(f"{name.replace('_', ' ')} {shown}")
+            saved[name] = min(max(value, low), high)
     for name, value in saved.items():
         if live_config is not None or P + name not in st.session_state:
             st.session_state[P + name] = value
+    return beyond
 
 
 def remember_settings() -> None:
@@ -162,17 +186,17 @@ def settings(locked: bool) -> RunConfig:
         )
 
     sliders = st.columns(2)
-    sliders[0].slider("Ensemble size E (members)", 1, 16, key=P + "ensemble_size", disabled=locked)
-    sliders[1].slider("Epochs", 1, 50, key=P + "epochs", disabled=locked)
+    sliders[0].slider("Ensemble size E (members)", *RANGES["ensemble_size"], key=P + "ensemble_size", disabled=locked)
+    sliders[1].slider("Epochs", *RANGES["epochs"], key=P + "epochs", disabled=locked)
 
     with st.expander("Advanced settings"):
         a = st.columns(4)
-        a[0].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
-        a[0].number_input("Hidden layers", 1, 8, key=P + "depth", disabled=locked)
-        a[1].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
+        a[0].number_input("Hidden width", *RANGES["hidden"], step=16, key=P + "hidden", disabled=locked)
+        a[0].number_input("Hidden layers", *RANGES["depth"], key=P + "depth", disabled=locked)
+        a[1].number_input("Batch size", *RANGES["batch_size"], step=16, key=P + "batch_size", disabled=locked)
         # %g: 0.00005 reads as 5e-05, the value trained with (%.4f showed 0.0001)
-        a[1].number_input("Learning rate (Adam)", 0.0, 1.0, step=1e-4, format="%g", key=P + "lr", disabled=locked)
-        a[1].number_input("Seed", 0, 2**31 - 1, key=P + "seed", disabled=locked)
+        a[1].number_input("Learning rate (Adam)", *RANGES["lr"], step=1e-4, format="%g", key=P + "lr", disabled=locked)
+        a[1].number_input("Seed", *RANGES["seed"], key=P + "seed", disabled=locked)
         a[2].radio(
             "Classic mode",
             CLASSIC_MODES,
@@ -190,8 +214,7 @@ def settings(locked: bool) -> RunConfig:
         a[3].radio("Fast-weight init", BE_INITS, key=P + "be_init", disabled=locked)
         a[3].number_input(
             "Fast-weight init std",
-            0.0,
-            5.0,
+            *RANGES["be_init_std"],
             step=0.05,
             key=P + "be_init_std",
             disabled=locked or st.session_state[P + "be_init"] != "normal",
@@ -200,15 +223,22 @@ def settings(locked: bool) -> RunConfig:
         b = st.columns(4)
         if name == "synthetic":
             b[0].number_input(
-                "Synthetic training examples", 10, 1_000_000, step=1000, key=P + "synthetic_train", disabled=locked
+                "Synthetic training examples",
+                *RANGES["synthetic_train"],
+                step=1000,
+                key=P + "synthetic_train",
+                disabled=locked,
             )
             b[1].number_input(
-                "Synthetic test examples", 10, 1_000_000, step=500, key=P + "synthetic_test", disabled=locked
+                "Synthetic test examples",
+                *RANGES["synthetic_test"],
+                step=500,
+                key=P + "synthetic_test",
+                disabled=locked,
             )
         b[2].number_input(
             "Loss points per epoch",
-            0,
-            50,
+            *RANGES["points_per_epoch"],
             key=P + "points_per_epoch",
             disabled=locked,
             help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
@@ -436,11 +466,15 @@ if not live_active and others:
 live_slot = st.container()
 if st.session_state.pop(SCROLL_KEY, False):
     st.html(SCROLL_UP, unsafe_allow_javascript=True)
-restore_settings(live_config)
+beyond = restore_settings(live_config)
 config = settings(locked=live_active)
 remember_settings()
 if live_active:
     st.caption(f"Settings are locked while run {live_id} trains; stop it to change them.")
+    if beyond:
+        st.caption(
+            f"Run {live_id} has {', '.join(beyond)}: beyond this form's range, so the form shows the nearest value."
+        )
 st.button(
     "Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start", on_click=launch
 )

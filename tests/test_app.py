@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -237,6 +238,21 @@ def test_train_follows_or_stops_a_run_started_elsewhere(store_file):
     assert any(f"Run {run_id} was stopped before any method was trained" in w for w in texts(at.warning))
 
 
+def test_watching_a_run_whose_settings_are_beyond_the_form_shows_it_and_says_so(store_file):
+    cfg = tiny_config()
+    cfg.train.epochs, cfg.model.ensemble_size, cfg.train.seed = 100, 32, 2**40  # the command line takes them
+    with RunStore(store_file) as store:
+        run_id = store.create_run(cfg.to_dict(), source="cli", status="queued")
+        store.start_run(run_id, device="cpu", versions={})
+    at = open_page("train")
+    at.button(key=f"train_watch_{run_id}").click().run()
+    assert not at.exception, at.exception
+    assert at.get("progress"), "its live view"
+    assert at.slider(key="train_set_epochs").value == 50 and at.slider(key="train_set_ensemble_size").value == 16
+    (note,) = [c for c in texts(at.caption) if "beyond this form's range" in c]
+    assert "ensemble size 32" in note and "epochs 100" in note and f"seed {2**40}" in note
+
+
 def test_a_value_typed_just_before_train_is_the_one_shown_for_the_run(store_file, monkeypatch):
     launched = []
 
@@ -347,6 +363,39 @@ def test_speed_shows_and_stops_a_benchmark_started_in_another_tab(store_file):
         shutil.rmtree(job.folder, ignore_errors=True)
 
 
+def test_two_benchmarks_started_at_once_start_one(tmp_path):
+    from pages._common import BenchmarkJobs
+
+    class Job:
+        def __init__(self):
+            self.folder, self.proc = tmp_path, None
+            self.alive = True
+
+        def running(self):
+            return self.alive
+
+    registry, made, barrier = BenchmarkJobs(), [], threading.Barrier(2)
+
+    def make():
+        time.sleep(0.2)  # a process starting: the other click arrives meanwhile
+        made.append(Job())
+        return made[-1]
+
+    def click(out):
+        barrier.wait()
+        out.append(registry.start(make))
+
+    answers: list = []
+    threads = [threading.Thread(target=click, args=(answers,)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(made) == 1, "one process"
+    assert sorted(a[0] is None for a in answers) == [False, True] and all((a[0] or a[1]) is made[0] for a in answers)
+    made[0].alive = False
+
+
 def test_pages_say_what_else_shares_the_cores():
     from pages._common import sharing_note
 
@@ -392,11 +441,13 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert "× faster than reference" not in table.value.columns, "no reference rows were run"
     signature, _ = at.session_state["speed_built_views"]
     assert signature == ((job.started, 2), True), "the live view's figures are kept until a row comes"
-    at.button(key="speed_start").click().run()  # a second run: the first one's files are removed
+    assert any("stated for E = 5" in c for c in texts(at.caption)), "no E = 5 row: the targets say so"
+    at.button(key="speed_start").click().run()  # a second run: the first one's files stay (another tab may show it)
     second = at.session_state["speed_job"]
-    assert second.folder != job.folder and not job.folder.exists() and second.folder.exists()
+    assert second.folder != job.folder and job.folder.exists() and second.folder.exists()
     assert second.proc.wait(timeout=WORKER_TIMEOUT_S) == 0, second.log_path.read_text()[-2000:]
     shutil.rmtree(second.folder)
+    shutil.rmtree(job.folder)
 
 
 def test_speed_takes_the_median_of_three_repeats_by_default(store_file):

@@ -487,6 +487,7 @@ def test_targets_turn_by_turn():
     near = {**targets[0], "value": 1.2549, "met": False, "per_turn": [1.2549, 1.2449]}
     assert bench.target_line(near).endswith(": 1.255× (turn by turn: 1.255, 1.24)"), "never '1.25' beside NOT met"
     assert bench.value_text(1.25, 1.25) == "1.25" and bench.value_text(0.3012, 0.35) == "0.30"
+    assert bench.value_text(1.25004, 1.25) == "1.25004" and bench.value_text(0.99996, 1.0) == "0.99996"
 
 
 def test_plan_rows_single_once_and_no_reference():

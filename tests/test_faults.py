@@ -337,3 +337,13 @@ def test_an_output_file_that_only_opening_refuses_is_refused_before_any_work(tmp
     assert fine.read_text() == "old", "nor empties one that was there"
     write_output_file(fine, "new", "--json")
     assert fine.read_text() == "new" and [p.name for p in tmp_path.iterdir()] == ["out.json"]
+    os.mkfifo(tmp_path / "fifo")
+    check_output_file(tmp_path / "fifo", "--json")  # returns: a FIFO is not opened (that would block)
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere.json")
+    check_output_file(tmp_path / "dangling", "--json")
+    assert (tmp_path / "dangling").is_symlink() and not (tmp_path / "nowhere.json").exists(), "the link left alone"
+    (tmp_path / "link").symlink_to(fine)
+    fine.chmod(0o664)
+    write_output_file(tmp_path / "link", "through the link", "--json")
+    assert (tmp_path / "link").is_symlink() and fine.read_text() == "through the link"
+    assert fine.stat().st_mode & 0o777 == 0o664, "written in place: its mode kept"

@@ -395,7 +395,7 @@ def value_text(value: float, limit: float | None) -> str:
 
     1.2549 against ≤ 1.25 is "1.255", not a "1.25" beside NOT met.
     """
-    for digits in (2, 3, 4):
+    for digits in range(2, 7):
         text = f"{value:.{digits}f}"
         if limit is None or value == limit or float(text) != limit:
             return text
