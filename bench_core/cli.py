@@ -252,10 +252,16 @@ def _store_path(args: argparse.Namespace) -> Path:
 
 
 def _install_stop_handler(stop: threading.Event) -> None:
-    """First Ctrl-C (or SIGTERM) asks the loop to stop after the current batch; a second one aborts."""
+    """First Ctrl-C (or SIGTERM) asks the loop to stop after the current batch; a second one aborts.
+
+    Counted here, not read off ``stop``: a stop asked from the dashboard sets it too, and the
+    user's first Ctrl-C after that still only asks (again) to stop.
+    """
+    presses = [0]
 
     def handler(signum, frame):
-        if stop.is_set():
+        presses[0] += 1
+        if presses[0] > 1:
             raise KeyboardInterrupt
         stop.set()
         print("\nstopping after this batch (press Ctrl-C again to abort)", file=sys.stderr)
@@ -287,7 +293,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if store is not None:  # the dashboard's Stop (Train or Runs page) reaches a run started here too
         from bench_core.jobs import watch_stop
 
-        watch_stop(store, run_id, stop)
+        said = lambda: print("\nstopping after this batch: asked from the dashboard", file=sys.stderr)  # noqa: E731
+        watch_stop(store, run_id, stop, on_stop=said)
     bar = ProgressBar(cfg, enabled=not args.quiet)
     done = None
     for event in run_experiment(cfg, store=store, run_id=run_id, stop=stop, progress=bar.download):

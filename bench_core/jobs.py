@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_core.errors import BenchError, StoreError
@@ -94,11 +95,18 @@ def request_stop(store_path: Path | str, run_id: int) -> None:
         store.request_stop(run_id)
 
 
-def watch_stop(store: RunStore, run_id: int, event: threading.Event, interval: float = 0.2) -> threading.Thread:
+def watch_stop(
+    store: RunStore,
+    run_id: int,
+    event: threading.Event,
+    interval: float = 0.2,
+    on_stop: Callable[[], None] | None = None,
+) -> threading.Thread:
     """Start a daemon thread that sets ``event`` once a stop of ``run_id`` is requested.
 
     The thread polls ``store.stop_requested`` every ``interval`` seconds and ends as soon as
     ``event`` is set, by it or by anyone else. A store that is briefly unreadable is retried.
+    ``on_stop`` is called when this thread is the one that sets it.
     """
 
     def watch() -> None:
@@ -107,6 +115,8 @@ def watch_stop(store: RunStore, run_id: int, event: threading.Event, interval: f
                 try:
                     if store.stop_requested(run_id):
                         event.set()
+                        if on_stop is not None:
+                            on_stop()
                         break
                 except StoreError:
                     pass

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -257,5 +258,24 @@ def test_a_stop_asked_in_the_store_stops_a_command_line_run(tmp_path):
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
     assert "stopped early" in stderr and "ensemble accuracy" in stdout
+    assert "stopping after this batch: asked from the dashboard" in stderr, "the terminal says why it stops"
     with RunStore(store_file) as store:
         assert store.list_runs()[0]["status"] == "stopped"
+
+
+def test_the_first_ctrl_c_after_a_dashboard_stop_only_asks_to_stop(capsys):
+    from bench_core.cli import _install_stop_handler
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    try:
+        stop = threading.Event()
+        stop.set()  # what watch_stop does on the dashboard's Stop
+        _install_stop_handler(stop)
+        handler = signal.getsignal(signal.SIGINT)
+        handler(signal.SIGINT, None)  # the user's first Ctrl-C: asks to stop, aborts nothing
+        assert "press Ctrl-C again to abort" in capsys.readouterr().err
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+    finally:
+        signal.signal(signal.SIGINT, before[0])
+        signal.signal(signal.SIGTERM, before[1])
