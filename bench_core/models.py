@@ -41,6 +41,16 @@ def mlp_sizes(in_features: int, hidden: int, depth: int, num_classes: int) -> li
     return [in_features] + [hidden] * depth + [num_classes]
 
 
+def mlp_params(sizes: list[int]) -> int:
+    """Weights and biases of one MLP with these layer widths."""
+    return sum(n_in * n_out + n_out for n_in, n_out in itertools.pairwise(sizes))
+
+
+def batchensemble_params(sizes: list[int], ensemble_size: int) -> int:
+    """Shared W per layer plus, per member and layer, r (in), s (out) and a bias (out)."""
+    return sum(n_in * n_out + ensemble_size * (n_in + 2 * n_out) for n_in, n_out in itertools.pairwise(sizes))
+
+
 def build_mlp(sizes: list[int]) -> nn.Sequential:
     """A plain ``nn.Sequential`` MLP (Linear, ReLU, ..., Linear): the reference a member must match."""
     layers: list[nn.Module] = []

@@ -7,7 +7,6 @@ as it arrives, and the run's final status is always written, whatever ends it.
 
 from __future__ import annotations
 
-import itertools
 import math
 import platform
 import threading
@@ -31,7 +30,7 @@ from bench_core.errors import (
 )
 from bench_core.evaluation import evaluate
 from bench_core.locks import LockCancelledError, device_lock
-from bench_core.models import build_model, mlp_sizes
+from bench_core.models import batchensemble_params, build_model, mlp_params, mlp_sizes
 from bench_core.store import RunStore
 from bench_core.training import EpochRecord, StepRecord, compiles_kernels, train
 
@@ -125,10 +124,9 @@ def memory_needed(cfg: RunConfig) -> int:
         examples = TRAIN_SIZES[cfg.data.name] + TEST_SIZES[cfg.data.name]
     in_features = math.prod(shape)
     sizes = mlp_sizes(in_features, cfg.model.hidden, cfg.model.depth, classes)
-    pairs = list(itertools.pairwise(sizes))
     e = cfg.model.ensemble_size
-    one = sum(a * b + b for a, b in pairs)
-    params = {"single": one, "classic": e * one, "batchensemble": sum(a * b + e * (a + 2 * b) for a, b in pairs)}
+    one = mlp_params(sizes)
+    params = {"single": one, "classic": e * one, "batchensemble": batchensemble_params(sizes, e)}
     members = {"single": 1, "classic": e, "batchensemble": e}
     steps = [4 * params[m] + 2 * cfg.train.batch_size * members[m] * sum(sizes[1:]) for m in cfg.methods]
     return 4 * (examples * in_features + max(steps))

@@ -13,7 +13,6 @@ import csv
 import functools
 import inspect
 import io
-import itertools
 import json
 import math
 import shutil
@@ -31,6 +30,7 @@ from plotly.subplots import make_subplots
 
 from bench_core.config import METHODS, RunConfig
 from bench_core.errors import BenchError, StoreError
+from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import TRAIN_SIZES
 from bench_core.store import RunStore, default_store_path
@@ -773,16 +773,6 @@ def runs_loss_figure(runs: list[dict]) -> go.Figure:
 
 
 # ----------------------------------------------------------------------------- parameter counts
-
-
-def mlp_params(sizes: list[int]) -> int:
-    """Weights and biases of one MLP with these layer widths."""
-    return sum(n_in * n_out + n_out for n_in, n_out in itertools.pairwise(sizes))
-
-
-def batchensemble_params(sizes: list[int], ensemble_size: int) -> int:
-    """Shared W per layer plus, per member and layer, r (in), s (out) and a bias (out)."""
-    return sum(n_in * n_out + ensemble_size * (n_in + 2 * n_out) for n_in, n_out in itertools.pairwise(sizes))
 
 
 def params_figure(sizes: list[int], max_members: int = 16, marked: int | None = None) -> go.Figure:

@@ -6,14 +6,12 @@ import streamlit as st
 import torch
 
 from bench_core.config import BE_INITS, DATASETS, DataConfig
-from bench_core.models import BatchEnsembleLinear, mlp_sizes
+from bench_core.models import BatchEnsembleLinear, batchensemble_params, mlp_params, mlp_sizes
 from bench_core.report import FIGURE_HELP
 from bench_core.runner import DATASET_CLASSES, DATASET_SHAPES
 from pages._common import (
-    batchensemble_params,
     dataset_label,
     matrix_figure,
-    mlp_params,
     params_figure,
     require_router,
     show,
