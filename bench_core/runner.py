@@ -91,6 +91,11 @@ DATASET_SHAPES = {"cifar10": (3, 32, 32), "fashion-mnist": (1, 28, 28), "mnist":
 DATASET_CLASSES = {"cifar10": 10, "fashion-mnist": 10, "mnist": 10}
 
 
+def train_size(cfg: RunConfig) -> int | None:
+    """Training examples per epoch of ``cfg``'s dataset, known without loading it (None: a name not known here)."""
+    return cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
+
+
 def preflight(cfg: RunConfig) -> RunConfig:
     """``cfg.validate()`` plus the checks the run would otherwise make only once its data is loaded.
 
@@ -103,8 +108,7 @@ def preflight(cfg: RunConfig) -> RunConfig:
         ConfigError: one line naming the setting to change.
     """
     cfg.validate()
-    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name)
-    check_fits(cfg, n_train, cfg.data.name)
+    check_fits(cfg, train_size(cfg), cfg.data.name)
     check_memory(cfg)
     return cfg
 

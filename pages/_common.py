@@ -32,7 +32,7 @@ from bench_core.config import METHODS, RunConfig
 from bench_core.errors import BenchError, StoreError
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
-from bench_core.runner import TRAIN_SIZES
+from bench_core.runner import train_size
 from bench_core.store import RunStore, default_store_path
 
 # Session-state keys shared by several pages.
@@ -167,12 +167,15 @@ class BenchmarkJobs:
     def running(self):
         """The benchmark running now on this server, or None."""
         with self.lock:
-            return next((job for job in reversed(self.jobs) if job.running()), None)
+            return self._running()
+
+    def _running(self):  # under the lock
+        return next((job for job in reversed(self.jobs) if job.running()), None)
 
     def start(self, make_job):
         """``make_job()`` (which starts the process) unless a benchmark runs: (job, None) or (None, the running one)."""
         with self.lock:
-            busy = next((job for job in reversed(self.jobs) if job.running()), None)
+            busy = self._running()
             if busy is not None:
                 return None, busy
             job = make_job()
@@ -247,13 +250,16 @@ def one_line_errors(func: Callable) -> Callable:
     return wrapper
 
 
+def epoch_steps(cfg: RunConfig) -> int:
+    """Optimizer steps per epoch of ``cfg``, as the loss points per epoch are counted (50,000 examples if unknown)."""
+    return math.ceil((train_size(cfg) or 50_000) / max(1, cfg.train.batch_size))
+
+
 def log_every_for(cfg: RunConfig, points_per_epoch: int) -> int:
     """The ``log_every`` that gives about ``points_per_epoch`` loss points per epoch (0: epoch records only)."""
     if points_per_epoch <= 0:
         return 0
-    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name, 50_000)
-    steps = math.ceil(n_train / max(1, cfg.train.batch_size))
-    return max(1, steps // points_per_epoch)
+    return max(1, epoch_steps(cfg) // points_per_epoch)
 
 
 def show(fig: go.Figure, key: str | None = None) -> None:

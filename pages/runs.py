@@ -10,6 +10,7 @@ import streamlit as st
 from bench_core import jobs
 from bench_core.errors import BenchError
 from bench_core.report import FIGURES, derived, format_value
+from bench_core.store import RunStore
 from pages._common import (
     LAST_RUN_KEY,
     dataset_label,
@@ -107,7 +108,7 @@ def compare_table(runs: list[dict]) -> pd.DataFrame:
     return pd.DataFrame(columns, index=[label for _, label, _ in FIGURES]).rename_axis("figure")
 
 
-def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
+def delete_block(selected: list[int], by_id: dict[int, dict], store: RunStore) -> None:
     """Delete selected runs, after a confirmation; runs still going are refused."""
     pending = st.session_state.get(CONFIRM_KEY)
     if pending:
@@ -119,7 +120,6 @@ def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
         yes, no, _ = st.columns([1, 1, 4])
         if yes.button("Yes, delete", type="primary", key="runs_delete_yes"):
             st.session_state.pop(CONFIRM_KEY, None)
-            store = open_store()
             try:
                 for run_id in pending:
                     if run_id in by_id:  # this rerun's list: one deleted elsewhere meanwhile is gone already
@@ -144,7 +144,7 @@ def delete_block(selected: list[int], by_id: dict[int, dict]) -> None:
         if row.button(f"Stop {names}", key="runs_stop", icon=":material/stop:", disabled=len(asked) == len(active)):
             try:
                 for run_id in active:
-                    jobs.request_stop(store_path(), run_id)
+                    store.request_stop(run_id)
             except BenchError as err:
                 st.error(str(err), icon=":material/error:")
                 return
@@ -189,7 +189,7 @@ event = st.dataframe(
 )
 selected = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
 
-delete_block(selected, by_id)
+delete_block(selected, by_id, store)
 
 chosen = selected or [r["id"] for r in runs]
 which = "selected" if selected else "all"

@@ -8,7 +8,6 @@ and come back to a run still going.
 
 from __future__ import annotations
 
-import math
 import time
 
 import streamlit as st
@@ -18,12 +17,13 @@ from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, M
 from bench_core.data import dataset_status
 from bench_core.devices import available_devices
 from bench_core.errors import BenchError, StoreError
-from bench_core.runner import TRAIN_SIZES, preflight
+from bench_core.runner import preflight
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
     dataset_label,
     empty_loss_figure,
+    epoch_steps,
     has_full_epoch,
     hms,
     live_chart_due,
@@ -97,8 +97,6 @@ DEVICES = ["auto", *available_devices()]
 def settings_of(config: dict) -> dict:
     """The widget values that describe a stored run's settings."""
     cfg = RunConfig.from_dict(config)
-    n_train = cfg.data.synthetic_train if cfg.data.name == "synthetic" else TRAIN_SIZES.get(cfg.data.name, 50_000)
-    steps = math.ceil(n_train / max(1, cfg.train.batch_size))  # as log_every_for counts them
     return {
         "dataset": cfg.data.name,
         "methods": list(cfg.methods),
@@ -117,7 +115,7 @@ def settings_of(config: dict) -> dict:
         "synthetic_train": cfg.data.synthetic_train,
         "synthetic_test": cfg.data.synthetic_test,
         # The number typed is not stored, only the log_every it gave: about steps / log_every.
-        "points_per_epoch": round(steps / cfg.train.log_every) if cfg.train.log_every else 0,
+        "points_per_epoch": round(epoch_steps(cfg) / cfg.train.log_every) if cfg.train.log_every else 0,
     }
 
 
