@@ -13,6 +13,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from bench_core.config import BE_BATCHINGS, BE_INITS, CLASSIC_MODES, DATASETS, MAX_SEED, METHODS, RunConfig
@@ -251,11 +252,12 @@ def _store_path(args: argparse.Namespace) -> Path:
     return default_store_path()
 
 
-def _install_stop_handler(stop: threading.Event) -> None:
+def _install_stop_handler(stop: threading.Event, what: Callable[[], str] = lambda: "stopping after this batch") -> None:
     """First Ctrl-C (or SIGTERM) asks the loop to stop after the current batch; a second one aborts.
 
     Counted here, not read off ``stop``: a stop asked from the dashboard sets it too, and the
-    user's first Ctrl-C after that still only asks (again) to stop.
+    user's first Ctrl-C after that still only asks (again) to stop. ``what()`` says what a stop
+    does at this moment ("stopping after this batch", ...).
     """
     presses = [0]
 
@@ -264,7 +266,7 @@ def _install_stop_handler(stop: threading.Event) -> None:
         if presses[0] > 1:
             raise KeyboardInterrupt
         stop.set()
-        print("\nstopping after this batch (press Ctrl-C again to abort)", file=sys.stderr)
+        print(f"\n{what()} (press Ctrl-C again to abort)", file=sys.stderr)
 
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, handler)
@@ -274,7 +276,7 @@ def _install_stop_handler(stop: threading.Event) -> None:
 def cmd_train(args: argparse.Namespace) -> int:
     from bench_core.devices import resolve_device
     from bench_core.report import format_table, results_json
-    from bench_core.runner import RunDone, preflight, run_experiment
+    from bench_core.runner import Phase, RunDone, preflight, run_experiment
     from bench_core.store import RunStore
 
     cfg = preflight(config_from_args(args))  # what the data can't serve is an input error too
@@ -289,22 +291,29 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_id = store.create_run(cfg.to_dict(), source="cli", name=args.name, status="queued")
         print(f"run {run_id} (store: {store.path})", file=sys.stderr)
     stop = threading.Event()
-    _install_stop_handler(stop)
+    stage = ["stopping before training starts"]  # what a stop does now, as the events tell
+    _install_stop_handler(stop, lambda: stage[0])
     if store is not None:  # the dashboard's Stop (Train or Runs page) reaches a run started here too
         from bench_core.jobs import watch_stop
 
-        said = lambda: print("\nstopping after this batch: asked from the dashboard", file=sys.stderr)  # noqa: E731
+        said = lambda: print(f"\n{stage[0]}: asked from the dashboard", file=sys.stderr)  # noqa: E731
         watch_stop(store, run_id, stop, on_stop=said)
     bar = ProgressBar(cfg, enabled=not args.quiet)
     done = None
     for event in run_experiment(cfg, store=store, run_id=run_id, stop=stop, progress=bar.download):
         bar.update(event)
+        if isinstance(event, Phase) and event.method is not None:
+            stage[0] = "stopping after this batch"
         if isinstance(event, RunDone):
             done = event
+            stage[0] = f"the run has ended, stored as {done.status}" if run_id is not None else "the run has ended"
     try:
         bar.close()
-        print(format_table(done.results))
-        if done.status == "stopped":
+        if done.status == "stopped" and not done.results:
+            print("stopped before any method was trained: there are no figures", file=sys.stderr)
+        else:
+            print(format_table(done.results))
+        if done.status == "stopped" and done.results:
             print("stopped early: the figures are for the models as trained so far", file=sys.stderr)
         for note in done.notes:
             print(f"warning: {note}", file=sys.stderr)

@@ -31,6 +31,7 @@ import shutil
 import struct
 import tarfile
 import tempfile
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -45,7 +46,7 @@ from torchvision.datasets.utils import check_integrity, extract_archive
 
 from bench_core.config import DATASETS, DataConfig
 from bench_core.devices import resolve_device
-from bench_core.errors import ConfigError, DatasetError, DeviceOutOfMemoryError
+from bench_core.errors import ConfigError, DatasetError, DeviceOutOfMemoryError, StopRequestedError
 
 Progress = Callable[[float, str], None]
 
@@ -208,13 +209,17 @@ def load_dataset(
     cfg: DataConfig,
     device: torch.device | str = "cpu",
     progress: Progress | None = None,
+    stop: threading.Event | None = None,
 ) -> Dataset:
     """Load (or generate) the dataset ``cfg`` names, decoded once into tensors on ``device``.
 
     Args:
         cfg: which dataset, where it lives, and whether it may be downloaded.
         device: where the tensors go; a string goes through ``resolve_device`` ("auto" works).
-        progress: called with (fraction in [0, 1], message) while downloading and decoding.
+        progress: called with (fraction in [0, 1], message) while downloading, generating and decoding.
+        stop: when set, the load gives up at its next progress report (every MiB downloaded, every
+            ``SYNTHETIC_CHUNK_ROWS`` examples generated, each file read) with StopRequestedError; a
+            partial download is deleted.
 
     Returns:
         The dataset, flattened and normalised.
@@ -224,10 +229,11 @@ def load_dataset(
         DeviceError: the device does not exist here.
         DatasetError: the data is missing, corrupt, or can't be downloaded (one-line message).
         DeviceOutOfMemoryError: the dataset does not fit on the device.
+        StopRequestedError: ``stop`` was set before the load was done.
     """
     cfg.validate()
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    report = progress or _quiet
+    report = _stoppable(progress or _quiet, stop)
     if cfg.name == "synthetic":
         report(0.0, f"generating {cfg.synthetic_train} + {cfg.synthetic_test} synthetic examples")
         dataset = make_synthetic(
@@ -236,6 +242,7 @@ def load_dataset(
             shape=tuple(cfg.synthetic_shape),
             num_classes=cfg.synthetic_classes,
             seed=cfg.synthetic_seed,
+            progress=_scaled(report, 0.0, 0.95),
         )
         dataset = _move(dataset, dev)
         report(1.0, f"loaded synthetic ({dataset.n_train} train / {dataset.n_test} test) on {dev}")
@@ -318,6 +325,7 @@ def make_synthetic(
     shape: Sequence[int] = (3, 32, 32),
     num_classes: int = 10,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> Dataset:
     """A learnable synthetic dataset on the CPU: one random prototype per class plus Gaussian noise.
 
@@ -334,6 +342,8 @@ def make_synthetic(
         shape: shape of one example, channel first, e.g. (3, 32, 32).
         num_classes: number of classes (>= 2).
         seed: the data's seed.
+        progress: called with (fraction, message) after every ``SYNTHETIC_CHUNK_ROWS`` examples
+            (the same tensors whatever the chunks: see ``_row_chunks``).
 
     Returns:
         The dataset, normalised with its training split's per-channel statistics.
@@ -353,18 +363,22 @@ def make_synthetic(
     offset = torch.rand(channels, 1, generator=gen).mul_(2.0).sub_(1.0)
     scale = torch.rand(channels, 1, generator=gen).add_(0.5)
     train_seed, test_seed = (int(s) for s in torch.randint(2**62, (2,), generator=gen))
+    report = progress or _quiet
+    total = n_train + n_test
 
-    def split(n: int, split_seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def split(n: int, split_seed: int, done: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(split_seed)
         y = (torch.arange(n) % num_classes)[torch.randperm(n, generator=g)]
-        x = torch.randn(n, features, generator=g)
-        for start in range(0, n, 4096):
-            x[start : start + 4096] += prototypes[y[start : start + 4096]]
+        x = torch.empty(n, features)
+        for start, end in _row_chunks(n, features):
+            x[start:end].normal_(generator=g)
+            x[start:end] += prototypes[y[start:end]]
+            report((done + end) / total, f"generated {done + end} of {total} synthetic examples")
         x.view(n, channels, -1).mul_(scale).add_(offset)
         return x, y
 
-    x_train, y_train = split(n_train, train_seed)
-    x_test, y_test = split(n_test, test_seed)
+    x_train, y_train = split(n_train, train_seed, 0)
+    x_test, y_test = split(n_test, test_seed, n_train)
     mean, std = _normalise_(x_train, x_test, channels)
     return Dataset(
         name="synthetic",
@@ -378,6 +392,37 @@ def make_synthetic(
         mean=mean,
         std=std,
     )
+
+
+SYNTHETIC_CHUNK_ROWS = 1024  # examples generated between two progress reports (a stop waits for at most one chunk)
+
+
+def _row_chunks(n: int, features: int) -> list[tuple[int, int]]:
+    """[start, end) rows of ``n`` in chunks of ``SYNTHETIC_CHUNK_ROWS``, the last one holding at least 16 values.
+
+    Torch's CPU ``normal_`` draws 16 values at a time from the generator and treats a tensor of fewer
+    than 16 values, and a last partial group, apart: filling chunks whose sizes are multiples of 16 in
+    turn draws exactly what one fill of the whole tensor draws, so the tensors do not depend on the
+    chunks (``tests/test_data.py`` checks it against ``torch.randn`` of the whole).
+    """
+    rows = SYNTHETIC_CHUNK_ROWS
+    bounds = [(start, min(start + rows, n)) for start in range(0, n, rows)]
+    if len(bounds) > 1 and (bounds[-1][1] - bounds[-1][0]) * features < 16:
+        bounds[-2:] = [(bounds[-2][0], n)]
+    return bounds
+
+
+def _stoppable(report: Progress, stop: threading.Event | None) -> Progress:
+    """``report``, raising StopRequestedError instead once ``stop`` is set."""
+    if stop is None:
+        return report
+
+    def checked(fraction: float, message: str) -> None:
+        if stop.is_set():
+            raise StopRequestedError("stopped while the data was loading")
+        report(fraction, message)
+
+    return checked
 
 
 def download_file(url: str, dest: Path, md5: str | None = None, progress: Progress | None = None) -> Path:

@@ -52,6 +52,10 @@ class StoreError(BenchError):
     """The run store can't be opened, is corrupt, or is of another schema."""
 
 
+class StopRequestedError(BenchError):
+    """A stop was asked for while a run's data loaded: nothing was trained and nothing failed."""
+
+
 def check_output_file(path: str | os.PathLike, flag: str) -> None:
     """Raise ConfigError unless ``path`` can be written as a file: not a folder, its folder there and writable.
 

@@ -25,6 +25,7 @@ from bench_core.errors import (
     ConfigError,
     DeviceOutOfMemoryError,
     DivergedError,
+    StopRequestedError,
     StoreError,
     is_allocation_failure,
 )
@@ -207,7 +208,8 @@ def run_experiment(
         store: where records, results and weights go; None keeps nothing.
         run_id: a run already created in ``store`` (the dashboard's worker); None creates one.
         stop: when set, the method in training stops between two batches, is evaluated as
-            trained so far, and the methods after it are skipped.
+            trained so far, and the methods after it are skipped; set while the data loads, the
+            load gives up at its next progress report and the run ends stopped with no results.
         progress: called with (fraction, message) while the dataset loads or downloads.
         source: recorded with a new run ("cli", "dashboard", "test").
 
@@ -224,7 +226,7 @@ def run_experiment(
             store.start_run(run_id, device=str(device), versions=software_versions())
         yield Phase(f"loading {cfg.data.name}")
         try:
-            dataset = load_dataset(cfg.data, device, progress=progress)
+            dataset = load_dataset(cfg.data, device, progress=progress, stop=stop)
         except (MemoryError, RuntimeError) as err:
             if not is_allocation_failure(err):
                 raise
@@ -250,10 +252,11 @@ def run_experiment(
         if store is not None:
             store.finish_run(run_id, status, "; ".join(notes))
         done = RunDone(status, results, run_id, notes)
-    except LockCancelledError:
-        # Stopped while waiting for the GPU: nothing was trained, nothing failed.
+    except (LockCancelledError, StopRequestedError) as err:
+        # Stopped while the data loaded or while waiting for the GPU: nothing was trained, nothing failed.
         if store is not None:
-            store.finish_run(run_id, "stopped", "stopped while waiting for the GPU")
+            note = str(err) if isinstance(err, StopRequestedError) else "stopped while waiting for the GPU"
+            store.finish_run(run_id, "stopped", note)
         done = RunDone("stopped", {}, run_id)
     except BenchError as err:
         if store is not None:

@@ -381,7 +381,7 @@ def progress_line(run: dict, records: list[dict]) -> None:
     fraction = max(fraction, min(1.0, run.get("progress") or 0.0))  # the worker's own (per epoch) figure
     elapsed = time.time() - (run.get("created") or time.time())
     # Before the first record (data loading, building kernels) there is no batch to finish yet.
-    stopping = "stopping after this batch…" if records else "stopping once the data is ready…"
+    stopping = "stopping after this batch…" if records else "stopping before training starts…"
     state = stopping if run.get("stop_requested") else run["status"]
     text = f"Run {run_id} {state}"
     text += f" · {where}" if where else ""

@@ -230,7 +230,7 @@ def test_train_follows_or_stops_a_run_started_elsewhere(store_file):
     assert not at.exception, at.exception
     assert at.session_state["live_run_id"] == run_id
     assert at.get("progress") and at.slider(key="train_set_epochs").disabled, "its live view, settings locked"
-    assert "stopping once the data is ready" in at.get("progress")[0].proto.text, "no batch has run yet"
+    assert "stopping before training starts" in at.get("progress")[0].proto.text, "no batch has run yet"
     assert not any("started from" in i for i in texts(at.info)), "followed here: not listed as elsewhere"
     with RunStore(store_file) as store:
         store.finish_run(run_id, "stopped")

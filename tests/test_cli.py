@@ -173,8 +173,39 @@ def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
     assert proc.returncode == 0, stderr
+    assert "stopping after this batch (press Ctrl-C again to abort)" in stderr
     assert "stopped early" in stderr
     assert "ensemble accuracy" in stdout
+    listing = cli("runs", tmp_path=tmp_path)
+    assert "stopped" in listing.stdout
+
+
+def test_ctrl_c_while_the_data_is_generated_stops_at_once(tmp_path):
+    """A first Ctrl-C during the synthetic data's generation ends it within a chunk: nothing trained, no table."""
+    env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
+    args = ["--dataset", "synthetic", "--synthetic-train", "300000", "--synthetic-test", "500"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bench_core", "train", *args],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.time() + 60
+    line = ""
+    while "loading synthetic" not in line and time.time() < deadline:
+        line = proc.stderr.readline()
+    time.sleep(1.0)  # generating: 300,000 examples take half a minute here
+    asked = time.time()
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    took = time.time() - asked
+    assert proc.returncode == 0, stderr
+    assert took < 15, f"the stop took {took:.1f} s"
+    assert "stopping before training starts (press Ctrl-C again to abort)" in stderr
+    assert "stopped before any method was trained: there are no figures" in stderr
+    assert stdout == "" and "stopped early" not in stderr
     listing = cli("runs", tmp_path=tmp_path)
     assert "stopped" in listing.stdout
 

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import itertools
+import math
 import pickle
 import shutil
 import struct
 import tarfile
+import threading
 import time
 from pathlib import Path
 
@@ -17,7 +20,7 @@ import torch
 
 from bench_core import data
 from bench_core.config import DataConfig
-from bench_core.errors import ConfigError, DatasetError
+from bench_core.errors import ConfigError, DatasetError, StopRequestedError
 
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -224,6 +227,89 @@ def test_load_dataset_synthetic_with_progress(tmp_path):
     assert "loaded synthetic" in calls[-1][1]
     same = data.make_synthetic(120, 40, shape=(1, 4, 4), num_classes=3, seed=0)
     assert torch.equal(ds.x_train, same.x_train)
+
+
+def old_make_synthetic(n_train: int, n_test: int, shape: tuple[int, ...], classes: int, seed: int) -> tuple:
+    """make_synthetic as it was before its chunks: each split's noise one ``torch.randn`` of the whole."""
+    features, channels = math.prod(shape), shape[0]
+    gen = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(classes, features, generator=gen).mul_(data.SYNTHETIC_SEPARATION / math.sqrt(features))
+    offset = torch.rand(channels, 1, generator=gen).mul_(2.0).sub_(1.0)
+    scale = torch.rand(channels, 1, generator=gen).add_(0.5)
+    seeds = [int(s) for s in torch.randint(2**62, (2,), generator=gen)]
+    out = []
+    for n, split_seed in zip((n_train, n_test), seeds, strict=True):
+        g = torch.Generator().manual_seed(split_seed)
+        y = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]
+        x = torch.randn(n, features, generator=g) + prototypes[y]
+        x.view(n, channels, -1).mul_(scale).add_(offset)
+        out += [x, y]
+    data._normalise_(out[0], out[2], channels)
+    return tuple(out)
+
+
+@pytest.mark.parametrize(
+    ("n", "shape"),
+    [
+        *[(1, (1, 1, 1)), (3, (1, 1, 5)), (1024, (1, 1, 1)), (1025, (1, 1, 1)), (1025, (3, 1, 5))],
+        *[(1025, (1, 4, 4)), (1040, (1, 1, 1)), (2049, (3, 1, 1)), (3000, (1, 28, 28))],
+    ],
+)
+def test_synthetic_in_chunks_is_what_one_draw_of_the_whole_gave(n, shape):
+    """Drawn in chunks (for progress and a prompt stop), the data is bit for bit what one draw gave, short tails too."""
+    features = math.prod(shape)
+    chunks = data._row_chunks(n, features)
+    assert chunks[0][0] == 0 and chunks[-1][1] == n
+    assert all(a[1] == b[0] for a, b in itertools.pairwise(chunks))
+    assert all((end - start) * features >= 16 for start, end in chunks[1:]), "no short tail on its own"
+    ds = data.make_synthetic(n, 7, shape, num_classes=3, seed=11)
+    x_train, y_train, x_test, y_test = old_make_synthetic(n, 7, shape, 3, 11)
+    assert torch.equal(ds.x_train, x_train) and torch.equal(ds.y_train, y_train)
+    assert torch.equal(ds.x_test, x_test) and torch.equal(ds.y_test, y_test)
+
+
+def test_make_synthetic_reports_progress_and_keeps_its_tensors():
+    calls = []
+    ds = data.make_synthetic(2500, 700, shape=(1, 3, 5), num_classes=4, seed=3, progress=lambda f, m: calls.append(f))
+    assert calls == sorted(calls) and calls[-1] == 1.0 and len(calls) == 4, calls  # 1024 + 1024 + 452 | 700
+    again = data.make_synthetic(2500, 700, shape=(1, 3, 5), num_classes=4, seed=3)
+    assert torch.equal(ds.x_train, again.x_train) and torch.equal(ds.x_test, again.x_test)
+
+
+def test_a_stop_ends_synthetic_generation_at_the_next_chunk():
+    stop = threading.Event()
+    calls = []
+
+    def progress(fraction: float, message: str) -> None:
+        calls.append(fraction)
+        if fraction > 0:
+            stop.set()  # asked while the first chunk's report is shown
+
+    cfg = DataConfig(name="synthetic", synthetic_train=20_000, synthetic_test=100, synthetic_shape=(1, 4, 4))
+    with pytest.raises(StopRequestedError) as err:
+        data.load_dataset(cfg, "cpu", progress=progress, stop=stop)
+    assert_one_line(err, "stopped while the data was loading")
+    assert len(calls) == 2, "one chunk after the first report, not the whole set"
+
+
+def test_a_stop_during_a_download_leaves_no_partial_file(tmp_path, monkeypatch, fake_cifar):
+    blob = tmp_path / "big.tar.gz"  # 3.5 MB: four chunks
+    blob.write_bytes(np.random.default_rng(1).integers(0, 256, 3_500_000, dtype=np.uint8).tobytes())
+    monkeypatch.setitem(data.SOURCES, "cifar10", cifar_source((blob.as_uri(),), None, fake_cifar[1]))
+    root = tmp_path / "data"
+    stop = threading.Event()
+    seen = []
+
+    def progress(fraction: float, message: str) -> None:
+        seen.append(message)
+        if "MB" in message:
+            stop.set()  # after the first MiB
+
+    cfg = DataConfig(name="cifar10", data_dir=str(root), download=True)
+    with pytest.raises(StopRequestedError):
+        data.load_dataset(cfg, "cpu", progress=progress, stop=stop)
+    assert sum("MB" in m for m in seen) == 1, seen
+    assert list(root.iterdir()) == [], "the partial download is deleted, no archive is left"
 
 
 def test_load_dataset_rejects_unknown_name():

@@ -112,6 +112,26 @@ def test_stop_keeps_what_was_trained_and_skips_later_methods(store):
     assert "classic" in run["results"] and "batchensemble" not in run["results"]
 
 
+def test_a_stop_while_the_data_loads_ends_the_run_stopped_without_training(store):
+    """The load gives up at its next progress report: stored as stopped (not failed), nothing trained."""
+    stop = threading.Event()
+    reports = []
+
+    def progress(fraction: float, message: str) -> None:
+        reports.append(message)
+        stop.set()  # asked while the first report shows
+
+    cfg = tiny_config()
+    cfg.data.synthetic_train = 5000  # five chunks
+    events = list(run_experiment(cfg, store=store, stop=stop, progress=progress))
+    assert len(reports) == 1, reports
+    assert not any(isinstance(e, EpochRecord) for e in events)
+    done = events[-1]
+    assert isinstance(done, RunDone) and done.status == "stopped" and done.results == {}
+    run = store.get_run(done.run_id)
+    assert (run["status"], run["message"]) == ("stopped", "stopped while the data was loading")
+
+
 def test_divergence_fails_the_run_with_its_message(store):
     with pytest.raises(DivergedError, match="lower learning rate"):
         list(run_experiment(tiny_config(lr=1e12, epochs=5), store=store))
@@ -174,7 +194,7 @@ def test_a_busy_gpu_makes_the_run_wait_and_say_so(store, monkeypatch, tmp_path):
     from bench_core.locks import device_lock
 
     monkeypatch.setattr(runner, "resolve_device", lambda name: torch.device("cuda"))
-    monkeypatch.setattr(runner, "load_dataset", lambda cfg, device, progress=None: _tiny_data())
+    monkeypatch.setattr(runner, "load_dataset", lambda cfg, device, progress=None, stop=None: _tiny_data())
     stop = threading.Event()
     events = []
     with device_lock("cuda", store.path.parent):  # another run holds the GPU
