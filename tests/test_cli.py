@@ -183,7 +183,7 @@ def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
 def test_ctrl_c_while_the_data_is_generated_stops_at_once(tmp_path):
     """A first Ctrl-C during the synthetic data's generation ends it within a chunk: nothing trained, no table."""
     env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
-    args = ["--dataset", "synthetic", "--synthetic-train", "300000", "--synthetic-test", "500"]
+    args = ["--dataset", "synthetic", "--synthetic-train", "150000", "--synthetic-test", "500"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "bench_core", "train", *args],
         cwd=tmp_path,
@@ -196,7 +196,7 @@ def test_ctrl_c_while_the_data_is_generated_stops_at_once(tmp_path):
     line = ""
     while "loading synthetic" not in line and time.time() < deadline:
         line = proc.stderr.readline()
-    time.sleep(1.0)  # generating: 300,000 examples take half a minute here
+    time.sleep(1.0)  # generating: 150,000 examples take about 15 s here
     asked = time.time()
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
