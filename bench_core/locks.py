@@ -1,11 +1,18 @@
-"""One training per CUDA device at a time, across processes.
+"""One training (or benchmark) at a time per device, across processes.
 
-``device_lock`` takes an exclusive ``flock`` on ``<lock_dir>/cuda-<index>.lock``. The lock is
-about the device's name only; it never touches CUDA, so it can be tested without a GPU.
-The operating system drops the lock when its process dies, even by SIGKILL.
+``device_lock`` takes an exclusive ``flock`` on ``<lock_dir>/<device>.lock`` (``cuda-0.lock``,
+``cpu.lock``, ``mps.lock``) and writes into it who holds it ("run 7", "a benchmark"), which
+``lock_holder`` reads for a note such as "waiting for the CPU: run 7 is training on it". The lock
+is about the device's name only; it never touches CUDA, so it can be tested without a GPU. The
+operating system drops the lock when its process dies, even by SIGKILL.
 
-CPU and MPS devices are not locked, and neither is anything where ``fcntl`` is missing
-(Windows): there the context manager does nothing.
+Why the CPU too: on this project's 2-core machine two runs at once do not each get half the
+cores, they fight for them (each process's torch threads want both). Two runs of 20,000 synthetic
+CIFAR-shaped examples, 2 epochs, started together: at once (``BENCH_CPU_LOCK=0``) both were done
+after 29.9 s, with epochs of 5.2-6.9 s; taking turns after 17.2 s, with epochs of 1.3-1.4 s, as
+alone (docs/speed-log.md, twenty-second session). So runs take turns: both finish sooner, and
+each one's timings are its own. ``BENCH_CPU_LOCK=0`` lets CPU runs train at once all the same.
+Where ``fcntl`` is missing (Windows) nothing is locked.
 """
 
 from __future__ import annotations
@@ -18,12 +25,15 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from bench_core.errors import BenchError
+from bench_core.errors import BenchError, switched_off
 
 try:
     import fcntl
 except ImportError:  # pragma: no cover - Windows
     fcntl = None  # type: ignore[assignment]
+
+
+ENV_CPU_LOCK = "BENCH_CPU_LOCK"  # "0": CPU runs and benchmarks do not take turns
 
 
 class LockCancelledError(BenchError):
@@ -39,12 +49,17 @@ def _device_parts(device: Any) -> tuple[str, int | None]:
 
 
 def lock_name(device: Any) -> str | None:
-    """The lock file's name for ``device`` ("cuda-0.lock"), or None for an unlocked device.
+    """The lock file's name for ``device`` ("cuda-0.lock", "cpu.lock", "mps.lock"), or None for an unlocked one.
 
     ``cuda`` without an index means ``cuda:0``. When CUDA_VISIBLE_DEVICES is set the index is
-    mapped to the physical device it names, so processes with different masks still agree.
+    mapped to the physical device it names, so processes with different masks still agree. The
+    CPU is unlocked where ``BENCH_CPU_LOCK=0``.
     """
     kind, index = _device_parts(device)
+    if kind == "cpu":
+        return None if switched_off(ENV_CPU_LOCK) else "cpu.lock"
+    if kind == "mps":
+        return "mps.lock"
     if kind != "cuda":
         return None
     index = 0 if index is None else index
@@ -57,6 +72,35 @@ def lock_name(device: Any) -> str | None:
     return f"cuda-{re.sub(r'[^A-Za-z0-9_.-]', '_', physical)}.lock"
 
 
+def device_word(device: Any) -> str:
+    """How a waiting note names the device: "the CPU", or "the GPU" (CUDA or MPS)."""
+    return "the CPU" if _device_parts(device)[0] == "cpu" else "the GPU"
+
+
+def lock_holder(device: Any, lock_dir: Path | str) -> str | None:
+    """Who holds ``device``'s lock in ``lock_dir`` now ("run 7", "a benchmark", "another run"), or None if nobody does.
+
+    For messages only: the answer may be out of date by the time it is shown.
+    """
+    name = lock_name(device)
+    if name is None or fcntl is None:
+        return None
+    try:
+        fd = os.open(Path(lock_dir) / name, os.O_RDONLY)
+    except OSError:
+        return None  # never taken here
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lines = os.pread(fd, 200, 0).decode(errors="replace").splitlines()
+            return lines[1].strip() if len(lines) > 1 and lines[1].strip() else "another run"
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def device_lock(
     device: Any,
@@ -65,8 +109,9 @@ def device_lock(
     *,
     cancel: threading.Event | None = None,
     poll: float = 0.2,
+    holder: str = "another run",
 ) -> Iterator[Path | None]:
-    """Hold the device for the duration of the block (CUDA only); yields the lock path or None.
+    """Hold the device for the duration of the block; yields the lock path, or None where it is not locked.
 
     Args:
         device: a torch.device or device string ("cuda", "cuda:1", "cpu", "mps").
@@ -76,18 +121,27 @@ def device_lock(
         cancel: if given, the wait polls every ``poll`` seconds and gives up with
             LockCancelledError once the event is set; without it the wait blocks.
         poll: seconds between attempts when ``cancel`` is given.
+        holder: who holds it, for ``lock_holder`` ("run 7", "a benchmark").
 
     Raises:
         LockCancelledError: ``cancel`` was set while waiting.
+
+    Where the lock file can't be created (a folder that can't be written), the block runs unlocked.
     """
     name = lock_name(device)
     if name is None or fcntl is None:
         yield None
         return
     lock_dir = Path(lock_dir)
-    lock_dir.mkdir(parents=True, exist_ok=True)
     path = lock_dir / name
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        lock_dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError:  # a folder that can't be written: the run goes on without taking turns
+        fd = None
+    if fd is None:
+        yield None
+        return
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -105,9 +159,9 @@ def device_lock(
                         break
                     except BlockingIOError:
                         cancel.wait(poll)
-        with contextlib.suppress(OSError):  # who holds it, for a person looking
+        with contextlib.suppress(OSError):  # who holds it, for lock_holder and a person looking
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()}\n{' '.join(holder.split())}\n".encode(), 0)
         try:
             yield path
         finally:

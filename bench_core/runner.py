@@ -18,7 +18,7 @@ import torch
 
 from bench_core import native
 from bench_core.config import RunConfig
-from bench_core.data import Dataset, load_dataset
+from bench_core.data import Dataset, default_data_dir, load_dataset
 from bench_core.devices import resolve_device
 from bench_core.errors import (
     BenchError,
@@ -30,7 +30,7 @@ from bench_core.errors import (
     is_allocation_failure,
 )
 from bench_core.evaluation import evaluate
-from bench_core.locks import LockCancelledError, device_lock
+from bench_core.locks import LockCancelledError, device_lock, device_word, lock_holder
 from bench_core.models import batchensemble_params, build_model, mlp_params, mlp_sizes
 from bench_core.store import RunStore
 from bench_core.training import EpochRecord, StepRecord, compiles_kernels, train
@@ -192,6 +192,17 @@ def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:
             raise ConfigError(f"{n_train} training examples can't be split among {e} members")
 
 
+def _data_dir(cfg: RunConfig) -> Path:
+    """The run's data folder: its device lock's folder when it keeps no store (the default store's is the same)."""
+    return Path(cfg.data.data_dir).expanduser() if cfg.data.data_dir else default_data_dir()
+
+
+def waiting_note(device: torch.device, holder: str | None) -> str:
+    """The note of a run waiting for its device: "waiting for the CPU: run 7 is using it (...)"."""
+    who = holder or "another run"
+    return f"waiting for {device_word(device)}: {who} is using it (runs take turns, so each one's timings are its own)"
+
+
 def run_experiment(
     cfg: RunConfig,
     *,
@@ -224,24 +235,31 @@ def run_experiment(
         device = resolve_device(cfg.train.device)
         if store is not None:
             store.start_run(run_id, device=str(device), versions=software_versions())
-        yield Phase(f"loading {cfg.data.name}")
-        try:
-            dataset = load_dataset(cfg.data, device, progress=progress, stop=stop)
-        except (MemoryError, RuntimeError) as err:
-            if not is_allocation_failure(err):
-                raise
-            raise DeviceOutOfMemoryError(
-                f"{cfg.data.name} does not fit in this machine's memory: use fewer examples"
-                + (" (the synthetic training and test sizes)" if cfg.data.name == "synthetic" else "")
-            ) from None
-        check_fits(cfg, dataset.n_train, dataset.name)
         results: dict[str, dict] = {}
         notes: list[str] = []
-        lock_dir = store.path.parent if store is not None else Path.cwd()
-        on_wait = (lambda: store.set_note(run_id, "waiting for the GPU: another run is using it")) if store else None
-        with device_lock(device, lock_dir, on_wait=on_wait, cancel=stop):
+        lock_dir = store.path.parent if store is not None else _data_dir(cfg)  # where runs on this machine meet
+        holder = lock_holder(device, lock_dir)  # for the message only: the lock below decides
+        if holder is not None:
+            yield Phase(waiting_note(device, holder))
+        on_wait = (
+            (lambda: store.set_note(run_id, waiting_note(device, lock_holder(device, lock_dir)))) if store else None
+        )
+        run_name = f"run {run_id}" if run_id is not None else "a run"
+        # Held from before the data loads: generating or decoding it would slow the run that trains.
+        with device_lock(device, lock_dir, on_wait=on_wait, cancel=stop, holder=run_name):
             if store is not None:
                 store.set_note(run_id, None)
+            yield Phase(f"loading {cfg.data.name}")
+            try:
+                dataset = load_dataset(cfg.data, device, progress=progress, stop=stop)
+            except (MemoryError, RuntimeError) as err:
+                if not is_allocation_failure(err):
+                    raise
+                raise DeviceOutOfMemoryError(
+                    f"{cfg.data.name} does not fit in this machine's memory: use fewer examples"
+                    + (" (the synthetic training and test sizes)" if cfg.data.name == "synthetic" else "")
+                ) from None
+            check_fits(cfg, dataset.n_train, dataset.name)
             for method in cfg.methods:
                 if stop.is_set():
                     break
@@ -253,9 +271,11 @@ def run_experiment(
             store.finish_run(run_id, status, "; ".join(notes))
         done = RunDone(status, results, run_id, notes)
     except (LockCancelledError, StopRequestedError) as err:
-        # Stopped while the data loaded or while waiting for the GPU: nothing was trained, nothing failed.
+        # Stopped while waiting for the device or while the data loaded: nothing was trained, nothing failed.
         if store is not None:
-            note = str(err) if isinstance(err, StopRequestedError) else "stopped while waiting for the GPU"
+            note = (
+                str(err) if isinstance(err, StopRequestedError) else f"stopped while waiting for {device_word(device)}"
+            )
             store.finish_run(run_id, "stopped", note)
         done = RunDone("stopped", {}, run_id)
     except BenchError as err:

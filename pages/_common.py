@@ -30,6 +30,7 @@ from plotly.subplots import make_subplots
 
 from bench_core.config import METHODS, RunConfig
 from bench_core.errors import BenchError, StoreError
+from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import train_size
@@ -207,24 +208,37 @@ def running_benchmark():
     return benchmark_jobs().running()
 
 
-def sharing_note(runs: list[dict], benchmark: bool) -> str | None:
-    """One sentence on what else is using this machine's cores now, or None.
+def sharing_note(runs: list[dict], benchmark: bool, starting: str = "a run") -> str | None:
+    """One sentence on what else is using this machine's cores now and what it means for ``starting``, or None.
 
-    ``runs``: the active runs other than the one in view; ``benchmark``: a Speed benchmark runs.
+    ``runs``: the active runs other than the one in view; ``benchmark``: a Speed benchmark runs;
+    ``starting``: what the page starts ("a run", "a benchmark").
     """
     parts = []
-    if runs:
-        ids = ", ".join(str(r["id"]) for r in runs)
-        parts.append(f"run{'s' if len(runs) > 1 else ''} {ids} {'are' if len(runs) > 1 else 'is'} training")
+    waiting = [r for r in runs if str(r.get("note") or "").startswith("waiting for")]
+    for group, doing in (([r for r in runs if r not in waiting], "training"), (waiting, "waiting for its turn")):
+        if group:
+            ids = ", ".join(str(r["id"]) for r in group)
+            many = len(group) > 1
+            doing = doing.replace("its", "their") if many else doing
+            parts.append(f"run{'s' if many else ''} {ids} {'are' if many else 'is'} {doing}")
     if benchmark:
         parts.append("a Speed benchmark is running")
     if not parts:
         return None
     text = " and ".join(parts)
-    return (
-        f"{text[0].upper()}{text[1:]} on this machine: what runs at the same time shares its cores, so "
-        "seconds per epoch (and a benchmark's figures) come out slower than alone."
-    )
+    if lock_name("cpu") is None:  # BENCH_CPU_LOCK=0: they share the cores
+        tail = (
+            "what runs at the same time shares its cores, so seconds per epoch (and a benchmark's figures) "
+            "come out slower than alone."
+        )
+    else:
+        them = "them" if len(runs) + benchmark > 1 else "it"
+        tail = (
+            f"{starting} started on the CPU now waits for {them} (runs and benchmarks take turns on a device, "
+            "so that each one's timings are its own)."
+        )
+    return f"{text[0].upper()}{text[1:]} on this machine: {tail}"
 
 
 def open_store() -> RunStore:

@@ -396,13 +396,21 @@ def test_two_benchmarks_started_at_once_start_one(tmp_path):
     made[0].alive = False
 
 
-def test_pages_say_what_else_shares_the_cores():
+def test_pages_say_what_else_shares_the_cores(monkeypatch):
+    from bench_core.locks import ENV_CPU_LOCK
     from pages._common import sharing_note
 
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
     assert sharing_note([], False) is None
-    assert sharing_note([{"id": 4}], False).startswith("Run 4 is training on this machine")
-    note = sharing_note([{"id": 4}, {"id": 6}], True)
-    assert note.startswith("Runs 4, 6 are training and a Speed benchmark is running on this machine")
+    note = sharing_note([{"id": 4}], False)
+    assert note.startswith("Run 4 is training on this machine: a run started on the CPU now waits for it (")
+    note = sharing_note([{"id": 4}, {"id": 6}], True, "a benchmark")
+    assert note.startswith("Runs 4, 6 are training and a Speed benchmark is running on this machine: a benchmark")
+    assert "waits for them" in note
+    note = sharing_note([{"id": 4}, {"id": 6, "note": "waiting for the CPU: run 4 is using it"}, {"id": 7}], False)
+    assert note.startswith("Runs 4, 7 are training and run 6 is waiting for its turn on this machine: a run")
+    monkeypatch.setenv(ENV_CPU_LOCK, "0")  # runs at once: they share the cores
+    assert "shares its cores" in sharing_note([{"id": 4}], False)
 
 
 def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):

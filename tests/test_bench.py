@@ -4,9 +4,11 @@ import argparse
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -738,6 +740,7 @@ def test_cli_tiny_run_in_row_processes(tmp_path):
         *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "batchensemble-split"),
         *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "1", "--train-examples", "512"),
         *("--inference-examples", "100", "--threads", "1", "--json", str(out), "--progress-jsonl", str(progress)),
+        *("--lock-dir", str(tmp_path)),
         **{native.ENV_CACHE: str(tmp_path / "native")},
     )
     assert proc.returncode == 0, proc.stderr
@@ -762,6 +765,7 @@ def test_row_processes_take_turns(tmp_path):
         *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "classic-vectorized,batchensemble-split"),
         *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "2", "--train-examples", "512"),
         *("--inference-examples", "100", "--threads", "1", "--progress-jsonl", str(progress)),
+        *("--lock-dir", str(tmp_path)),
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in progress.read_text().splitlines()]
@@ -772,6 +776,40 @@ def test_row_processes_take_turns(tmp_path):
         "classic-vectorized E=2: repeat 2/2",
         "batchensemble-split E=2: repeat 2/2",
     ]
+
+
+def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it_waits(tmp_path, monkeypatch):
+    """Runs and benchmarks take turns on the CPU (bench_core.locks): the wait is said, a stop ends it."""
+    from bench_core.locks import ENV_CPU_LOCK, device_lock, lock_holder
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    progress = tmp_path / "progress.jsonl"
+    args = ("--dataset-shape", "1x8x8", "--ensemble-sizes", "1", "--methods", "single", "--no-reference", "--device")
+    args += ("cpu", "--lock-dir", str(tmp_path), "--progress-jsonl", str(progress), "--json", str(tmp_path / "o.json"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop(ENV_CPU_LOCK, None)
+    with device_lock("cpu", tmp_path, holder="run 3"):
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "bench_core", "bench", *args],
+            cwd=tmp_path,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.time() + 60
+        while time.time() < deadline and not (progress.exists() and progress.read_text().strip()):
+            time.sleep(0.1)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)  # the Speed page's Stop
+        stdout, stderr = proc.communicate(timeout=60)
+        assert lock_holder("cpu", tmp_path) == "run 3", "the run kept the CPU"
+    assert proc.returncode == 0, stderr
+    events = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert [e["kind"] for e in events] == ["progress"], events
+    assert events[0]["message"].startswith("waiting for the CPU: run 3 is using it (runs take turns")
+    assert "stopped while waiting for the CPU: nothing was measured" in stderr
+    assert stdout == "" and not (tmp_path / "o.json").exists()
 
 
 # --- the Speed page ------------------------------------------------------------------------------

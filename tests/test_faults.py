@@ -84,7 +84,9 @@ def test_sigkill_mid_run_keeps_finished_epochs_and_shows_interrupted(tmp_path):
     assert [r["epoch"] for r in kept[:2]] == [1, 2]
 
 
-def test_concurrent_trainings_threads_and_processes_share_one_store(tmp_path):
+def test_concurrent_trainings_threads_and_processes_share_one_store(tmp_path, monkeypatch):
+    """Trainings at once (BENCH_CPU_LOCK=0: they do not take turns) write one store, nothing lost or mixed."""
+    monkeypatch.setenv("BENCH_CPU_LOCK", "0")
     store_path = tmp_path / "data" / "runs.sqlite"
     store_path.parent.mkdir(parents=True)
     errors = []
@@ -100,7 +102,7 @@ def test_concurrent_trainings_threads_and_processes_share_one_store(tmp_path):
         subprocess.Popen(
             [sys.executable, "-m", "bench_core", "train", *TINY, "--epochs", "2", "--seed", str(i), "--quiet"],
             cwd=tmp_path,
-            env=_env(tmp_path),
+            env=_env(tmp_path, BENCH_CPU_LOCK="0"),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
             text=True,

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from bench_core import jobs
-from bench_core.locks import LockCancelledError, device_lock, lock_name
+from bench_core.locks import ENV_CPU_LOCK, LockCancelledError, device_lock, lock_holder, lock_name
 from bench_core.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,11 +162,16 @@ def test_request_stop_and_watch_stop(tmp_path):
 # ----------------------------------------------------------------------------- locks
 
 
-def test_lock_names():
-    assert lock_name("cpu") is None
-    assert lock_name("mps") is None
+def test_lock_names(monkeypatch):
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    assert lock_name("cpu") == "cpu.lock"
+    assert lock_name("mps") == "mps.lock"
     assert lock_name("cuda") == "cuda-0.lock"
     assert lock_name("cuda:1") == "cuda-1.lock"
+    assert lock_name("meta") is None
+    monkeypatch.setenv(ENV_CPU_LOCK, "0")
+    assert lock_name("cpu") is None, "CPU runs may train at once where asked"
+    assert lock_name("cuda") == "cuda-0.lock"
 
 
 def test_lock_names_follow_cuda_visible_devices(monkeypatch):
@@ -175,10 +180,11 @@ def test_lock_names_follow_cuda_visible_devices(monkeypatch):
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "2,3")
     assert lock_name("cuda:1") == "cuda-3.lock"
     assert lock_name(torch.device("cuda", 0)) == "cuda-2.lock"
-    assert lock_name(torch.device("cpu")) is None
+    assert lock_name(torch.device("cpu")) == "cpu.lock"
 
 
-def test_cpu_is_not_locked(tmp_path):
+def test_cpu_is_not_locked_where_switched_off(tmp_path, monkeypatch):
+    monkeypatch.setenv(ENV_CPU_LOCK, "0")
     calls = []
     with (
         device_lock("cpu", tmp_path / "locks", on_wait=lambda: calls.append(1)) as held,
@@ -188,6 +194,33 @@ def test_cpu_is_not_locked(tmp_path):
     assert held is None
     assert calls == []
     assert not (tmp_path / "locks").exists()
+
+
+@needs_flock
+def test_the_cpu_is_taken_in_turns_and_says_by_whom(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    assert lock_holder("cpu", tmp_path) is None, "never taken"
+    waits = []
+    with device_lock("cpu", tmp_path, holder="run 7") as held:
+        assert held == tmp_path / "cpu.lock"
+        assert lock_holder("cpu", tmp_path) == "run 7"
+        assert lock_holder("cuda", tmp_path) is None, "another device"
+        cancel = threading.Event()
+        threading.Timer(0.2, cancel.set).start()
+        with (
+            pytest.raises(LockCancelledError),
+            device_lock("cpu", tmp_path, on_wait=lambda: waits.append(1), cancel=cancel, poll=0.02),
+        ):
+            pytest.fail("the CPU is taken")
+    assert waits == [1]
+    assert lock_holder("cpu", tmp_path) is None, "free again"
+
+
+def test_a_lock_folder_that_cant_be_written_runs_unlocked(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with device_lock("cpu", blocker / "locks") as held:
+        assert held is None
 
 
 @needs_flock

@@ -210,6 +210,50 @@ def test_a_busy_gpu_makes_the_run_wait_and_say_so(store, monkeypatch, tmp_path):
     assert store.list_runs()[0]["status"] == "stopped"
 
 
+def test_a_run_waits_while_the_cpu_is_taken_says_by_whom_and_can_be_stopped(store, monkeypatch):
+    """CPU runs take turns (locks.ENV_CPU_LOCK): a second one waits before loading its data, names the holder."""
+    from bench_core.locks import ENV_CPU_LOCK, device_lock
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    stop = threading.Event()
+    events = []
+    with device_lock("cpu", store.path.parent, holder="run 99"):  # another run trains on the CPU
+        worker = threading.Thread(target=lambda: events.extend(run_experiment(tiny_config(), store=store, stop=stop)))
+        worker.start()
+        deadline = time.time() + 10
+        while time.time() < deadline and not (store.list_runs() and store.list_runs()[0]["note"]):
+            time.sleep(0.05)
+        note = store.list_runs()[0]["note"]
+        assert note.startswith("waiting for the CPU: run 99 is using it (runs take turns"), note
+        assert [e.message for e in events] == [note], "the command line sees it too, before any loading"
+        stop.set()
+        worker.join(timeout=10)
+    assert events[-1].status == "stopped" and events[-1].results == {}
+    (run,) = store.list_runs()
+    assert (run["status"], run["message"]) == ("stopped", "stopped while waiting for the CPU")
+
+
+def test_two_cpu_runs_at_once_train_one_after_the_other(store, monkeypatch):
+    from bench_core.locks import ENV_CPU_LOCK
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    spans: dict[int, list[float]] = {}
+
+    def run(seed: int) -> None:
+        for event in run_experiment(tiny_config(seed=seed), store=store):
+            if isinstance(event, EpochRecord | RunDone):
+                spans.setdefault(seed, []).append(time.monotonic())
+
+    threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    first, second = sorted(spans.values())
+    assert first[-1] <= second[0], "the second run's first epoch ends after the first run is done"
+    assert all(r["status"] == "finished" for r in store.list_runs())
+
+
 def _tiny_data():
     from bench_core.data import make_synthetic
 

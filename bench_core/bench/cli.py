@@ -6,12 +6,15 @@ import argparse
 import json
 import sys
 import threading
+from collections.abc import Iterator
+from pathlib import Path
 
 from bench_core.bench.results import format_table
 from bench_core.bench.schedule import cmd_row, run_benchmark
-from bench_core.bench.settings import DATASET_SHAPES, ROW_GROUPS, ROWS, BenchSettings, parse_shape
+from bench_core.bench.settings import DATASET_SHAPES, ROW_GROUPS, ROWS, BenchEvent, BenchSettings, parse_shape
 from bench_core.cli import _device, _install_stop_handler, _positive_int
 from bench_core.errors import ConfigError, check_output_file, write_output_file
+from bench_core.locks import LockCancelledError, device_lock, device_word, lock_holder
 
 
 def _shape_arg(text: str) -> str:
@@ -82,6 +85,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="write the header and rows to this file")
     parser.add_argument("--progress-jsonl", default=None, help="append every event to this file as a JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument(
+        "--lock-dir",
+        default=None,
+        help="folder of the device lock that runs and benchmarks take turns with (default: the run store's folder)",
+    )
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row, in a child process
 
 
@@ -122,7 +130,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     final = None
     setting_up = True  # until the header: the set-up's steps (a build of the C++ steps takes seconds) are shown
     try:
-        for event in run_benchmark(settings, stop):
+        for event in _in_turn(settings, stop, args.lock_dir):
             if progress is not None:
                 progress.write(json.dumps(event.to_dict()) + "\n")
                 progress.flush()
@@ -131,6 +139,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 print(f"[{event.fraction:4.0%}] {event.message}", file=sys.stderr)
             if event.kind == "done":
                 final = event
+    except LockCancelledError:
+        from bench_core.devices import resolve_device
+
+        waited = device_word(resolve_device(settings.device))
+        print(f"stopped while waiting for {waited}: nothing was measured", file=sys.stderr)
+        return 0
     finally:
         if progress is not None:
             progress.close()
@@ -141,3 +155,23 @@ def cmd_bench(args: argparse.Namespace) -> int:
         out = {"header": final.header, "rows": final.rows, "targets": final.targets, "stopped": final.stopped}
         write_output_file(args.json_path, json.dumps(out, indent=2), "--json")
     return 0
+
+
+def _in_turn(settings: BenchSettings, stop: threading.Event, lock_dir: str | None) -> Iterator[BenchEvent]:
+    """``run_benchmark``'s events, measured while holding the device's lock (``bench_core.locks``).
+
+    Runs and benchmarks on one device take turns: what shares the cores slows both, and a
+    benchmark's figures would be of the machine's load rather than of the methods. A wait is said
+    first, as a progress event; a stop while waiting raises LockCancelledError.
+    """
+    from bench_core.devices import resolve_device
+    from bench_core.runner import waiting_note
+    from bench_core.store import default_store_path
+
+    device = resolve_device(settings.device)
+    folder = Path(lock_dir).expanduser() if lock_dir else default_store_path().parent
+    holder = lock_holder(device, folder)
+    if holder is not None:
+        yield BenchEvent("progress", 0.0, waiting_note(device, holder))
+    with device_lock(device, folder, cancel=stop, holder="a benchmark"):
+        yield from run_benchmark(settings, stop)
