@@ -260,6 +260,8 @@ def run_experiment(
                     + (" (the synthetic training and test sizes)" if cfg.data.name == "synthetic" else "")
                 ) from None
             check_fits(cfg, dataset.n_train, dataset.name)
+            if store is not None:
+                store.set_note(run_id, None)  # the load's last progress line
             for method in cfg.methods:
                 if stop.is_set():
                     break

@@ -132,6 +132,17 @@ def test_a_stop_while_the_data_loads_ends_the_run_stopped_without_training(store
     assert (run["status"], run["message"]) == ("stopped", "stopped while the data was loading")
 
 
+def test_the_loads_progress_note_is_cleared_before_training(store):
+    """The worker shows the load's progress as the run's note; training starts with none left."""
+    run_id = store.create_run(tiny_config().to_dict(), source="test", status="queued")
+    seen = []
+    progress = lambda fraction, message: store.set_note(run_id, message)  # noqa: E731 - as cmd_worker's
+    for event in run_experiment(tiny_config(), store=store, run_id=run_id, progress=progress):
+        if isinstance(event, EpochRecord):
+            seen.append(store.get_run(run_id)["note"])
+    assert seen and seen[0] is None, seen
+
+
 def test_divergence_fails_the_run_with_its_message(store):
     with pytest.raises(DivergedError, match="lower learning rate"):
         list(run_experiment(tiny_config(lr=1e12, epochs=5), store=store))
