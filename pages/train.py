@@ -382,7 +382,8 @@ def progress_line(run: dict, records: list[dict]) -> None:
     elapsed = time.time() - (run.get("created") or time.time())
     # Before the first record (data loading, building kernels) there is no batch to finish yet.
     stopping = "stopping after this batch…" if records else "stopping before training starts…"
-    state = stopping if run.get("stop_requested") else run["status"]
+    waiting = str(run.get("note") or "").startswith("waiting for")  # its turn on the device (runner.waiting_note)
+    state = stopping if run.get("stop_requested") else "waiting for its turn" if waiting else run["status"]
     text = f"Run {run_id} {state}"
     text += f" · {where}" if where else ""
     text += f" · elapsed {hms(elapsed)} · ETA {hms(eta)}" if eta is not None else f" · elapsed {hms(elapsed)}"

@@ -208,6 +208,18 @@ def test_two_browser_sessions_each_see_only_their_own_live_run(store_file):
         assert f"Run {other} " not in shown
 
 
+def test_a_watched_run_waiting_for_its_turn_says_so(store_file):
+    run_id = active_run(store_file)
+    note = "waiting for the CPU: run 9 is using it (runs take turns, so each one's timings are its own)"
+    with RunStore(store_file) as store:
+        store.set_note(run_id, note)
+    at = open_page("train")
+    at.button(key=f"train_watch_{run_id}").click().run()
+    assert not at.exception, at.exception
+    assert at.get("progress")[0].proto.text.startswith(f"Run {run_id} waiting for its turn · elapsed")
+    assert note in texts(at.info)
+
+
 def active_run(store_file: Path, source: str = "cli") -> int:
     """A run that is running in the store, owned by this process (alive to the store's reconcile)."""
     with RunStore(store_file) as store:
