@@ -12,13 +12,12 @@ import platform
 import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
 from bench_core import native
 from bench_core.config import RunConfig
-from bench_core.data import Dataset, default_data_dir, load_dataset
+from bench_core.data import Dataset, load_dataset
 from bench_core.devices import resolve_device
 from bench_core.errors import (
     BenchError,
@@ -30,7 +29,15 @@ from bench_core.errors import (
     is_allocation_failure,
 )
 from bench_core.evaluation import evaluate
-from bench_core.locks import LockCancelledError, device_lock, device_word, lock_holder
+from bench_core.locks import (
+    ENV_LOCK_DIR,
+    LockCancelledError,
+    default_lock_dir,
+    device_lock,
+    device_word,
+    lock_holder,
+    lock_name,
+)
 from bench_core.models import batchensemble_params, build_model, mlp_params, mlp_sizes
 from bench_core.store import RunStore
 from bench_core.training import EpochRecord, StepRecord, compiles_kernels, train
@@ -192,11 +199,6 @@ def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:
             raise ConfigError(f"{n_train} training examples can't be split among {e} members")
 
 
-def _data_dir(cfg: RunConfig) -> Path:
-    """The run's data folder: its device lock's folder when it keeps no store (the default store's is the same)."""
-    return Path(cfg.data.data_dir).expanduser() if cfg.data.data_dir else default_data_dir()
-
-
 def waiting_note(device: torch.device, holder: str | None) -> str:
     """The note of a run waiting for its device: "waiting for the CPU: run 7 is using it (...)"."""
     who = holder or "another run"
@@ -237,18 +239,27 @@ def run_experiment(
             store.start_run(run_id, device=str(device), versions=software_versions())
         results: dict[str, dict] = {}
         notes: list[str] = []
-        lock_dir = store.path.parent if store is not None else _data_dir(cfg)  # where runs on this machine meet
-        holder = lock_holder(device, lock_dir)  # for the message only: the lock below decides
+        holder = lock_holder(device)  # for the message only: the lock below decides
         if holder is not None:
             yield Phase(waiting_note(device, holder))
-        on_wait = (
-            (lambda: store.set_note(run_id, waiting_note(device, lock_holder(device, lock_dir)))) if store else None
-        )
+        shown: list[str | None] = [None]
+
+        def say_who_waits() -> None:  # the note names the holder of the moment (it changes as runs take turns)
+            note = waiting_note(device, lock_holder(device))
+            if store is not None and note != shown[0]:
+                store.set_note(run_id, note)
+                shown[0] = note
+
         run_name = f"run {run_id}" if run_id is not None else "a run"
         # Held from before the data loads: generating or decoding it would slow the run that trains.
-        with device_lock(device, lock_dir, on_wait=on_wait, cancel=stop, holder=run_name):
+        with device_lock(device, on_wait=say_who_waits, on_poll=say_who_waits, cancel=stop, holder=run_name) as held:
             if store is not None:
                 store.set_note(run_id, None)
+            if held is None and lock_name(device) is not None:
+                notes.append(
+                    f"this run did not take turns on {device_word(device)} with other runs: the lock folder "
+                    f"{default_lock_dir()} can't be written (set {ENV_LOCK_DIR} to a folder that can)"
+                )
             yield Phase(f"loading {cfg.data.name}")
             try:
                 dataset = load_dataset(cfg.data, device, progress=progress, stop=stop)

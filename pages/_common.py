@@ -208,11 +208,11 @@ def running_benchmark():
     return benchmark_jobs().running()
 
 
-def sharing_note(runs: list[dict], benchmark: bool, starting: str = "a run") -> str | None:
+def sharing_note(runs: list[dict], benchmark: bool, starting: str | None = "a run") -> str | None:
     """One sentence on what else is using this machine's cores now and what it means for ``starting``, or None.
 
     ``runs``: the active runs other than the one in view; ``benchmark``: a Speed benchmark runs;
-    ``starting``: what the page starts ("a run", "a benchmark").
+    ``starting``: what the page would start ("a run", "a benchmark"), None while its own is active.
     """
     parts = []
     waiting = [r for r in runs if str(r.get("note") or "").startswith("waiting for")]
@@ -232,6 +232,8 @@ def sharing_note(runs: list[dict], benchmark: bool, starting: str = "a run") -> 
             "what runs at the same time shares its cores, so seconds per epoch (and a benchmark's figures) "
             "come out slower than alone."
         )
+    elif starting is None:
+        tail = "runs and benchmarks take turns on a device, so that each one's timings are its own."
     else:
         them = "them" if len(runs) + benchmark > 1 else "it"
         tail = (

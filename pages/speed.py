@@ -217,8 +217,8 @@ def settings_widgets(locked: bool) -> BenchSettings:
     )
 
 
-def command(settings: BenchSettings, folder: Path, lock_dir: Path) -> list[str]:
-    """The ``python -m bench_core bench`` command line of ``settings``, taking turns with the runs of ``lock_dir``."""
+def command(settings: BenchSettings, folder: Path) -> list[str]:
+    """The ``python -m bench_core bench`` command line of ``settings``."""
     return [
         sys.executable,
         "-m",
@@ -232,7 +232,6 @@ def command(settings: BenchSettings, folder: Path, lock_dir: Path) -> list[str]:
         *("--device", settings.device, "--profile-steps", str(settings.profile_steps)),
         *([] if settings.reference else ["--no-reference"]),
         *("--json", str(folder / "bench.json"), "--progress-jsonl", str(folder / "progress.jsonl"), "--quiet"),
-        *("--lock-dir", str(lock_dir)),
     ]
 
 
@@ -244,13 +243,11 @@ def launch(settings: BenchSettings) -> None:
         st.error(str(err), icon=":material/error:")
         return
 
-    lock_dir = store_path().parent  # where this dashboard's runs take their turns
-
     def start() -> SpeedJob:
         folder = Path(tempfile.mkdtemp(prefix="bench-speed-"))
         with open(folder / "log.txt", "wb") as log:
             proc = subprocess.Popen(
-                command(settings, folder, lock_dir),
+                command(settings, folder),
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -583,7 +580,7 @@ if store_path().exists():  # a store is made by training, not by a look at this 
             training = run_store.active_runs()
     except BenchError:
         pass
-sharing = sharing_note(training, False, "a benchmark")
+sharing = sharing_note(training, False, None if job_running else "a benchmark")
 if sharing:
     st.warning(sharing, icon=":material/speed:")
 bench_settings = settings_widgets(locked=job_running)

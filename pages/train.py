@@ -456,7 +456,7 @@ try:
     others = [r for r in store.active_runs() if r["id"] != live_id]
 except StoreError:
     others = []
-sharing = sharing_note(others, running_benchmark() is not None)
+sharing = sharing_note(others, running_benchmark() is not None, None if live_active else "a run")
 if not live_active and others:
     other_runs_block(others)
 

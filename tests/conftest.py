@@ -1,7 +1,10 @@
 """Make the repository root importable when pytest is run as plain ``pytest`` (not ``python -m pytest``),
-and the fixture that gives a test the optional fast paths as a fresh process has them."""
+give the tests a device-lock folder of their own, and the fixture that gives a test the optional fast
+paths as a fresh process has them."""
 
+import os
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -9,6 +12,11 @@ import pytest
 ROOT = str(Path(__file__).resolve().parent.parent)
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
+
+# Runs and benchmarks take turns on a device through lock files in one folder per machine
+# (bench_core.locks). The tests' runs (and the processes they start) take turns among themselves
+# in a folder of their own, not with a dashboard or a command that trains on this machine meanwhile.
+os.environ["BENCH_LOCK_DIR"] = tempfile.mkdtemp(prefix="bench-test-locks-")
 
 
 @pytest.fixture

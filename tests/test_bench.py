@@ -740,7 +740,6 @@ def test_cli_tiny_run_in_row_processes(tmp_path):
         *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "batchensemble-split"),
         *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "1", "--train-examples", "512"),
         *("--inference-examples", "100", "--threads", "1", "--json", str(out), "--progress-jsonl", str(progress)),
-        *("--lock-dir", str(tmp_path)),
         **{native.ENV_CACHE: str(tmp_path / "native")},
     )
     assert proc.returncode == 0, proc.stderr
@@ -765,7 +764,6 @@ def test_row_processes_take_turns(tmp_path):
         *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "classic-vectorized,batchensemble-split"),
         *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "2", "--train-examples", "512"),
         *("--inference-examples", "100", "--threads", "1", "--progress-jsonl", str(progress)),
-        *("--lock-dir", str(tmp_path)),
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in progress.read_text().splitlines()]
@@ -785,8 +783,8 @@ def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it
     monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
     progress = tmp_path / "progress.jsonl"
     args = ("--dataset-shape", "1x8x8", "--ensemble-sizes", "1", "--methods", "single", "--no-reference", "--device")
-    args += ("cpu", "--lock-dir", str(tmp_path), "--progress-jsonl", str(progress), "--json", str(tmp_path / "o.json"))
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    args += ("cpu", "--progress-jsonl", str(progress), "--json", str(tmp_path / "o.json"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_LOCK_DIR=str(tmp_path))
     env.pop(ENV_CPU_LOCK, None)
     with device_lock("cpu", tmp_path, holder="run 3"):
         proc = subprocess.Popen(
@@ -808,6 +806,7 @@ def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it
     events = [json.loads(line) for line in progress.read_text().splitlines()]
     assert [e["kind"] for e in events] == ["progress"], events
     assert events[0]["message"].startswith("waiting for the CPU: run 3 is using it (runs take turns")
+    assert "stopping the wait: nothing is measured yet (press Ctrl-C again to abort)" in stderr
     assert "stopped while waiting for the CPU: nothing was measured" in stderr
     assert stdout == "" and not (tmp_path / "o.json").exists()
 

@@ -216,6 +216,21 @@ def test_the_cpu_is_taken_in_turns_and_says_by_whom(tmp_path, monkeypatch):
     assert lock_holder("cpu", tmp_path) is None, "free again"
 
 
+@needs_flock
+def test_lock_holder_reads_nobody_once_released_or_its_holder_killed(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    with device_lock("cpu", tmp_path, holder="a benchmark"):
+        assert lock_holder("cpu", tmp_path) == "a benchmark"
+    assert (tmp_path / "cpu.lock").read_text() == "", "emptied when let go"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (tmp_path / "cpu.lock").write_text(f"{int(dead.stdout)}\nrun 5\n")  # what a run killed by SIGKILL leaves
+    assert lock_holder("cpu", tmp_path) is None
+    monkeypatch.setenv("BENCH_LOCK_DIR", str(tmp_path / "elsewhere"))
+    with device_lock("cpu", holder="run 8") as held:
+        assert held == tmp_path / "elsewhere" / "cpu.lock", "one folder for the machine, $BENCH_LOCK_DIR"
+        assert lock_holder("cpu") == "run 8"
+
+
 def test_a_lock_folder_that_cant_be_written_runs_unlocked(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")

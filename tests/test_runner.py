@@ -1,5 +1,6 @@
 """A whole experiment through the run store: records, results, weights, statuses, faults."""
 
+import os
 import threading
 import time
 
@@ -208,7 +209,7 @@ def test_a_busy_gpu_makes_the_run_wait_and_say_so(store, monkeypatch, tmp_path):
     monkeypatch.setattr(runner, "load_dataset", lambda cfg, device, progress=None, stop=None: _tiny_data())
     stop = threading.Event()
     events = []
-    with device_lock("cuda", store.path.parent):  # another run holds the GPU
+    with device_lock("cuda"):  # another run holds the GPU
         worker = threading.Thread(target=lambda: events.extend(run_experiment(tiny_config(), store=store, stop=stop)))
         worker.start()
         deadline = time.time() + 10
@@ -228,7 +229,7 @@ def test_a_run_waits_while_the_cpu_is_taken_says_by_whom_and_can_be_stopped(stor
     monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
     stop = threading.Event()
     events = []
-    with device_lock("cpu", store.path.parent, holder="run 99"):  # another run trains on the CPU
+    with device_lock("cpu", holder="run 99"):  # another run trains on the CPU
         worker = threading.Thread(target=lambda: events.extend(run_experiment(tiny_config(), store=store, stop=stop)))
         worker.start()
         deadline = time.time() + 10
@@ -252,7 +253,7 @@ def test_two_cpu_runs_at_once_train_one_after_the_other(store, monkeypatch):
 
     def run(seed: int) -> None:
         for event in run_experiment(tiny_config(seed=seed), store=store):
-            if isinstance(event, EpochRecord | RunDone):
+            if isinstance(event, EpochRecord):  # yielded while the run holds the CPU
                 spans.setdefault(seed, []).append(time.monotonic())
 
     threads = [threading.Thread(target=run, args=(seed,)) for seed in (1, 2)]
@@ -261,8 +262,48 @@ def test_two_cpu_runs_at_once_train_one_after_the_other(store, monkeypatch):
     for t in threads:
         t.join(timeout=120)
     first, second = sorted(spans.values())
-    assert first[-1] <= second[0], "the second run's first epoch ends after the first run is done"
+    assert first[-1] <= second[0], "the second run's first epoch ends after the first run's last one"
     assert all(r["status"] == "finished" for r in store.list_runs())
+
+
+def test_the_waiting_note_names_each_holder_in_turn(store, monkeypatch):
+    """Runs do not queue in order: the note follows whoever holds the CPU now."""
+    from bench_core.locks import ENV_CPU_LOCK, device_lock
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    stop = threading.Event()
+    worker = threading.Thread(target=lambda: list(run_experiment(tiny_config(), store=store, stop=stop)))
+
+    def note() -> str:
+        runs = store.list_runs()
+        return (runs[0]["note"] or "") if runs else ""
+
+    def wait_for(text: str) -> str:
+        deadline = time.time() + 10
+        while time.time() < deadline and text not in note():
+            time.sleep(0.05)
+        return note()
+
+    with device_lock("cpu", holder="run 98") as held:
+        worker.start()
+        assert "run 98 is using it" in wait_for("run 98")
+        held.write_text(f"{os.getpid()}\nrun 97\n")  # as when run 98 ends and another waiter gets there first
+        assert "run 97 is using it" in wait_for("run 97")
+        stop.set()
+        worker.join(timeout=10)
+    assert store.list_runs()[0]["status"] == "stopped"
+
+
+def test_a_lock_folder_that_cant_be_written_trains_all_the_same_and_says_so(store, monkeypatch, tmp_path):
+    from bench_core.locks import ENV_CPU_LOCK, ENV_LOCK_DIR
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv(ENV_LOCK_DIR, str(blocker / "locks"))
+    done = list(run_experiment(tiny_config(), store=store))[-1]
+    assert done.status == "finished"
+    assert any("did not take turns on the CPU" in n and ENV_LOCK_DIR in n for n in done.notes), done.notes
 
 
 def _tiny_data():

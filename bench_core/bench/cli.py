@@ -7,7 +7,6 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 from bench_core.bench.results import format_table
 from bench_core.bench.schedule import cmd_row, run_benchmark
@@ -85,11 +84,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", dest="json_path", default=None, help="write the header and rows to this file")
     parser.add_argument("--progress-jsonl", default=None, help="append every event to this file as a JSON line")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument(
-        "--lock-dir",
-        default=None,
-        help="folder of the device lock that runs and benchmarks take turns with (default: the run store's folder)",
-    )
     parser.add_argument("--row", default=None, help=argparse.SUPPRESS)  # internal: one row, in a child process
 
 
@@ -125,12 +119,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if path:
             check_output_file(path, flag)  # before the benchmark, not after it
     stop = threading.Event()
-    _install_stop_handler(stop)  # first Ctrl-C / SIGTERM: stop after this row's current work
+    stage = ["stopping the wait: nothing is measured yet"]  # what a stop does now (_in_turn moves it on)
+    _install_stop_handler(stop, lambda: stage[0])  # first Ctrl-C / SIGTERM: stop after this row's current work
     progress = open(args.progress_jsonl, "a") if args.progress_jsonl else None  # noqa: SIM115 - closed below
     final = None
     setting_up = True  # until the header: the set-up's steps (a build of the C++ steps takes seconds) are shown
     try:
-        for event in _in_turn(settings, stop, args.lock_dir):
+        for event in _in_turn(settings, stop, stage):
             if progress is not None:
                 progress.write(json.dumps(event.to_dict()) + "\n")
                 progress.flush()
@@ -157,21 +152,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _in_turn(settings: BenchSettings, stop: threading.Event, lock_dir: str | None) -> Iterator[BenchEvent]:
+def _in_turn(settings: BenchSettings, stop: threading.Event, stage: list[str]) -> Iterator[BenchEvent]:
     """``run_benchmark``'s events, measured while holding the device's lock (``bench_core.locks``).
 
     Runs and benchmarks on one device take turns: what shares the cores slows both, and a
     benchmark's figures would be of the machine's load rather than of the methods. A wait is said
-    first, as a progress event; a stop while waiting raises LockCancelledError.
+    first, as a progress event; a stop while waiting raises LockCancelledError. ``stage[0]`` says
+    what a stop does at the moment, for the Ctrl-C handler.
     """
     from bench_core.devices import resolve_device
     from bench_core.runner import waiting_note
-    from bench_core.store import default_store_path
 
     device = resolve_device(settings.device)
-    folder = Path(lock_dir).expanduser() if lock_dir else default_store_path().parent
-    holder = lock_holder(device, folder)
+    holder = lock_holder(device)
     if holder is not None:
         yield BenchEvent("progress", 0.0, waiting_note(device, holder))
-    with device_lock(device, folder, cancel=stop, holder="a benchmark"):
+    with device_lock(device, cancel=stop, holder="a benchmark"):
+        stage[0] = "stopping after this row's current work: the rows measured so far are kept"
         yield from run_benchmark(settings, stop)
