@@ -7,8 +7,11 @@ folder is one per machine (``default_lock_dir``: ``$BENCH_LOCK_DIR``, else
 ``~/.cache/bench_core/locks``), so the dashboard's runs, its Speed benchmark and the command
 line's ``train`` and ``bench`` meet whatever their store, data folder or working folder. The lock
 is about the device's name only; it never touches CUDA, so it can be tested without a GPU. The
-operating system drops the lock when its process dies, even by SIGKILL. Waiting runs retry every
-``poll`` seconds: the next one to get the device is whichever retries first, not the first to come.
+operating system drops the lock when its process dies, even by SIGKILL. Waiters queue in order of
+arrival in ``<device>.lock.queue`` beside it: only the first may take the device, and a newcomer
+does not pass them. Each waiter looks every ``poll`` seconds and marks its line when it does; a
+line whose process is gone, or that has not been marked for ``QUEUE_STALE_S`` (a waiter killed or
+suspended), is dropped.
 
 Why the CPU too: on this project's 2-core machine two runs at once do not each get half the
 cores, they fight for them (each process's torch threads want both). Two runs of 20,000 synthetic
@@ -22,9 +25,11 @@ Where ``fcntl`` is missing (Windows) nothing is locked.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -39,6 +44,8 @@ except ImportError:  # pragma: no cover - Windows
 
 ENV_CPU_LOCK = "BENCH_CPU_LOCK"  # "0": CPU runs and benchmarks do not take turns
 ENV_LOCK_DIR = "BENCH_LOCK_DIR"  # the folder of the lock files (default: ~/.cache/bench_core/locks)
+QUEUE_STALE_S = 30.0  # a waiter that has not looked for this long (killed, suspended) loses its place
+_TICKETS = itertools.count()  # with the pid and the thread: each wait's own line in the queue
 
 
 def default_lock_dir() -> Path:
@@ -117,6 +124,57 @@ def lock_holder(device: Any, lock_dir: Path | str | None = None) -> str | None:
     return lines[1].strip() if len(lines) > 1 and lines[1].strip() else "another run"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # another user's
+    return True
+
+
+def _in_queue(path: Path, change: Callable[[list[list]], Any]) -> Any:
+    """``change(waiters)`` under the queue file's exclusive flock; the list it leaves is written back.
+
+    ``waiters``: ``[ticket, last look (epoch seconds), who]`` in order of arrival, those gone or
+    stale already dropped. Returns what ``change`` returns.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        now = time.time()
+        waiters = []
+        for line in os.pread(fd, 1 << 20, 0).decode(errors="replace").splitlines():
+            parts = line.split(" ", 2)
+            try:
+                ticket, seen, who = parts[0], float(parts[1]), parts[2] if len(parts) > 2 else ""
+                pid = int(ticket.split("-")[0])
+            except (IndexError, ValueError):
+                continue
+            if now - seen < QUEUE_STALE_S and _alive(pid):
+                waiters.append([ticket, seen, who])
+        result = change(waiters)
+        text = "".join(f"{ticket} {seen:.3f} {who}\n" for ticket, seen, who in waiters)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, text.encode(), 0)
+        return result
+    finally:
+        os.close(fd)  # and with it the flock
+
+
+def waiting_count(device: Any, lock_dir: Path | str | None = None) -> int:
+    """How many runs and benchmarks wait for ``device`` now (for messages only)."""
+    name = lock_name(device)
+    path = Path(lock_dir or default_lock_dir()) / f"{name}.queue" if name else None
+    if path is None or not path.exists():
+        return 0
+    try:
+        return _in_queue(path, len)
+    except OSError:
+        return 0
+
+
 @contextlib.contextmanager
 def device_lock(
     device: Any,
@@ -126,20 +184,21 @@ def device_lock(
     cancel: threading.Event | None = None,
     poll: float = 0.2,
     holder: str = "another run",
-    on_poll: Callable[[], None] | None = None,
+    on_poll: Callable[[int], None] | None = None,
 ) -> Iterator[Path | None]:
     """Hold the device for the duration of the block; yields the lock path, or None where it is not locked.
 
     Args:
         device: a torch.device or device string ("cuda", "cuda:1", "cpu", "mps").
         lock_dir: folder of the lock files (created if missing); None: ``default_lock_dir()``.
-        on_wait: called once if the device is taken, before waiting (e.g. to set a note
-            "waiting for the GPU").
-        cancel: if given, the wait polls every ``poll`` seconds and gives up with
-            LockCancelledError once the event is set; without it the wait blocks.
-        poll: seconds between attempts when ``cancel`` is given.
+        on_wait: called once if the device is taken or others wait for it, before waiting (e.g. to
+            set a note "waiting for the GPU").
+        cancel: if given, the wait gives up with LockCancelledError once the event is set (looked
+            at every ``poll`` seconds); without it the wait lasts as long as it must.
+        poll: seconds between two looks while waiting.
         holder: who holds it, for ``lock_holder`` ("run 7", "a benchmark").
-        on_poll: called after each failed attempt while polling (e.g. to name a new holder).
+        on_poll: called at each look while waiting with the number of waiters ahead of this one
+            (e.g. to name a new holder).
 
     Raises:
         LockCancelledError: ``cancel`` was set while waiting.
@@ -161,25 +220,63 @@ def device_lock(
     if fd is None:
         yield None
         return
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            if on_wait is not None:
-                on_wait()
-            if cancel is None:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+    queue = lock_dir / f"{name}.queue"
+    ticket = f"{os.getpid()}-{threading.get_ident()}-{next(_TICKETS)}"
+    who = " ".join(holder.split()) or "another run"
+
+    def turn(waiters: list[list]) -> int | None:
+        """Take the device if no one waits ahead (None), else join or stay in the queue: how many wait ahead."""
+        mine = next((w for w in waiters if w[0] == ticket), None)
+        ahead = waiters.index(mine) if mine is not None else len(waiters)
+        if ahead == 0:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                pass
             else:
-                while True:
-                    if cancel.is_set():
-                        raise LockCancelledError(f"gave up waiting for {name.removesuffix('.lock')}") from None
-                    try:
-                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                        break
-                    except BlockingIOError:
-                        if on_poll is not None:
-                            on_poll()
+                if mine is not None:
+                    waiters.remove(mine)
+                return None
+        if mine is not None:
+            mine[1] = time.time()
+        else:
+            waiters.append([ticket, time.time(), who])
+        return ahead
+
+    def leave(waiters: list[list]) -> None:
+        waiters[:] = [w for w in waiters if w[0] != ticket]
+
+    def look() -> int | None:
+        """``turn`` through the queue; where its file can't be written, the device whenever it is free."""
+        try:
+            return _in_queue(queue, turn)
+        except OSError:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            return None
+
+    try:
+        ahead = look()
+        if ahead is not None:
+            try:
+                if on_wait is not None:
+                    on_wait()
+                while ahead is not None:
+                    if cancel is not None and cancel.is_set():
+                        raise LockCancelledError(f"gave up waiting for {name.removesuffix('.lock')}")
+                    if on_poll is not None:
+                        on_poll(ahead)
+                    if cancel is not None:
                         cancel.wait(poll)
+                    else:
+                        time.sleep(poll)
+                    ahead = look()
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    _in_queue(queue, leave)
+                raise
         with contextlib.suppress(OSError):  # who holds it, for lock_holder and a person looking
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n{' '.join(holder.split())}\n".encode(), 0)

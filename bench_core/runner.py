@@ -199,10 +199,21 @@ def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:
             raise ConfigError(f"{n_train} training examples can't be split among {e} members")
 
 
-def waiting_note(device: torch.device, holder: str | None) -> str:
-    """The note of a run waiting for its device: "waiting for the CPU: run 7 is using it (...)"."""
+def waiting_note(device: torch.device, holder: str | None, ahead: int | None = None) -> str:
+    """The note of a run waiting for its device: "waiting for the CPU: run 7 is using it; this run is next (...)".
+
+    ``ahead``: how many others wait ahead of it (None: not known yet).
+    """
     who = holder or "another run"
-    return f"waiting for {device_word(device)}: {who} is using it (runs take turns, so each one's timings are its own)"
+    place = ""
+    if ahead == 0:
+        place = "; this run is next"
+    elif ahead is not None:
+        place = f"; {ahead} more {'wait' if ahead > 1 else 'waits'} ahead of this run"
+    return (
+        f"waiting for {device_word(device)}: {who} is using it{place} "
+        "(runs take turns in order, so each one's timings are its own)"
+    )
 
 
 def run_experiment(
@@ -244,15 +255,15 @@ def run_experiment(
             yield Phase(waiting_note(device, holder))
         shown: list[str | None] = [None]
 
-        def say_who_waits() -> None:  # the note names the holder of the moment (it changes as runs take turns)
-            note = waiting_note(device, lock_holder(device))
+        def say_who_waits(ahead: int) -> None:  # the holder and the place of the moment: they change as runs go
+            note = waiting_note(device, lock_holder(device), ahead)
             if store is not None and note != shown[0]:
                 store.set_note(run_id, note)
                 shown[0] = note
 
         run_name = f"run {run_id}" if run_id is not None else "a run"
         # Held from before the data loads: generating or decoding it would slow the run that trains.
-        with device_lock(device, on_wait=say_who_waits, on_poll=say_who_waits, cancel=stop, holder=run_name) as held:
+        with device_lock(device, on_poll=say_who_waits, cancel=stop, holder=run_name) as held:
             if store is not None:
                 store.set_note(run_id, None)
             if held is None and lock_name(device) is not None:

@@ -13,7 +13,15 @@ from pathlib import Path
 import pytest
 
 from bench_core import jobs
-from bench_core.locks import ENV_CPU_LOCK, LockCancelledError, device_lock, lock_holder, lock_name
+from bench_core.locks import (
+    ENV_CPU_LOCK,
+    QUEUE_STALE_S,
+    LockCancelledError,
+    device_lock,
+    lock_holder,
+    lock_name,
+    waiting_count,
+)
 from bench_core.store import RunStore
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -229,6 +237,69 @@ def test_lock_holder_reads_nobody_once_released_or_its_holder_killed(tmp_path, m
     with device_lock("cpu", holder="run 8") as held:
         assert held == tmp_path / "elsewhere" / "cpu.lock", "one folder for the machine, $BENCH_LOCK_DIR"
         assert lock_holder("cpu") == "run 8"
+
+
+@needs_flock
+def test_waiters_take_the_device_in_order_of_arrival(tmp_path, monkeypatch):
+    """The last to come looks most often; in order of arrival it still goes last."""
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    order, aheads = [], {}
+
+    def waiter(name: str, poll: float) -> None:
+        seen = lambda ahead: aheads.setdefault(name, ahead)  # noqa: E731
+        with device_lock("cpu", tmp_path, holder=name, poll=poll, on_poll=seen):
+            order.append(name)
+
+    threads = []
+    with device_lock("cpu", tmp_path, holder="first"):
+        for i, (name, poll) in enumerate((("a", 0.2), ("b", 0.05), ("c", 0.005))):
+            threads.append(threading.Thread(target=waiter, args=(name, poll)))
+            threads[-1].start()
+            deadline = time.time() + 5
+            while waiting_count("cpu", tmp_path) < i + 1 and time.time() < deadline:
+                time.sleep(0.01)
+        assert waiting_count("cpu", tmp_path) == 3
+    for t in threads:
+        t.join(10)
+    assert order == ["a", "b", "c"]
+    assert aheads == {"a": 0, "b": 1, "c": 2}
+    assert waiting_count("cpu", tmp_path) == 0, "each took its line out of the queue"
+
+
+@needs_flock
+def test_a_newcomer_does_not_pass_a_waiter(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    order, waited = [], []
+
+    def waiter() -> None:
+        with device_lock("cpu", tmp_path, holder="a", poll=0.3):
+            order.append("a")
+
+    thread = threading.Thread(target=waiter)
+    with device_lock("cpu", tmp_path, holder="first"):
+        thread.start()
+        deadline = time.time() + 5
+        while waiting_count("cpu", tmp_path) < 1 and time.time() < deadline:
+            time.sleep(0.01)
+    with device_lock("cpu", tmp_path, holder="newcomer", poll=0.01, on_wait=lambda: waited.append(1)):
+        order.append("newcomer")  # the device was free, but "a" had come first
+    thread.join(10)
+    assert order == ["a", "newcomer"] and waited == [1]
+
+
+@needs_flock
+def test_waiters_gone_or_stale_and_a_stopped_wait_leave_the_queue(tmp_path, monkeypatch):
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    old = time.time() - QUEUE_STALE_S - 1
+    queue = tmp_path / "cpu.lock.queue"
+    queue.write_text(f"{int(dead.stdout)}-1-0 {time.time():.3f} run 4\n{os.getpid()}-1-0 {old:.3f} run 5\n")
+    with device_lock("cpu", tmp_path, on_wait=lambda: pytest.fail("a killed and a stale waiter hold no place")):
+        cancel = threading.Event()
+        threading.Timer(0.2, cancel.set).start()
+        with pytest.raises(LockCancelledError), device_lock("cpu", tmp_path, cancel=cancel, poll=0.02):
+            pytest.fail("the device is taken")
+        assert waiting_count("cpu", tmp_path) == 0, "a stopped wait gives up its place"
 
 
 def test_a_lock_folder_that_cant_be_written_runs_unlocked(tmp_path):

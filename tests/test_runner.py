@@ -236,8 +236,9 @@ def test_a_run_waits_while_the_cpu_is_taken_says_by_whom_and_can_be_stopped(stor
         while time.time() < deadline and not (store.list_runs() and store.list_runs()[0]["note"]):
             time.sleep(0.05)
         note = store.list_runs()[0]["note"]
-        assert note.startswith("waiting for the CPU: run 99 is using it (runs take turns"), note
-        assert [e.message for e in events] == [note], "the command line sees it too, before any loading"
+        assert note.startswith("waiting for the CPU: run 99 is using it; this run is next (runs take turns"), note
+        (said,) = (e.message for e in events)  # the command line sees it too, before any loading
+        assert said.startswith("waiting for the CPU: run 99 is using it (runs take turns in order"), said
         stop.set()
         worker.join(timeout=10)
     assert events[-1].status == "stopped" and events[-1].results == {}
