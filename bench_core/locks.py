@@ -44,7 +44,9 @@ except ImportError:  # pragma: no cover - Windows
 
 ENV_CPU_LOCK = "BENCH_CPU_LOCK"  # "0": CPU runs and benchmarks do not take turns
 ENV_LOCK_DIR = "BENCH_LOCK_DIR"  # the folder of the lock files (default: ~/.cache/bench_core/locks)
-QUEUE_STALE_S = 30.0  # a waiter that has not looked for this long (killed, suspended) loses its place
+# A waiter that has not looked for this long (suspended, or a reused pid's) loses its place: well above
+# the store's busy timeout (30 s), which a waiter's note can wait on between two looks.
+QUEUE_STALE_S = 120.0
 _TICKETS = itertools.count()  # with the pid and the thread: each wait's own line in the queue
 
 
@@ -137,14 +139,16 @@ def _alive(pid: int) -> bool:
 def _in_queue(path: Path, change: Callable[[list[list]], Any]) -> Any:
     """``change(waiters)`` under the queue file's exclusive flock; the list it leaves is written back.
 
-    ``waiters``: ``[ticket, last look (epoch seconds), who]`` in order of arrival, those gone or
-    stale already dropped. Returns what ``change`` returns.
+    ``waiters``: ``[ticket, last look, who]`` in order of arrival, those gone or stale already
+    dropped. Looks are ``time.monotonic()`` (one clock for the machine, which a change of the
+    wall clock does not move); a look further than ``QUEUE_STALE_S`` from now either way (a
+    reboot between) is stale. Returns what ``change`` returns.
     """
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
-        now = time.time()
-        waiters = []
+        now = time.monotonic()
+        waiters, tickets = [], set()
         for line in os.pread(fd, 1 << 20, 0).decode(errors="replace").splitlines():
             parts = line.split(" ", 2)
             try:
@@ -152,12 +156,13 @@ def _in_queue(path: Path, change: Callable[[list[list]], Any]) -> Any:
                 pid = int(ticket.split("-")[0])
             except (IndexError, ValueError):
                 continue
-            if now - seen < QUEUE_STALE_S and _alive(pid):
+            if ticket not in tickets and abs(now - seen) < QUEUE_STALE_S and _alive(pid):
                 waiters.append([ticket, seen, who])
+                tickets.add(ticket)
         result = change(waiters)
-        text = "".join(f"{ticket} {seen:.3f} {who}\n" for ticket, seen, who in waiters)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, text.encode(), 0)
+        data = "".join(f"{ticket} {seen:.3f} {who}\n" for ticket, seen, who in waiters).encode()
+        os.pwrite(fd, data, 0)  # then cut what is left of a longer list: an interruption loses no line
+        os.ftruncate(fd, len(data))
         return result
     finally:
         os.close(fd)  # and with it the flock
@@ -184,7 +189,7 @@ def device_lock(
     cancel: threading.Event | None = None,
     poll: float = 0.2,
     holder: str = "another run",
-    on_poll: Callable[[int], None] | None = None,
+    on_poll: Callable[[int | None], None] | None = None,
 ) -> Iterator[Path | None]:
     """Hold the device for the duration of the block; yields the lock path, or None where it is not locked.
 
@@ -198,7 +203,7 @@ def device_lock(
         poll: seconds between two looks while waiting.
         holder: who holds it, for ``lock_holder`` ("run 7", "a benchmark").
         on_poll: called at each look while waiting with the number of waiters ahead of this one
-            (e.g. to name a new holder).
+            (None where the queue file can't be written), e.g. to name a new holder.
 
     Raises:
         LockCancelledError: ``cancel`` was set while waiting.
@@ -238,45 +243,44 @@ def device_lock(
                     waiters.remove(mine)
                 return None
         if mine is not None:
-            mine[1] = time.time()
+            mine[1] = time.monotonic()
         else:
-            waiters.append([ticket, time.time(), who])
+            waiters.append([ticket, time.monotonic(), who])
         return ahead
 
     def leave(waiters: list[list]) -> None:
         waiters[:] = [w for w in waiters if w[0] != ticket]
 
     def look() -> int | None:
-        """``turn`` through the queue; where its file can't be written, the device whenever it is free."""
+        """``turn`` through the queue; where its file can't be written, the device when free (-1: place unknown)."""
         try:
             return _in_queue(queue, turn)
         except OSError:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                return 0
+                return -1
             return None
 
     try:
-        ahead = look()
-        if ahead is not None:
-            try:
-                if on_wait is not None:
-                    on_wait()
-                while ahead is not None:
-                    if cancel is not None and cancel.is_set():
-                        raise LockCancelledError(f"gave up waiting for {name.removesuffix('.lock')}")
-                    if on_poll is not None:
-                        on_poll(ahead)
-                    if cancel is not None:
-                        cancel.wait(poll)
-                    else:
-                        time.sleep(poll)
-                    ahead = look()
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    _in_queue(queue, leave)
-                raise
+        try:
+            ahead = look()
+            if ahead is not None and on_wait is not None:
+                on_wait()
+            while ahead is not None:
+                if cancel is not None and cancel.is_set():
+                    raise LockCancelledError(f"gave up waiting for {name.removesuffix('.lock')}")
+                if on_poll is not None:
+                    on_poll(ahead if ahead >= 0 else None)
+                if cancel is not None:
+                    cancel.wait(poll)
+                else:
+                    time.sleep(poll)
+                ahead = look()
+        except BaseException:  # a stop, an interrupt: give up the place (if one was taken)
+            with contextlib.suppress(OSError):
+                _in_queue(queue, leave)
+            raise
         with contextlib.suppress(OSError):  # who holds it, for lock_holder and a person looking
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n{' '.join(holder.split())}\n".encode(), 0)

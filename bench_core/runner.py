@@ -255,7 +255,7 @@ def run_experiment(
             yield Phase(waiting_note(device, holder))
         shown: list[str | None] = [None]
 
-        def say_who_waits(ahead: int) -> None:  # the holder and the place of the moment: they change as runs go
+        def say_who_waits(ahead: int | None) -> None:  # the holder and the place of the moment: they change as runs go
             note = waiting_note(device, lock_holder(device), ahead)
             if store is not None and note != shown[0]:
                 store.set_note(run_id, note)

@@ -466,7 +466,7 @@ del bufs  # 30 MB free at the heap's top, under the raised trim threshold: still
 probe = measure.MemoryProbe(torch.device("cpu"))
 probe.start()
 again = [torch.ones(250_000) for _ in range(30)]  # training's allocations, reusing them
-print(probe.peak_mib())
+print(probe.method, "|", probe.peak_mib())
 """
 
 
@@ -477,15 +477,19 @@ def test_the_memory_probe_counts_memory_that_reuses_the_freed_heap():
     Without handing the free heap back first (``_release_free_heap``) this script measured 0.0 MiB
     here, and the rows' peaks varied from run to run with what the process had freed before.
     """
+    env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD" and not k.startswith("MALLOC_")}  # plain glibc
     proc = subprocess.run(
         [sys.executable, "-c", PROBE_AFTER_FREED_HEAP],
         capture_output=True,
         text=True,
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env={**env, "PYTHONPATH": str(ROOT)},
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert float(proc.stdout) > 25, proc.stdout
+    method, peak = proc.stdout.split(" | ")
+    if method != "peak RSS (VmHWM)":
+        pytest.skip(f"the probe measures {method} here")
+    assert float(peak) > 25, proc.stdout
 
 
 def test_targets_turn_by_turn():

@@ -291,15 +291,41 @@ def test_a_newcomer_does_not_pass_a_waiter(tmp_path, monkeypatch):
 def test_waiters_gone_or_stale_and_a_stopped_wait_leave_the_queue(tmp_path, monkeypatch):
     monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    old = time.time() - QUEUE_STALE_S - 1
+    now = time.monotonic()
+    lines = [f"{int(dead.stdout)}-1-0 {now:.3f} run 4", f"{os.getpid()}-1-0 {now - QUEUE_STALE_S - 1:.3f} run 5"]
+    lines.append(f"{os.getpid()}-1-1 {now + QUEUE_STALE_S + 3600:.3f} run 6")  # looked "in the future": a reboot
     queue = tmp_path / "cpu.lock.queue"
-    queue.write_text(f"{int(dead.stdout)}-1-0 {time.time():.3f} run 4\n{os.getpid()}-1-0 {old:.3f} run 5\n")
-    with device_lock("cpu", tmp_path, on_wait=lambda: pytest.fail("a killed and a stale waiter hold no place")):
+    queue.write_text("\n".join(lines) + "\n")
+    with device_lock("cpu", tmp_path, on_wait=lambda: pytest.fail("killed and stale waiters hold no place")):
         cancel = threading.Event()
         threading.Timer(0.2, cancel.set).start()
         with pytest.raises(LockCancelledError), device_lock("cpu", tmp_path, cancel=cancel, poll=0.02):
             pytest.fail("the device is taken")
         assert waiting_count("cpu", tmp_path) == 0, "a stopped wait gives up its place"
+
+
+@needs_flock
+def test_an_interrupted_wait_leaves_no_line_and_an_unwritable_queue_says_no_place(tmp_path, monkeypatch):
+    from bench_core import locks
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    with device_lock("cpu", tmp_path, holder="first"):
+
+        def interrupted(*args) -> None:
+            raise KeyboardInterrupt
+
+        with pytest.raises(KeyboardInterrupt), device_lock("cpu", tmp_path, on_wait=interrupted):
+            pytest.fail("the device is taken")
+        assert waiting_count("cpu", tmp_path) == 0, "the line taken before the interrupt is given up"
+        monkeypatch.setattr(locks, "_in_queue", lambda *args: (_ for _ in ()).throw(PermissionError("read-only")))
+        places, cancel = [], threading.Event()
+        threading.Timer(0.2, cancel.set).start()
+        with (
+            pytest.raises(LockCancelledError),
+            device_lock("cpu", tmp_path, cancel=cancel, poll=0.02, on_poll=places.append),
+        ):
+            pytest.fail("the device is taken")
+    assert places and set(places) == {None}, "no queue to read: the place is unknown, not 'next'"
 
 
 def test_a_lock_folder_that_cant_be_written_runs_unlocked(tmp_path):
