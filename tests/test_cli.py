@@ -154,11 +154,11 @@ def test_runs_into_a_closed_pipe_ends_quietly(tmp_path):
     assert stderr == ""
 
 
-def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
+def train_until(tmp_path, line_part: str, *args: str) -> subprocess.Popen:
+    """``train`` with ``args`` in its own process, once its stderr has shown a line with ``line_part``."""
     env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
-    args = ["--dataset", "synthetic", "--synthetic-train", "20000", "--synthetic-test", "500", "--epochs", "50"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench_core", "train", *args, "--log-every", "1"],
+        [sys.executable, "-m", "bench_core", "train", "--dataset", "synthetic", "--synthetic-test", "500", *args],
         cwd=tmp_path,
         env=env,
         stdout=subprocess.PIPE,
@@ -167,8 +167,13 @@ def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
     )
     deadline = time.time() + 60
     line = ""
-    while "training classic" not in line and time.time() < deadline:
+    while line_part not in line and time.time() < deadline:
         line = proc.stderr.readline()
+    return proc
+
+
+def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
+    proc = train_until(tmp_path, "training classic", "--synthetic-train", "20000", "--epochs", "50", "--log-every", "1")
     time.sleep(1.0)
     proc.send_signal(signal.SIGINT)
     stdout, stderr = proc.communicate(timeout=120)
@@ -182,20 +187,7 @@ def test_ctrl_c_stops_after_the_batch_and_prints_what_was_trained(tmp_path):
 
 def test_ctrl_c_while_the_data_is_generated_stops_at_once(tmp_path):
     """A first Ctrl-C during the synthetic data's generation ends it within a chunk: nothing trained, no table."""
-    env = {**os.environ, "BENCH_DATA_DIR": str(tmp_path / "data"), "PYTHONPATH": str(ROOT)}
-    args = ["--dataset", "synthetic", "--synthetic-train", "150000", "--synthetic-test", "500"]
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench_core", "train", *args],
-        cwd=tmp_path,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    deadline = time.time() + 60
-    line = ""
-    while "loading synthetic" not in line and time.time() < deadline:
-        line = proc.stderr.readline()
+    proc = train_until(tmp_path, "loading synthetic", "--synthetic-train", "150000")
     time.sleep(1.0)  # generating: 150,000 examples take about 15 s here
     asked = time.time()
     proc.send_signal(signal.SIGINT)

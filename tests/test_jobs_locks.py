@@ -213,13 +213,7 @@ def test_the_cpu_is_taken_in_turns_and_says_by_whom(tmp_path, monkeypatch):
         assert held == tmp_path / "cpu.lock"
         assert lock_holder("cpu", tmp_path) == "run 7"
         assert lock_holder("cuda", tmp_path) is None, "another device"
-        cancel = threading.Event()
-        threading.Timer(0.2, cancel.set).start()
-        with (
-            pytest.raises(LockCancelledError),
-            device_lock("cpu", tmp_path, on_wait=lambda: waits.append(1), cancel=cancel, poll=0.02),
-        ):
-            pytest.fail("the CPU is taken")
+        waits_until_cancelled("cpu", tmp_path, waits)
     assert waits == [1]
     assert lock_holder("cpu", tmp_path) is None, "free again"
 
@@ -416,15 +410,20 @@ def test_lock_is_released_when_its_holder_is_killed(tmp_path):
         pass
 
 
+def waits_until_cancelled(device: str, lock_dir, waits: list) -> None:
+    """Wait for ``device`` (taken) until a stop 0.2 s later: LockCancelledError; ``waits`` gets a 1 for on_wait."""
+    cancel = threading.Event()
+    threading.Timer(0.2, cancel.set).start()
+    with (
+        pytest.raises(LockCancelledError),
+        device_lock(device, lock_dir, on_wait=lambda: waits.append(1), cancel=cancel, poll=0.02),
+    ):
+        pytest.fail("the device is taken: no lock")
+
+
 @needs_flock
 def test_waiting_can_be_cancelled(tmp_path):
-    cancel = threading.Event()
     waits = []
     with device_lock("cuda", tmp_path):
-        threading.Timer(0.2, cancel.set).start()
-        with (
-            pytest.raises(LockCancelledError),
-            device_lock("cuda", tmp_path, on_wait=lambda: waits.append(1), cancel=cancel, poll=0.02),
-        ):
-            pytest.fail("should not get the lock")
+        waits_until_cancelled("cuda", tmp_path, waits)
     assert waits == [1]
