@@ -815,7 +815,7 @@ def test_row_processes_take_turns(tmp_path):
 
 def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it_waits(tmp_path, monkeypatch):
     """Runs and benchmarks take turns on the CPU (bench_core.locks): the wait is said, a stop ends it."""
-    from bench_core.locks import ENV_CPU_LOCK, device_lock, lock_holder
+    from bench_core.locks import ENV_CPU_LOCK, device_lock
 
     monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
     progress = tmp_path / "progress.jsonl"
@@ -823,7 +823,13 @@ def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it
     args += ("cpu", "--progress-jsonl", str(progress), "--json", str(tmp_path / "o.json"))
     env = dict(os.environ, PYTHONPATH=str(ROOT), BENCH_LOCK_DIR=str(tmp_path))
     env.pop(ENV_CPU_LOCK, None)
-    with device_lock("cpu", tmp_path, holder="run 3"):
+
+    def lines(n: int) -> None:
+        deadline = time.time() + 60
+        while time.time() < deadline and not (progress.exists() and len(progress.read_text().splitlines()) >= n):
+            time.sleep(0.1)
+
+    with device_lock("cpu", tmp_path, holder="run 3") as held:
         proc = subprocess.Popen(
             [sys.executable, "-m", "bench_core", "bench", *args],
             cwd=tmp_path,
@@ -832,17 +838,16 @@ def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.time() + 60
-        while time.time() < deadline and not (progress.exists() and progress.read_text().strip()):
-            time.sleep(0.1)
-        time.sleep(0.3)
+        lines(1)
+        held.write_text(f"{os.getpid()}\nrun 4\n")  # as when run 3 ends and run 4, queued before, takes the CPU
+        lines(2)
         proc.send_signal(signal.SIGTERM)  # the Speed page's Stop
         stdout, stderr = proc.communicate(timeout=60)
-        assert lock_holder("cpu", tmp_path) == "run 3", "the run kept the CPU"
     assert proc.returncode == 0, stderr
     events = [json.loads(line) for line in progress.read_text().splitlines()]
-    assert [e["kind"] for e in events] == ["progress"], events
-    assert events[0]["message"].startswith("waiting for the CPU: run 3 is using it (runs take turns in order")
+    assert [e["kind"] for e in events] == ["progress", "progress"], events
+    assert events[0]["message"].startswith("waiting for the CPU: run 3 is using it; this run is next (runs take turns")
+    assert events[1]["message"].startswith("waiting for the CPU: run 4 is using it; this run is next"), "said again"
     assert "stopping the wait: nothing is measured yet (press Ctrl-C again to abort)" in stderr
     assert "stopped while waiting for the CPU: nothing was measured" in stderr
     assert stdout == "" and not (tmp_path / "o.json").exists()

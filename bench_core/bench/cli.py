@@ -6,7 +6,7 @@ import argparse
 import json
 import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from bench_core.bench.results import format_table
 from bench_core.bench.schedule import cmd_row, run_benchmark
@@ -124,16 +124,21 @@ def cmd_bench(args: argparse.Namespace) -> int:
     progress = open(args.progress_jsonl, "a") if args.progress_jsonl else None  # noqa: SIM115 - closed below
     final = None
     setting_up = True  # until the header: the set-up's steps (a build of the C++ steps takes seconds) are shown
+
+    def handle(event: BenchEvent) -> None:
+        nonlocal final, setting_up
+        if progress is not None:
+            progress.write(json.dumps(event.to_dict()) + "\n")
+            progress.flush()
+        setting_up = setting_up and event.kind == "progress"
+        if not args.quiet and (setting_up or event.kind in ("row", "header", "done")):
+            print(f"[{event.fraction:4.0%}] {event.message}", file=sys.stderr)
+        if event.kind == "done":
+            final = event
+
     try:
-        for event in _in_turn(settings, stop, stage):
-            if progress is not None:
-                progress.write(json.dumps(event.to_dict()) + "\n")
-                progress.flush()
-            setting_up = setting_up and event.kind == "progress"
-            if not args.quiet and (setting_up or event.kind in ("row", "header", "done")):
-                print(f"[{event.fraction:4.0%}] {event.message}", file=sys.stderr)
-            if event.kind == "done":
-                final = event
+        for event in _in_turn(settings, stop, stage, handle):
+            handle(event)
     except LockCancelledError:
         from bench_core.devices import resolve_device
 
@@ -152,21 +157,29 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-def _in_turn(settings: BenchSettings, stop: threading.Event, stage: list[str]) -> Iterator[BenchEvent]:
+def _in_turn(
+    settings: BenchSettings, stop: threading.Event, stage: list[str], say: Callable[[BenchEvent], None]
+) -> Iterator[BenchEvent]:
     """``run_benchmark``'s events, measured while holding the device's lock (``bench_core.locks``).
 
     Runs and benchmarks on one device take turns: what shares the cores slows both, and a
-    benchmark's figures would be of the machine's load rather than of the methods. A wait is said
-    first, as a progress event; a stop while waiting raises LockCancelledError. ``stage[0]`` says
-    what a stop does at the moment, for the Ctrl-C handler.
+    benchmark's figures would be of the machine's load rather than of the methods. While it waits,
+    ``say`` gets a progress event each time the holder or the benchmark's place changes; a stop
+    while waiting raises LockCancelledError. ``stage[0]`` says what a stop does at the moment,
+    for the Ctrl-C handler.
     """
     from bench_core.devices import resolve_device
     from bench_core.runner import waiting_note
 
     device = resolve_device(settings.device)
-    holder = lock_holder(device)
-    if holder is not None:
-        yield BenchEvent("progress", 0.0, waiting_note(device, holder))
-    with device_lock(device, cancel=stop, holder="a benchmark"):
+    said = [""]
+
+    def waits(ahead: int | None) -> None:
+        note = waiting_note(device, lock_holder(device), ahead)
+        if note != said[0]:
+            said[0] = note
+            say(BenchEvent("progress", 0.0, note))
+
+    with device_lock(device, cancel=stop, holder="a benchmark", on_poll=waits):
         stage[0] = "stopping after this row's current work: the rows measured so far are kept"
         yield from run_benchmark(settings, stop)
