@@ -199,17 +199,17 @@ def check_fits(cfg: RunConfig, n_train: int | None, dataset_name: str) -> None:
             raise ConfigError(f"{n_train} training examples can't be split among {e} members")
 
 
-def waiting_note(device: torch.device, holder: str | None, ahead: int | None = None) -> str:
+def waiting_note(device: torch.device, holder: str | None, ahead: int | None = None, waiter: str = "run") -> str:
     """The note of a run waiting for its device: "waiting for the CPU: run 7 is using it; this run is next (...)".
 
-    ``ahead``: how many others wait ahead of it (None: not known yet).
+    ``ahead``: how many others wait ahead of it (None: not known yet); ``waiter``: "run" or "benchmark".
     """
     who = holder or "another run"
     place = ""
     if ahead == 0:
-        place = "; this run is next"
+        place = f"; this {waiter} is next"
     elif ahead is not None:
-        place = f"; {ahead} more {'wait' if ahead > 1 else 'waits'} ahead of this run"
+        place = f"; {ahead} more {'wait' if ahead > 1 else 'waits'} ahead of this {waiter}"
     return (
         f"waiting for {device_word(device)}: {who} is using it{place} "
         "(runs take turns in order, so each one's timings are its own)"

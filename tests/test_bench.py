@@ -846,8 +846,8 @@ def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it
     assert proc.returncode == 0, stderr
     events = [json.loads(line) for line in progress.read_text().splitlines()]
     assert [e["kind"] for e in events] == ["progress", "progress"], events
-    assert events[0]["message"].startswith("waiting for the CPU: run 3 is using it; this run is next (runs take turns")
-    assert events[1]["message"].startswith("waiting for the CPU: run 4 is using it; this run is next"), "said again"
+    assert events[0]["message"].startswith("waiting for the CPU: run 3 is using it; this benchmark is next (runs take")
+    assert events[1]["message"].startswith("waiting for the CPU: run 4 is using it; this benchmark is next"), "again"
     assert "stopping the wait: nothing is measured yet (press Ctrl-C again to abort)" in stderr
     assert "stopped while waiting for the CPU: nothing was measured" in stderr
     assert stdout == "" and not (tmp_path / "o.json").exists()

@@ -175,7 +175,7 @@ def _in_turn(
     said = [""]
 
     def waits(ahead: int | None) -> None:
-        note = waiting_note(device, lock_holder(device), ahead)
+        note = waiting_note(device, lock_holder(device), ahead, waiter="benchmark")
         if note != said[0]:
             said[0] = note
             say(BenchEvent("progress", 0.0, note))
