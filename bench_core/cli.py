@@ -375,6 +375,7 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 def _run_line(run: dict) -> str:
     """One run of ``runs``; a field the store holds in another shape than this code wrote shows as ``?``."""
+    from bench_core.jobs import status_text
 
     def field(*keys: str) -> object:
         value: object = run.get("config") or {}
@@ -394,7 +395,7 @@ def _run_line(run: dict) -> str:
         created = "?"
     members = 1 if run.get("methods") == ["single"] else field("model", "ensemble_size")  # as the Runs page
     return (
-        f"{run['id']:>4}  {run['status']!s:<11} {field('data', 'name')!s:<13} {members!s:>3} "
+        f"{run['id']:>4}  {status_text(run):<11} {field('data', 'name')!s:<13} {members!s:>3} "
         f"{field('train', 'epochs')!s:>6}  {', '.join(methods):<28} {created}"
     )
 

@@ -132,3 +132,16 @@ def watch_stop(
 def is_active(status: str) -> bool:
     """Whether a run of this status may still change (queued or running)."""
     return status in ACTIVE_STATUSES
+
+
+WAITING = "waiting for "  # how the note of a run waiting for its device begins (runner.waiting_note)
+
+
+def is_waiting(run: dict) -> bool:
+    """Whether a stored run (``RunStore.list_runs``'s dict) waits for its turn on its device."""
+    return run.get("status") == "running" and str(run.get("note") or "").startswith(WAITING)
+
+
+def status_text(run: dict) -> str:
+    """A stored run's status as the Runs page and ``runs`` show it: "waiting" for a running run that waits its turn."""
+    return "waiting" if is_waiting(run) else str(run.get("status"))

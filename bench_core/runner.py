@@ -29,6 +29,7 @@ from bench_core.errors import (
     is_allocation_failure,
 )
 from bench_core.evaluation import evaluate
+from bench_core.jobs import WAITING
 from bench_core.locks import (
     ENV_LOCK_DIR,
     LockCancelledError,
@@ -211,7 +212,7 @@ def waiting_note(device: torch.device, holder: str | None, ahead: int | None = N
     elif ahead is not None:
         place = f"; {ahead} more {'wait' if ahead > 1 else 'waits'} ahead of this {waiter}"
     return (
-        f"waiting for {device_word(device)}: {who} is using it{place} "
+        f"{WAITING}{device_word(device)}: {who} is using it{place} "
         "(runs take turns in order, so each one's timings are its own)"
     )
 

@@ -30,6 +30,7 @@ from plotly.subplots import make_subplots
 
 from bench_core.config import METHODS, RunConfig
 from bench_core.errors import BenchError, StoreError
+from bench_core.jobs import is_waiting
 from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
@@ -215,7 +216,7 @@ def sharing_note(runs: list[dict], benchmark: bool, starting: str | None = "a ru
     ``starting``: what the page would start ("a run", "a benchmark"), None while its own is active.
     """
     parts = []
-    waiting = [r for r in runs if str(r.get("note") or "").startswith("waiting for")]
+    waiting = [r for r in runs if is_waiting(r)]
     for group, doing in (([r for r in runs if r not in waiting], "training"), (waiting, "waiting for its turn")):
         if group:
             ids = ", ".join(str(r["id"]) for r in group)

@@ -48,7 +48,7 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
         # columns show before the table scrolls sideways, and the accuracies were past them.
         row = {
             "id": run["id"],
-            "status": run["status"],
+            "status": jobs.status_text(run),  # "waiting" for a run waiting its turn on the device
             "methods": ", ".join(method_label(m) for m in ordered_methods(run.get("methods") or [])),
             # The single model alone has one member, whatever E its settings hold.
             "E": 1 if run.get("methods") == ["single"] else (cfg.get("model") or {}).get("ensemble_size"),

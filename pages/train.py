@@ -382,8 +382,7 @@ def progress_line(run: dict, records: list[dict]) -> None:
     elapsed = time.time() - (run.get("created") or time.time())
     # Before the first record (data loading, building kernels) there is no batch to finish yet.
     stopping = "stopping after this batch…" if records else "stopping before training starts…"
-    waiting = str(run.get("note") or "").startswith("waiting for")  # its turn on the device (runner.waiting_note)
-    state = stopping if run.get("stop_requested") else "waiting for its turn" if waiting else run["status"]
+    state = stopping if run.get("stop_requested") else "waiting for its turn" if jobs.is_waiting(run) else run["status"]
     text = f"Run {run_id} {state}"
     text += f" · {where}" if where else ""
     text += f" · elapsed {hms(elapsed)} · ETA {hms(eta)}" if eta is not None else f" · elapsed {hms(elapsed)}"
@@ -469,7 +468,8 @@ beyond = restore_settings(live_config)
 config = settings(locked=live_active)
 remember_settings()
 if live_active:
-    st.caption(f"Settings are locked while run {live_id} trains; stop it to change them.")
+    doing = "waits for its turn" if jobs.is_waiting(live_run) else "trains"
+    st.caption(f"Settings are locked while run {live_id} {doing}; stop it to change them.")
     if beyond:
         st.caption(
             f"Run {live_id} has {', '.join(beyond)}: beyond this form's range, so the form shows the nearest value."

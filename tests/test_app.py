@@ -218,6 +218,9 @@ def test_a_watched_run_waiting_for_its_turn_says_so(store_file):
     assert not at.exception, at.exception
     assert at.get("progress")[0].proto.text.startswith(f"Run {run_id} waiting for its turn · elapsed")
     assert note in texts(at.info)
+    assert f"Settings are locked while run {run_id} waits for its turn; stop it to change them." in texts(at.caption)
+    runs = open_page("runs")
+    assert list(runs.dataframe[0].value["status"]) == ["waiting"], "the Runs page says so too"
 
 
 def active_run(store_file: Path, source: str = "cli") -> int:
@@ -419,7 +422,8 @@ def test_pages_say_what_else_shares_the_cores(monkeypatch):
     note = sharing_note([{"id": 4}, {"id": 6}], True, "a benchmark")
     assert note.startswith("Runs 4, 6 are training and a Speed benchmark is running on this machine: a benchmark")
     assert "waits for them" in note
-    note = sharing_note([{"id": 4}, {"id": 6, "note": "waiting for the CPU: run 4 is using it"}, {"id": 7}], False)
+    waiting = {"id": 6, "status": "running", "note": "waiting for the CPU: run 4 is using it"}
+    note = sharing_note([{"id": 4, "status": "running"}, waiting, {"id": 7, "status": "running"}], False)
     assert note.startswith("Runs 4, 7 are training and run 6 is waiting for its turn on this machine: a run")
     monkeypatch.setenv(ENV_CPU_LOCK, "0")  # runs at once: they share the cores
     assert "shares its cores" in sharing_note([{"id": 4}], False)

@@ -251,6 +251,10 @@ def test_runs_lists_one_member_for_a_run_of_the_single_model_alone():
     assert _run_line(run).split()[:4] == ["3", "finished", "synthetic", "1"], "as the Runs page: E = 1"
     run["methods"] = ["single", "classic"]
     assert _run_line(run).split()[3] == "5"
+    run.update(status="running", note="waiting for the CPU: run 2 is using it; this run is next (...)")
+    assert _run_line(run).split()[1] == "waiting", "a run waiting for its turn on the device, as the Runs page"
+    run["note"] = "generated 1024 of 2000 synthetic examples"
+    assert _run_line(run).split()[1] == "running"
 
 
 def test_a_stop_asked_in_the_store_stops_a_command_line_run(tmp_path):
