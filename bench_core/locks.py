@@ -110,23 +110,20 @@ def lock_holder(device: Any, lock_dir: Path | str | None = None) -> str | None:
     may be out of date by the time it is shown.
     """
     name = lock_name(device)
-    if name is None or fcntl is None:
+    if name is None:
         return None
     try:
         lines = (Path(lock_dir or default_lock_dir()) / name).read_text(errors="replace").splitlines()
         pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None  # never taken here, or free
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not _alive(pid):
         return None  # its holder was killed
-    except OSError:
-        pass  # alive, another user's
     return lines[1].strip() if len(lines) > 1 and lines[1].strip() else "another run"
 
 
 def _alive(pid: int) -> bool:
+    """Whether process ``pid`` exists (another user's counts)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -212,7 +209,7 @@ def device_lock(
     and yields None, as for a device that is not locked: ``lock_name`` tells the two apart.
     """
     name = lock_name(device)
-    if name is None or fcntl is None:
+    if name is None:  # not locked (or no flock here)
         yield None
         return
     lock_dir = Path(lock_dir) if lock_dir is not None else default_lock_dir()
@@ -283,7 +280,7 @@ def device_lock(
             raise
         with contextlib.suppress(OSError):  # who holds it, for lock_holder and a person looking
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"{os.getpid()}\n{' '.join(holder.split())}\n".encode(), 0)
+            os.pwrite(fd, f"{os.getpid()}\n{who}\n".encode(), 0)
         try:
             yield path
         finally:

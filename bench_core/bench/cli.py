@@ -8,10 +8,13 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 
+import torch
+
 from bench_core.bench.results import format_table
 from bench_core.bench.schedule import cmd_row, run_benchmark
 from bench_core.bench.settings import DATASET_SHAPES, ROW_GROUPS, ROWS, BenchEvent, BenchSettings, parse_shape
 from bench_core.cli import _device, _install_stop_handler, _positive_int
+from bench_core.devices import resolve_device
 from bench_core.errors import ConfigError, check_output_file, write_output_file
 from bench_core.locks import LockCancelledError, device_lock, device_word, lock_holder
 
@@ -136,14 +139,12 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if event.kind == "done":
             final = event
 
+    device = resolve_device(settings.device)
     try:
-        for event in _in_turn(settings, stop, stage, handle):
+        for event in _in_turn(settings, device, stop, stage, handle):
             handle(event)
     except LockCancelledError:
-        from bench_core.devices import resolve_device
-
-        waited = device_word(resolve_device(settings.device))
-        print(f"stopped while waiting for {waited}: nothing was measured", file=sys.stderr)
+        print(f"stopped while waiting for {device_word(device)}: nothing was measured", file=sys.stderr)
         return 0
     finally:
         if progress is not None:
@@ -158,9 +159,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _in_turn(
-    settings: BenchSettings, stop: threading.Event, stage: list[str], say: Callable[[BenchEvent], None]
+    settings: BenchSettings,
+    device: torch.device,
+    stop: threading.Event,
+    stage: list[str],
+    say: Callable[[BenchEvent], None],
 ) -> Iterator[BenchEvent]:
-    """``run_benchmark``'s events, measured while holding the device's lock (``bench_core.locks``).
+    """``run_benchmark``'s events, measured while holding ``device``'s lock (``bench_core.locks``).
 
     Runs and benchmarks on one device take turns: what shares the cores slows both, and a
     benchmark's figures would be of the machine's load rather than of the methods. While it waits,
@@ -168,10 +173,8 @@ def _in_turn(
     while waiting raises LockCancelledError. ``stage[0]`` says what a stop does at the moment,
     for the Ctrl-C handler.
     """
-    from bench_core.devices import resolve_device
     from bench_core.runner import waiting_note
 
-    device = resolve_device(settings.device)
     said = [""]
 
     def waits(ahead: int | None) -> None:
