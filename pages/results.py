@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
+from bench_core.jobs import is_waiting
 from bench_core.report import FIGURE_HELP, FIGURES, figure_rows, format_value, ratios
 from bench_core.store import FINAL_STATUSES
 from pages._common import (
@@ -168,11 +169,12 @@ st.title("Results")
 store = open_store()
 every = store.list_runs()
 runs = [r for r in every if r["status"] in FINAL_STATUSES]
-training = {r["id"] for r in every if r["status"] not in FINAL_STATUSES}
+training = {r["id"]: r for r in every if r["status"] not in FINAL_STATUSES}
 wanted = st.query_params.get("run")
 asked = int(wanted) if wanted is not None and wanted.isdigit() else None  # a link to one run: /results?run=7
-for waiting in dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training):
-    st.info(f"Run {waiting} is still training: its results appear here when it ends.", icon=":material/hourglass_top:")
+for unended in dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training):
+    doing = "is waiting for its turn" if is_waiting(training[unended]) else "is still training"
+    st.info(f"Run {unended} {doing}: its results appear here when it ends.", icon=":material/hourglass_top:")
 if not runs:
     st.info("No run has ended yet: train one on the Train page.")
     st.stop()

@@ -750,6 +750,12 @@ def test_results_linked_to_a_run_that_trains_says_so(store_file):
     assert not at.exception, at.exception
     assert any(f"Run {running} is still training" in i for i in texts(at.info))
     assert at.selectbox[0].value == finished
+    with RunStore(store_file) as store:
+        store.set_note(running, "waiting for the CPU: run 9 is using it; this run is next")
+    at.run()
+    assert not at.exception, at.exception
+    assert any(f"Run {running} is waiting for its turn: its results appear" in i for i in texts(at.info))
+    assert not any("still training" in i for i in texts(at.info))
 
 
 def test_many_ticked_runs_compare_the_first_twelve(store_file):
