@@ -300,7 +300,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         watch_stop(store, run_id, stop, on_stop=said)
     bar = ProgressBar(cfg, enabled=not args.quiet)
     done = None
-    for event in run_experiment(cfg, store=store, run_id=run_id, stop=stop, progress=bar.download):
+    waits = lambda note: bar.update(Phase(note))  # noqa: E731  (a new holder or place: a new line)
+    for event in run_experiment(cfg, store=store, run_id=run_id, stop=stop, progress=bar.download, on_wait=waits):
         bar.update(event)
         if isinstance(event, Phase) and event.method is not None:
             stage[0] = "stopping after this batch"

@@ -38,6 +38,7 @@ from bench_core.locks import (
     device_word,
     lock_holder,
     lock_name,
+    waiting_count,
 )
 from bench_core.models import batchensemble_params, build_model, mlp_params, mlp_sizes
 from bench_core.store import RunStore
@@ -217,6 +218,30 @@ def waiting_note(device: torch.device, holder: str | None, ahead: int | None = N
     )
 
 
+def follow_wait(
+    device: torch.device, tell: Callable[[str], None], waiter: str = "run", holder: str | None = None
+) -> Callable[[int | None], None]:
+    """An ``on_poll`` for ``device_lock`` that calls ``tell(note)`` each time the waiting note changes.
+
+    The note names the holder and the place of the moment (``waiting_note``): they change as runs
+    go. In a hand-over the lock file is empty for a moment (the new holder has the lock and has
+    not yet written its name, or the old one has let go and the next waiter not yet taken it):
+    the last name read (at first ``holder``) stands until the next one can be read, rather than
+    "another run".
+    """
+    seen: list[str | None] = [holder]
+    told: list[str | None] = [None]
+
+    def look(ahead: int | None) -> None:
+        seen[0] = lock_holder(device) or seen[0]
+        note = waiting_note(device, seen[0], ahead, waiter)
+        if note != told[0]:
+            told[0] = note
+            tell(note)
+
+    return look
+
+
 def run_experiment(
     cfg: RunConfig,
     *,
@@ -225,6 +250,7 @@ def run_experiment(
     stop: threading.Event | None = None,
     progress: Progress | None = None,
     source: str = "cli",
+    on_wait: Callable[[str], None] | None = None,
 ) -> Iterator[Event]:
     """Run every method of ``cfg`` and yield events as they happen.
 
@@ -237,6 +263,9 @@ def run_experiment(
             load gives up at its next progress report and the run ends stopped with no results.
         progress: called with (fraction, message) while the dataset loads or downloads.
         source: recorded with a new run ("cli", "dashboard", "test").
+        on_wait: while the run waits for its device, called with the waiting note each time its
+            holder or place changes after the Phase that said the wait began (the store's note
+            follows them too).
 
     Raises:
         BenchError: with a one-line message (bad settings, missing data, divergence, out of memory).
@@ -252,16 +281,19 @@ def run_experiment(
         results: dict[str, dict] = {}
         notes: list[str] = []
         holder = lock_holder(device)  # for the message only: the lock below decides
-        if holder is not None:
-            yield Phase(waiting_note(device, holder))
-        shown: list[str | None] = [None]
+        said: list[str | None] = [None]
+        if holder is not None:  # a newcomer joins the queue behind those who wait now
+            said[0] = waiting_note(device, holder, waiting_count(device))
+            yield Phase(said[0])
 
-        def say_who_waits(ahead: int | None) -> None:  # the holder and the place of the moment: they change as runs go
-            note = waiting_note(device, lock_holder(device), ahead)
-            if store is not None and note != shown[0]:
+        def tell(note: str) -> None:
+            if store is not None:
                 store.set_note(run_id, note)
-                shown[0] = note
+            if on_wait is not None and note != said[0]:
+                said[0] = note
+                on_wait(note)
 
+        say_who_waits = follow_wait(device, tell, holder=holder)
         run_name = f"run {run_id}" if run_id is not None else "a run"
         # Held from before the data loads: generating or decoding it would slow the run that trains.
         with device_lock(device, on_poll=say_who_waits, cancel=stop, holder=run_name) as held:

@@ -202,6 +202,34 @@ def test_ctrl_c_while_the_data_is_generated_stops_at_once(tmp_path):
     assert "stopped" in listing.stdout
 
 
+def test_a_waiting_train_prints_each_new_holder_and_ctrl_c_ends_the_wait(tmp_path, monkeypatch):
+    """Runs take turns on the CPU (bench_core.locks): the terminal follows the wait as the Runs page does."""
+    from bench_core.locks import ENV_CPU_LOCK, device_lock
+
+    monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
+    with device_lock("cpu", holder="run 98") as held:
+        proc = train_until(tmp_path, "run 98 is using it", *TINY)
+        held.write_text(f"{os.getpid()}\nrun 97\n")  # as when run 98 ends and a run queued before takes the CPU
+        lines: list[str] = []
+        reader = threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True)  # readline would block
+        reader.start()
+        deadline = time.time() + 30
+        while not any("run 97 is using it" in line for line in lines) and time.time() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)  # not communicate(): the reader has stderr
+        reader.join(timeout=10)
+        stdout = proc.stdout.read()
+    stderr = "".join(lines)
+    assert "waiting for the CPU: run 97 is using it; this run is next (runs take turns in order" in stderr, stderr
+    assert proc.returncode == 0, stderr
+    assert "stopping before training starts (press Ctrl-C again to abort)" in stderr
+    assert "stopped before any method was trained: there are no figures" in stderr
+    assert stderr.count("is using it") == 1, "each holder said once"
+    assert stdout == ""
+    assert "stopped" in cli("runs", tmp_path=tmp_path).stdout
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(not FASHION.is_dir(), reason="Debian's dataset-fashion-mnist is not installed")
 def test_fashion_mnist_reaches_88_percent_for_both_methods(tmp_path):

@@ -238,7 +238,7 @@ def test_a_run_waits_while_the_cpu_is_taken_says_by_whom_and_can_be_stopped(stor
         note = store.list_runs()[0]["note"]
         assert note.startswith("waiting for the CPU: run 99 is using it; this run is next (runs take turns"), note
         (said,) = (e.message for e in events)  # the command line sees it too, before any loading
-        assert said.startswith("waiting for the CPU: run 99 is using it (runs take turns in order"), said
+        assert said.startswith("waiting for the CPU: run 99 is using it; this run is next (runs take turns"), said
         stop.set()
         worker.join(timeout=10)
     assert events[-1].status == "stopped" and events[-1].results == {}
@@ -268,12 +268,15 @@ def test_two_cpu_runs_at_once_train_one_after_the_other(store, monkeypatch):
 
 
 def test_the_waiting_note_names_each_holder_in_turn(store, monkeypatch):
-    """Runs do not queue in order: the note follows whoever holds the CPU now."""
+    """The note (stored, and told to ``on_wait`` for the command line) follows whoever holds the CPU now."""
     from bench_core.locks import ENV_CPU_LOCK, device_lock
 
     monkeypatch.delenv(ENV_CPU_LOCK, raising=False)
     stop = threading.Event()
-    worker = threading.Thread(target=lambda: list(run_experiment(tiny_config(), store=store, stop=stop)))
+    told: list[str] = []
+    worker = threading.Thread(
+        target=lambda: list(run_experiment(tiny_config(), store=store, stop=stop, on_wait=told.append))
+    )
 
     def note() -> str:
         runs = store.list_runs()
@@ -290,9 +293,13 @@ def test_the_waiting_note_names_each_holder_in_turn(store, monkeypatch):
         assert "run 98 is using it" in wait_for("run 98")
         held.write_text(f"{os.getpid()}\nrun 97\n")  # as when run 98 ends and another waiter gets there first
         assert "run 97 is using it" in wait_for("run 97")
+        held.write_text("")  # a hand-over: the next holder has the lock and has not written its name yet
+        time.sleep(1.0)  # five looks
+        assert "run 97 is using it" in note(), "the last name read stands, not 'another run'"
         stop.set()
         worker.join(timeout=10)
     assert store.list_runs()[0]["status"] == "stopped"
+    assert [t.split(":")[1].split(";")[0] for t in told] == [" run 97 is using it"], "once per change, after the first"
 
 
 def test_a_lock_folder_that_cant_be_written_trains_all_the_same_and_says_so(store, monkeypatch, tmp_path):

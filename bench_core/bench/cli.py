@@ -173,16 +173,10 @@ def _in_turn(
     while waiting raises LockCancelledError. ``stage[0]`` says what a stop does at the moment,
     for the Ctrl-C handler.
     """
-    from bench_core.runner import waiting_note
+    from bench_core.runner import follow_wait
 
-    said = [""]
-
-    def waits(ahead: int | None) -> None:
-        note = waiting_note(device, lock_holder(device), ahead, waiter="benchmark")
-        if note != said[0]:
-            said[0] = note
-            say(BenchEvent("progress", 0.0, note))
-
+    tell = lambda note: say(BenchEvent("progress", 0.0, note))  # noqa: E731
+    waits = follow_wait(device, tell, waiter="benchmark", holder=lock_holder(device))
     with device_lock(device, cancel=stop, holder="a benchmark", on_poll=waits):
         stage[0] = "stopping after this row's current work: the rows measured so far are kept"
         yield from run_benchmark(settings, stop)
