@@ -333,6 +333,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from bench_core.runner import run_experiment
     from bench_core.store import RunStore
 
+    if not Path(args.store).exists():  # a mistyped --store: make no folder or store there
+        raise ConfigError(f"there is no run store at {args.store}: a worker runs a run queued in one")
     store = RunStore(args.store)
     run = store.get_run(args.run_id)
     if run["status"] != "queued":  # a run that ended (or another worker's) keeps its records and results
@@ -362,6 +364,9 @@ def cmd_runs(args: argparse.Namespace) -> int:
     path = _store_path(args)
     if not path.exists():  # a mistyped --store: say so, and make no folder or store there
         print(f"no runs: there is no run store at {path}")
+        return 0
+    if path.is_file() and path.stat().st_size == 0:  # an empty file: listing it writes no store into it
+        print(f"no runs in {path}")
         return 0
     store = RunStore(path)
     rows = store.list_runs()

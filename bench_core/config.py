@@ -41,6 +41,10 @@ class DataConfig:
         _check_int("synthetic seed", self.synthetic_seed, minimum=0, maximum=MAX_SEED)
         if not self.synthetic_shape or any(not isinstance(d, int) or d < 1 for d in self.synthetic_shape):
             raise ConfigError(f"synthetic shape must be positive integers, got {self.synthetic_shape!r}")
+        if self.data_dir is not None and not isinstance(self.data_dir, str):  # a stored run edited by hand
+            raise ConfigError(f"data folder must be a path, got {self.data_dir!r}")
+        if not isinstance(self.download, bool):  # "false" would read as true
+            raise ConfigError(f"download must be true or false, got {self.download!r}")
 
 
 @dataclass

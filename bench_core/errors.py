@@ -67,7 +67,8 @@ def check_output_file(path: str | os.PathLike, flag: str) -> None:
         raise ConfigError(f"can't write {flag} {path}: it is a folder")
     folder = os.path.dirname(target)
     if not os.path.isdir(folder):
-        raise ConfigError(f"can't write {flag} {path}: its folder {folder} does not exist")
+        why = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise ConfigError(f"can't write {flag} {path}: its folder {folder} {why}")
     if not os.access(folder, os.W_OK | os.X_OK) or (os.path.exists(target) and not os.access(target, os.W_OK)):
         raise ConfigError(f"can't write {flag} {path}: permission denied")
     if os.path.lexists(target):  # a file, a link, /dev/stdout, a FIFO: written as it is, never opened here

@@ -100,8 +100,9 @@ def test_unwritable_json_path_is_one_line_before_any_training(tmp_path):
     (tmp_path / "afile").write_text("")
     result = cli("train", *TINY, "--epochs", "1", "--json", str(tmp_path / "afile" / "x.json"), tmp_path=tmp_path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"error: can't write --json {tmp_path / 'afile' / 'x.json'}: "
-                                                   f"its folder {tmp_path / 'afile'} does not exist"]  # fmt: skip
+    target, folder = tmp_path / "afile" / "x.json", tmp_path / "afile"
+    expected = f"error: can't write --json {target}: its folder {folder} is a file, not a folder"
+    assert result.stderr.strip().splitlines() == [expected]
     assert result.stdout == ""  # no table: nothing was trained for a file that can't be written
     assert "no runs" in cli("runs", tmp_path=tmp_path).stdout
 

@@ -260,6 +260,36 @@ def test_a_store_edited_into_other_shapes_still_lists(tmp_path):
         assert RunStore(path).status(run_id) == "failed"  # not run with default settings, not left queued
 
 
+@pytest.mark.parametrize(
+    ("field", "value", "expected"),
+    [("data_dir", 5, "data folder must be a path, got 5"), ("download", "false", "download must be true or false")],
+)
+def test_a_queued_run_whose_data_settings_have_other_types_fails_in_one_line(tmp_path, field, value, expected):
+    """A store edited by hand: a folder that is a number, or "false" (which would read as true and download)."""
+    path = tmp_path / "runs.sqlite"
+    config = tiny_config().to_dict()
+    config["data"][field] = value
+    run_id = RunStore(path).create_run(config, source="test", status="queued")
+    result = cli(tmp_path, "worker", "--store", str(path), "--run-id", str(run_id))
+    assert_one_line_error(result, f"run {run_id} has bad settings: {expected}")
+    assert RunStore(path).status(run_id) == "failed"
+    assert not (tmp_path / "data").exists(), "no data folder made, nothing downloaded"
+
+
+def test_a_worker_of_a_store_that_does_not_exist_creates_nothing(tmp_path):
+    result = cli(tmp_path, "worker", "--store", str(tmp_path / "typo" / "runs.sqlite"), "--run-id", "1")
+    assert_one_line_error(result, f"there is no run store at {tmp_path / 'typo' / 'runs.sqlite'}")
+    assert not (tmp_path / "typo").exists()
+
+
+def test_runs_of_an_empty_file_leaves_it_empty(tmp_path):
+    empty = tmp_path / "empty"
+    empty.write_bytes(b"")
+    result = cli(tmp_path, "runs", "--store", str(empty))
+    assert (result.returncode, result.stdout.strip()) == (0, f"no runs in {empty}")
+    assert empty.stat().st_size == 0, "a listing writes no store into it"
+
+
 def test_the_worker_runs_only_a_queued_run(tmp_path):
     path = tmp_path / "runs.sqlite"
     store = RunStore(path)
