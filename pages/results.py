@@ -47,7 +47,10 @@ def pick_run(runs: list[dict]) -> int:
         default = next((r["id"] for r in runs if r["status"] == "finished"), ids[0])
     by_id = {r["id"]: r for r in runs}
     chosen = st.selectbox("Run", ids, index=ids.index(default), format_func=lambda i: run_label(by_id[i]))
-    st.session_state[LAST_RUN_KEY] = chosen  # the run shown again when the user comes back to this page
+    # The run shown again when the user comes back to this page; but a run this session launched that
+    # has not ended (not in ``ids``) stays the one to open once it ends, unless the user picked another.
+    if chosen != default or st.session_state.get(LAST_RUN_KEY) in ids:
+        st.session_state[LAST_RUN_KEY] = chosen
     return chosen
 
 

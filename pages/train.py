@@ -340,7 +340,12 @@ def final_status(run: dict) -> None:
             f"Run {run_id} was interrupted: {run.get('message') or 'its process ended'}", icon=":material/warning:"
         )
     if results:
-        st.page_link("pages/results.py", label=f"See the results of run {run_id}", icon=":material/bar_chart:")
+        st.page_link(
+            "pages/results.py",
+            label=f"See the results of run {run_id}",
+            icon=":material/bar_chart:",
+            query_params={"run": run_id},
+        )
 
 
 @one_line_errors

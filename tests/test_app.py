@@ -167,7 +167,9 @@ def test_train_launches_a_worker_that_finishes(store_file):
     assert live["layout"]["title"]["text"].startswith("Training loss")
     panels = [a["text"] for a in live["layout"]["annotations"]]
     assert panels == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
-    assert at.get("page_link"), "a link to the results"
+    (link,) = at.get("page_link")
+    assert link.proto.label == f"See the results of run {run_id}"
+    assert f"run={run_id}" in link.proto.query_string, "the link names the run"
     note = "the weights of classic were not saved: can't save weights to x"
     assert note not in texts(at.warning)
     with RunStore(store_file) as store:  # what the runner writes where weights could not be saved
@@ -756,6 +758,22 @@ def test_results_linked_to_a_run_that_trains_says_so(store_file):
     assert not at.exception, at.exception
     assert any(f"Run {running} is waiting for its turn: its results appear" in i for i in texts(at.info))
     assert not any("still training" in i for i in texts(at.info))
+
+
+def test_results_seen_while_this_sessions_run_trains_open_that_run_once_it_ends(store_file):
+    """A look at Results during training (an older run shown) must not make it open the older run afterwards."""
+    finished = make_run(store_file)
+    running = active_run(store_file, source="dashboard")
+    at = open_page("results")
+    at.session_state["live_run_id"] = at.session_state["last_run_id"] = running  # as Train's launch sets them
+    at.run()
+    assert at.selectbox[0].value == finished and any(f"Run {running} is still training" in i for i in texts(at.info))
+    at.switch_page("pages/learn.py").run()
+    with RunStore(store_file) as store:
+        store.finish_run(running, "stopped")
+    at.switch_page("pages/results.py").run()
+    assert not at.exception, at.exception
+    assert at.selectbox[0].value == running, "the run this session launched, now ended"
 
 
 def test_many_ticked_runs_compare_the_first_twelve(store_file):
