@@ -33,6 +33,7 @@ require_router("pages/runs.py")
 CONFIRM_KEY = "runs_confirm_delete"  # run ids waiting for the user to confirm their deletion
 TABLE_KEY = "runs_table"  # the table's selection: positions of rows in the table as it was drawn
 TABLE_IDS_KEY = "runs_table_ids"  # the run ids of those rows, to read the positions by
+UNTICK_KEY = "runs_untick"  # set by a deletion: the next run draws the table with nothing ticked
 MAX_COMPARED = 12  # runs drawn side by side at most: more is unreadable, and thousands froze the page
 ACCURACY_METHODS = ("classic", "batchensemble", "single")
 
@@ -87,6 +88,8 @@ def selected_ids(frame: pd.DataFrame) -> list[int]:
     the selection is moved to where those runs are now, before the table is drawn again.
     """
     ids = [int(i) for i in frame["id"]]
+    if st.session_state.pop(UNTICK_KEY, False):  # set, not dropped: the browser's table keeps its ticks till told
+        st.session_state[TABLE_KEY] = {"selection": {"rows": [], "columns": []}}
     drawn = st.session_state.get(TABLE_IDS_KEY)
     state = st.session_state.get(TABLE_KEY)
     rows = list(state["selection"]["rows"]) if state and "selection" in state else []
@@ -127,7 +130,7 @@ def delete_block(selected: list[int], by_id: dict[int, dict], store: RunStore) -
             except BenchError as err:
                 st.error(str(err), icon=":material/error:")
                 return
-            st.session_state.pop(TABLE_KEY, None)  # nothing stays ticked after a deletion
+            st.session_state[UNTICK_KEY] = True  # nothing stays ticked after a deletion (selected_ids)
             st.toast(f"Deleted {len(pending)} run{'s' if len(pending) > 1 else ''}.")
             st.rerun()
         if no.button("Cancel", key="runs_delete_no"):

@@ -480,6 +480,13 @@ def configure_run(
     wait_settled(page)
 
 
+def tick_row(page, row: int) -> None:
+    """Click the tick box of the Runs table's row ``row`` (0: the top one; the table is drawn on a canvas)."""
+    box = page.locator('[data-testid="stDataFrame"]').first.bounding_box()
+    page.mouse.click(box["x"] + 16, box["y"] + 36 + row * 35 + 17)  # the header row is 36 px, rows 35
+    wait_settled(page)
+
+
 def train_button(page):
     return page.get_by_role("button", name="Train", exact=False).filter(has_text="Train").first
 

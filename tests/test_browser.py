@@ -211,6 +211,34 @@ def test_every_page_opens_without_errors(page, server):
         assert not ui.error_texts(page), f"{title}: {ui.error_texts(page)}"
 
 
+def test_after_a_deletion_nothing_is_ticked_and_one_click_ticks_a_run(page, server):
+    """The browser's table kept its tick on the row a deleted run had, for the run moved up into it."""
+    from bench_core.config import RunConfig
+    from bench_core.runner import run_experiment
+    from bench_core.store import RunStore
+
+    cfg = RunConfig.from_flat(
+        {"methods": ["classic"], "dataset": "synthetic", "synthetic_train": 256, "synthetic_test": 32}
+        | {"synthetic_shape": (4,), "hidden": 8, "ensemble_size": 2, "epochs": 1, "device": "cpu"}
+    )
+    with RunStore(server.store) as store:
+        for _ in range(2):
+            list(run_experiment(cfg, store=store, source="test"))
+    delete = page.get_by_role("button").filter(has_text="selected run")
+    ui.go_to(page, "Runs")
+    ui.wait_settled(page)
+    ui.tick_row(page, 0)
+    expect(delete).to_have_count(1)
+    delete.first.click()
+    page.get_by_role("button", name="Yes, delete").click()
+    expect(page.get_by_text("Deleted 1 run.")).to_be_visible()
+    ui.wait_settled(page)
+    ui.screenshot(page, "runs-after-a-deletion", full_page=False)
+    expect(delete).to_have_count(0)
+    ui.tick_row(page, 0)
+    expect(delete).to_have_count(1)  # one click, not three
+
+
 def test_a_deep_link_to_a_run_is_the_first_request_of_a_fresh_server(chromium, tmp_path):
     """/results?run=<id> before any session has been routed through app.py keeps its ?run=."""
     from bench_core.runner import run_experiment
