@@ -253,6 +253,40 @@ def open_store() -> RunStore:
         st.stop()
 
 
+def active_signature(exclude: int | None = None) -> list[tuple]:
+    """The runs queued or training now, as a page that lists them draws them: id, status, stop asked.
+
+    A new RunStore each time: read from a fragment's later reruns too, not only the page's run.
+    """
+    with RunStore(store_path()) as store:
+        return [
+            (r["id"], "waiting" if is_waiting(r) else r["status"], bool(r.get("stop_requested")))
+            for r in store.active_runs()
+            if r["id"] != exclude
+        ]
+
+
+def rerun_when_changed(look: Callable[[], object], every: float = 2.0) -> None:
+    """Rerun the whole page once ``look()`` answers otherwise than it does now.
+
+    Polled every ``every`` seconds from a fragment that draws nothing, so only the answer changing
+    costs a redraw. For what a page drew from the store about runs it does not follow live (another
+    tab's, the command line's): a run there that ended, waited or was stopped stayed as drawn, with
+    its buttons, until the user clicked. A store that can't be read counts as no change.
+    """
+    drawn = look()
+
+    def check() -> None:
+        try:
+            now = look()
+        except BenchError:
+            return
+        if now != drawn:
+            st.rerun()
+
+    st.fragment(run_every=every)(check)()
+
+
 def one_line_errors(func: Callable) -> Callable:
     """Run ``func``; a BenchError becomes one ``st.error`` line instead of a traceback."""
 

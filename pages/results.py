@@ -16,6 +16,7 @@ from bench_core.store import FINAL_STATUSES
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
+    active_signature,
     agreement_figure,
     has_full_epoch,
     loss_figure,
@@ -25,6 +26,7 @@ from pages._common import (
     ordered_methods,
     reliability_figure,
     require_router,
+    rerun_when_changed,
     run_label,
     seconds_figure,
     show,
@@ -178,6 +180,8 @@ asked = int(wanted) if wanted is not None and wanted.isdigit() else None  # a li
 for unended in dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training):
     doing = "is waiting for its turn" if is_waiting(training[unended]) else "is still training"
     st.info(f"Run {unended} {doing}: its results appear here when it ends.", icon=":material/hourglass_top:")
+if training:  # a run that ends joins the list (and the one awaited above shows) without a click
+    rerun_when_changed(active_signature)
 if not runs:
     st.info("No run has ended yet: train one on the Train page.")
     st.stop()

@@ -13,6 +13,7 @@ from bench_core.report import FIGURES, derived, format_value
 from bench_core.store import RunStore
 from pages._common import (
     LAST_RUN_KEY,
+    active_signature,
     dataset_label,
     existing_runs,
     export_csv,
@@ -23,6 +24,7 @@ from pages._common import (
     open_store,
     ordered_methods,
     require_router,
+    rerun_when_changed,
     runs_loss_figure,
     show,
     store_path,
@@ -171,6 +173,7 @@ def delete_block(selected: list[int], by_id: dict[int, dict], store: RunStore) -
 st.title("Runs")
 store = open_store()
 runs = store.list_runs()
+rerun_when_changed(active_signature)  # runs started, ended or stopped elsewhere show without a click
 if not runs:
     st.info("The run store is empty: train a run on the Train page.")
     st.caption(f"Run store: {store_path()}")

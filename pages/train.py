@@ -21,6 +21,7 @@ from bench_core.runner import preflight
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
+    active_signature,
     dataset_label,
     empty_loss_figure,
     epoch_steps,
@@ -35,6 +36,7 @@ from pages._common import (
     ordered_methods,
     progress_of,
     require_router,
+    rerun_when_changed,
     run_label,
     running_benchmark,
     sharing_note,
@@ -463,6 +465,8 @@ except StoreError:
 sharing = sharing_note(others, running_benchmark() is not None, None if live_active else "a run")
 if not live_active and others:
     other_runs_block(others)
+if not live_active:  # the list above and the note below follow the runs of other tabs and the command line
+    rerun_when_changed(lambda: (active_signature(exclude=live_id), running_benchmark() is not None))
 
 # While this session's run is active, its live view comes first, above the locked settings,
 # so that on a projector's first screen the class sees the charts, not the form.
