@@ -140,9 +140,15 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
         "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
         "(1 on the diagonal). Lower off the diagonal means more diverse members; the colours share one 0–1 scale."
     )
-    for cell, method in zip(st.columns(len(methods)), methods, strict=True):
+    # A method of one member (the single model, or E = 1) has nothing to agree with: its 1 x 1 "matrix"
+    # took a third of the row at 1280 px and squeezed the ensembles' cells till their values ran together.
+    ensembles = [m for m in methods if len(results[m].get("agreement") or []) > 1]
+    for cell, method in zip(st.columns(len(ensembles)) if ensembles else [], ensembles, strict=True):
         with cell:
             show(agreement_figure(results[method], method))
+    alone = [method_label(m) for m in methods if m not in ensembles]
+    if alone:
+        st.caption(f"{' and '.join(alone)}: one member, so no agreement between members to show.")
 
     left, right = st.columns([1.1, 1])
     with left:

@@ -626,12 +626,22 @@ def test_results_shows_the_latest_finished_run(store_file):
     assert "ensemble accuracy (mean softmax)" in table.index
 
 
+def test_results_with_the_single_model_beside_both_ensembles_draw_only_their_agreement(store_file):
+    make_run(store_file, tiny_config(methods=("single", "classic", "batchensemble")))
+    at = open_page("results")
+    assert not at.exception, at.exception
+    found = heatmaps(at)
+    assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
+    assert "single: one member, so no agreement between members to show." in texts(at.caption)
+
+
 def test_results_of_a_single_model_with_one_member(store_file):
     make_run(store_file, tiny_config(methods=("single",), ensemble_size=1))
     at = open_page("results")
     assert not at.exception, at.exception
     assert not at.error
-    assert len(heatmaps(at)) == 1
+    assert not heatmaps(at), "a 1 x 1 matrix says nothing"
+    assert "single: one member, so no agreement between members to show." in texts(at.caption)
     assert [m.label for m in at.metric] == ["single"], "no ratios without both ensembles"
     table = at.table[0].value
     assert table.loc["mean pairwise disagreement", "single"] == "—", "one member has no pair"
