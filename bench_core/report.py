@@ -18,7 +18,7 @@ FIGURES: list[tuple[str, str, str]] = [
     ("predictive_entropy", "predictive entropy (nats)", "{:.4f}"),
     ("mutual_information", "mutual information (nats)", "{:.4f}"),
     ("params", "parameters", "{:,d}"),
-    ("train_seconds", "training seconds", "{:.1f}"),
+    ("train_seconds", "training seconds", "{:.2f}"),
     ("mean_epoch_seconds", "seconds per epoch (mean)", "{:.2f}"),
     ("inference_examples_per_second", "inference examples / s", "{:,.0f}"),
 ]
@@ -66,19 +66,33 @@ def derived(result: dict) -> dict:
     if members:
         out["best_member_accuracy"] = max(members)
         out["worst_member_accuracy"] = min(members)
-    epochs = _whole_epochs(result)
+    epochs = whole_epochs(result)
     if epochs:
         out["mean_epoch_seconds"] = statistics.fmean(epochs)
     return out
 
 
-def _whole_epochs(result: dict) -> list[float]:
+def whole_epochs(result: dict) -> list[float]:
     """The seconds of the epochs that ran to their end: a stop's cut-short epoch is not an epoch's time."""
     epochs = [s for s in result.get("epoch_seconds") or [] if isinstance(s, (int, float))]
     done = result.get("epochs_done")
     if result.get("stopped") and isinstance(done, int):
         return epochs[: max(done, 0)]
     return epochs
+
+
+def uneven_epochs(result: dict, factor: float = 2.0) -> tuple[float, float] | None:
+    """(median, slowest) of a method's whole epochs where the slowest took over ``factor`` × the median.
+
+    None with fewer than 3 whole epochs or where they are even. One slow epoch (a busy machine, a
+    first epoch's warm-up) can make the training-time ratio of two methods say more about the
+    machine than about them.
+    """
+    epochs = whole_epochs(result)
+    if len(epochs) < 3:
+        return None
+    median, slowest = statistics.median(epochs), max(epochs)
+    return (median, slowest) if median > 0 and slowest > factor * median else None
 
 
 def figure_rows(results: dict[str, dict]) -> list[dict]:

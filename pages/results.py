@@ -7,11 +7,13 @@ reliability diagram, and the training curves.
 
 from __future__ import annotations
 
+import statistics
+
 import pandas as pd
 import streamlit as st
 
 from bench_core.jobs import is_waiting
-from bench_core.report import FIGURE_HELP, FIGURES, figure_rows, format_value, ratios
+from bench_core.report import FIGURE_HELP, FIGURES, figure_rows, format_value, ratios, uneven_epochs, whole_epochs
 from bench_core.store import FINAL_STATUSES
 from pages._common import (
     LAST_RUN_KEY,
@@ -104,6 +106,20 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
         label, what = names[key]
         note = NOISE_NOTE if key == "train_seconds" else ""
         cell.metric(label, f"{value:.2f}×", help=f"The {what} ÷ those of BatchEnsemble.{note}", border=True)
+    if "train_seconds" in found:
+        uneven = {m: uneven_epochs(results[m]) for m in ("classic", "batchensemble")}
+        said = [
+            f"{method_label(m)}'s slowest epoch took {slow:.2f} s against a median of {median:.2f} s"
+            for m, (median, slow) in ((m, u) for m, u in uneven.items() if u)
+        ]
+        if said:
+            epochs = [whole_epochs(results[m]) for m in ("classic", "batchensemble")]
+            medians = [statistics.median(e) if e else 0.0 for e in epochs]
+            by_median = f"; the ratio of their median epochs is {medians[0] / medians[1]:.2f}×" if all(medians) else ""
+            st.caption(
+                f"Uneven epochs: {' and '.join(said)} (a busy machine, or a first epoch's warm-up), "
+                f"so the training-time ratio says as much about the machine as about the methods{by_median}."
+            )
 
 
 NOISE_NOTE = (

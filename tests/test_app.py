@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import shutil
+import sqlite3
 import threading
 import time
 from pathlib import Path
@@ -595,8 +596,6 @@ def test_results_keeps_the_chosen_run_and_calls_no_deleted_run_training(store_fi
     ids=["ragged-agreement", "epoch-as-text", "result-a-list", "record-null"],
 )
 def test_results_of_a_store_edited_by_hand_is_one_line_at_most(store_file, sql):
-    import sqlite3
-
     make_run(store_file)
     with sqlite3.connect(store_file) as conn:
         conn.execute(sql)
@@ -633,6 +632,26 @@ def test_results_with_the_single_model_beside_both_ensembles_draw_only_their_agr
     found = heatmaps(at)
     assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
     assert "single: one member, so no agreement between members to show." in texts(at.caption)
+
+
+def test_results_say_when_one_slow_epoch_drives_the_time_ratio(store_file):
+    run_id = make_run(store_file, tiny_config(methods=("classic", "batchensemble")))
+    at = open_page("results")
+    assert not any("Uneven epochs" in c for c in texts(at.caption)), "tiny runs of two even epochs"
+    with sqlite3.connect(store_file) as conn:
+        for method, seconds in (("classic", [1.1, 25.8, 1.13]), ("batchensemble", [1.0, 1.0, 1.0])):
+            conn.execute(
+                "UPDATE results SET data = json_set(data, '$.epoch_seconds', json(?), '$.train_seconds', ?) "
+                "WHERE run_id = ? AND method = ?",
+                (json.dumps(seconds), sum(seconds), run_id, method),
+            )
+    at.run()
+    assert not at.exception, at.exception
+    (note,) = [c for c in texts(at.caption) if "Uneven epochs" in c]
+    assert "classic's slowest epoch took 25.80 s against a median of 1.13 s" in note
+    assert note.endswith("the ratio of their median epochs is 1.13×."), note
+    ratio = next(m.value for m in at.metric if m.label.startswith("Training time"))
+    assert ratio == "9.34×", "the card keeps the whole training's ratio"
 
 
 def test_results_of_a_single_model_with_one_member(store_file):

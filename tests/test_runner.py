@@ -406,6 +406,17 @@ def test_stopped_epoch_is_not_an_epoch_time():
     assert ratios({"classic": both_whole, "batchensemble": be})["train_seconds"] == pytest.approx(6.1 / 3.0)
 
 
+def test_uneven_epochs_are_told_from_even_ones():
+    from bench_core.report import uneven_epochs
+
+    assert uneven_epochs({"epoch_seconds": [1.1, 25.8, 1.13]}) == (1.13, 25.8), "one epoch 23x the median"
+    assert uneven_epochs({"epoch_seconds": [1.0, 1.9, 1.2]}) is None, "under twice the median"
+    assert uneven_epochs({"epoch_seconds": [1.0, 9.0]}) is None, "two epochs: no median to trust"
+    stopped = {"epoch_seconds": [1.0, 1.0, 1.0, 0.1], "epochs_done": 3, "stopped": True}
+    assert uneven_epochs(stopped) is None, "the stop's cut-short epoch is not a fast epoch"
+    assert uneven_epochs({"epoch_seconds": [0.0, 0.0, 0.0]}) is None
+
+
 def test_memory_needed_counts_data_models_and_a_step():
     """By hand: synthetic 800 + 200 examples of 36 features; MLP 36-16-16-10, E = 3, batch 64."""
     from bench_core.runner import memory_needed
