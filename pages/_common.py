@@ -414,6 +414,21 @@ def _member_loss(record: dict, k: int) -> float | None:
     return _finite(losses[k]) if k < len(losses) else None
 
 
+def epoch_xs(rows: list[dict]) -> list[float]:
+    """Where a method's epoch records go on an epoch axis: at their epoch, a stopped one at the part it ran.
+
+    A stop 24 of 32 steps into epoch 6 is at 5.75, not at 6 as if the epoch were whole; the part is
+    its steps over a whole epoch's of the same method (where none is whole, at its epoch).
+    """
+    whole = max((r.get("steps") or 0 for r in rows if not r.get("stopped")), default=0)
+    xs = []
+    for r in rows:
+        steps = r.get("steps")
+        cut = r.get("stopped") and whole > 0 and isinstance(steps, int) and steps < whole
+        xs.append(r["epoch"] - 1 + steps / whole if cut else float(r["epoch"]))
+    return xs
+
+
 def loss_series(records: list[dict]) -> dict[str, dict]:
     """Per method: x (fractional epoch), the members' losses and their mean, ready to plot.
 
@@ -432,7 +447,7 @@ def loss_series(records: list[dict]) -> dict[str, dict]:
             chosen = steps
         else:
             chosen = [r for r in records if r.get("kind") == "epoch" and r.get("method") == method]
-            xs = [float(r["epoch"]) for r in chosen]
+            xs = epoch_xs(chosen)
         n_members = max((len(r.get("member_loss") or []) for r in chosen), default=0)
         members = [[_member_loss(r, k) for r in chosen] for k in range(n_members)]
         out[method] = {"x": xs, "members": members, "mean": [_finite(r.get("loss")) for r in chosen]}
@@ -817,7 +832,7 @@ def runs_loss_figure(runs: list[dict]) -> go.Figure:
             rows = [r for r in records if r.get("kind") == "epoch" and r.get("method") == method]
             fig.add_trace(
                 go.Scatter(
-                    x=[r["epoch"] for r in rows],
+                    x=epoch_xs(rows),
                     y=[_finite(r.get("loss")) for r in rows],
                     mode="lines+markers",
                     line={"color": method_color(method), "width": 3, "dash": dash},

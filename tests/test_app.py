@@ -44,6 +44,7 @@ from pages._common import (
     mlp_params,
     numbers_table,
     progress_of,
+    runs_loss_figure,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -887,6 +888,20 @@ def test_loss_series_prefers_step_records_and_falls_back_to_epochs():
     assert list(series) == ["classic", "batchensemble"]
     assert series["batchensemble"] == {"x": [0.5], "members": [[1.0], [2.0]], "mean": [1.5]}
     assert series["classic"] == {"x": [1.0], "members": [[0.5], [None]], "mean": [0.5]}
+
+
+def test_a_stopped_epoch_is_drawn_at_the_part_of_it_that_ran():
+    """Stopped 24 of 32 steps into epoch 3: at 2.75, on Train's epoch-records curve and on Runs' per-epoch one."""
+    records = [
+        {"kind": "epoch", "method": "classic", "epoch": e, "steps": steps, "stopped": stopped, "loss": 1.0 / e,
+         "member_loss": [1.0 / e]}
+        for e, steps, stopped in ((1, 32, False), (2, 32, False), (3, 24, True))
+    ]  # fmt: skip
+    assert loss_series(records)["classic"]["x"] == [1.0, 2.0, 2.75]
+    (trace,) = runs_loss_figure([{"id": 4, "records": records}]).data
+    assert list(trace.x) == [1.0, 2.0, 2.75]
+    first = [{**records[0], "steps": 3, "stopped": True}]
+    assert loss_series(first)["classic"]["x"] == [1.0], "stopped in its first epoch: no whole one to measure by"
 
 
 def test_loss_figure_one_members_trace_and_one_mean_per_method():
