@@ -1023,6 +1023,10 @@ def test_progress_counts_epochs_and_the_current_one():
     assert eta == pytest.approx(5.0 / 2.5 * 1.5)
     assert where == "BatchEnsemble · epoch 1/2"
     assert progress_of([], ["classic"], epochs=3) == (0.0, None, "")
+    slower = [*records[:2], {**records[2], "elapsed_seconds": 3.0}]  # BatchEnsemble at 6 s an epoch, classic 2 s
+    assert progress_of(slower, ["classic", "batchensemble"], epochs=2)[1] == pytest.approx(1.5 * 6.0)
+    first = records[:1]  # BatchEnsemble not begun: at classic's pace
+    assert progress_of(first, ["classic", "batchensemble"], epochs=2)[1] == pytest.approx(1 * 2.0 + 2 * 2.0)
 
 
 def test_figures_handle_one_member_and_missing_values():
