@@ -263,8 +263,13 @@ def launch() -> None:
     redraws while the run's first seconds train. A bad setting launches nothing and is kept for
     the page to show as one line.
     """
+    cfg = config_from_state()
+    if not cfg.methods:  # in the words of the form (validate names the command line's: batchensemble)
+        names = ", ".join(method_label(m) for m in METHODS)
+        st.session_state[LAUNCH_ERROR_KEY] = f"Choose at least one method under Methods ({names})."
+        return
     try:
-        cfg = preflight(config_from_state())
+        cfg = preflight(cfg)
         run_id, _ = jobs.launch_run(cfg.to_dict(), store_path())  # the worker is reaped by jobs
     except BenchError as err:
         st.session_state[LAUNCH_ERROR_KEY] = str(err)

@@ -298,7 +298,7 @@ def test_a_value_typed_just_before_train_is_the_one_shown_for_the_run(store_file
     [
         ({"train_set_be_batching": "split", "train_set_batch_size": 2}, "can't be split among"),
         ({"train_set_lr": 0.0}, "learning rate"),
-        ({"train_set_methods": []}, "at least one method"),
+        ({"train_set_methods": []}, "Choose at least one method under Methods (single, classic, BatchEnsemble)."),
         ({"train_set_batch_size": 4000}, "larger than the"),
     ],
 )
