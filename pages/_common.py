@@ -91,9 +91,10 @@ def run_label(run: dict) -> str:
     epochs = train.get("epochs", "?")
     # A run of the single model alone has one member whatever E its settings hold.
     members = "" if run.get("methods") == ["single"] else f"E={model.get('ensemble_size', '?')} · "
+    planned = " planned" if status in ("stopped", "interrupted", "failed") else ""  # not all of them ran
     return (
         f"#{run['id']} {status} · {dataset_label(data.get('name', '?'))} · "
-        f"{methods or '—'} · {members}{epochs} epoch{'' if epochs == 1 else 's'} · {created}"
+        f"{methods or '—'} · {members}{epochs} epoch{'' if epochs == 1 else 's'}{planned} · {created}"
     )
 
 

@@ -982,6 +982,7 @@ def test_run_label_names_members_and_epochs_as_they_are():
     label = run_label(run)
     assert " · 1 epoch · " in label and "E=" not in label  # one model: no E=16, and not "1 epochs"
     assert "E=16 · 1 epoch" in run_label({**run, "methods": ["single", "classic"]})
+    assert " · 1 epoch planned · " in run_label({**run, "status": "stopped"}), "a stopped run ran fewer"
 
 
 def test_empty_loss_figure_shows_the_coming_epochs_and_no_data():
