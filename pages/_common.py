@@ -601,7 +601,8 @@ def live_figure(records: list[dict]) -> go.Figure:
         row_heights=[0.56, 0.44],
         vertical_spacing=0.16,
         horizontal_spacing=0.12,
-        subplot_titles=["", *(title for _, title, _ in metrics)],
+        # Their note on a line of its own: side by side at 1024 px the two titles ran into each other.
+        subplot_titles=["", *(title.replace(" (", "<br>(") for _, title, _ in metrics)],
     )
     for trace in loss.data:
         if trace.showlegend is not False:  # a method's mean: its legend entry stands for all its lines
@@ -693,7 +694,9 @@ def _accuracy_title(method: str, result: dict, stacked: bool = False) -> str:
 def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
     """Each method's members' test accuracy as bars, side by side, with the ensemble's accuracy marked."""
     methods = ordered_methods(results)
-    stacked = len(methods) > 2  # three panels at 1280 px: the two figures on lines of their own (they overlapped)
+    # Two or three panels: the two figures on lines of their own (side by side they overlapped, with
+    # three panels at 1280 px and with two at 1024).
+    stacked = len(methods) > 1
     fig = make_subplots(
         rows=1,
         cols=max(1, len(methods)),
@@ -738,8 +741,10 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
         if mean is not None and len(accs) > 1:
             fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, row=1, col=col)
         fig.update_xaxes(title_text="member", row=1, col=col, type="category")
-    style(fig, "Test accuracy of each member; dashed: the ensemble, dotted: the mean member", height=470)
-    fig.update_layout(margin={"t": 140 if stacked else 120})
+    key = f"<br><span style='font-size:{AXIS_TITLE_SIZE}px'>dashed: the ensemble · dotted: the mean member</span>"
+    style(fig, f"Test accuracy of each member{key}", height=520)  # the key on its own line: cut off at 1024 px
+    # The title's two lines at the top, the panels' titles (three lines where stacked) below them.
+    fig.update_layout(margin={"t": 190 if stacked else 150}, title={"y": 0.96, "yanchor": "top", "yref": "container"})
     titles = {_accuracy_title(m, results[m], stacked) for m in methods}
     for ann in fig.layout.annotations:
         if ann.text in titles:

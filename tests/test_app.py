@@ -168,7 +168,7 @@ def test_train_launches_a_worker_that_finishes(store_file):
     (live,) = charts(at)  # one figure: the loss on top, seconds per epoch and examples per second below
     assert live["layout"]["title"]["text"].startswith("Training loss")
     panels = [a["text"] for a in live["layout"]["annotations"]]
-    assert panels == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
+    assert panels == ["Seconds per epoch<br>(lower is faster)", "Examples per second<br>(higher: faster)"]
     (link,) = at.get("page_link")
     assert link.proto.label == f"See the results of run {run_id}"
     assert f"run={run_id}" in link.proto.query_string, "the link names the run"
@@ -941,7 +941,7 @@ def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method(
     assert list(fig.data[4].y) == [2.0, 4.0] and list(fig.data[6].y) == [100.0, 50.0]
     assert fig.layout.title.text.startswith("Training loss")
     titles = [a.text for a in fig.layout.annotations]
-    assert titles == ["Seconds per epoch (lower is faster)", "Examples per second (higher: faster)"]
+    assert titles == ["Seconds per epoch<br>(lower is faster)", "Examples per second<br>(higher: faster)"]
     assert fig.layout.yaxis2.title.text == "seconds" and fig.layout.yaxis3.title.text == "examples / s"
     # Before a first epoch ends: the loss alone.
     steps = [{"kind": "step", "method": "classic", "epoch": 1, "step": 1, "steps_per_epoch": 4, "loss": 2.0,
