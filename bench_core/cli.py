@@ -373,7 +373,8 @@ def cmd_runs(args: argparse.Namespace) -> int:
     if not rows:
         print(f"no runs in {store.path}")
         return 0
-    print(f"{'id':>4}  {'status':<11} {'dataset':<13} {'E':>3} {'epochs':>6}  {'methods':<28} created")
+    header = f"{'id':>4}  {'status':<11} {'dataset':<13} {'E':>3} {'epochs':>6}  {'created':<16}"
+    print(f"{header}  methods (ensemble accuracy)")
     for run in rows:
         print(_run_line(run))
     return 0
@@ -400,9 +401,9 @@ def _run_line(run: dict) -> str:
     except (TypeError, ValueError, OverflowError, OSError):
         created = "?"
     members = 1 if run.get("methods") == ["single"] else field("model", "ensemble_size")  # as the Runs page
-    return (
+    return (  # the methods last: their list has no fixed width (it pushed the date out of its column)
         f"{run['id']:>4}  {status_text(run):<11} {field('data', 'name')!s:<13} {members!s:>3} "
-        f"{field('train', 'epochs')!s:>6}  {', '.join(methods):<28} {created}"
+        f"{field('train', 'epochs')!s:>6}  {created:<16}  {', '.join(methods)}"
     )
 
 

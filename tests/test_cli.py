@@ -278,6 +278,11 @@ def test_runs_lists_one_member_for_a_run_of_the_single_model_alone():
     run = {"id": 3, "status": "finished", "methods": ["single"], "created": 0, "summary": {}}
     run["config"] = {"data": {"name": "synthetic"}, "model": {"ensemble_size": 5}, "train": {"epochs": 2}}
     assert _run_line(run).split()[:4] == ["3", "finished", "synthetic", "1"], "as the Runs page: E = 1"
+    long = {**run, "methods": ["single", "classic", "batchensemble"], "created": 86400 * 365}
+    long["summary"] = {m: {"ensemble_accuracy": 0.5} for m in long["methods"]}
+    line = _run_line(long)
+    assert line.endswith("  single 0.500, classic 0.500, batchensemble 0.500"), "the methods last, however many"
+    assert line.index("single 0.500") == _run_line(run).index("single"), "each column where the header has it"
     run["methods"] = ["single", "classic"]
     assert _run_line(run).split()[3] == "5"
     run.update(status="running", note="waiting for the CPU: run 2 is using it; this run is next (...)")
