@@ -804,6 +804,12 @@ def test_row_processes_take_turns(tmp_path):
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in progress.read_text().splitlines()]
+    firsts = {}
+    for e in events:
+        if e["kind"] == "progress" and " E=2: " in e["message"]:
+            label, message = e["message"].split(": ", 1)
+            firsts.setdefault(label, message)
+    assert firsts == dict.fromkeys(["classic-vectorized E=2", "batchensemble-split E=2"], "generating its data")
     repeats = [e["message"] for e in events if e["kind"] == "progress" and ": repeat " in e["message"]]
     assert repeats == [
         "classic-vectorized E=2: repeat 1/2",

@@ -148,6 +148,8 @@ def _measure_workbench(
     n_warm = settings.warmup * step_examples
     n_profiled = settings.profile_steps * step_examples
     n_data = max(n_timed, n_warm, n_profiled, 1)
+    # Said first: generating the data took seconds in which the last row's line stood as if current.
+    report(0.0, "generating its data")
     data = make_synthetic(n_data, settings.inference_examples, shape, classes, settings.seed)
     data = data.to(device)
     timed = _first_examples(data, n_timed)
@@ -317,6 +319,7 @@ def _measure_reference(
     shape, n_full, classes = settings.shape_info()
     n_members = spec.ensemble_size
     in_dim, bs = math.prod(shape), settings.batch_size
+    report(0.0, "generating its data")
     images = ref.InMemoryImages(n_full, shape, classes, seed=settings.seed)
     test_images = ref.InMemoryImages(settings.inference_examples, shape, classes, seed=settings.seed + 1)
     loader = ref.seed_loader(images, batch_size=bs)
