@@ -888,9 +888,11 @@ def params_figure(sizes: list[int], max_members: int = 16, marked: int | None = 
         )
     if marked is not None and 1 <= marked <= max_members:
         fig.add_vline(x=marked, line={"color": "#444444", "dash": "dash"}, annotation_text=f"E={marked}")
-    style(fig, "Parameters against ensemble size", "ensemble size E", "parameters", height=420)
+    style(fig, "Parameters against ensemble size", "ensemble size E", "parameters", height=460)
     fig.update_xaxes(tickvals=[1, 2, 4, 6, 8, 10, 12, 14, 16][: max_members + 1], range=[0.5, max_members + 0.5])
-    fig.update_yaxes(rangemode="tozero", tickformat="~s")
+    fig.update_yaxes(rangemode="tozero", exponentformat="B")  # 2B, not SI's 2G, for two billion parameters
+    # The legend under the plot: at its top right the marked E's label ran into it.
+    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0}, margin={"b": 110})
     return fig
 
 
