@@ -2,7 +2,9 @@
 give the tests a device-lock folder of their own, and the fixture that gives a test the optional fast
 paths as a fresh process has them."""
 
+import atexit
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -17,6 +19,7 @@ if ROOT not in sys.path:
 # (bench_core.locks). The tests' runs (and the processes they start) take turns among themselves
 # in a folder of their own, not with a dashboard or a command that trains on this machine meanwhile.
 os.environ["BENCH_LOCK_DIR"] = tempfile.mkdtemp(prefix="bench-test-locks-")
+atexit.register(shutil.rmtree, os.environ["BENCH_LOCK_DIR"], ignore_errors=True)  # each session left one in /tmp
 
 
 @pytest.fixture
