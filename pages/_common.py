@@ -35,7 +35,7 @@ from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import train_size
-from bench_core.store import RunStore, default_store_path
+from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path
 
 # Session-state keys shared by several pages.
 STORE_PATH_KEY = "store_path"  # the run store's path, set once per session by app.py
@@ -254,28 +254,31 @@ def open_store() -> RunStore:
         st.stop()
 
 
+def run_signature(runs: list[dict], exclude: int | None = None) -> list[tuple]:
+    """The runs of ``runs`` queued or training, as a page that lists them draws them: id, status, stop asked."""
+    return sorted(
+        (r["id"], "waiting" if is_waiting(r) else r["status"], bool(r.get("stop_requested")))
+        for r in runs
+        if r.get("status") in ACTIVE_STATUSES and r["id"] != exclude
+    )
+
+
 def active_signature(exclude: int | None = None) -> list[tuple]:
-    """The runs queued or training now, as a page that lists them draws them: id, status, stop asked.
-
-    A new RunStore each time: read from a fragment's later reruns too, not only the page's run.
-    """
+    """``run_signature`` of the store's active runs now; a new RunStore, as a fragment's later reruns read it."""
     with RunStore(store_path()) as store:
-        return [
-            (r["id"], "waiting" if is_waiting(r) else r["status"], bool(r.get("stop_requested")))
-            for r in store.active_runs()
-            if r["id"] != exclude
-        ]
+        return run_signature(store.active_runs(), exclude)
 
 
-def rerun_when_changed(look: Callable[[], object], every: float = 2.0) -> None:
-    """Rerun the whole page once ``look()`` answers otherwise than it does now.
+def rerun_when_changed(drawn: object, look: Callable[[], object], every: float = 2.0) -> None:
+    """Rerun the whole page once ``look()`` answers otherwise than ``drawn``, what the page drew from.
 
     Polled every ``every`` seconds from a fragment that draws nothing, so only the answer changing
     costs a redraw. For what a page drew from the store about runs it does not follow live (another
     tab's, the command line's): a run there that ended, waited or was stopped stayed as drawn, with
-    its buttons, until the user clicked. A store that can't be read counts as no change.
+    its buttons, until the user clicked. ``drawn`` comes from the rows the page drew (a second read
+    could already see a change the page did not show); a store that can't be read counts as no
+    change.
     """
-    drawn = look()
 
     def check() -> None:
         try:
@@ -421,12 +424,15 @@ def epoch_xs(rows: list[dict]) -> list[float]:
     A stop 24 of 32 steps into epoch 6 is at 5.75, not at 6 as if the epoch were whole; the part is
     its steps over a whole epoch's of the same method (where none is whole, at its epoch).
     """
-    whole = max((r.get("steps") or 0 for r in rows if not r.get("stopped")), default=0)
+    whole = max((r.get("steps") for r in rows if not r.get("stopped") and isinstance(r.get("steps"), int)), default=0)
     xs = []
     for r in rows:
-        steps = r.get("steps")
+        epoch, steps = r.get("epoch"), r.get("steps")
+        if not isinstance(epoch, (int, float)):  # a store edited by hand: left as it is, as Plotly takes it
+            xs.append(epoch)
+            continue
         cut = r.get("stopped") and whole > 0 and isinstance(steps, int) and steps < whole
-        xs.append(r["epoch"] - 1 + steps / whole if cut else float(r["epoch"]))
+        xs.append(epoch - 1 + steps / whole if cut else float(epoch))
     return xs
 
 

@@ -30,6 +30,7 @@ from pages._common import (
     require_router,
     rerun_when_changed,
     run_label,
+    run_signature,
     seconds_figure,
     show,
     throughput_figure,
@@ -55,6 +56,8 @@ def pick_run(runs: list[dict]) -> int:
     # has not ended (not in ``ids``) stays the one to open once it ends, unless the user picked another.
     if chosen != default or st.session_state.get(LAST_RUN_KEY) in ids:
         st.session_state[LAST_RUN_KEY] = chosen
+    if wanted is not None and chosen != default:  # the user picked another run than the link's
+        st.query_params["run"] = str(chosen)  # (the link's would win again when the page is redrawn)
     return chosen
 
 
@@ -162,7 +165,7 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     for cell, method in zip(st.columns(len(ensembles)) if ensembles else [], ensembles, strict=True):
         with cell:
             show(agreement_figure(results[method], method))
-    alone = [method_label(m) for m in methods if m not in ensembles]
+    alone = [method_label(m) for m in methods if m not in ensembles and results[m].get("ensemble_size", 1) <= 1]
     if alone:
         st.caption(f"{' and '.join(alone)}: one member, so no agreement between members to show.")
 
@@ -202,8 +205,8 @@ asked = int(wanted) if wanted is not None and wanted.isdigit() else None  # a li
 for unended in dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training):
     doing = "is waiting for its turn" if is_waiting(training[unended]) else "is still training"
     st.info(f"Run {unended} {doing}: its results appear here when it ends.", icon=":material/hourglass_top:")
-if training:  # a run that ends joins the list (and the one awaited above shows) without a click
-    rerun_when_changed(active_signature)
+# A run that starts and ends elsewhere joins the list (and the one awaited above shows) without a click.
+rerun_when_changed(run_signature(every), active_signature)
 if not runs:
     st.info("No run has ended yet: train one on the Train page.")
     st.stop()

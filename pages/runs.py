@@ -25,6 +25,7 @@ from pages._common import (
     ordered_methods,
     require_router,
     rerun_when_changed,
+    run_signature,
     runs_loss_figure,
     show,
     store_path,
@@ -173,7 +174,7 @@ def delete_block(selected: list[int], by_id: dict[int, dict], store: RunStore) -
 st.title("Runs")
 store = open_store()
 runs = store.list_runs()
-rerun_when_changed(active_signature)  # runs started, ended or stopped elsewhere show without a click
+rerun_when_changed(run_signature(runs), active_signature)  # runs started, ended or stopped elsewhere: no click
 if not runs:
     st.info("The run store is empty: train a run on the Train page.")
     st.caption(f"Run store: {store_path()}")

@@ -38,6 +38,7 @@ from pages._common import (
     require_router,
     rerun_when_changed,
     run_label,
+    run_signature,
     running_benchmark,
     sharing_note,
     show,
@@ -467,11 +468,15 @@ try:
     others = [r for r in store.active_runs() if r["id"] != live_id]
 except StoreError:
     others = []
-sharing = sharing_note(others, running_benchmark() is not None, None if live_active else "a run")
+benchmarking = running_benchmark() is not None
+sharing = sharing_note(others, benchmarking, None if live_active else "a run")
 if not live_active and others:
     other_runs_block(others)
 if not live_active:  # the list above and the note below follow the runs of other tabs and the command line
-    rerun_when_changed(lambda: (active_signature(exclude=live_id), running_benchmark() is not None))
+    rerun_when_changed(
+        (run_signature(others), benchmarking),
+        lambda: (active_signature(exclude=live_id), running_benchmark() is not None),
+    )
 
 # While this session's run is active, its live view comes first, above the locked settings,
 # so that on a projector's first screen the class sees the charts, not the form.

@@ -633,12 +633,17 @@ def test_results_with_the_single_model_beside_both_ensembles_draw_only_their_agr
     found = heatmaps(at)
     assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
     assert "single: one member, so no agreement between members to show." in texts(at.caption)
+    with sqlite3.connect(store_file) as conn:  # an older or edited result without its matrix
+        conn.execute("UPDATE results SET data = json_remove(data, '$.agreement') WHERE method = 'classic'")
+    at.run()
+    assert not at.exception, at.exception
+    assert [f["layout"]["title"]["text"].split("<br>")[0] for f in heatmaps(at)] == ["BatchEnsemble"]
+    assert not any("classic" in c and "one member" in c for c in texts(at.caption)), "classic has 3 members"
 
 
 def test_results_say_when_one_slow_epoch_drives_the_time_ratio(store_file):
     run_id = make_run(store_file, tiny_config(methods=("classic", "batchensemble")))
     at = open_page("results")
-    assert not any("Uneven epochs" in c for c in texts(at.caption)), "tiny runs of two even epochs"
     with sqlite3.connect(store_file) as conn:
         for method, seconds in (("classic", [1.1, 25.8, 1.13]), ("batchensemble", [1.0, 1.0, 1.0])):
             conn.execute(
@@ -790,6 +795,22 @@ def test_results_linked_to_a_run_that_trains_says_so(store_file):
     assert not any("still training" in i for i in texts(at.info))
 
 
+def test_results_keeps_the_users_pick_over_a_link_when_another_run_ends(store_file):
+    first, second = make_run(store_file), make_run(store_file)
+    running = active_run(store_file)
+    at = AppTest.from_file(APP, default_timeout=60)
+    at.query_params["run"] = str(second)  # Train's "See the results of run N"
+    at.run()
+    at.switch_page("pages/results.py").run()
+    assert at.selectbox[0].value == second
+    at.selectbox[0].set_value(first).run()
+    with RunStore(store_file) as store:
+        store.finish_run(running, "stopped")  # the list changes: the select box is drawn anew
+    at.run()
+    assert not at.exception, at.exception
+    assert at.selectbox[0].value == first, "the user's pick, not the link's run again"
+
+
 def test_results_seen_while_this_sessions_run_trains_open_that_run_once_it_ends(store_file):
     """A look at Results during training (an older run shown) must not make it open the older run afterwards."""
     finished = make_run(store_file)
@@ -902,6 +923,8 @@ def test_a_stopped_epoch_is_drawn_at_the_part_of_it_that_ran():
     assert list(trace.x) == [1.0, 2.0, 2.75]
     first = [{**records[0], "steps": 3, "stopped": True}]
     assert loss_series(first)["classic"]["x"] == [1.0], "stopped in its first epoch: no whole one to measure by"
+    edited = [{**records[0], "epoch": "one"}, {**records[1], "steps": "x"}]  # a store edited by hand
+    assert list(runs_loss_figure([{"id": 4, "records": edited}]).data[0].x) == ["one", 2.0], "drawn as stored"
 
 
 def test_loss_figure_one_members_trace_and_one_mean_per_method():
