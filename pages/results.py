@@ -173,13 +173,13 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     with left:
         st.subheader("Every figure")
         st.table(figure_table(results, methods))
-        figure_glossary()
     with right:
         show(reliability_figure(results))
         st.caption(
             "Test examples are binned by the ensemble's confidence; each dot is a bin (bigger: more examples). "
             "Dots below the diagonal: over-confident; above: under-confident."
         )
+    figure_glossary()  # the page's width: in the table's column its text ran long and narrow beside a blank
 
     records = run.get("records") or []
     if records:
