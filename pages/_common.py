@@ -30,7 +30,7 @@ from plotly.subplots import make_subplots
 
 from bench_core.config import METHODS, RunConfig
 from bench_core.errors import BenchError, StoreError
-from bench_core.jobs import is_waiting
+from bench_core.jobs import is_waiting, status_text
 from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
@@ -257,7 +257,7 @@ def open_store() -> RunStore:
 def run_signature(runs: list[dict], exclude: int | None = None) -> list[tuple]:
     """The runs of ``runs`` queued or training, as a page that lists them draws them: id, status, stop asked."""
     return sorted(
-        (r["id"], "waiting" if is_waiting(r) else r["status"], bool(r.get("stop_requested")))
+        (r["id"], status_text(r), bool(r.get("stop_requested")))
         for r in runs
         if r.get("status") in ACTIVE_STATUSES and r["id"] != exclude
     )
