@@ -211,24 +211,15 @@ def test_every_page_opens_without_errors(page, server):
         assert not ui.error_texts(page), f"{title}: {ui.error_texts(page)}"
 
 
-def _tiny_config():
-    """A run that trains in a fraction of a second in this process."""
-    from bench_core.config import RunConfig
-
-    return RunConfig.from_flat(
-        {"methods": ["classic"], "dataset": "synthetic", "synthetic_train": 256, "synthetic_test": 32}
-        | {"synthetic_shape": (4,), "hidden": 8, "ensemble_size": 2, "epochs": 1, "device": "cpu"}
-    )
-
-
 def test_after_a_deletion_nothing_is_ticked_and_one_click_ticks_a_run(page, server):
     """The browser's table kept its tick on the row a deleted run had, for the run moved up into it."""
     from bench_core.runner import run_experiment
     from bench_core.store import RunStore
+    from tests.test_runner import tiny_config
 
     with RunStore(server.store) as store:
         for _ in range(2):
-            list(run_experiment(_tiny_config(), store=store, source="test"))
+            list(run_experiment(tiny_config(epochs=1), store=store, source="test"))
     delete = page.get_by_role("button").filter(has_text="selected run")
     ui.go_to(page, "Runs")
     ui.wait_settled(page)
@@ -247,9 +238,10 @@ def test_after_a_deletion_nothing_is_ticked_and_one_click_ticks_a_run(page, serv
 def test_pages_follow_a_run_of_the_command_line_that_ends_without_a_click(page, server):
     """Train's 'started from the command line' line and Runs' Stop button go once the run ends elsewhere."""
     from bench_core.store import RunStore
+    from tests.test_runner import tiny_config
 
     with RunStore(server.store) as store:  # a run of this process: alive to the server's reconcile
-        run_id = store.create_run(_tiny_config().to_dict(), source="cli", status="queued")
+        run_id = store.create_run(tiny_config(epochs=1).to_dict(), source="cli", status="queued")
         store.start_run(run_id, device="cpu", versions={})
     line = page.get_by_text(f"Run {run_id} is running, started from the command line")
     expect(line).to_be_visible(timeout=10_000)  # the Train page, drawn before the run began
@@ -257,7 +249,7 @@ def test_pages_follow_a_run_of_the_command_line_that_ends_without_a_click(page, 
         store.finish_run(run_id, "finished")
     expect(line).to_have_count(0, timeout=10_000)
     with RunStore(server.store) as store:
-        other = store.create_run(_tiny_config().to_dict(), source="cli", status="queued")
+        other = store.create_run(tiny_config(epochs=1).to_dict(), source="cli", status="queued")
         store.start_run(other, device="cpu", versions={})
     ui.go_to(page, "Runs")
     ui.wait_settled(page)
