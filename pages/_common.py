@@ -371,6 +371,15 @@ def numbers_table(
 
 
 @functools.cache
+def wrapping() -> dict:
+    """``st.pills``' keyword that wraps its options onto more rows, where this Streamlit takes it.
+
+    Streamlit 1.67 keeps a column's pills on one row, scrolled sideways (at 1024 px "BatchEnsemble"
+    and the larger ensemble sizes were cut); Streamlits before ``wrap`` wrapped them anyway.
+    """
+    return {"wrap": True} if "wrap" in inspect.signature(st.pills).parameters else {}
+
+
 def missing_placeholder() -> dict:
     """``st.dataframe``'s keyword for how an empty cell reads (``MISSING``), where this Streamlit takes it.
 
@@ -733,10 +742,14 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
             row=1,
             col=col,
         )
+        # The two lines behind the bars: drawn over them, they crossed the figures of members near
+        # the mean; behind they show in the gaps. ("between", the grid and the bars, hid them in
+        # Streamlit's Plotly.js, in subplots.)
         if ens is not None:
             fig.add_hline(
                 y=ens,
                 line={"color": "#222222", "width": 3, "dash": "dash"},
+                layer="below",
                 annotation_text=f"ensemble {ens:.3f}",
                 annotation_position="top left",
                 annotation_font={"size": TICK_SIZE, "color": "#222222"},
@@ -745,7 +758,7 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
                 col=col,
             )
         if mean is not None and len(accs) > 1:
-            fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, row=1, col=col)
+            fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, layer="below", row=1, col=col)
         fig.update_xaxes(title_text="member", row=1, col=col, type="category")
     key = f"<br><span style='font-size:{AXIS_TITLE_SIZE}px'>dashed: the ensemble · dotted: the mean member</span>"
     style(fig, f"Test accuracy of each member{key}", height=520)  # the key on its own line: cut off at 1024 px

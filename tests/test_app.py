@@ -996,6 +996,18 @@ def test_three_methods_accuracy_titles_on_two_lines_in_the_axis_title_size():
     assert all(a.font.size == AXIS_TITLE_SIZE for a in titles)
 
 
+def test_accuracy_lines_are_drawn_behind_the_bars_and_their_figures():
+    from pages._common import member_accuracy_figure
+
+    # A member at the mean: its figure sits where the dotted line runs.
+    result = {"member_accuracy": [0.47, 0.45, 0.46], "ensemble_accuracy": 0.5, "mean_member_accuracy": 0.46}
+    fig = member_accuracy_figure({"batchensemble": result})
+    lines = {round(shape.y0, 4): shape for shape in fig.layout.shapes}
+    assert set(lines) == {0.5, 0.46}
+    assert all(shape.layer == "below" for shape in lines.values())
+    assert fig.data[0].textposition == "inside"
+
+
 def test_run_label_names_members_and_epochs_as_they_are():
     from pages._common import run_label
 
