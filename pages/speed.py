@@ -61,6 +61,7 @@ from pages._common import (
     show,
     store_path,
     style,
+    wrapping,
 )
 
 POLL_SECONDS = 2.0  # the live view (each poll re-sends its figures and table: browser CPU the benchmark shares)
@@ -168,7 +169,8 @@ def settings_widgets(locked: bool) -> BenchSettings:
     """Draw the settings (disabled while ``locked``) and return the BenchSettings they describe."""
     top = st.columns([1, 1.6, 0.8])
     top[0].selectbox("Dataset shape", list(DATASET_SHAPES), key=P + "shape", format_func=dataset_label, disabled=locked)
-    top[1].multiselect("Ensemble sizes E", SIZES, key=P + "sizes", disabled=locked)
+    # Pills, all sizes in view: at 1024 px the multiselect's fourth chip scrolled out of its box.
+    top[1].pills("Ensemble sizes E", SIZES, selection_mode="multi", key=P + "sizes", disabled=locked, **wrapping())
     top[2].selectbox("Device", DEVICES, key=P + "device", disabled=locked)
     st.multiselect(
         "Rows",
@@ -186,13 +188,13 @@ def settings_widgets(locked: bool) -> BenchSettings:
         help="Slow: it shows how much faster the workbench's training loop is than the seed's.",
     )
     with st.expander("Timing settings"):
-        c = st.columns(6)
+        c = st.columns(3)  # six columns at 1024 px wrapped some labels and not others: the boxes out of line
         c[0].number_input("Timed steps", 1, 10_000, key=P + "steps", disabled=locked)
         c[1].number_input("Warm-up steps", 0, 10_000, key=P + "warmup", disabled=locked)
         c[2].number_input("Repeats (median)", 1, 20, key=P + "repeats", disabled=locked)
-        c[3].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
-        c[4].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
-        c[5].number_input(
+        c[0].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
+        c[1].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
+        c[2].number_input(
             "Profiled steps",
             0,
             10_000,

@@ -43,6 +43,7 @@ from pages._common import (
     sharing_note,
     show,
     store_path,
+    wrapping,
 )
 
 require_router("pages/train.py")
@@ -158,16 +159,19 @@ def remember_settings() -> None:
 
 def settings(locked: bool) -> RunConfig:
     """Draw the settings (disabled while ``locked``) and return the RunConfig they describe."""
-    top = st.columns([1, 1.8, 0.8])  # three methods' chips fit in one row at 1280 px (1.4 cut the last one off)
+    # Methods as pills: at 1024 px the multiselect's chips scrolled out of its box (BatchEnsemble cut).
+    top = st.columns([1, 1.8, 0.8])
     name = top[0].selectbox("Dataset", DATASETS, key=P + "dataset", format_func=dataset_label, disabled=locked)
-    top[1].multiselect(
+    top[1].pills(
         "Methods",
         METHODS,
+        selection_mode="multi",
         key=P + "methods",
+        **wrapping(),
         format_func=method_label,
         disabled=locked,
         help="classic: E independent MLPs. BatchEnsemble: one shared weight per layer plus cheap per-member "
-        "vectors. single: one MLP, the baseline.",
+        "vectors. single: one MLP, the baseline. Click one to add or remove it.",
     )
     top[2].selectbox(
         "Device",
@@ -191,29 +195,41 @@ def settings(locked: bool) -> RunConfig:
     sliders[1].slider("Epochs", *RANGES["epochs"], key=P + "epochs", disabled=locked)
 
     with st.expander("Advanced settings"):
-        a = st.columns(4)
+        # Three columns of numbers, then the choices as rows of two: in four columns at 1024 px
+        # "BatchEnsemble batching" broke inside the word.
+        a = st.columns(3)
         a[0].number_input("Hidden width", *RANGES["hidden"], step=16, key=P + "hidden", disabled=locked)
-        a[0].number_input("Hidden layers", *RANGES["depth"], key=P + "depth", disabled=locked)
-        a[1].number_input("Batch size", *RANGES["batch_size"], step=16, key=P + "batch_size", disabled=locked)
+        a[1].number_input("Hidden layers", *RANGES["depth"], key=P + "depth", disabled=locked)
+        a[2].number_input("Batch size", *RANGES["batch_size"], step=16, key=P + "batch_size", disabled=locked)
         # %g: 0.00005 reads as 5e-05, the value trained with (%.4f showed 0.0001)
-        a[1].number_input("Learning rate (Adam)", *RANGES["lr"], step=1e-4, format="%g", key=P + "lr", disabled=locked)
+        a[0].number_input("Learning rate (Adam)", *RANGES["lr"], step=1e-4, format="%g", key=P + "lr", disabled=locked)
         a[1].number_input("Seed", *RANGES["seed"], key=P + "seed", disabled=locked)
-        a[2].radio(
+        a[2].number_input(
+            "Loss points per epoch",
+            *RANGES["points_per_epoch"],
+            key=P + "points_per_epoch",
+            disabled=locked,
+            help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
+        )
+        b = st.columns(2)
+        b[0].radio(
             "Classic mode",
             CLASSIC_MODES,
             key=P + "classic_mode",
             disabled=locked,
+            horizontal=True,
             help="vectorized: all members in one batched pass. sequential: one member after another.",
         )
-        a[2].radio(
+        b[1].radio(
             "BatchEnsemble batching",
             BE_BATCHINGS,
             key=P + "be_batching",
             disabled=locked,
+            horizontal=True,
             help="repeat: every member sees every example. split: each member gets 1/E of each batch.",
         )
-        a[3].radio("Fast-weight init", BE_INITS, key=P + "be_init", disabled=locked)
-        a[3].number_input(
+        b[0].radio("Fast-weight init", BE_INITS, key=P + "be_init", disabled=locked, horizontal=True)
+        b[1].number_input(
             "Fast-weight init std",
             *RANGES["be_init_std"],
             step=0.05,
@@ -221,29 +237,22 @@ def settings(locked: bool) -> RunConfig:
             disabled=locked or st.session_state[P + "be_init"] != "normal",
             help="normal init: r and s start as N(1, std²)",
         )
-        b = st.columns(4)
         if name == "synthetic":
-            b[0].number_input(
+            c = st.columns(2)
+            c[0].number_input(
                 "Synthetic training examples",
                 *RANGES["synthetic_train"],
                 step=1000,
                 key=P + "synthetic_train",
                 disabled=locked,
             )
-            b[1].number_input(
+            c[1].number_input(
                 "Synthetic test examples",
                 *RANGES["synthetic_test"],
                 step=500,
                 key=P + "synthetic_test",
                 disabled=locked,
             )
-        b[2].number_input(
-            "Loss points per epoch",
-            *RANGES["points_per_epoch"],
-            key=P + "points_per_epoch",
-            disabled=locked,
-            help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
-        )
 
     return config_from_state()
 
