@@ -39,6 +39,7 @@ TABLE_IDS_KEY = "runs_table_ids"  # the run ids of those rows, to read the posit
 UNTICK_KEY = "runs_untick"  # set by a deletion: the next run draws the table with nothing ticked
 MAX_COMPARED = 12  # runs drawn side by side at most: more is unreadable, and thousands froze the page
 ACCURACY_METHODS = ("classic", "batchensemble", "single")
+COMPARE_ROW = 35  # px: a row of the figures side by side
 
 
 def runs_frame(runs: list[dict]) -> pd.DataFrame:
@@ -48,12 +49,13 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
         cfg = run.get("config") or {}
         summary = run.get("summary") or {}
         seconds = [s.get("train_seconds") for s in summary.values() if isinstance(s.get("train_seconds"), (int, float))]
-        # What tells runs apart and ranks them first: at 1280 px beside the sidebar about seven
-        # columns show before the table scrolls sideways, and the accuracies were past them.
+        # What tells runs apart and ranks them first: at 1280 px beside the sidebar the table shows
+        # about 790 px before it scrolls sideways; the methods (which the accuracies' blanks tell
+        # too), the date and the device come after the training seconds.
         row = {
             "id": run["id"],
             "status": jobs.status_text(run),  # "waiting" for a run waiting its turn on the device
-            "methods": ", ".join(method_label(m) for m in ordered_methods(run.get("methods") or [])),
+            "dataset": dataset_label((cfg.get("data") or {}).get("name", "?")),
             # The single model alone has one member, whatever E its settings hold.
             "E": 1 if run.get("methods") == ["single"] else (cfg.get("model") or {}).get("ensemble_size"),
             "epochs": (cfg.get("train") or {}).get("epochs"),
@@ -61,18 +63,20 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
         for method in ACCURACY_METHODS:
             row[f"acc. {method_label(method)}"] = (summary.get(method) or {}).get("ensemble_accuracy")
         row["training s"] = sum(seconds) if seconds else None
-        row["dataset"] = dataset_label((cfg.get("data") or {}).get("name", "?"))
+        row["methods"] = ", ".join(method_label(m) for m in ordered_methods(run.get("methods") or []))
         row["created"] = datetime.fromtimestamp(run["created"])  # local time
         row["device"] = run.get("device") or (cfg.get("train") or {}).get("device")
         rows.append(row)
     return pd.DataFrame(rows)
 
 
+# Widths in pixels: sized to their content the grid gave id, E and epochs 75 px each, and at
+# 1280 px the training seconds were past the table's edge.
 COLUMN_CONFIG = {
-    "id": st.column_config.NumberColumn("id", format="%d", width="small"),
-    "created": st.column_config.DatetimeColumn("created", format="D MMM HH:mm"),
-    "E": st.column_config.NumberColumn("E", width="small"),
-    "epochs": st.column_config.NumberColumn("epochs", width="small"),
+    "id": st.column_config.NumberColumn("id", format="%d", width=48),
+    "status": st.column_config.TextColumn("status", width=86),
+    "E": st.column_config.NumberColumn("E", width=44),
+    "epochs": st.column_config.NumberColumn("epochs", width=66),
     **{
         f"acc. {method_label(m)}": st.column_config.NumberColumn(
             f"acc. {method_label(m)}", format="%.4f", help=f"ensemble test accuracy of {method_label(m)}"
@@ -80,6 +84,7 @@ COLUMN_CONFIG = {
         for m in ACCURACY_METHODS
     },
     "training s": st.column_config.NumberColumn("training s", format="%.1f", help="training seconds, all methods"),
+    "created": st.column_config.DatetimeColumn("created", format="D MMM HH:mm"),
 }
 
 
@@ -245,7 +250,15 @@ if selected:
     if not table.empty:
         st.subheader("Figures side by side")
         # A table that scrolls sideways: several runs' columns did not fit at 1280 px and were cut off.
-        st.dataframe(table, width="stretch", height=36 * (len(table) + 1) + 3)
+        # Rows of a set height, all in view (the grid's own row height left the last one cut), and
+        # the figures' names whole.
+        st.dataframe(
+            table,
+            width="stretch",
+            height=COMPARE_ROW * (len(table) + 1) + 3,
+            row_height=COMPARE_ROW,
+            column_config={"_index": st.column_config.TextColumn("figure", width=340, pinned=True)},
+        )
     else:
         st.caption("None of the selected runs has results.")
 st.caption(f"Run store: {store_path()}")
