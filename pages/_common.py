@@ -15,7 +15,9 @@ import inspect
 import io
 import json
 import math
+import os
 import shutil
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable
@@ -150,6 +152,66 @@ def store_path() -> Path:
     return Path(st.session_state[STORE_PATH_KEY])
 
 
+SPEED_FOLDER_PREFIX = "bench-speed-"  # then the server's pid and a dash: a Speed-page benchmark's folder
+BENCH_PID_FILE = "bench.pid"  # in that folder: the benchmark process's pid
+STALE_AFTER = 3600.0  # s: a folder of the older form, without the server's pid, is left this long
+
+
+def speed_folder() -> Path:
+    """A new folder for a Speed-page benchmark, named after this server's pid (see sweep_speed_folders)."""
+    return Path(tempfile.mkdtemp(prefix=f"{SPEED_FOLDER_PREFIX}{os.getpid()}-"))
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process ``pid`` exists (another user's counts)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except (OverflowError, ValueError):  # no such pid on this system
+        return False
+    return True
+
+
+def sweep_speed_folders(root: Path | None = None, now: float | None = None) -> list[Path]:
+    """Remove the benchmark folders that servers killed before their exit left behind; return them.
+
+    A clean exit removes its folders (``BenchmarkJobs.end_all``); a server killed with SIGKILL, or a
+    machine's power cut, could not, and each left a folder in the temp folder. A folder goes when
+    it is this user's, the server named in it has ended, and its benchmark (``bench.pid``) is not
+    running; one of the older form, without the server's pid, when it is over an hour old.
+    """
+    root = Path(root or tempfile.gettempdir())
+    now = time.time() if now is None else now
+    removed = []
+    try:
+        folders = [f for f in root.iterdir() if f.name.startswith(SPEED_FOLDER_PREFIX) and f.is_dir()]
+    except OSError:
+        return removed
+    for folder in folders:
+        try:
+            if folder.stat().st_uid != os.getuid():
+                continue
+            server = folder.name[len(SPEED_FOLDER_PREFIX) :].split("-", 1)[0]
+            if server.isdigit():
+                if _alive(int(server)):
+                    continue
+            elif now - folder.stat().st_mtime < STALE_AFTER:
+                continue
+            bench = (folder / BENCH_PID_FILE).read_text().strip() if (folder / BENCH_PID_FILE).exists() else ""
+            if bench.isdigit() and _alive(int(bench)):
+                continue
+        except OSError:
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
 class BenchmarkJobs:
     """The Speed page's benchmark processes, one registry for the whole server (every session and tab).
 
@@ -166,6 +228,7 @@ class BenchmarkJobs:
         self.lock = threading.Lock()
         self.jobs: list = []
         atexit.register(self.end_all)
+        sweep_speed_folders()  # those of servers killed before their exit
 
     def running(self):
         """The benchmark running now on this server, or None."""

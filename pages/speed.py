@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -48,6 +47,7 @@ from bench_core.devices import available_devices
 from bench_core.errors import BenchError
 from bench_core.store import RunStore
 from pages._common import (
+    BENCH_PID_FILE,
     benchmark_jobs,
     dataset_label,
     hms,
@@ -59,6 +59,7 @@ from pages._common import (
     running_benchmark,
     sharing_note,
     show,
+    speed_folder,
     store_path,
     style,
     wrapping,
@@ -246,7 +247,7 @@ def launch(settings: BenchSettings) -> None:
         return
 
     def start() -> SpeedJob:
-        folder = Path(tempfile.mkdtemp(prefix="bench-speed-"))
+        folder = speed_folder()
         with open(folder / "log.txt", "wb") as log:
             proc = subprocess.Popen(
                 command(settings, folder),
@@ -256,6 +257,7 @@ def launch(settings: BenchSettings) -> None:
                 env=jobs.worker_env(),
                 start_new_session=True,
             )
+        (folder / BENCH_PID_FILE).write_text(str(proc.pid))  # a later server's sweep leaves it while it runs
         return SpeedJob(proc, folder, settings.to_dict(), owner=st.session_state[OWNER_KEY])
 
     job, busy = benchmark_jobs().start(start)  # one at a time on the server: two clicks at once start one

@@ -10,8 +10,11 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import shutil
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -356,6 +359,9 @@ def start_tiny_benchmark() -> AppTest:
 def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
     at = start_tiny_benchmark()
     job = at.session_state["speed_job"]
+    # Its folder names this server, and holds the benchmark's pid, for a later server's sweep.
+    assert job.folder.name.startswith(f"bench-speed-{os.getpid()}-")
+    assert (job.folder / "bench.pid").read_text() == str(job.proc.pid)
     job.proc.terminate()  # what Stop does, here while the benchmark still imports torch
     job.stop_requested = True
     assert job.proc.wait(timeout=60) != 0 and not job.events()
@@ -413,6 +419,41 @@ def test_two_benchmarks_started_at_once_start_one(tmp_path):
     assert len(made) == 1, "one process"
     assert sorted(a[0] is None for a in answers) == [False, True] and all((a[0] or a[1]) is made[0] for a in answers)
     made[0].alive = False
+
+
+def test_benchmark_folders_of_killed_servers_are_swept_and_live_ones_kept(tmp_path):
+    from pages._common import BENCH_PID_FILE, SPEED_FOLDER_PREFIX, STALE_AFTER, sweep_speed_folders
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait()  # a pid that has ended: a killed server's, or a benchmark's that finished
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+
+        def folder(name, bench=None, age=0.0):
+            f = tmp_path / f"{SPEED_FOLDER_PREFIX}{name}"
+            f.mkdir()
+            (f / "log.txt").write_text("a benchmark's log")
+            if bench is not None:
+                (f / BENCH_PID_FILE).write_text(str(bench))
+            os.utime(f, (time.time() - age, time.time() - age))
+            return f
+
+        dead_server = folder(f"{ended.pid}-abc", bench=ended.pid)
+        dead_server_no_bench = folder(f"{ended.pid}-def")
+        live_server = folder(f"{os.getpid()}-ghi", bench=ended.pid)
+        dead_server_bench_running = folder(f"{ended.pid}-jkl", bench=running.pid)
+        old_form_old = folder("mno123", age=STALE_AFTER + 60)
+        old_form_new = folder("pqr456")
+        other = tmp_path / "bench-spee"
+        other.mkdir()
+        removed = sweep_speed_folders(tmp_path)
+    finally:
+        running.kill()
+        running.wait()
+    assert sorted(removed) == sorted([dead_server, dead_server_no_bench, old_form_old])
+    assert not any(f.exists() for f in removed)
+    assert all(f.exists() for f in (live_server, dead_server_bench_running, old_form_new, other))
+    assert sweep_speed_folders(tmp_path / "missing") == []
 
 
 def test_pages_say_what_else_shares_the_cores(monkeypatch):
