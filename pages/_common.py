@@ -410,6 +410,35 @@ def style(
     return fig
 
 
+LEGEND_ROW = 24  # px: a row of a legend at LEGEND_SIZE
+AXIS_BLOCK = 64  # px under a plot: the x axis's tick labels and title
+
+
+def legend_below(fig: go.Figure, entries: int | None = None) -> go.Figure:
+    """The legend under the x axis's title, with room for one entry a row; the figure grows by that room.
+
+    Plotly puts a horizontal legend's entries on one row where they fit and one a row where they do
+    not. Placed at a fraction of the plot's height (y = -0.25), a legend that the browser window's
+    resize put on fewer rows sat on the axis title (1280 to 1920 px): the margins Plotly had pushed
+    for it stayed. Here the bottom margin holds the legend at its tallest, so nothing is pushed and
+    the plot's height is known, and the legend's top is the axis block's height under the plot.
+    """
+    if entries is None:  # the traces the legend lists
+        entries = sum(1 for trace in fig.data if trace.showlegend is not False and trace.name)
+    margin = fig.layout.margin
+    top, bottom = margin.t if margin.t is not None else 70, margin.b if margin.b is not None else 60
+    room = AXIS_BLOCK + entries * LEGEND_ROW + 12
+    height = (fig.layout.height or 420) + max(0, room - bottom)
+    plot = max(1, height - top - room)
+    fig.update_layout(
+        height=height,
+        margin={"b": room},
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -AXIS_BLOCK / plot, "yanchor": "top",
+                "traceorder": "normal"},
+    )  # fmt: skip
+    return fig
+
+
 LOG_TICKS_MAX = 9  # more 1-2-5 ticks than this crowd a chart's axis: powers of ten instead
 
 
@@ -569,7 +598,7 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
             )
         )
     style(fig, title, "epoch", "training loss (cross-entropy)")
-    fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
+    legend_below(fig)
     fig.update_xaxes(rangemode="tozero")
     return fig
 
@@ -646,7 +675,7 @@ def _epoch_axes(fig: go.Figure, records: list[dict], methods: list[str]) -> go.F
     """Whole epochs on x (while they are few), y from zero, the legend below."""
     fig.update_xaxes(dtick=_epoch_dtick(records, methods))
     fig.update_yaxes(rangemode="tozero")
-    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
+    legend_below(fig)
     return fig
 
 
@@ -697,7 +726,7 @@ def live_figure(records: list[dict]) -> go.Figure:
     fig.update_xaxes(rangemode="tozero", row=1, col=1)
     fig.update_xaxes(dtick=_epoch_dtick(records, methods), row=2)
     fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the speed panels' titles
-    fig.update_layout(legend={"orientation": "h", "y": -0.1, "x": 0})
+    legend_below(fig)
     return fig
 
 
@@ -916,8 +945,10 @@ def reliability_figure(results: dict[str, dict]) -> go.Figure:
         )
     style(fig, "Reliability diagram", "confidence (bin mean)", "accuracy", height=460)
     fig.update_xaxes(range=[0, 1.02])
-    fig.update_yaxes(range=[0, 1.02], scaleanchor="x", scaleratio=1)
-    fig.update_layout(legend={"orientation": "h", "y": -0.2, "x": 0})
+    # Square, its axes 0 to 1 at any width (a resize stretched the x axis to -1 .. 2 instead).
+    fig.update_xaxes(constrain="domain")
+    fig.update_yaxes(range=[0, 1.02], scaleanchor="x", scaleratio=1, constrain="domain")
+    legend_below(fig)
     return fig
 
 
@@ -973,8 +1004,7 @@ def params_figure(sizes: list[int], max_members: int = 16, marked: int | None = 
     style(fig, "Parameters against ensemble size", "ensemble size E", "parameters", height=460)
     fig.update_xaxes(tickvals=[1, 2, 4, 6, 8, 10, 12, 14, 16][: max_members + 1], range=[0.5, max_members + 0.5])
     fig.update_yaxes(rangemode="tozero", exponentformat="B")  # 2B, not SI's 2G, for two billion parameters
-    # The legend under the plot: at its top right the marked E's label ran into it.
-    fig.update_layout(legend={"orientation": "h", "y": -0.22, "x": 0}, margin={"b": 110})
+    legend_below(fig)  # under the plot: at its top right the marked E's label ran into it
     return fig
 
 

@@ -51,6 +51,7 @@ from pages._common import (
     benchmark_jobs,
     dataset_label,
     hms,
+    legend_below,
     log_ticks,
     method_color,
     missing_placeholder,
@@ -94,8 +95,6 @@ ROW_DASHES = {"sequential": "dash", "split": "dot", "batchensemble": "dash"}
 REFERENCE_COLOR = "#777777"
 PART_COLORS = dict(zip(TIME_PARTS, ("#1b9e77", "#d95f02", "#bbbbbb"), strict=True))
 FLOOR_TICK = "floor (the products at the measured rate)"
-# A legend under a figure, its entries left to right as far as they fit (one a row on narrow screens).
-LEGEND_BELOW = {"orientation": "h", "y": -0.3, "x": 0, "traceorder": "normal"}
 # A target met, missed, or its row not measured: Material icons, which Streamlit ships as a font, so
 # they draw on machines without an emoji font (a projector's Linux box; this project's headless Chromium).
 TARGET_MARKS = {
@@ -309,13 +308,13 @@ def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str
             )
     # The legend under the plot takes a row per entry in a half-width column: the figure grows with it,
     # so that the plot keeps its height (with 8 entries in 420 px it kept about 150).
-    style(fig, title, "ensemble size E", y_title, height=340 + 26 * len(fig.data))
+    style(fig, title, "ensemble size E", y_title, height=340)
+    legend_below(fig, len(fig.data))
     fig.update_xaxes(tickvals=sorted({r["ensemble_size"] for r in rows}))
     fig.update_yaxes(type="log" if log_y else "linear", rangemode="tozero")
     if log_y:  # Plotly's own log ticks label 0.5 as "5"; these read as numbers
         values = [y for trace in fig.data for y in trace.y if isinstance(y, (int, float)) and y > 0]
         fig.update_yaxes(tickvals=log_ticks(values), tickformat="~g")
-    fig.update_layout(legend={"orientation": "h", "y": -0.25, "x": 0})
     return fig
 
 
@@ -353,7 +352,8 @@ def time_parts_figure(rows: list[dict]) -> go.Figure:
             )
         )
     style(fig, f"Where an epoch goes, E = {size}", "% of the epoch", None, height=120 + 48 * len(mine))
-    fig.update_layout(barmode="stack", legend=LEGEND_BELOW)
+    fig.update_layout(barmode="stack")
+    legend_below(fig, len(fig.data))
     fig.update_xaxes(range=[0, 100])
     fig.update_yaxes(autorange="reversed")
     return fig
@@ -389,8 +389,9 @@ def step_parts_figure(rows: list[dict]) -> go.Figure | None:
     fig.add_trace(  # the ticks' legend entry
         go.Scatter(x=[None], y=[None], mode="lines", line={"color": "#111111", "width": 4}, name=FLOOR_TICK)
     )
-    style(fig, f"Where a training step goes, E = {size}", "seconds per epoch", None, height=270 + 56 * len(mine))
-    fig.update_layout(barmode="stack", legend=LEGEND_BELOW)
+    style(fig, f"Where a training step goes, E = {size}", "seconds per epoch", None, height=130 + 56 * len(mine))
+    fig.update_layout(barmode="stack")
+    legend_below(fig, len(fig.data))
     fig.update_xaxes(rangemode="tozero")
     fig.update_yaxes(autorange="reversed")
     return fig

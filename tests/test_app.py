@@ -1020,6 +1020,38 @@ def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method(
     assert not live_figure([*steps, stopped]).layout.annotations
 
 
+def test_legends_sit_under_the_axis_title_with_room_for_one_entry_a_row():
+    import plotly.graph_objects as go
+
+    from pages._common import AXIS_BLOCK, LEGEND_ROW, legend_below, params_figure, reliability_figure, style
+
+    def placed(fig, entries):
+        layout = fig.layout
+        plot = layout.height - layout.margin.t - layout.margin.b
+        assert layout.legend.orientation == "h" and layout.legend.yanchor == "top"
+        assert layout.margin.b >= AXIS_BLOCK + entries * LEGEND_ROW, "room for the legend at one entry a row"
+        assert round(layout.legend.y * plot) == -AXIS_BLOCK, "its top the axis block's height under the plot"
+        return plot
+
+    fig = style(go.Figure([go.Scatter(x=[0], y=[0], name=n) for n in "abc"]), "t", "x", "y", height=400)
+    assert placed(legend_below(fig), 3) == 400 - 70 - 60, "the plot keeps its height: the figure grows"
+    records = [
+        {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 2.0, "examples_per_second": 100.0,
+         "loss": 1.0 / e, "member_loss": [1.0 / e, 1.1 / e]}
+        for m in ("single", "classic", "batchensemble")
+        for e in (1, 2)
+    ]  # fmt: skip
+    curve = {"confidence": [0.3, 0.9], "accuracy": [0.4, 0.8], "count": [10, 30]}
+    results = {m: {"reliability": curve, "ece": 0.05} for m in ("classic", "batchensemble")}
+    for fig, entries in (
+        (live_figure(records), 3),
+        (loss_figure(records), 3),
+        (reliability_figure(results), 3),
+        (params_figure([16, 8, 8, 10], marked=4), 3),
+    ):
+        placed(fig, entries)
+
+
 def test_agreement_values_in_the_cells_only_while_they_fit():
     six = agreement_figure({"agreement": [[1.0] * 6] * 6, "disagreement": 0.0}, "classic")
     eight = agreement_figure({"agreement": [[1.0] * 8] * 8, "disagreement": 0.0}, "classic")
