@@ -10,9 +10,13 @@ st.set_page_config(page_title="Ensemble workbench", page_icon=":material/science
 # the live view polls, which on a small machine is CPU taken from the training.
 # Its label is the live run's main line (where it is, elapsed, ETA): Streamlit draws it small
 # (14.9 px at 1920x1080), at the body's size here so that a projector's back row can read it.
+# Pills locked while a run trains were all one grey, the chosen ones not told from the others: the
+# chosen ones keep the theme's colour (primaryColor, .streamlit/config.toml).
 st.html(
     "<style>[data-testid='stProgress'] * { transition: none !important; }"
-    " [data-testid='stProgress'] p { font-size: 1rem !important; }</style>"
+    " [data-testid='stProgress'] p { font-size: 1rem !important; }"
+    " button[data-variant='pills'][aria-pressed='true']:disabled { color: #0072B2 !important;"
+    " border-color: #0072B2 !important; background-color: rgba(0, 114, 178, 0.12) !important; }</style>"
 )
 
 # Shared state, set once per browser session: every page reads the store from here.

@@ -169,6 +169,18 @@ def test_train_watch_the_loss_grow_then_see_agreement_heatmaps(page, server):
 def test_stop_ends_the_run_as_stopped(page, server):
     run_id = _start_long_run(page, server)
     assert ui.run_status(server.store, run_id) == "running"
+    # The settings are locked, and the methods' pills still tell the chosen ones (classic and
+    # BatchEnsemble by default) from the other: locked, all three were one grey.
+    colours = page.evaluate(
+        """() => Array.from(document.querySelectorAll("button[data-variant='pills']"))
+            .filter(b => ['single', 'classic', 'BatchEnsemble'].includes(b.innerText.trim()))
+            .map(b => [b.innerText.trim(), b.disabled, b.getAttribute('aria-pressed'), getComputedStyle(b).color])"""
+    )
+    assert {name: (disabled, pressed) for name, disabled, pressed, _ in colours} == {
+        "single": (True, "false"), "classic": (True, "true"), "BatchEnsemble": (True, "true")
+    }  # fmt: skip
+    by_name = {name: colour for name, _, _, colour in colours}
+    assert by_name["classic"] == by_name["BatchEnsemble"] == "rgb(0, 114, 178)" != by_name["single"]
     ui.stop_button(page).click()
     expect(page.get_by_text(f"Run {run_id} was stopped")).to_be_visible(timeout=60_000)
     assert ui.run_status(server.store, run_id) == "stopped"
