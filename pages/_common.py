@@ -454,7 +454,7 @@ def numbers_table(
     ``exact``: shown as they are (names, whole numbers); every other column as its numbers were
     rounded (``{:g}``). The values underneath stay numbers, so the columns still sort by value. A
     missing value reads "—" where the Styler is rendered as HTML; in ``st.dataframe``'s grid pass it
-    ``**missing_placeholder()`` for the same.
+    ``placeholder=MISSING`` for the same (the grid wrote a greyed "None", which reads like a value).
     """
     frame = pd.DataFrame(table)
     counts, exact = set(counts), set(exact)
@@ -467,18 +467,10 @@ def wrapping() -> dict:
     """``st.pills``' keyword that wraps its options onto more rows, where this Streamlit takes it.
 
     Streamlit 1.67 keeps a column's pills on one row, scrolled sideways (at 1024 px "BatchEnsemble"
-    and the larger ensemble sizes were cut); Streamlits before ``wrap`` wrapped them anyway.
+    and the larger ensemble sizes were cut). ``wrap`` came in 1.64; before it the pills are laid out
+    as that Streamlit does.
     """
     return {"wrap": True} if "wrap" in inspect.signature(st.pills).parameters else {}
-
-
-def missing_placeholder() -> dict:
-    """``st.dataframe``'s keyword for how an empty cell reads (``MISSING``), where this Streamlit takes it.
-
-    Streamlit added ``placeholder`` in late 2025; before it the grid writes a greyed "None" in such
-    a cell, which reads like a value. Empty where this Streamlit lacks the keyword.
-    """
-    return {"placeholder": MISSING} if "placeholder" in inspect.signature(st.dataframe).parameters else {}
 
 
 def log_ticks(values: list[float]) -> list[float]:

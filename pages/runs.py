@@ -13,6 +13,7 @@ from bench_core.report import FIGURES, derived, format_value
 from bench_core.store import RunStore
 from pages._common import (
     LAST_RUN_KEY,
+    MISSING,
     active_signature,
     dataset_label,
     existing_runs,
@@ -20,7 +21,6 @@ from pages._common import (
     export_json,
     fetch_runs,
     method_label,
-    missing_placeholder,
     open_store,
     ordered_methods,
     require_router,
@@ -197,7 +197,7 @@ event = st.dataframe(
     hide_index=True,
     width="stretch",
     column_config=COLUMN_CONFIG,
-    **missing_placeholder(),
+    placeholder=MISSING,
 )
 selected = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
 

@@ -48,13 +48,13 @@ from bench_core.errors import BenchError
 from bench_core.store import RunStore
 from pages._common import (
     BENCH_PID_FILE,
+    MISSING,
     benchmark_jobs,
     dataset_label,
     hms,
     legend_below,
     log_ticks,
     method_color,
-    missing_placeholder,
     numbers_table,
     require_router,
     running_benchmark,
@@ -458,7 +458,7 @@ def results_view(
     with cols[1]:
         show(memory_fig, key=f"speed_mem_{key}")
     shown = numbers_table(table, counts=("inference examples / s", "parameters"), exact=("method", "mode", "E"))
-    st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}", **missing_placeholder())
+    st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}", placeholder=MISSING)
     if any(r["mode"] == "split" and r.get("× faster than reference") for r in table):
         st.caption(SPLIT_VS_REFERENCE[0].upper() + SPLIT_VS_REFERENCE[1:] + ".")
     show(parts_fig, key=f"speed_parts_{key}")

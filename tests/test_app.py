@@ -43,7 +43,6 @@ from pages._common import (
     loss_figure,
     loss_series,
     member_accuracy_figure,
-    missing_placeholder,
     mlp_params,
     numbers_table,
     progress_of,
@@ -556,7 +555,7 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     # an empty cell (a ratio that does not apply to the row) reads "—", not the grid's "None"
     (table,) = at.dataframe
     assert table.value.isna().any(axis=None)
-    assert table.proto.placeholder == (MISSING if missing_placeholder() else "")
+    assert table.proto.placeholder == MISSING
 
 
 def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
