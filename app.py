@@ -3,7 +3,7 @@
 import streamlit as st
 
 from bench_core.store import default_store_path
-from pages._common import DEEP_LINK_KEY, STORE_PATH_KEY, mark_routed
+from pages._common import DEEP_LINK_KEY, STACK_CSS, STORE_PATH_KEY, mark_routed
 
 st.set_page_config(page_title="Ensemble workbench", page_icon=":material/science:", layout="wide")
 # A progress bar's value change slides for 0.5 s: 30 frames of work for the browser every time
@@ -16,7 +16,8 @@ st.html(
     "<style>[data-testid='stProgress'] * { transition: none !important; }"
     " [data-testid='stProgress'] p { font-size: 1rem !important; }"
     " button[data-variant='pills'][aria-pressed='true']:disabled { color: #0072B2 !important;"
-    " border-color: #0072B2 !important; background-color: rgba(0, 114, 178, 0.12) !important; }</style>"
+    " border-color: #0072B2 !important; background-color: rgba(0, 114, 178, 0.12) !important; }"
+    f" {STACK_CSS}</style>"
 )
 
 # Shared state, set once per browser session: every page reads the store from here.

@@ -46,6 +46,7 @@ LAST_RUN_KEY = "last_run_id"  # the run the Results page opens by default
 
 # One colour per method on every page (Okabe-Ito: distinguishable with colour-blindness).
 METHOD_COLORS = {"classic": "#0072B2", "batchensemble": "#D55E00", "single": "#009E73"}
+SINGLE_DASH = "dash"  # the single model's line beside the ensembles' solid ones
 METHOD_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
 
 DATASET_LABELS = {"cifar10": "CIFAR-10", "fashion-mnist": "Fashion-MNIST", "mnist": "MNIST", "synthetic": "synthetic"}
@@ -462,6 +463,25 @@ def numbers_table(
     return frame.style.format(formats, na_rep=MISSING)
 
 
+STACK_BELOW_PX = 1100  # browser windows narrower than this stack the columns of ``stacked_columns``
+STACK_CSS = (
+    f"@media (max-width: {STACK_BELOW_PX}px) {{"
+    " [class*='st-key-stack-'] [data-testid='stHorizontalBlock'] { flex-wrap: wrap !important; }"
+    " [class*='st-key-stack-'] [data-testid='stColumn'] { flex: 1 1 100% !important; width: 100% !important;"
+    " min-width: 100% !important; } }"
+)
+
+
+def stacked_columns(name: str, spec) -> list:
+    """``st.columns(spec)`` side by side in a wide window, one under the other below STACK_BELOW_PX.
+
+    Streamlit stacks columns only on a phone's width; at 1024 px beside the sidebar two agreement
+    matrices got 70 px each and their values ran together, and a table beside a chart was cut. The
+    columns go in a container keyed ``stack-<name>``, which app.py's STACK_CSS (a media query) finds.
+    """
+    return st.container(key=f"stack-{name}").columns(spec)
+
+
 @functools.cache
 def wrapping() -> dict:
     """``st.pills``' keyword that wraps its options onto more rows, where this Streamlit takes it.
@@ -557,9 +577,13 @@ def loss_series(records: list[dict]) -> dict[str, dict]:
 def loss_figure(records: list[dict], title: str = "Training loss: members (thin) and their mean (thick)") -> go.Figure:
     """Training loss per member (thin lines) and per method mean (thick line), all methods on one figure."""
     fig = go.Figure()
-    for method, series in loss_series(records).items():
+    series_of = loss_series(records)
+    # The single model drawn last, dashed: with the seed it shares with the ensembles' members its
+    # curve can match classic's mean, which, drawn over it, hid it. The legend keeps the methods' order.
+    for method, series in sorted(series_of.items(), key=lambda item: item[0] == "single"):
         color = method_color(method)
         label = method_label(method)
+        rank = 1000 + list(series_of).index(method)
         # All members in one trace, a gap (NaN) between two members: fewer traces for the browser
         # to lay out on every live redraw (12 became 4 for two methods of 5; no change in the
         # browser's CPU above the noise was measured, see the README's dashboard section).
@@ -583,9 +607,10 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
                 x=_array(series["x"]),
                 y=_array(series["mean"]),
                 mode="lines+markers" if len(series["x"]) < 30 else "lines",
-                line={"color": color, "width": 4},
+                line={"color": color, "width": 4, "dash": SINGLE_DASH if method == "single" else "solid"},
                 name=f"{label} (mean of members)",
                 legendgroup=method,
+                legendrank=rank,
                 hovertemplate=f"{label} mean<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
             )
         )
@@ -650,7 +675,7 @@ def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> 
         x=_array([r["epoch"] for r in rows]),
         y=_array([_finite(r.get(key)) for r in rows]),
         mode="lines+markers",
-        line={"color": method_color(method), "width": 3},
+        line={"color": method_color(method), "width": 3, "dash": SINGLE_DASH if method == "single" else "solid"},
         marker={"size": 9},
         name=method_label(method),
         **extra,
@@ -849,9 +874,11 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
     # The title's two lines at the top, the panels' titles (three lines where stacked) below them.
     fig.update_layout(margin={"t": 190 if stacked else 150}, title={"y": 0.96, "yanchor": "top", "yref": "container"})
     titles = {_accuracy_title(m, results[m], stacked) for m in methods}
+    # Three panels' titles at the tick labels' size: at the axis titles' they ran into each other at
+    # 1024 px ("mean member 0.810mean member 0.763").
     for ann in fig.layout.annotations:
         if ann.text in titles:
-            ann.font = {"size": AXIS_TITLE_SIZE}
+            ann.font = {"size": TICK_SIZE if len(methods) > 2 else AXIS_TITLE_SIZE}
     fig.update_yaxes(title_text="test accuracy", row=1, col=1)
     if values:
         lo, hi = min(values), max(values)
@@ -936,10 +963,11 @@ def reliability_figure(results: dict[str, dict]) -> go.Figure:
             )
         )
     style(fig, "Reliability diagram", "confidence (bin mean)", "accuracy", height=460)
-    fig.update_xaxes(range=[0, 1.02])
-    # Square, its axes 0 to 1 at any width (a resize stretched the x axis to -1 .. 2 instead).
-    fig.update_xaxes(constrain="domain")
-    fig.update_yaxes(range=[0, 1.02], scaleanchor="x", scaleratio=1, constrain="domain")
+    # Square, its axes 0 to 1 at any width (a resize stretched the x axis to -1 .. 2 instead); a little
+    # room below 0 keeps the two axes' "0" apart, and the dots are not cut at the plot's edge.
+    fig.update_xaxes(range=[-0.04, 1.04], constrain="domain")
+    fig.update_yaxes(range=[-0.04, 1.04], scaleanchor="x", scaleratio=1, constrain="domain")
+    fig.update_traces(cliponaxis=False)
     legend_below(fig)
     return fig
 

@@ -15,6 +15,7 @@ from pages._common import (
     params_figure,
     require_router,
     show,
+    stacked_columns,
 )
 
 require_router("pages/learn.py")
@@ -52,12 +53,12 @@ def layer_pictures() -> None:
         fast = layer.s[k - 1].unsqueeze(1) * layer.r[k - 1].unsqueeze(0)  # (out, in): s_k r_kᵀ
         member = layer.member_weight(k - 1)  # (out, in): W ∘ (s_k r_kᵀ)
     # Two pictures a row: three side by side left the cells' values running together at 1280 px.
-    top = st.columns(2)
+    top = stacked_columns("matrices-top", 2)
     with top[0]:
         show(matrix_figure(shared.tolist(), "W (shared)"))
     with top[1]:
         show(matrix_figure(fast.tolist(), f"s_{k} r_{k}ᵀ (member {k}, rank 1)"))
-    bottom = st.columns(2)
+    bottom = stacked_columns("matrices-bottom", 2)
     with bottom[0]:
         show(matrix_figure(member.tolist(), f"W_{k} = W ∘ s_{k} r_{k}ᵀ"))
     r_text = ", ".join(f"{v:.2f}" for v in layer.r[k - 1].tolist())

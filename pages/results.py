@@ -33,6 +33,7 @@ from pages._common import (
     run_signature,
     seconds_figure,
     show,
+    stacked_columns,
     throughput_figure,
 )
 
@@ -162,14 +163,15 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     # A method of one member (the single model, or E = 1) has nothing to agree with: its 1 x 1 "matrix"
     # took a third of the row at 1280 px and squeezed the ensembles' cells till their values ran together.
     ensembles = [m for m in methods if len(results[m].get("agreement") or []) > 1]
-    for cell, method in zip(st.columns(len(ensembles)) if ensembles else [], ensembles, strict=True):
+    cells = stacked_columns("agreement", len(ensembles)) if ensembles else []
+    for cell, method in zip(cells, ensembles, strict=True):
         with cell:
             show(agreement_figure(results[method], method))
     alone = [method_label(m) for m in methods if m not in ensembles and results[m].get("ensemble_size", 1) <= 1]
     if alone:
         st.caption(f"{' and '.join(alone)}: one member, so no agreement between members to show.")
 
-    left, right = st.columns([1.1, 1])
+    left, right = stacked_columns("figures", [1.1, 1])
     with left:
         st.subheader("Every figure")
         st.table(figure_table(results, methods))
@@ -186,7 +188,7 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
         with st.expander("Training curves"):
             show(loss_figure(records))
             if has_full_epoch(records):
-                cols = st.columns(2)
+                cols = stacked_columns("curves", 2)
                 with cols[0]:
                     show(seconds_figure(records))
                 with cols[1]:

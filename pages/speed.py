@@ -61,6 +61,7 @@ from pages._common import (
     sharing_note,
     show,
     speed_folder,
+    stacked_columns,
     store_path,
     style,
     wrapping,
@@ -242,7 +243,14 @@ def launch(settings: BenchSettings) -> None:
     try:
         settings.validate()
     except BenchError as err:
-        st.error(str(err), icon=":material/error:")
+        # In the form's words where the form can say it (validate's are the command line's).
+        if not settings.ensemble_sizes:
+            message = "Choose at least one ensemble size under Ensemble sizes E."
+        elif not any(r not in REFERENCE_ROWS for r in settings.rows) and not settings.reference:
+            message = "Choose at least one row under Rows, or tick the seed notebook's pipeline."
+        else:
+            message = str(err)[:1].upper() + str(err)[1:]
+        st.error(message, icon=":material/error:")
         return
 
     def start() -> SpeedJob:
@@ -452,7 +460,7 @@ def results_view(
         return
     log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")
     seconds_fig, memory_fig, parts_fig, steps_fig, table, computed_targets = built_views(rows, log_y, signature)
-    cols = st.columns(2)
+    cols = stacked_columns(f"speed-{key}", 2)
     with cols[0]:
         show(seconds_fig, key=f"speed_seconds_{key}")
     with cols[1]:
@@ -591,8 +599,14 @@ if sharing:
 bench_settings = settings_widgets(locked=job_running)
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")
-if st.button("Run benchmark", type="primary", icon=":material/play_arrow:", disabled=job_running, key="speed_start"):
-    launch(bench_settings)
+# The button and a bad setting's error line in one container: drawn as siblings, the line came and went
+# between runs and moved the expander below, which Streamlit then drew anew, closed (an upload's views
+# vanished into it).
+with st.container():
+    if st.button(
+        "Run benchmark", type="primary", icon=":material/play_arrow:", disabled=job_running, key="speed_start"
+    ):
+        launch(bench_settings)
 
 with st.expander("Show results saved by the command line (`--json`)"):
     upload = st.file_uploader("bench JSON", type=["json"], key="speed_upload", label_visibility="collapsed")

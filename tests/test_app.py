@@ -355,6 +355,23 @@ def start_tiny_benchmark() -> AppTest:
     return at
 
 
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"sizes": []}, "Choose at least one ensemble size under Ensemble sizes E."),
+        ({"rows": []}, "Choose at least one row under Rows, or tick the seed notebook's pipeline."),
+    ],
+)
+def test_speed_refuses_a_bad_setting_in_one_line_in_the_forms_words(store_file, settings, message):
+    at = open_page("speed")
+    for name, value in settings.items():
+        at.session_state[f"speed_set_{name}"] = value
+    at.run()
+    at.button(key="speed_start").click().run()
+    assert not at.exception, at.exception
+    assert texts(at.error) == [message]
+
+
 def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
     at = start_tiny_benchmark()
     job = at.session_state["speed_job"]
@@ -1059,14 +1076,16 @@ def test_agreement_values_in_the_cells_only_while_they_fit():
     assert eight.layout.title.text.startswith("classic<br>") and "mean disagreement 0.000" in eight.layout.title.text
 
 
-def test_three_methods_accuracy_titles_on_two_lines_in_the_axis_title_size():
-    from pages._common import AXIS_TITLE_SIZE, member_accuracy_figure
+def test_accuracy_panels_titles_on_lines_of_their_own_smaller_for_three_panels():
+    from pages._common import AXIS_TITLE_SIZE, TICK_SIZE, member_accuracy_figure
 
     result = {"member_accuracy": [0.5, 0.6], "ensemble_accuracy": 0.6, "mean_member_accuracy": 0.55}
     fig = member_accuracy_figure({m: result for m in ("single", "classic", "batchensemble")})
     titles = [a for a in fig.layout.annotations if a.text.startswith("<b>")]
     assert [a.text.count("<br>") for a in titles] == [2, 2, 2]
-    assert all(a.font.size == AXIS_TITLE_SIZE for a in titles)
+    assert all(a.font.size == TICK_SIZE for a in titles), "three side by side ran into each other at 1024 px"
+    fig = member_accuracy_figure({m: result for m in ("classic", "batchensemble")})
+    assert all(a.font.size == AXIS_TITLE_SIZE for a in fig.layout.annotations if a.text.startswith("<b>"))
 
 
 def test_accuracy_lines_are_drawn_behind_the_bars_and_their_figures():

@@ -223,6 +223,47 @@ def test_every_page_opens_without_errors(page, server):
         assert not ui.error_texts(page), f"{title}: {ui.error_texts(page)}"
 
 
+def test_speed_shows_a_saved_benchmark_after_a_bad_setting_was_refused(page, server):
+    """The refusal's line came and went above the saved results' expander, which was then drawn anew, closed."""
+    ui.go_to(page, "Speed")
+    ui.wait_settled(page)
+    for size in ("1", "2", "4", "8"):  # the default sizes, all unselected
+        page.get_by_role("button", name=size, exact=True).click()
+        ui.wait_settled(page)
+    page.get_by_role("button", name="Run benchmark").click()
+    expect(page.get_by_text("Choose at least one ensemble size under Ensemble sizes E.")).to_be_visible()
+    ui.open_expander(page, "Show results saved by the command line")
+    saved = Path(__file__).resolve().parent.parent / "docs" / "bench" / "cpu-sizes-2026-11-27-session17.json"
+    page.locator('input[type="file"]').set_input_files(str(saved))
+    ui.wait_for(lambda: len(ui.plots(page)) >= 4, 30, what="the saved benchmark's charts")
+    expander = page.locator("details").filter(has_text="Show results saved by the command line").first
+    assert expander.get_attribute("open") is not None, "the expander stays open"
+    assert page.get_by_text("Seconds per training epoch").first.is_visible()
+    assert not ui.error_texts(page)
+
+
+def test_results_stacks_its_side_by_side_figures_in_a_narrow_window(page, server):
+    """At 1024 px beside the sidebar two agreement matrices got 70 px each, their values run together."""
+    from bench_core.runner import run_experiment
+    from bench_core.store import RunStore
+    from tests.test_runner import tiny_config
+
+    with RunStore(server.store) as store:
+        list(run_experiment(tiny_config(epochs=1), store=store, source="test"))  # classic and BatchEnsemble
+    boxes = """() => Array.from(document.querySelectorAll('.js-plotly-plot'))
+        .filter(p => (p.data || []).some(t => t.type === 'heatmap'))
+        .map(p => { const r = p.getBoundingClientRect(); return [r.x, r.y, r.width]; })"""
+    ui.go_to(page, "Results")
+    ui.wait_for(lambda: len(ui.heatmaps(page)) == 2, 30, what="two agreement heatmaps")
+    (x1, y1, w1), (x2, y2, _) = page.evaluate(boxes)
+    assert y1 == y2 and x2 > x1 + w1 / 2, "side by side at 1280 px"
+    page.set_viewport_size({"width": 1024, "height": 768})
+    page.wait_for_timeout(800)
+    (x1, y1, w1), (x2, y2, _) = page.evaluate(boxes)
+    assert x1 == x2 and y2 > y1 + 200 and w1 > 400, "one under the other, each the column's width, at 1024 px"
+    page.set_viewport_size(VIEWPORT)
+
+
 def test_after_a_deletion_nothing_is_ticked_and_one_click_ticks_a_run(page, server):
     """The browser's table kept its tick on the row a deleted run had, for the run moved up into it."""
     from bench_core.runner import run_experiment
