@@ -1000,6 +1000,19 @@ def test_loss_figure_one_members_trace_and_one_mean_per_method():
     assert list(mean.y) == [2.0, 4.0]
 
 
+def test_single_models_loss_line_is_dashed_and_drawn_over_the_ensembles():
+    records = [
+        {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 1.0, "examples_per_second": 10.0,
+         "loss": 1.0 / e, "member_loss": [1.0 / e] * (1 if m == "single" else 2)}
+        for m in ("single", "classic")
+        for e in (1, 2)
+    ]  # fmt: skip
+    means = [t for t in loss_figure(records).data if t.showlegend is not False]
+    assert [t.name for t in means] == ["classic (mean of members)", "single (mean of members)"], "single on top"
+    assert [t.line.dash for t in means] == ["solid", "dash"]
+    assert means[1].legendrank < means[0].legendrank, "the legend keeps single first"
+
+
 def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method():
     records = [
         {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 2.0 * e, "examples_per_second": 100.0 / e,
