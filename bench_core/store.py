@@ -138,7 +138,8 @@ def process_start_token(pid: int) -> str | None:
     return rest[19]  # fields start at 3 (state): field 22 is rest[22 - 3]
 
 
-def _pid_exists(pid: int) -> bool:
+def pid_exists(pid: int) -> bool:
+    """Whether process ``pid`` exists on this machine (another user's counts)."""
     if pid <= 0:
         return False
     if sys.platform.startswith("linux"):
@@ -179,7 +180,7 @@ def process_alive(host: str | None, pid: int | None, token: str | None) -> bool 
     """
     if host != _host() or pid is None:
         return None
-    if not _pid_exists(pid):
+    if not pid_exists(pid):
         return False
     if token is not None:
         current = process_start_token(pid)

@@ -37,7 +37,7 @@ from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import train_size
-from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path
+from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path, pid_exists
 
 # Session-state keys shared by several pages.
 STORE_PATH_KEY = "store_path"  # the run store's path, set once per session by app.py
@@ -163,21 +163,6 @@ def speed_folder() -> Path:
     return Path(tempfile.mkdtemp(prefix=f"{SPEED_FOLDER_PREFIX}{os.getpid()}-"))
 
 
-def _alive(pid: int) -> bool:
-    """Whether a process ``pid`` exists (another user's counts)."""
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    except (OverflowError, ValueError):  # no such pid on this system
-        return False
-    return True
-
-
 def sweep_speed_folders(root: Path | None = None, now: float | None = None) -> list[Path]:
     """Remove the benchmark folders that servers killed before their exit left behind; return them.
 
@@ -199,12 +184,12 @@ def sweep_speed_folders(root: Path | None = None, now: float | None = None) -> l
                 continue
             server = folder.name[len(SPEED_FOLDER_PREFIX) :].split("-", 1)[0]
             if server.isdigit():
-                if _alive(int(server)):
+                if pid_exists(int(server)):
                     continue
             elif now - folder.stat().st_mtime < STALE_AFTER:
                 continue
             bench = (folder / BENCH_PID_FILE).read_text().strip() if (folder / BENCH_PID_FILE).exists() else ""
-            if bench.isdigit() and _alive(int(bench)):
+            if bench.isdigit() and pid_exists(int(bench)):
                 continue
         except OSError:
             continue
