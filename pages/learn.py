@@ -134,9 +134,9 @@ st.markdown(
 )
 st.latex(r"y_k \;=\; W_k\, x + b_k \;=\; s_k \circ \big(W\,(r_k \circ x)\big) + b_k")
 st.markdown("For a layer with $d_{in}$ inputs and $d_{out}$ outputs, the parameters are:")
-st.latex(
-    r"\text{classic: } E\,(d_{in}\,d_{out} + d_{out})"
-    r"\qquad\qquad \text{BatchEnsemble: } d_{in}\,d_{out} + E\,(d_{in} + 2\,d_{out})"
+st.latex(  # one a line: side by side, BatchEnsemble's ran past the page's edge at 1024 px
+    r"\begin{aligned} \text{classic: } & E\,(d_{in}\,d_{out} + d_{out}) \\"
+    r" \text{BatchEnsemble: } & d_{in}\,d_{out} + E\,(d_{in} + 2\,d_{out}) \end{aligned}"
 )
 
 st.subheader(f"One layer up close: {N_IN} inputs → {N_OUT} outputs")
