@@ -17,6 +17,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 import threading
 import time
@@ -37,7 +38,7 @@ from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import train_size
-from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path, pid_exists
+from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path, pid_exists, process_start_token
 
 # Session-state keys shared by several pages.
 STORE_PATH_KEY = "store_path"  # the run store's path, set once per session by app.py
@@ -154,13 +155,37 @@ def store_path() -> Path:
 
 
 SPEED_FOLDER_PREFIX = "bench-speed-"  # then the server's pid and a dash: a Speed-page benchmark's folder
-BENCH_PID_FILE = "bench.pid"  # in that folder: the benchmark process's pid
-STALE_AFTER = 3600.0  # s: a folder of the older form, without the server's pid, is left this long
+SERVER_FILE = "server.pid"  # in that folder: the server's pid and start token (store.process_start_token)
+BENCH_PID_FILE = "bench.pid"  # in that folder: the benchmark process's pid and start token
+STALE_AFTER = 3600.0  # s: a folder of the older form, without the server's pid, is left this long unchanged
+
+
+def process_identity(pid: int) -> str:
+    """``"<pid> <start token>"``: a pid reused by another process (a restarted container's) no longer matches."""
+    return f"{pid} {process_start_token(pid) or ''}".strip()
+
+
+def identity_running(text: str) -> bool:
+    """Whether the process a ``process_identity`` names still runs (just its pid where there is no token)."""
+    parts = text.split()
+    if not parts or not (parts[0].isascii() and parts[0].isdigit()):
+        return False
+    pid = int(parts[0])
+    if not pid_exists(pid):
+        return False
+    now = process_start_token(pid)
+    return len(parts) < 2 or now is None or now == parts[1]
 
 
 def speed_folder() -> Path:
-    """A new folder for a Speed-page benchmark, named after this server's pid (see sweep_speed_folders)."""
-    return Path(tempfile.mkdtemp(prefix=f"{SPEED_FOLDER_PREFIX}{os.getpid()}-"))
+    """A new folder for a Speed-page benchmark, named after this server's pid and holding its identity."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{SPEED_FOLDER_PREFIX}{os.getpid()}-"))
+    try:
+        (folder / SERVER_FILE).write_text(process_identity(os.getpid()))
+    except OSError:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    return folder
 
 
 def sweep_speed_folders(root: Path | None = None, now: float | None = None) -> list[Path]:
@@ -168,33 +193,40 @@ def sweep_speed_folders(root: Path | None = None, now: float | None = None) -> l
 
     A clean exit removes its folders (``BenchmarkJobs.end_all``); a server killed with SIGKILL, or a
     machine's power cut, could not, and each left a folder in the temp folder. A folder goes when
-    it is this user's, the server named in it has ended, and its benchmark (``bench.pid``) is not
-    running; one of the older form, without the server's pid, when it is over an hour old.
+    it is this user's (never through a symbolic link), the server that made it has ended (its
+    ``server.pid``, else the pid in its name) and its benchmark (``bench.pid``) is not running; one
+    of the older form, without the server's pid, when nothing in it changed for an hour. Whatever
+    can't be read is left.
     """
     root = Path(root or tempfile.gettempdir())
     now = time.time() if now is None else now
+    uid = getattr(os, "getuid", None)  # none on Windows, where the temp folder is the user's own
     removed = []
     try:
-        folders = [f for f in root.iterdir() if f.name.startswith(SPEED_FOLDER_PREFIX) and f.is_dir()]
+        folders = [f for f in root.iterdir() if f.name.startswith(SPEED_FOLDER_PREFIX)]
     except OSError:
         return removed
     for folder in folders:
         try:
-            if folder.stat().st_uid != os.getuid():
-                continue
-            server = folder.name[len(SPEED_FOLDER_PREFIX) :].split("-", 1)[0]
-            if server.isdigit():
-                if pid_exists(int(server)):
+            info = folder.lstat()
+            if not stat.S_ISDIR(info.st_mode) or (uid is not None and info.st_uid != uid()):
+                continue  # a link, a file, or another user's
+            rest = folder.name[len(SPEED_FOLDER_PREFIX) :]
+            server = rest.split("-", 1)[0] if "-" in rest else ""
+            if server.isascii() and server.isdigit():  # the form with the server's pid
+                mine = folder / SERVER_FILE
+                if identity_running(mine.read_text() if mine.exists() else server):
                     continue
-            elif now - folder.stat().st_mtime < STALE_AFTER:
+            elif now - max([info.st_mtime] + [f.lstat().st_mtime for f in folder.iterdir()]) < STALE_AFTER:
                 continue
-            bench = (folder / BENCH_PID_FILE).read_text().strip() if (folder / BENCH_PID_FILE).exists() else ""
-            if bench.isdigit() and pid_exists(int(bench)):
+            bench = folder / BENCH_PID_FILE
+            if bench.exists() and identity_running(bench.read_text()):
                 continue
-        except OSError:
+        except (OSError, ValueError, UnicodeDecodeError):
             continue
         shutil.rmtree(folder, ignore_errors=True)
-        removed.append(folder)
+        if not folder.exists():
+            removed.append(folder)
     return removed
 
 
@@ -411,16 +443,19 @@ def legend_below(fig: go.Figure, entries: int | None = None) -> go.Figure:
     """
     if entries is None:  # the traces the legend lists
         entries = sum(1 for trace in fig.data if trace.showlegend is not False and trace.name)
-    margin = fig.layout.margin
-    top, bottom = margin.t if margin.t is not None else 70, margin.b if margin.b is not None else 60
+    if entries < 2 and fig.layout.showlegend is not True:
+        return fig  # Plotly draws no legend for one entry: no room for it
+    margin = fig.layout.margin  # Plotly's own margins where style() set none
+    top, bottom = margin.t if margin.t is not None else 100, margin.b if margin.b is not None else 80
     room = AXIS_BLOCK + entries * LEGEND_ROW + 12
-    height = (fig.layout.height or 420) + max(0, room - bottom)
+    height = (fig.layout.height or 450) + max(0, room - bottom)
     plot = max(1, height - top - room)
     fig.update_layout(
         height=height,
         margin={"b": room},
-        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": -AXIS_BLOCK / plot, "yanchor": "top",
-                "traceorder": "normal"},
+        # Plotly 5 takes y down to -2 only: a plot too short for the offset gets its legend at -2.
+        legend={"orientation": "h", "x": 0, "xanchor": "left", "y": max(-2.0, -AXIS_BLOCK / plot),
+                "yanchor": "top", "traceorder": "normal"},
     )  # fmt: skip
     return fig
 
@@ -559,13 +594,19 @@ def loss_series(records: list[dict]) -> dict[str, dict]:
     return out
 
 
+def single_last(methods: list[str]) -> list[str]:
+    """``methods`` with the single model last: its dashed line drawn over the ensembles' (which hid it)."""
+    return sorted(methods, key=lambda method: method == "single")
+
+
 def loss_figure(records: list[dict], title: str = "Training loss: members (thin) and their mean (thick)") -> go.Figure:
     """Training loss per member (thin lines) and per method mean (thick line), all methods on one figure."""
     fig = go.Figure()
     series_of = loss_series(records)
     # The single model drawn last, dashed: with the seed it shares with the ensembles' members its
     # curve can match classic's mean, which, drawn over it, hid it. The legend keeps the methods' order.
-    for method, series in sorted(series_of.items(), key=lambda item: item[0] == "single"):
+    for method in single_last(list(series_of)):
+        series = series_of[method]
         color = method_color(method)
         label = method_label(method)
         rank = 1000 + list(series_of).index(method)
@@ -637,8 +678,8 @@ def epoch_metric_figure(records: list[dict], key: str, title: str, y_title: str)
     """One line per method of an epoch record's number (``epoch_seconds``, ``examples_per_second``)."""
     fig = go.Figure()
     methods = _epoch_methods(records)
-    for method in methods:
-        fig.add_trace(_epoch_metric_trace(records, method, key))
+    for method in single_last(methods):  # dashed and on top, as on the loss chart; the legend in order
+        fig.add_trace(_epoch_metric_trace(records, method, key, legendrank=1000 + methods.index(method)))
     style(fig, title, "epoch", y_title, height=360)
     return _epoch_axes(fig, records, methods)
 
@@ -718,7 +759,7 @@ def live_figure(records: list[dict]) -> go.Figure:
             trace.name = method_label(trace.legendgroup)
         fig.add_trace(trace, row=1, col=1)
     for col, (key, _, y_title) in enumerate(metrics, start=1):
-        for method in methods:
+        for method in single_last(methods):
             fig.add_trace(
                 _epoch_metric_trace(records, method, key, legendgroup=method, showlegend=False), row=2, col=col
             )

@@ -74,7 +74,7 @@ def runs_frame(runs: list[dict]) -> pd.DataFrame:
 # 1280 px the training seconds were past the table's edge.
 COLUMN_CONFIG = {
     "id": st.column_config.NumberColumn("id", format="%d", width=48),
-    "status": st.column_config.TextColumn("status", width=86),
+    "status": st.column_config.TextColumn("status", width=100),  # "interrupted" whole
     "E": st.column_config.NumberColumn("E", width=44),
     "epochs": st.column_config.NumberColumn("epochs", width=66),
     **{

@@ -56,6 +56,7 @@ from pages._common import (
     log_ticks,
     method_color,
     numbers_table,
+    process_identity,
     require_router,
     running_benchmark,
     sharing_note,
@@ -264,10 +265,18 @@ def launch(settings: BenchSettings) -> None:
                 env=jobs.worker_env(),
                 start_new_session=True,
             )
-        (folder / BENCH_PID_FILE).write_text(str(proc.pid))  # a later server's sweep leaves it while it runs
+        try:  # a later server's sweep leaves the folder while its benchmark runs
+            (folder / BENCH_PID_FILE).write_text(process_identity(proc.pid))
+        except OSError:
+            proc.terminate()  # not registered yet: nothing could see or stop it
+            raise
         return SpeedJob(proc, folder, settings.to_dict(), owner=st.session_state[OWNER_KEY])
 
-    job, busy = benchmark_jobs().start(start)  # one at a time on the server: two clicks at once start one
+    try:
+        job, busy = benchmark_jobs().start(start)  # one at a time on the server: two clicks at once start one
+    except OSError as err:  # the temp folder full or not writable
+        st.error(f"The benchmark could not start: {err}", icon=":material/error:")
+        return
     st.session_state[JOB_KEY] = job or busy
     st.rerun()  # draw the settings locked, and the running benchmark
 

@@ -373,11 +373,14 @@ def test_speed_refuses_a_bad_setting_in_one_line_in_the_forms_words(store_file, 
 
 
 def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
+    from pages._common import process_identity
+
     at = start_tiny_benchmark()
     job = at.session_state["speed_job"]
     # Its folder names this server, and holds the benchmark's pid, for a later server's sweep.
     assert job.folder.name.startswith(f"bench-speed-{os.getpid()}-")
-    assert (job.folder / "bench.pid").read_text() == str(job.proc.pid)
+    assert (job.folder / "bench.pid").read_text() == process_identity(job.proc.pid)
+    assert (job.folder / "server.pid").read_text() == process_identity(os.getpid())
     job.proc.terminate()  # what Stop does, here while the benchmark still imports torch
     job.stop_requested = True
     assert job.proc.wait(timeout=60) != 0 and not job.events()
@@ -438,37 +441,55 @@ def test_two_benchmarks_started_at_once_start_one(tmp_path):
 
 
 def test_benchmark_folders_of_killed_servers_are_swept_and_live_ones_kept(tmp_path):
-    from pages._common import BENCH_PID_FILE, SPEED_FOLDER_PREFIX, STALE_AFTER, sweep_speed_folders
+    from pages._common import (
+        BENCH_PID_FILE,
+        SERVER_FILE,
+        SPEED_FOLDER_PREFIX,
+        STALE_AFTER,
+        process_identity,
+        sweep_speed_folders,
+    )
 
     ended = subprocess.Popen([sys.executable, "-c", "pass"])
     ended.wait()  # a pid that has ended: a killed server's, or a benchmark's that finished
     running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
 
-        def folder(name, bench=None, age=0.0):
+        def folder(name, bench=None, server=None, age=0.0):
             f = tmp_path / f"{SPEED_FOLDER_PREFIX}{name}"
             f.mkdir()
             (f / "log.txt").write_text("a benchmark's log")
             if bench is not None:
-                (f / BENCH_PID_FILE).write_text(str(bench))
-            os.utime(f, (time.time() - age, time.time() - age))
+                (f / BENCH_PID_FILE).write_bytes(bench if isinstance(bench, bytes) else str(bench).encode())
+            if server is not None:
+                (f / SERVER_FILE).write_text(server)
+            for path in (f / "log.txt", f):
+                os.utime(path, (time.time() - age, time.time() - age))
             return f
 
         dead_server = folder(f"{ended.pid}-abc", bench=ended.pid)
         dead_server_no_bench = folder(f"{ended.pid}-def")
-        live_server = folder(f"{os.getpid()}-ghi", bench=ended.pid)
-        dead_server_bench_running = folder(f"{ended.pid}-jkl", bench=running.pid)
-        old_form_old = folder("mno123", age=STALE_AFTER + 60)
-        old_form_new = folder("pqr456")
+        live_server = folder(f"{os.getpid()}-ghi", bench=ended.pid, server=process_identity(os.getpid()))
+        dead_server_bench_running = folder(f"{ended.pid}-jkl", bench=process_identity(running.pid))
+        # This pid runs, but another process has it now (a restarted container's server got the same pid).
+        reused_pid = folder(f"{os.getpid()}-mno", server=f"{os.getpid()} 1")
+        old_form_old = folder("pqr123", age=STALE_AFTER + 60)
+        old_form_new = folder("stu456")
+        old_form_digits = folder("12345678")  # mkdtemp's suffix all digits: no dash, so the older form
+        odd_name = folder("\u00b2-x")  # a digit to str.isdigit, not to int(): the older form, new, kept
+        odd_pid_file = folder(f"{ended.pid}-vwx", bench=b"\xff\xfe")
         other = tmp_path / "bench-spee"
         other.mkdir()
+        link = tmp_path / f"{SPEED_FOLDER_PREFIX}{ended.pid}-link"
+        link.symlink_to(live_server)
         removed = sweep_speed_folders(tmp_path)
     finally:
         running.kill()
         running.wait()
-    assert sorted(removed) == sorted([dead_server, dead_server_no_bench, old_form_old])
+    assert sorted(removed) == sorted([dead_server, dead_server_no_bench, reused_pid, old_form_old])
     assert not any(f.exists() for f in removed)
-    assert all(f.exists() for f in (live_server, dead_server_bench_running, old_form_new, other))
+    kept = (live_server, dead_server_bench_running, old_form_new, old_form_digits, odd_name, odd_pid_file, other, link)
+    assert all(f.exists() for f in kept)
     assert sweep_speed_folders(tmp_path / "missing") == []
 
 
@@ -1000,7 +1021,9 @@ def test_loss_figure_one_members_trace_and_one_mean_per_method():
     assert list(mean.y) == [2.0, 4.0]
 
 
-def test_single_models_loss_line_is_dashed_and_drawn_over_the_ensembles():
+def test_single_models_lines_are_dashed_and_drawn_over_the_ensembles():
+    from pages._common import seconds_figure
+
     records = [
         {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 1.0, "examples_per_second": 10.0,
          "loss": 1.0 / e, "member_loss": [1.0 / e] * (1 if m == "single" else 2)}
@@ -1011,6 +1034,11 @@ def test_single_models_loss_line_is_dashed_and_drawn_over_the_ensembles():
     assert [t.name for t in means] == ["classic (mean of members)", "single (mean of members)"], "single on top"
     assert [t.line.dash for t in means] == ["solid", "dash"]
     assert means[1].legendrank < means[0].legendrank, "the legend keeps single first"
+    seconds = seconds_figure(records).data
+    assert [(t.name, t.line.dash) for t in seconds] == [("classic", "solid"), ("single", "dash")]
+    assert seconds[1].legendrank < seconds[0].legendrank
+    panels = [t for t in live_figure(records).data if t.xaxis in ("x2", "x3")]
+    assert [t.name for t in panels] == ["classic", "single", "classic", "single"]
 
 
 def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method():
@@ -1065,6 +1093,8 @@ def test_legends_sit_under_the_axis_title_with_room_for_one_entry_a_row():
 
     fig = style(go.Figure([go.Scatter(x=[0], y=[0], name=n) for n in "abc"]), "t", "x", "y", height=400)
     assert placed(legend_below(fig), 3) == 400 - 70 - 60, "the plot keeps its height: the figure grows"
+    one = style(go.Figure([go.Scatter(x=[0], y=[0], name="a")]), "t", "x", "y", height=400)
+    assert legend_below(one).layout.height == 400 and one.layout.margin.b == 60, "no legend for one entry"
     records = [
         {"kind": "epoch", "method": m, "epoch": e, "epoch_seconds": 2.0, "examples_per_second": 100.0,
          "loss": 1.0 / e, "member_loss": [1.0 / e, 1.1 / e]}
