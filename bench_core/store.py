@@ -189,6 +189,23 @@ def process_alive(host: str | None, pid: int | None, token: str | None) -> bool 
     return True
 
 
+def process_identity(pid: int) -> str:
+    """``"<pid> <start token or -> <host>"``, written to a file for ``identity_alive`` to read back."""
+    return f"{pid} {process_start_token(pid) or '-'} {_host()}"
+
+
+def identity_alive(text: str) -> bool | None:
+    """``process_alive`` of a ``process_identity``; False for text that names no pid.
+
+    A line without a token is checked by its pid alone, one without a host as of this host.
+    """
+    parts = text.split()
+    if not parts or not (parts[0].isascii() and parts[0].isdigit()):
+        return False
+    token = parts[1] if len(parts) > 1 and parts[1] != "-" else None
+    return process_alive(parts[2] if len(parts) > 2 else _host(), int(parts[0]), token)
+
+
 def collect_versions() -> dict[str, str]:
     """Versions worth keeping with a run: python, torch, torchvision, bench_core, platform."""
 

@@ -38,7 +38,7 @@ from bench_core.locks import lock_name
 from bench_core.models import batchensemble_params, mlp_params
 from bench_core.report import FIGURES, METHOD_LABELS, derived, ratios, results_json
 from bench_core.runner import train_size
-from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path, pid_exists, process_start_token
+from bench_core.store import ACTIVE_STATUSES, RunStore, default_store_path, identity_alive, process_identity
 
 # Session-state keys shared by several pages.
 STORE_PATH_KEY = "store_path"  # the run store's path, set once per session by app.py
@@ -70,6 +70,11 @@ def method_label(method: str) -> str:
 
 def method_color(method: str) -> str:
     return METHOD_COLORS.get(method, "#555555")
+
+
+def method_dash(method: str) -> str:
+    """A method's line style on the loss and epoch charts: the single model's dashed, the ensembles' solid."""
+    return SINGLE_DASH if method == "single" else "solid"
 
 
 def dataset_label(name: str) -> str:
@@ -155,26 +160,9 @@ def store_path() -> Path:
 
 
 SPEED_FOLDER_PREFIX = "bench-speed-"  # then the server's pid and a dash: a Speed-page benchmark's folder
-SERVER_FILE = "server.pid"  # in that folder: the server's pid and start token (store.process_start_token)
-BENCH_PID_FILE = "bench.pid"  # in that folder: the benchmark process's pid and start token
+SERVER_FILE = "server.pid"  # in that folder: the server's store.process_identity (pid, start token, host)
+BENCH_PID_FILE = "bench.pid"  # in that folder: the benchmark process's store.process_identity
 STALE_AFTER = 3600.0  # s: a folder of the older form, without the server's pid, is left this long unchanged
-
-
-def process_identity(pid: int) -> str:
-    """``"<pid> <start token>"``: a pid reused by another process (a restarted container's) no longer matches."""
-    return f"{pid} {process_start_token(pid) or ''}".strip()
-
-
-def identity_running(text: str) -> bool:
-    """Whether the process a ``process_identity`` names still runs (just its pid where there is no token)."""
-    parts = text.split()
-    if not parts or not (parts[0].isascii() and parts[0].isdigit()):
-        return False
-    pid = int(parts[0])
-    if not pid_exists(pid):
-        return False
-    now = process_start_token(pid)
-    return len(parts) < 2 or now is None or now == parts[1]
 
 
 def speed_folder() -> Path:
@@ -215,12 +203,12 @@ def sweep_speed_folders(root: Path | None = None, now: float | None = None) -> l
             server = rest.split("-", 1)[0] if "-" in rest else ""
             if server.isascii() and server.isdigit():  # the form with the server's pid
                 mine = folder / SERVER_FILE
-                if identity_running(mine.read_text() if mine.exists() else server):
-                    continue
+                if identity_alive(mine.read_text() if mine.exists() else server) is not False:
+                    continue  # running, or on another host: not this server's to tell
             elif now - max([info.st_mtime] + [f.lstat().st_mtime for f in folder.iterdir()]) < STALE_AFTER:
                 continue
             bench = folder / BENCH_PID_FILE
-            if bench.exists() and identity_running(bench.read_text()):
+            if bench.exists() and identity_alive(bench.read_text()) is not False:
                 continue
         except (OSError, ValueError, UnicodeDecodeError):
             continue
@@ -633,7 +621,7 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
                 x=_array(series["x"]),
                 y=_array(series["mean"]),
                 mode="lines+markers" if len(series["x"]) < 30 else "lines",
-                line={"color": color, "width": 4, "dash": SINGLE_DASH if method == "single" else "solid"},
+                line={"color": color, "width": 4, "dash": method_dash(method)},
                 name=f"{label} (mean of members)",
                 legendgroup=method,
                 legendrank=rank,
@@ -701,7 +689,7 @@ def _epoch_metric_trace(records: list[dict], method: str, key: str, **extra) -> 
         x=_array([r["epoch"] for r in rows]),
         y=_array([_finite(r.get(key)) for r in rows]),
         mode="lines+markers",
-        line={"color": method_color(method), "width": 3, "dash": SINGLE_DASH if method == "single" else "solid"},
+        line={"color": method_color(method), "width": 3, "dash": method_dash(method)},
         marker={"size": 9},
         name=method_label(method),
         **extra,
