@@ -91,8 +91,14 @@ def uneven_epochs(result: dict, factor: float = 2.0) -> tuple[float, float] | No
     epochs = whole_epochs(result)
     if len(epochs) < 3:
         return None
-    median, slowest = statistics.median(epochs), max(epochs)
+    median, slowest = median_epoch_seconds(result), max(epochs)
     return (median, slowest) if median > 0 and slowest > factor * median else None
+
+
+def median_epoch_seconds(result: dict) -> float | None:
+    """The median of a method's whole epochs (``whole_epochs``), or None where none ran to its end."""
+    epochs = whole_epochs(result)
+    return statistics.median(epochs) if epochs else None
 
 
 def figure_rows(results: dict[str, dict]) -> list[dict]:

@@ -7,13 +7,19 @@ reliability diagram, and the training curves.
 
 from __future__ import annotations
 
-import statistics
-
 import pandas as pd
 import streamlit as st
 
 from bench_core.jobs import is_waiting
-from bench_core.report import FIGURE_HELP, FIGURES, figure_rows, format_value, ratios, uneven_epochs, whole_epochs
+from bench_core.report import (
+    FIGURE_HELP,
+    FIGURES,
+    figure_rows,
+    format_value,
+    median_epoch_seconds,
+    ratios,
+    uneven_epochs,
+)
 from bench_core.store import FINAL_STATUSES
 from pages._common import (
     LAST_RUN_KEY,
@@ -117,8 +123,7 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
             for m, (median, slow) in ((m, u) for m, u in uneven.items() if u)
         ]
         if said:
-            epochs = [whole_epochs(results[m]) for m in ("classic", "batchensemble")]
-            medians = [statistics.median(e) if e else 0.0 for e in epochs]
+            medians = [median_epoch_seconds(results[m]) or 0.0 for m in ("classic", "batchensemble")]
             by_median = f"; the ratio of their median epochs is {medians[0] / medians[1]:.2f}×" if all(medians) else ""
             st.caption(
                 f"Uneven epochs: {' and '.join(said)} (a busy machine, or a first epoch's warm-up), "
