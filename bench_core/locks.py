@@ -3,9 +3,10 @@
 ``device_lock`` takes an exclusive ``flock`` on ``<lock folder>/<device>.lock`` (``cuda-0.lock``,
 ``cpu.lock``, ``mps.lock``) and writes into it who holds it (its pid and "run 7", "a benchmark"),
 which ``lock_holder`` reads for a note such as "waiting for the CPU: run 7 is using it". The lock
-folder is one per machine (``default_lock_dir``: ``$BENCH_LOCK_DIR``, else
+folder is one per user of a machine (``default_lock_dir``: ``$BENCH_LOCK_DIR``, else
 ``~/.cache/bench_core/locks``), so the dashboard's runs, its Speed benchmark and the command
-line's ``train`` and ``bench`` meet whatever their store, data folder or working folder. The lock
+line's ``train`` and ``bench`` meet whatever their store, data folder or working folder (the runs
+of two users of one machine do not take turns). The lock
 is about the device's name only; it never touches CUDA, so it can be tested without a GPU. The
 operating system drops the lock when its process dies, even by SIGKILL. Waiters queue in order of
 arrival in ``<device>.lock.queue`` beside it: only the first may take the device, and a newcomer
@@ -35,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench_core.errors import BenchError, switched_off
+from bench_core.store import pid_exists
 
 try:
     import fcntl
@@ -117,20 +119,9 @@ def lock_holder(device: Any, lock_dir: Path | str | None = None) -> str | None:
         pid = int(lines[0])
     except (OSError, ValueError, IndexError):
         return None  # never taken here, or free
-    if not _alive(pid):
+    if not pid_exists(pid):
         return None  # its holder was killed
     return lines[1].strip() if len(lines) > 1 and lines[1].strip() else "another run"
-
-
-def _alive(pid: int) -> bool:
-    """Whether process ``pid`` exists (another user's counts)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True  # another user's
-    return True
 
 
 def _in_queue(path: Path, change: Callable[[list[list]], Any]) -> Any:
@@ -153,7 +144,7 @@ def _in_queue(path: Path, change: Callable[[list[list]], Any]) -> Any:
                 pid = int(ticket.split("-")[0])
             except (IndexError, ValueError):
                 continue
-            if ticket not in tickets and abs(now - seen) < QUEUE_STALE_S and _alive(pid):
+            if ticket not in tickets and abs(now - seen) < QUEUE_STALE_S and pid_exists(pid):
                 waiters.append([ticket, seen, who])
                 tickets.add(ticket)
         result = change(waiters)
