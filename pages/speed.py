@@ -55,6 +55,7 @@ from pages._common import (
     legend_below,
     log_ticks,
     method_color,
+    method_label,
     numbers_table,
     process_identity,
     require_router,
@@ -422,8 +423,8 @@ def table_rows(rows: list[dict]) -> list[dict]:
 
     table = [
         {
-            "method": r["method"],
-            "mode": r["mode"],
+            "method": method_label(r["method"]),  # the pages' spelling: BatchEnsemble
+            "mode": method_label(r["mode"]),  # a reference row's mode names its method
             "E": r["ensemble_size"],
             "s / epoch": float(f"{r['epoch_seconds']:.3g}"),  # 3 digits, as the command line prints it
             "× floor": round(r["x_floor"], 2),

@@ -528,11 +528,11 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     seconds, memory, parts, steps = charts(at)
     assert seconds["layout"]["title"]["text"].startswith("Seconds per training epoch")
     assert memory["layout"]["title"]["text"].startswith("Peak training memory")
-    assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "batchensemble repeat"}
+    assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "BatchEnsemble repeat"}
     assert parts["layout"]["title"]["text"] == "Where an epoch goes, E = 2"
     names = [tr["name"] for tr in parts["data"]]
     assert names == ["matrix products at the floor rate", "everything else"], "no workers without reference rows"
-    assert [y.split(" · ")[0] for y in parts["data"][0]["y"]] == ["classic vectorized", "batchensemble repeat"]
+    assert [y.split(" · ")[0] for y in parts["data"][0]["y"]] == ["classic vectorized", "BatchEnsemble repeat"]
     shares = np.array([tr["x"] for tr in parts["data"]], dtype=float)
     assert shares.sum(0) == pytest.approx([100, 100]), "each row's parts add up to its epoch"
     assert steps["layout"]["title"]["text"] == "Where a training step goes, E = 2"
@@ -543,6 +543,7 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert per_epoch == pytest.approx(epochs, rel=0.01), "each bar is its row's epoch (labels print 3 digits)"
     (table,) = at.dataframe
     assert len(table.value) == 2
+    assert list(table.value["method"]) == ["classic", "BatchEnsemble"], "spelled as the other pages spell it"
     assert "× classic vectorized" in table.value.columns
     assert "× faster than reference" not in table.value.columns, "no reference rows were run"
     signature, _ = at.session_state["speed_built_views"]
@@ -593,6 +594,8 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     # an empty cell (a ratio that does not apply to the row) reads "—", not the grid's "None"
     (table,) = at.dataframe
     assert table.value.isna().any(axis=None)
+    names = set(table.value["method"]) | set(table.value["mode"])
+    assert "BatchEnsemble" in names and "batchensemble" not in names, names  # a reference row's mode too
     assert table.proto.placeholder == MISSING
 
 

@@ -220,11 +220,11 @@ def test_noise_warnings_name_a_busy_start_a_changed_rate_and_each_row_whose_repe
     assert "matmul rate changed by more than 20 %" in drift
     split = _timed_row("batchensemble-split", 5, [1.15, 1.86, 1.2])
     (spread,) = noise_warnings(steady, [*rows, split])
-    assert "within a row: timed repeats more than 25 % apart (batchensemble split E=5: 1.15–1.86 s)" in spread
+    assert "within a row: timed repeats more than 25 % apart (BatchEnsemble split E=5: 1.15–1.86 s)" in spread
     assert "classic" not in spread and "\n" not in spread
     sequential = _timed_row("classic-sequential", 5, [4.34, 7.31, 7.29])
     (two,) = noise_warnings(steady, [sequential, *rows, split])
-    assert "within some rows" in two and "(classic sequential E=5: 4.34–7.31 s; batchensemble split E=5:" in two
+    assert "within some rows" in two and "(classic sequential E=5: 4.34–7.31 s; BatchEnsemble split E=5:" in two
     assert noise_warnings(steady, [_timed_row("single", 1, [1.0, 1.25])]) == [], "1.25x is the limit, not over it"
     assert noise_warnings(steady, [_timed_row("single", 1, None)]) == [], "a JSON from before repeats were kept"
     assert noise_warnings({}, [split]) == [spread], "the Speed page's live view, before the header"
@@ -235,7 +235,7 @@ def test_table_prints_each_noise_warning_on_its_own_line_under_the_header():
     table = format_table(data["header"], data["rows"], data["targets"])
     warnings = [line for line in table.splitlines() if line.startswith("warning: ")]
     assert warnings == [f"warning: {w}" for w in noise_warnings(data["header"], data["rows"])]
-    assert len(warnings) == 1 and "batchensemble split E=5: 1.45–1.99 s" in warnings[0]
+    assert len(warnings) == 1 and "BatchEnsemble split E=5: 1.45–1.99 s" in warnings[0]
     assert table.index(warnings[0]) < table.index("method "), "under the header, above the table"
 
 

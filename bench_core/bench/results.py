@@ -130,7 +130,7 @@ def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]
         ("BatchEnsemble split ≤ 0.35× classic vectorized", "<=", 0.35, *versus("batchensemble-split", cv)),
         ("classic vectorized ≥ 6× faster than reference classic", ">=", 6.0, *versus("reference-classic", cv)),
         (
-            "BatchEnsemble repeat ≥ 2.2× faster than reference batchensemble",
+            "BatchEnsemble repeat ≥ 2.2× faster than reference BatchEnsemble",
             ">=",
             2.2,
             *versus("reference-batchensemble", be),

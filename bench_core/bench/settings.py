@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 from bench_core.devices import resolve_device
 from bench_core.errors import ConfigError
+from bench_core.report import METHOD_LABELS
 
 ROWS = (
     "single",
@@ -32,7 +33,10 @@ ROW_LABELS = {
     "reference-classic": ("reference", "classic"),
     "reference-batchensemble": ("reference", "batchensemble"),
 }
-ROW_NAMES = {name: f"{method} {mode}".strip() for name, (method, mode) in ROW_LABELS.items()}  # as people read them
+ROW_NAMES = {  # as people read them: "BatchEnsemble split", "reference BatchEnsemble"
+    name: f"{METHOD_LABELS.get(method, method)} {METHOD_LABELS.get(mode, mode)}".strip()
+    for name, (method, mode) in ROW_LABELS.items()
+}
 # Shape of one example, training examples per epoch, classes.
 DATASET_SHAPES = {
     "cifar10": ((3, 32, 32), 50_000, 10),
