@@ -867,19 +867,11 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
         )
         # The two lines behind the bars: drawn over them, they crossed the figures of members near
         # the mean; behind they show in the gaps. ("between", the grid and the bars, hid them in
-        # Streamlit's Plotly.js, in subplots.)
+        # Streamlit's Plotly.js, in subplots.) No label on the line: the panel's title gives its
+        # figure, the figure's title says which line is which, and a label at the line's end sat
+        # on the top of any member's bar taller than the ensemble.
         if ens is not None:
-            fig.add_hline(
-                y=ens,
-                line={"color": "#222222", "width": 3, "dash": "dash"},
-                layer="below",
-                annotation_text=f"ensemble {ens:.3f}",
-                annotation_position="top left",
-                annotation_font={"size": TICK_SIZE, "color": "#222222"},
-                annotation_bgcolor="rgba(255,255,255,0.85)",
-                row=1,
-                col=col,
-            )
+            fig.add_hline(y=ens, line={"color": "#222222", "width": 3, "dash": "dash"}, layer="below", row=1, col=col)
         if mean is not None and len(accs) > 1:
             fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, layer="below", row=1, col=col)
         fig.update_xaxes(title_text="member", row=1, col=col, type="category")
