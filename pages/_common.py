@@ -630,7 +630,10 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
         )
     style(fig, title, "epoch", "training loss (cross-entropy)")
     legend_below(fig)
+    # Both axes from zero: a cross-entropy's scale has a natural zero, and over a run's first points
+    # Plotly's own range magnified the few hundredths between them, then jumped as more came.
     fig.update_xaxes(rangemode="tozero")
+    fig.update_yaxes(rangemode="tozero")
     return fig
 
 
@@ -755,6 +758,7 @@ def live_figure(records: list[dict]) -> go.Figure:
     style(fig, loss.layout.title.text, "epoch", height=820)
     fig.update_yaxes(title_text=loss.layout.yaxis.title.text, row=1, col=1)
     fig.update_xaxes(rangemode="tozero", row=1, col=1)
+    fig.update_yaxes(rangemode="tozero", row=1, col=1)
     fig.update_xaxes(dtick=_epoch_dtick(records, methods), row=2)
     fig.update_annotations(font={"size": AXIS_TITLE_SIZE})  # the speed panels' titles
     legend_below(fig)

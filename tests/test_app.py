@@ -1023,6 +1023,11 @@ def test_loss_figure_one_members_trace_and_one_mean_per_method():
     assert np.allclose(members.x, [0.5, 1.0, np.nan] * 3, equal_nan=True)
     assert list(members.customdata) == [1, 1, 1, 2, 2, 2, 3, 3, 3]
     assert list(mean.y) == [2.0, 4.0]
+    fig = loss_figure(records)
+    assert fig.layout.yaxis.rangemode == "tozero", "a run's first points on a magnified axis jumped as more came"
+    assert live_figure(records).layout.yaxis.rangemode == "tozero"  # before an epoch ends: the loss figure alone
+    epochs = [{**r, "kind": "epoch", "epoch_seconds": 1.0, "examples_per_second": 10.0} for r in records[1:]]
+    assert live_figure(epochs).layout.yaxis.rangemode == "tozero", "the live chart's loss panel too"
 
 
 def test_single_models_lines_are_dashed_and_drawn_over_the_ensembles():
