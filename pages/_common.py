@@ -902,8 +902,30 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
 MAX_CELL_TEXT = 6  # members up to which the agreement matrix writes its values in the cells
 
 
-def agreement_figure(result: dict, method: str) -> go.Figure:
-    """The E x E agreement matrix of a method as an annotated heatmap on a fixed 0..1 colour scale."""
+def agreement_floor(results: dict[str, dict]) -> float:
+    """The low end of the agreement matrices' shared colour scale.
+
+    The lowest agreement of two members in any of ``results``' methods, down to a multiple of
+    0.05, at most 0.95 (0 where no method has two members). On a 0..1 scale, members that agree
+    on 93-97 % of the examples were one yellow, and beyond ``MAX_CELL_TEXT`` members, with no
+    values in the cells, the matrix showed nothing.
+    """
+    lows = []
+    for result in results.values():
+        matrix = result.get("agreement") or []
+        off = [_finite(v) for i, row in enumerate(matrix) for j, v in enumerate(row) if i != j]
+        lows += [v for v in off if v is not None]
+    if not lows:
+        return 0.0
+    return max(0.0, min(0.95, math.floor(min(lows) * 20 + 1e-9) / 20))
+
+
+def agreement_figure(result: dict, method: str, zmin: float = 0.0) -> go.Figure:
+    """The E x E agreement matrix of a method as an annotated heatmap, its colours from ``zmin`` to 1.
+
+    Give the matrices shown side by side one ``zmin`` (``agreement_floor``), so that a colour means
+    one agreement in all of them.
+    """
     matrix = result.get("agreement") or [[1.0]]
     n = len(matrix)
     labels = [str(k + 1) for k in range(n)]
@@ -911,7 +933,7 @@ def agreement_figure(result: dict, method: str) -> go.Figure:
         matrix,
         x=labels,
         y=labels,
-        zmin=0,
+        zmin=zmin,
         zmax=1,
         # Values in the cells up to E = MAX_CELL_TEXT; beyond, at 1280 px they ran into each other:
         # the colour and the hover say it.

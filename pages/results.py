@@ -26,6 +26,7 @@ from pages._common import (
     LIVE_RUN_KEY,
     active_signature,
     agreement_figure,
+    agreement_floor,
     has_full_epoch,
     loss_figure,
     member_accuracy_figure,
@@ -163,17 +164,19 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     show(member_accuracy_figure(results))
 
     st.subheader("Do the members agree?")
-    st.caption(
-        "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
-        "(1 on the diagonal). Lower off the diagonal means more diverse members; the colours share one 0–1 scale."
-    )
     # A method of one member (the single model, or E = 1) has nothing to agree with: its 1 x 1 "matrix"
     # took a third of the row at 1280 px and squeezed the ensembles' cells till their values ran together.
     ensembles = [m for m in methods if len(results[m].get("agreement") or []) > 1]
+    zmin = agreement_floor({m: results[m] for m in ensembles})
+    scale = f"; the matrices share one colour scale, from {zmin:.2f} (the lowest agreement, rounded down) to 1"
+    st.caption(
+        "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
+        f"(1 on the diagonal). Lower off the diagonal means more diverse members{scale if ensembles else ''}."
+    )
     cells = stacked_columns("agreement", len(ensembles)) if ensembles else []
     for cell, method in zip(cells, ensembles, strict=True):
         with cell:
-            show(agreement_figure(results[method], method))
+            show(agreement_figure(results[method], method, zmin))
     alone = [method_label(m) for m in methods if m not in ensembles and results[m].get("ensemble_size", 1) <= 1]
     if alone:
         st.caption(f"{' and '.join(alone)}: one member, so no agreement between members to show.")

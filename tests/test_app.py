@@ -32,6 +32,7 @@ from bench_core.store import RunStore
 from pages._common import (
     MISSING,
     agreement_figure,
+    agreement_floor,
     batchensemble_params,
     empty_loss_figure,
     export_csv,
@@ -695,10 +696,14 @@ def test_results_shows_the_latest_finished_run(store_file):
     assert at.selectbox[0].value == run_id
     found = heatmaps(at)
     assert len(found) == 2, "one agreement matrix per method"
-    for figure in found:
-        assert (figure["layout"]["coloraxis"]["cmin"], figure["layout"]["coloraxis"]["cmax"]) == (0, 1)
+    run = RunStore(store_file).get_run(run_id)
+    zmin = agreement_floor(run["results"])
+    assert 0 <= zmin <= 0.95
+    for figure in found:  # one scale for both: a colour means one agreement in either
+        assert (figure["layout"]["coloraxis"]["cmin"], figure["layout"]["coloraxis"]["cmax"]) == (zmin, 1)
         z = figure["data"][0]["z"]  # E x E: Plotly 6 encodes it as a typed array, Plotly 5 as lists
         assert (z["shape"] if isinstance(z, dict) else f"{len(z)}, {len(z[0])}") == "3, 3"
+    assert any(f"from {zmin:.2f} (the lowest agreement, rounded down) to 1" in c for c in texts(at.caption))
     assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
     ratios = {m.label: m.value for m in at.metric if m.value.endswith("×")}
     assert list(ratios) == ["Training time", "Parameters"], "short labels: at 1024 px the long ones were cut"
@@ -1211,6 +1216,21 @@ def test_progress_counts_epochs_and_the_current_one():
     assert progress_of(slower, ["classic", "batchensemble"], epochs=2)[1] == pytest.approx(1.5 * 6.0)
     first = records[:1]  # BatchEnsemble not begun: at classic's pace
     assert progress_of(first, ["classic", "batchensemble"], epochs=2)[1] == pytest.approx(1 * 2.0 + 2 * 2.0)
+
+
+def test_agreement_colours_start_at_the_lowest_agreement_rounded_down_to_a_twentieth():
+    def matrix(off):
+        return {"agreement": [[1.0, off, off], [off, 1.0, 0.99], [off, 0.99, 1.0]]}
+
+    assert agreement_floor({"classic": matrix(0.93), "batchensemble": matrix(0.97)}) == 0.9, "the lower of the two"
+    assert agreement_floor({"classic": matrix(0.85)}) == 0.85, "a multiple of 0.05 stays"
+    assert agreement_floor({"classic": matrix(1.0)}) == 0.95, "all alike: still a span of colours"
+    assert agreement_floor({"classic": matrix(0.312)}) == 0.3
+    assert agreement_floor({"classic": matrix(float("nan"))}) == 0.95, "NaN left out: the 0.99 pair sets it"
+    assert agreement_floor({"single": {"agreement": [[1.0]]}}) == 0.0, "no pair of members"
+    assert agreement_floor({}) == 0.0
+    fig = agreement_figure(matrix(0.93), "classic", zmin=0.9)
+    assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0.9, 1)
 
 
 def test_figures_handle_one_member_and_missing_values():
