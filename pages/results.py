@@ -214,13 +214,22 @@ runs = [r for r in every if r["status"] in FINAL_STATUSES]
 training = {r["id"]: r for r in every if r["status"] not in FINAL_STATUSES}
 wanted = st.query_params.get("run")
 asked = int(wanted) if wanted is not None and wanted.isdigit() else None  # a link to one run: /results?run=7
-for unended in dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training):
+awaited = list(dict.fromkeys(i for i in (asked, st.session_state.get(LIVE_RUN_KEY)) if i in training))
+for unended in awaited:
     doing = "is waiting for its turn" if is_waiting(training[unended]) else "is still training"
     st.info(f"Run {unended} {doing}: its results appear here when it ends.", icon=":material/hourglass_top:")
 # A run that starts and ends elsewhere joins the list (and the one awaited above shows) without a click.
 rerun_when_changed(run_signature(every), active_signature)
 if not runs:
-    st.info("No run has ended yet: train one on the Train page.")
+    if not awaited:  # under "Run 1 is still training" a "train one on the Train page" read as a contradiction
+        if len(training) == 1:
+            under_way = f"run {next(iter(training))} is under way; its results appear here when it ends."
+        elif training:
+            ids = ", ".join(map(str, sorted(training)))
+            under_way = f"runs {ids} are under way; their results appear here as they end."
+        else:
+            under_way = "train one on the Train page."
+        st.info(f"No run has ended yet: {under_way}")
     st.stop()
 
 run_id = pick_run(runs)

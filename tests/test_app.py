@@ -883,6 +883,26 @@ def test_results_linked_to_a_run_that_trains_says_so(store_file):
     assert not any("still training" in i for i in texts(at.info))
 
 
+def test_results_during_the_first_run_say_one_thing(store_file):
+    at = open_page("results")
+    assert texts(at.info) == ["No run has ended yet: train one on the Train page."]
+    running = active_run(store_file, source="dashboard")
+    at.run()
+    assert texts(at.info) == [
+        f"No run has ended yet: run {running} is under way; its results appear here when it ends."
+    ]
+    at.session_state["live_run_id"] = running  # this session's run: its own line, and not "train one"
+    at.run()
+    assert not at.exception, at.exception
+    assert texts(at.info) == [f"Run {running} is still training: its results appear here when it ends."]
+    second = active_run(store_file)
+    del at.session_state["live_run_id"]
+    at.run()
+    assert texts(at.info) == [
+        f"No run has ended yet: runs {running}, {second} are under way; their results appear here as they end."
+    ]
+
+
 def test_results_keeps_the_users_pick_over_a_link_when_another_run_ends(store_file):
     first, second = make_run(store_file), make_run(store_file)
     running = active_run(store_file)
