@@ -123,6 +123,17 @@ def settings_of(config: dict) -> dict:
     }
 
 
+def default_dataset() -> str:
+    """The dataset a fresh form opens on.
+
+    CIFAR-10 (the seed notebook's) if it is on disk, else the first real dataset that is, else
+    CIFAR-10 all the same (downloaded where there is a network). Opened on CIFAR-10 on a machine
+    without it or a network, the first press of Train made a run that failed on its download.
+    """
+    real = [d for d in DATASETS if d != "synthetic"]
+    return next((d for d in real if dataset_status(d)[0]), DEFAULTS["dataset"])
+
+
 def restore_settings(live_config: dict | None) -> list[str]:
     """Put values into the settings' widgets before they are drawn.
 
@@ -130,7 +141,7 @@ def restore_settings(live_config: dict | None) -> list[str]:
     user's last settings come back after a visit to another page. Returns the live run's settings
     that lie beyond the widgets' ranges ("epochs 100"), each shown at the nearest value in range.
     """
-    saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
+    saved = {**DEFAULTS, "dataset": default_dataset(), **st.session_state.get(SAVED_KEY, {})}
     if live_config is not None:
         typed = saved["points_per_epoch"]
         saved.update(settings_of(live_config))

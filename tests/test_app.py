@@ -338,6 +338,27 @@ def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
     assert "not on disk" in warnings[0] and "Available now: synthetic" in warnings[0]
 
 
+def test_the_form_opens_on_a_real_dataset_that_is_on_disk(store_file, monkeypatch, tmp_path):
+    """Not on CIFAR-10 where it is missing and another is there: Train's first press made a failing download."""
+    fashion = tmp_path / "fashion"
+    fashion.mkdir()
+    for name in (
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ):
+        (fashion / f"{name}.gz").write_bytes(b"")  # only looked for, not read, until a run loads it
+    monkeypatch.setenv("BENCH_FASHION_MNIST_DIR", str(fashion))
+    at = open_page("train")
+    assert at.selectbox(key="train_set_dataset").value == "fashion-mnist"
+    assert not at.warning, texts(at.warning)
+    at.selectbox(key="train_set_dataset").set_value("cifar10").run()
+    at.switch_page("pages/learn.py").run()
+    at.switch_page("pages/train.py").run()
+    assert at.selectbox(key="train_set_dataset").value == "cifar10", "the user's choice is kept"
+
+
 # ----------------------------------------------------------------------------- Speed
 
 
