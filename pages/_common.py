@@ -58,6 +58,9 @@ AXIS_TITLE_SIZE = 17
 TICK_SIZE = 15
 LEGEND_SIZE = 15
 PLOT_CONFIG = {"displaylogo": False}
+# After a launch the browser keeps the scroll position, which at 1280x720 is the locked form at the
+# bottom, under the live view at the page's top (Train, Speed): back to the top once.
+SCROLL_UP = "<script>document.querySelector('[data-testid=\"stMain\"] h1')?.scrollIntoView({block: 'start'});</script>"
 
 
 # ----------------------------------------------------------------------------- labels

@@ -49,6 +49,7 @@ from bench_core.store import RunStore
 from pages._common import (
     BENCH_PID_FILE,
     MISSING,
+    SCROLL_UP,
     benchmark_jobs,
     dataset_label,
     hms,
@@ -73,6 +74,7 @@ POLL_SECONDS = 2.0  # the live view (each poll re-sends its figures and table: b
 JOB_KEY = "speed_job"  # the SpeedJob this session launched last, or the server's running one it shows
 OWNER_KEY = "speed_owner"  # this session's id, kept by the jobs it starts
 BUILT_KEY = "speed_built_views"  # the live view's figures and table and what they were built from
+SCROLL_KEY = "speed_scroll_up"  # set by a launch: the next page run scrolls to the progress at the top
 P = "speed_set_"  # prefix of the settings' widget keys
 SIZES = [1, 2, 3, 4, 5, 6, 8, 12, 16]
 DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
@@ -279,7 +281,8 @@ def launch(settings: BenchSettings) -> None:
         st.error(f"The benchmark could not start: {err}", icon=":material/error:")
         return
     st.session_state[JOB_KEY] = job or busy
-    st.rerun()  # draw the settings locked, and the running benchmark
+    st.session_state[SCROLL_KEY] = True
+    st.rerun()  # draw the settings locked, and the running benchmark above them
 
 
 # ----------------------------------------------------------------------------- figures
@@ -606,6 +609,11 @@ if store_path().exists():  # a store is made by training, not by a look at this 
 sharing = sharing_note(training, False, None if job_running else "a benchmark")
 if sharing:
     st.warning(sharing, icon=":material/speed:")
+# While a benchmark runs its progress and Stop come first, above the locked settings: below them, at
+# 1280x720 neither was on the screen. Its results, once it ends, come under the form again.
+live_slot = st.container()
+if st.session_state.pop(SCROLL_KEY, False):
+    st.html(SCROLL_UP, unsafe_allow_javascript=True)
 bench_settings = settings_widgets(locked=job_running)
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")
@@ -633,6 +641,8 @@ with st.expander("Show results saved by the command line (`--json`)"):
             st.error(not_bench, icon=":material/error:")
 
 if job is not None:
-    st.divider()
-    st.caption(f"Command: `{' '.join(os.path.basename(a) if i == 0 else a for i, a in enumerate(job.proc.args))}`")
-    st.fragment(run_every=POLL_SECONDS if job_running else None)(live_view)(job_running)
+    with live_slot if job_running else st.container():
+        st.divider()
+        args = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(job.proc.args))
+        st.caption(f"Command: `{args}`")
+        st.fragment(run_every=POLL_SECONDS if job_running else None)(live_view)(job_running)

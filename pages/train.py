@@ -21,6 +21,7 @@ from bench_core.runner import preflight
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
+    SCROLL_UP,
     active_signature,
     dataset_label,
     empty_loss_figure,
@@ -54,9 +55,6 @@ FIGURES_KEY = "train_live_figure"  # the live chart and what it was built from (
 LAUNCH_ERROR_KEY = "train_launch_error"  # why the last press of Train launched nothing
 SCROLL_KEY = "train_scroll_up"  # set by a launch: the next page run scrolls to the live view at the top
 MAX_OTHERS = 3  # runs started elsewhere, listed with Watch and Stop
-# After a launch the browser keeps the scroll position, which at 1280x720 is the locked form at the
-# bottom, under the live view: back to the top once.
-SCROLL_UP = "<script>document.querySelector('[data-testid=\"stMain\"] h1')?.scrollIntoView({block: 'start'});</script>"
 P = "train_set_"  # prefix of the settings' widget keys
 
 DEFAULTS = {

@@ -412,6 +412,39 @@ def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
     assert "The benchmark was stopped before it measured a row." in texts(at.warning)
 
 
+def in_page_order(at: AppTest) -> list:
+    """The page's elements as drawn, top to bottom (blocks and what they hold)."""
+    found = []
+
+    def walk(node):
+        for child in getattr(node, "children", {}).values():
+            found.append(child)
+            walk(child)
+
+    walk(at.main)
+    return found
+
+
+def test_speed_shows_a_running_benchmarks_progress_and_stop_above_its_settings(store_file):
+    """Below the form, at 1280x720 neither the progress nor Stop was on the screen."""
+    at = start_tiny_benchmark()
+    job = at.session_state["speed_job"]
+    try:
+        keys = [getattr(e, "key", None) for e in in_page_order(at)]
+        assert keys.index("speed_stop") < keys.index("speed_start")
+        kinds = [type(e).__name__ for e in in_page_order(at)]
+        assert kinds.index("Progress") < keys.index("speed_start")
+    finally:
+        job.proc.kill()
+        job.proc.wait(timeout=60)
+    at.run()  # ended: its view (results or why none) under the form again
+    found = in_page_order(at)
+    keys = [getattr(e, "key", None) for e in found]
+    command = next(i for i, e in enumerate(found) if str(getattr(e, "value", "")).startswith("Command:"))
+    assert "speed_stop" not in keys and command > keys.index("speed_start")
+    shutil.rmtree(job.folder, ignore_errors=True)
+
+
 def test_speed_shows_and_stops_a_benchmark_started_in_another_tab(store_file):
     first = start_tiny_benchmark()
     job = first.session_state["speed_job"]
