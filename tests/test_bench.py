@@ -228,6 +228,18 @@ def test_noise_warnings_name_a_busy_start_a_changed_rate_and_each_row_whose_repe
     assert noise_warnings(steady, [_timed_row("single", 1, [1.0, 1.25])]) == [], "1.25x is the limit, not over it"
     assert noise_warnings(steady, [_timed_row("single", 1, None)]) == [], "a JSON from before repeats were kept"
     assert noise_warnings({}, [split]) == [spread], "the Speed page's live view, before the header"
+    # The Speed page's smallest settings: figures from one step, one repeat.
+    few = {**steady, "settings": {"steps": 1, "repeats": 1, "full_epoch": False}}
+    (warned,) = noise_warnings(few, rows)
+    assert warned.startswith("few measurements: 1 timed step per repeat and one repeat per row (no median")
+    assert "at least 10 steps and 3 repeats" in warned
+    (warned,) = noise_warnings({**steady, "settings": {"steps": 9, "repeats": 3}}, rows)
+    assert warned.startswith("few measurements: 9 timed steps per repeat, so")
+    defaults = {**steady, "settings": {"steps": 10, "repeats": 2}}
+    assert noise_warnings(defaults, rows) == [], "10 steps and two repeats: enough"
+    assert noise_warnings({**steady, "settings": {"steps": 1, "repeats": 3, "full_epoch": True}}, rows) == [], (
+        "whole epochs: the steps setting is not used"
+    )
 
 
 def test_table_prints_each_noise_warning_on_its_own_line_under_the_header():
@@ -672,7 +684,7 @@ def test_stop_within_a_group_abandons_its_rows(monkeypatch, one_thread):
     stop = threading.Event()
     settings = BenchSettings(**{**TINY, "ensemble_sizes": (2,)}, isolate=False, reference=False)
     for event in run_benchmark(settings, stop):
-        if "classic-vectorized E=2: repeat 1" in event.message:
+        if "classic vectorized E=2: repeat 1" in event.message:
             stop.set()
         last = event
     assert last.kind == "done" and last.stopped and last.rows == []
@@ -809,13 +821,13 @@ def test_row_processes_take_turns(tmp_path):
         if e["kind"] == "progress" and " E=2: " in e["message"]:
             label, message = e["message"].split(": ", 1)
             firsts.setdefault(label, message)
-    assert firsts == dict.fromkeys(["classic-vectorized E=2", "batchensemble-split E=2"], "generating its data")
+    assert firsts == dict.fromkeys(["classic vectorized E=2", "BatchEnsemble split E=2"], "generating its data")
     repeats = [e["message"] for e in events if e["kind"] == "progress" and ": repeat " in e["message"]]
     assert repeats == [
-        "classic-vectorized E=2: repeat 1/2",
-        "batchensemble-split E=2: repeat 1/2",
-        "classic-vectorized E=2: repeat 2/2",
-        "batchensemble-split E=2: repeat 2/2",
+        "classic vectorized E=2: repeat 1/2",
+        "BatchEnsemble split E=2: repeat 1/2",
+        "classic vectorized E=2: repeat 2/2",
+        "BatchEnsemble split E=2: repeat 2/2",
     ]
 
 

@@ -271,6 +271,7 @@ def training_steps(header: dict) -> str | None:
 
 
 SPREAD_LIMIT = 1.25  # a row whose slowest timed repeat took more than this many times its fastest
+FEW_STEPS = 10  # timed steps per repeat under which an extrapolated epoch is mostly a few steps' noise
 
 
 def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
@@ -303,6 +304,18 @@ def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
             f"the machine's speed changed within {'a row' if len(spread) == 1 else 'some rows'}: timed repeats "
             f"more than {100 * (SPREAD_LIMIT - 1):.0f} % apart ({'; '.join(spread)}), so their medians and the "
             "ratios and targets built on them are less certain: run it again, or with more repeats"
+        )
+    few = []  # what the settings measured too little of to tell the method from the machine
+    settings = header.get("settings") or {}
+    steps, repeats = settings.get("steps"), settings.get("repeats")
+    if not settings.get("full_epoch") and isinstance(steps, int) and steps < FEW_STEPS:
+        few.append(f"{steps} timed {'step' if steps == 1 else 'steps'} per repeat")
+    if repeats == 1:
+        few.append("one repeat per row (no median, and no spread to warn of)")
+    if few:
+        out.append(
+            f"few measurements: {' and '.join(few)}, so a moment's load on the machine weighs on each figure "
+            f"in full: for figures to compare, time at least {FEW_STEPS} steps and 3 repeats"
         )
     return out
 

@@ -23,7 +23,7 @@ from bench_core import manual, native
 from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
-from bench_core.bench.settings import MATMUL_SIZE, BenchEvent, BenchSettings, RowSpec
+from bench_core.bench.settings import MATMUL_SIZE, ROW_NAMES, BenchEvent, BenchSettings, RowSpec
 from bench_core.devices import resolve_device
 from bench_core.errors import BenchError, ConfigError
 
@@ -72,7 +72,9 @@ def machine_header(settings: BenchSettings) -> dict:
         "dataset_shape": list(shape),
         "train_examples": n_train,
         "settings": settings.to_dict(),
-        "epochs": "timed whole epochs" if settings.full_epoch else f"extrapolated from {settings.steps} timed steps",
+        "epochs": "timed whole epochs"
+        if settings.full_epoch
+        else f"extrapolated from {settings.steps} timed {'step' if settings.steps == 1 else 'steps'}",
         "floor": "matrix-product FLOPs of an epoch / the faster 2048³ matmul rate (torch.mm's or oneDNN's); "
         "element-wise work not counted",
         "memory": "peak of training above the row's data: "
@@ -210,7 +212,8 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
 
 
 def _row_label(spec: RowSpec) -> str:
-    return f"{spec.name} E={spec.ensemble_size}"
+    """The row as the table and the warnings name it: "BatchEnsemble split E=2"."""
+    return f"{ROW_NAMES[spec.name]} E={spec.ensemble_size}"
 
 
 def _turn_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:
@@ -357,7 +360,7 @@ class _ProcessRow:
             self.err.seek(0)
             tail = [line.strip() for line in self.err.read().splitlines() if line.strip()]
             reason = tail[-1] if tail else f"exit status {self.proc.returncode}"
-            raise BenchError(f"the {self.spec.name} row (E = {self.spec.ensemble_size}) failed: {reason}")
+            raise BenchError(f"the {ROW_NAMES[self.spec.name]} row (E = {self.spec.ensemble_size}) failed: {reason}")
 
     def close(self) -> None:
         if self.proc is not None:
