@@ -80,6 +80,14 @@ def method_dash(method: str) -> str:
     return SINGLE_DASH if method == "single" else "solid"
 
 
+INIT_LABELS = {"normal": "normal N(1, std²)", "random_sign": "random signs ±1"}  # BatchEnsemble's r, s init
+
+
+def and_list(items: list[str]) -> str:
+    """Items as a sentence names them: "a", "a and b", "a, b and c"."""
+    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+
+
 def dataset_label(name: str) -> str:
     return DATASET_LABELS.get(name, name)
 
@@ -625,7 +633,7 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
                 y=_array(series["mean"]),
                 mode="lines+markers" if len(series["x"]) < 30 else "lines",
                 line={"color": color, "width": 4, "dash": method_dash(method)},
-                name=f"{label} (mean of members)",
+                name=label if method == "single" else f"{label} (mean of members)",  # one member: no mean
                 legendgroup=method,
                 legendrank=rank,
                 hovertemplate=f"{label} mean<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
@@ -665,7 +673,7 @@ def _epoch_records(records: list[dict], method: str) -> list[dict]:
 
 # An epoch record's timing figures: (key, title, y-axis title).
 SECONDS_METRIC = ("epoch_seconds", "Seconds per epoch (lower is faster)", "seconds")
-THROUGHPUT_METRIC = ("examples_per_second", "Examples per second (higher: faster)", "examples / s")
+THROUGHPUT_METRIC = ("examples_per_second", "Examples per second (higher is faster)", "examples / s")
 
 
 def epoch_metric_figure(records: list[dict], key: str, title: str, y_title: str) -> go.Figure:
@@ -1050,7 +1058,7 @@ def params_figure(sizes: list[int], max_members: int = 16, marked: int | None = 
                 mode="lines+markers",
                 line={"color": method_color(method), "width": 3, "dash": "dot" if method == "single" else "solid"},
                 marker={"size": 8},
-                name=method_label(method) if method != "single" else "one MLP",
+                name=method_label(method),
                 hovertemplate="E=%{x}<br>%{y:,} parameters<extra></extra>",
             )
         )

@@ -10,6 +10,7 @@ from bench_core.models import BatchEnsembleLinear, batchensemble_params, mlp_par
 from bench_core.report import FIGURE_HELP
 from bench_core.runner import DATASET_CLASSES, DATASET_SHAPES
 from pages._common import (
+    INIT_LABELS,
     dataset_label,
     matrix_figure,
     params_figure,
@@ -21,7 +22,6 @@ from pages._common import (
 require_router("pages/learn.py")
 
 N_IN, N_OUT = 8, 6  # the small layer drawn below
-INIT_LABELS = {"normal": "normal N(1, std²)", "random_sign": "random signs ±1"}
 
 
 def layer_pictures() -> None:

@@ -27,6 +27,7 @@ from pages._common import (
     active_signature,
     agreement_figure,
     agreement_floor,
+    and_list,
     has_full_epoch,
     loss_figure,
     member_accuracy_figure,
@@ -179,7 +180,11 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
             show(agreement_figure(results[method], method, zmin))
     alone = [method_label(m) for m in methods if m not in ensembles and results[m].get("ensemble_size", 1) <= 1]
     if alone:
-        st.caption(f"{' and '.join(alone)}: one member, so no agreement between members to show.")
+        st.caption(
+            f"{and_list(alone)}: one member each, so no agreement between members to show."
+            if len(alone) > 1
+            else f"{alone[0]}: one member, so no agreement between members to show."
+        )
 
     left, right = stacked_columns("figures", [1.1, 1])
     with left:

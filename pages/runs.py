@@ -125,7 +125,7 @@ def delete_block(selected: list[int], by_id: dict[int, dict], store: RunStore) -
     if pending:
         st.warning(
             f"Delete run{'s' if len(pending) > 1 else ''} {', '.join(map(str, pending))}? "
-            "Their records, results and weights go too; this can't be undone.",
+            f"{'Their' if len(pending) > 1 else 'Its'} records, results and weights go too; this can't be undone.",
             icon=":material/delete:",
         )
         yes, no, _ = st.columns([1, 1, 4])

@@ -19,6 +19,7 @@ from bench_core.devices import available_devices
 from bench_core.errors import BenchError, StoreError
 from bench_core.runner import preflight
 from pages._common import (
+    INIT_LABELS,
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
     SCROLL_UP,
@@ -84,7 +85,7 @@ RANGES = {
     "hidden": (1, 4096),
     "depth": (1, 8),
     "batch_size": (1, 65_536),
-    "lr": (0.0, 1.0),
+    "lr": (1e-6, 1.0),  # from 0 the box offered a value that the launch refused ("must be a positive number")
     "seed": (0, 2**31 - 1),
     "be_init_std": (0.0, 5.0),
     "synthetic_train": (10, 1_000_000),
@@ -237,7 +238,14 @@ def settings(locked: bool) -> RunConfig:
             horizontal=True,
             help="repeat: every member sees every example. split: each member gets 1/E of each batch.",
         )
-        b[0].radio("Fast-weight init", BE_INITS, key=P + "be_init", disabled=locked, horizontal=True)
+        b[0].radio(
+            "Fast-weight init",
+            BE_INITS,
+            key=P + "be_init",
+            format_func=INIT_LABELS.get,
+            disabled=locked,
+            horizontal=True,
+        )
         b[1].number_input(
             "Fast-weight init std",
             *RANGES["be_init_std"],

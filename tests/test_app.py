@@ -33,6 +33,7 @@ from pages._common import (
     MISSING,
     agreement_figure,
     agreement_floor,
+    and_list,
     batchensemble_params,
     empty_loss_figure,
     export_csv,
@@ -171,7 +172,7 @@ def test_train_launches_a_worker_that_finishes(store_file):
     (live,) = charts(at)  # one figure: the loss on top, seconds per epoch and examples per second below
     assert live["layout"]["title"]["text"].startswith("Training loss")
     panels = [a["text"] for a in live["layout"]["annotations"]]
-    assert panels == ["Seconds per epoch<br>(lower is faster)", "Examples per second<br>(higher: faster)"]
+    assert panels == ["Seconds per epoch<br>(lower is faster)", "Examples per second<br>(higher is faster)"]
     (link,) = at.get("page_link")
     assert link.proto.label == f"See the results of run {run_id}"
     assert f"run={run_id}" in link.proto.query_string, "the link names the run"
@@ -336,6 +337,15 @@ def test_a_dataset_that_cannot_be_had_says_why_and_lists_the_others(store_file):
     warnings = texts(at.warning)
     assert len(warnings) == 1, warnings
     assert "not on disk" in warnings[0] and "Available now: synthetic" in warnings[0]
+
+
+def test_the_form_offers_only_what_it_accepts_in_the_words_of_the_learn_page(store_file):
+    at = open_page("train")
+    assert at.number_input(key="train_set_lr").min > 0, "a learning rate of 0 was offered, then refused"
+    assert at.radio(key="train_set_be_init").options == ["normal N(1, std²)", "random signs ±1"], "not 'random_sign'"
+    at.radio(key="train_set_be_init").set_value("random_sign").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="train_set_be_init_std").disabled, "the std is the normal init's only"
 
 
 def test_the_form_opens_on_a_real_dataset_that_is_on_disk(store_file, monkeypatch, tmp_path):
@@ -851,11 +861,16 @@ def test_runs_lists_compares_and_deletes(store_file):
     assert f"#{first} classic" in compared.columns and f"#{second} BatchEnsemble" in compared.columns
 
     at.button(key="runs_delete").click().run()
-    assert any("can't be undone" in w for w in texts(at.warning))
+    assert any(f"runs {second}, {first}? Their records" in w and "can't be undone" in w for w in texts(at.warning))
     at.button(key="runs_delete_yes").click().run()
     assert not at.exception, at.exception
     with RunStore(store_file) as store:
         assert [r["id"] for r in store.list_runs()] == [gone]
+    at.session_state["runs_table"] = {"selection": {"rows": [0], "columns": [], "cells": []}}
+    at.run()
+    at.button(key="runs_delete").click().run()
+    assert any(f"Delete run {gone}? Its records" in w for w in texts(at.warning)), texts(at.warning)
+    at.button(key="runs_delete_no").click().run()
     assert list(at.dataframe[0].value["id"]) == [gone]
 
 
@@ -1119,7 +1134,7 @@ def test_single_models_lines_are_dashed_and_drawn_over_the_ensembles():
         for e in (1, 2)
     ]  # fmt: skip
     means = [t for t in loss_figure(records).data if t.showlegend is not False]
-    assert [t.name for t in means] == ["classic (mean of members)", "single (mean of members)"], "single on top"
+    assert [t.name for t in means] == ["classic (mean of members)", "single"], "single on top; its one member no mean"
     assert [t.line.dash for t in means] == ["solid", "dash"]
     assert means[1].legendrank < means[0].legendrank, "the legend keeps single first"
     seconds = seconds_figure(records).data
@@ -1151,7 +1166,7 @@ def test_live_figure_loss_on_top_speed_panels_below_one_legend_entry_per_method(
     assert list(fig.data[4].y) == [2.0, 4.0] and list(fig.data[6].y) == [100.0, 50.0]
     assert fig.layout.title.text.startswith("Training loss")
     titles = [a.text for a in fig.layout.annotations]
-    assert titles == ["Seconds per epoch<br>(lower is faster)", "Examples per second<br>(higher: faster)"]
+    assert titles == ["Seconds per epoch<br>(lower is faster)", "Examples per second<br>(higher is faster)"]
     assert fig.layout.yaxis2.title.text == "seconds" and fig.layout.yaxis3.title.text == "examples / s"
     # Before a first epoch ends: the loss alone.
     steps = [{"kind": "step", "method": "classic", "epoch": 1, "step": 1, "steps_per_epoch": 4, "loss": 2.0,
@@ -1305,6 +1320,15 @@ def test_agreement_colours_start_at_the_lowest_agreement_rounded_down_to_a_twent
     assert agreement_floor({}) == 0.0
     fig = agreement_figure(matrix(0.93), "classic", zmin=0.9)
     assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0.9, 1)
+
+
+def test_and_list_and_the_captions_of_methods_of_one_member(store_file):
+    assert [and_list(x) for x in (["a"], ["a", "b"], ["a", "b", "c"])] == ["a", "a and b", "a, b and c"]
+    make_run(store_file, tiny_config(methods=("single", "classic", "batchensemble"), ensemble_size=1))
+    at = open_page("results")
+    assert not at.exception, at.exception
+    line = "single, classic and BatchEnsemble: one member each, so no agreement between members to show."
+    assert line in texts(at.caption), texts(at.caption)  # it read "single and classic and BatchEnsemble: one member"
 
 
 def test_figures_handle_one_member_and_missing_values():
