@@ -873,6 +873,9 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
                 name=method_label(method),
                 text=[f"{a:.3f}" if a is not None else "" for a in accs],
                 textposition="inside" if len(accs) <= 8 else "none",
+                # Level, or not at all (uniformtext below): turned on their side to fit the narrow bars
+                # of 8 members at 1024 px they were a few pixels tall.
+                textangle=0,
                 textfont={"size": TICK_SIZE, "color": "white"},
                 hovertemplate=f"{method_label(method)} member %{{x}}<br>accuracy %{{y:.4f}}<extra></extra>",
                 showlegend=False,
@@ -889,9 +892,11 @@ def member_accuracy_figure(results: dict[str, dict]) -> go.Figure:
             fig.add_hline(y=ens, line={"color": "#222222", "width": 3, "dash": "dash"}, layer="below", row=1, col=col)
         if mean is not None and len(accs) > 1:
             fig.add_hline(y=mean, line={"color": "#666666", "width": 2, "dash": "dot"}, layer="below", row=1, col=col)
-        fig.update_xaxes(title_text="member", row=1, col=col, type="category")
+        # Every member's tick: by its own choice Plotly labelled only 1, 3, 5, 7 of eight.
+        fig.update_xaxes(title_text="member", row=1, col=col, type="category", tickmode="array", tickvals=members)
     key = f"<br><span style='font-size:{AXIS_TITLE_SIZE}px'>dashed: the ensemble · dotted: the mean member</span>"
     style(fig, f"Test accuracy of each member{key}", height=520)  # the key on its own line: cut off at 1024 px
+    fig.update_layout(uniformtext={"minsize": TICK_SIZE - 2, "mode": "hide"})  # a figure too small to read: none
     # The title's two lines at the top, the panels' titles (three lines where stacked) below them.
     fig.update_layout(margin={"t": 190 if stacked else 150}, title={"y": 0.96, "yanchor": "top", "yref": "container"})
     titles = {_accuracy_title(m, results[m], stacked) for m in methods}
@@ -968,8 +973,15 @@ def agreement_figure(result: dict, method: str, zmin: float = 0.0) -> go.Figure:
     return fig
 
 
+SPARSE_BIN = 0.01  # a reliability bin with less than this share of the test examples: a hollow dot, not joined
+
+
 def reliability_figure(results: dict[str, dict]) -> go.Figure:
-    """Each method's reliability diagram (bin confidence against bin accuracy) and the diagonal."""
+    """Each method's reliability diagram (bin confidence against bin accuracy) and the diagonal.
+
+    Bins holding less than ``SPARSE_BIN`` of the examples are hollow dots off the line: joined, a
+    bin of a few examples at confidence 0.19 and accuracy 1.0 drew the figure's longest stroke.
+    """
     fig = go.Figure()
     fig.add_trace(
         go.Scatter(
@@ -993,18 +1005,37 @@ def reliability_figure(results: dict[str, dict]) -> go.Figure:
         total = sum(n for _, _, n in points) or 1
         ece = _finite(results[method].get("ece"))
         name = method_label(method) + (f" (ECE {ece:.3f})" if ece is not None else "")
+        hover = "confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} examples<extra></extra>"
+        # Without counts (a store from before them) every bin counts as full.
+        full = [p for p in points if not count or p[2] >= SPARSE_BIN * total]
+        sparse = [p for p in points if count and p[2] < SPARSE_BIN * total]
         fig.add_trace(
             go.Scatter(
-                x=[p[0] for p in points],
-                y=[p[1] for p in points],
-                customdata=[p[2] for p in points],
+                x=[p[0] for p in full],
+                y=[p[1] for p in full],
+                customdata=[p[2] for p in full],
                 mode="lines+markers",
                 line={"color": method_color(method), "width": 3},
-                marker={"size": [8 + 22 * math.sqrt(p[2] / total) for p in points], "color": method_color(method)},
+                marker={"size": [8 + 22 * math.sqrt(p[2] / total) for p in full], "color": method_color(method)},
                 name=name,
-                hovertemplate="confidence %{x:.3f}<br>accuracy %{y:.3f}<br>%{customdata} examples<extra></extra>",
+                legendgroup=method,
+                hovertemplate=hover,
             )
         )
+        if sparse:
+            fig.add_trace(
+                go.Scatter(
+                    x=[p[0] for p in sparse],
+                    y=[p[1] for p in sparse],
+                    customdata=[p[2] for p in sparse],
+                    mode="markers",
+                    marker={"size": 8, "color": "white", "line": {"color": method_color(method), "width": 2}},
+                    name=f"{method_label(method)}: bins under {SPARSE_BIN:.0%} of the examples",
+                    legendgroup=method,
+                    showlegend=False,
+                    hovertemplate=hover,
+                )
+            )
     style(fig, "Reliability diagram", "confidence (bin mean)", "accuracy", height=460)
     # Square, its axes 0 to 1 at any width (a resize stretched the x axis to -1 .. 2 instead); a little
     # room below 0 keeps the two axes' "0" apart, and the dots are not cut at the plot's edge.

@@ -24,6 +24,7 @@ from bench_core.store import FINAL_STATUSES
 from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
+    SPARSE_BIN,
     active_signature,
     agreement_figure,
     agreement_floor,
@@ -193,7 +194,8 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     with right:
         show(reliability_figure(results))
         st.caption(
-            "Test examples are binned by the ensemble's confidence; each dot is a bin (bigger: more examples). "
+            "Test examples are binned by the ensemble's confidence; each dot is a bin (bigger: more examples; "
+            f"hollow and not joined: under {SPARSE_BIN:.0%} of them). "
             "Dots below the diagonal: over-confident; above: under-confident."
         )
     figure_glossary()  # the page's width: in the table's column its text ran long and narrow beside a blank

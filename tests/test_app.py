@@ -1250,6 +1250,20 @@ def test_accuracy_lines_are_drawn_behind_the_bars_and_their_figures():
     assert [a.text for a in fig.layout.annotations] == ["<b>BatchEnsemble</b><br>ensemble 0.500 · mean member 0.477"]
 
 
+def test_accuracy_bars_of_eight_members_label_every_member_and_write_figures_level_or_not_at_all():
+    from pages._common import TICK_SIZE, member_accuracy_figure
+
+    result = {
+        "member_accuracy": [0.8 + k / 100 for k in range(8)],
+        "ensemble_accuracy": 0.9,
+        "mean_member_accuracy": 0.835,
+    }
+    fig = member_accuracy_figure({"classic": result, "batchensemble": result})
+    assert [tuple(fig.layout[f"xaxis{k}"].tickvals) for k in ("", "2")] == [tuple("12345678")] * 2
+    assert all(bar.textangle == 0 for bar in fig.data), "turned on their side they were a few pixels tall"
+    assert (fig.layout.uniformtext.mode, fig.layout.uniformtext.minsize) == ("hide", TICK_SIZE - 2)
+
+
 def test_run_label_names_members_and_epochs_as_they_are():
     from pages._common import run_label
 
@@ -1320,6 +1334,19 @@ def test_agreement_colours_start_at_the_lowest_agreement_rounded_down_to_a_twent
     assert agreement_floor({}) == 0.0
     fig = agreement_figure(matrix(0.93), "classic", zmin=0.9)
     assert (fig.layout.coloraxis.cmin, fig.layout.coloraxis.cmax) == (0.9, 1)
+
+
+def test_reliability_bins_of_few_examples_are_hollow_dots_off_the_line():
+    from pages._common import reliability_figure
+
+    curve = {"confidence": [0.19, 0.5, 0.7, 0.95], "accuracy": [1.0, 0.45, 0.72, 0.96], "count": [3, 200, 300, 497]}
+    fig = reliability_figure({"batchensemble": {"reliability": curve, "ece": 0.02}})
+    _, line, hollow = fig.data
+    assert list(line.x) == [0.5, 0.7, 0.95] and line.mode == "lines+markers"
+    assert list(hollow.x) == [0.19] and hollow.mode == "markers" and hollow.showlegend is False
+    assert list(hollow.customdata) == [3], "its count in the hover"
+    old = {"confidence": [0.19, 0.5], "accuracy": [1.0, 0.45]}  # a store from before the counts: all joined
+    assert [list(t.x) for t in reliability_figure({"classic": {"reliability": old}}).data[1:]] == [[0.19, 0.5]]
 
 
 def test_and_list_and_the_captions_of_methods_of_one_member(store_file):
