@@ -90,13 +90,16 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
     Each card is labelled by its method alone, under one caption: with three methods side by side
     at 1280 px "BatchEnsemble: ensemble accuracy" and its delta were cut off.
     """
-    st.caption("Ensemble test accuracy (of the mean of the members' softmax), and its gain over the mean member")
+    st.caption(
+        "Ensemble test accuracy (of the mean of the members' softmax), and below it its gain in points over "
+        "the mean member's accuracy"
+    )
     for cell, method in zip(st.columns(max(2, len(methods))), methods, strict=False):
         result = results[method]
         ens, mean = result.get("ensemble_accuracy"), result.get("mean_member_accuracy")
         gain = None
         if isinstance(ens, (int, float)) and isinstance(mean, (int, float)) and result.get("ensemble_size", 1) > 1:
-            gain = f"{(ens - mean) * 100:+.1f} points vs. mean member"
+            gain = f"{(ens - mean) * 100:+.1f} points"  # over the mean member, as the caption says: whole at 1024 px
         cell.metric(
             method_label(method),
             format_value(ens, "{:.1%}"),

@@ -10,6 +10,7 @@ rows measured so far.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -324,18 +325,24 @@ def by_ensemble_size_figure(rows: list[dict], key: str, title: str, y_title: str
                     mode="lines+markers",  # a dash at each E: a run of one size has no line to draw
                     line={"color": "#222222", "dash": "dot", "width": 2},
                     marker={"symbol": "line-ew-open", "size": 16, "line": {"width": 2, "color": "#222222"}},
-                    name="floor (matmul FLOPs / rate), repeat batching",
+                    # Short: at its old length ("floor (matmul FLOPs / rate), repeat batching") Plotly
+                    # gave every entry of the legend a row of its own, and the caption says what it is.
+                    name="floor, repeat batching",
                 )
             )
     # The legend under the plot takes a row per entry in a half-width column: the figure grows with it,
     # so that the plot keeps its height (with 8 entries in 420 px it kept about 150).
-    style(fig, title, "ensemble size E", y_title, height=340)
+    style(fig, title, "ensemble size E", y_title, height=380)
     legend_below(fig, len(fig.data))
     fig.update_xaxes(tickvals=sorted({r["ensemble_size"] for r in rows}))
     fig.update_yaxes(type="log" if log_y else "linear", rangemode="tozero")
     if log_y:  # Plotly's own log ticks label 0.5 as "5"; these read as numbers
         values = [y for trace in fig.data for y in trace.y if isinstance(y, (int, float)) and y > 0]
-        fig.update_yaxes(tickvals=log_ticks(values), tickformat="~g")
+        ticks = log_ticks(values)
+        fig.update_yaxes(tickvals=ticks, tickformat="~g")
+        if ticks:  # from tick to tick: in Plotly's own range the last tick under the points was 2, the points at 3.9
+            fig.update_yaxes(range=[math.log10(ticks[0]), math.log10(ticks[-1])])
+            fig.update_traces(cliponaxis=False)  # a point on the top tick: whole
     return fig
 
 

@@ -11,6 +11,7 @@ import csv
 import io
 import json
 import os
+import re
 import shutil
 import sqlite3
 import subprocess
@@ -594,6 +595,8 @@ def test_speed_runs_a_benchmark_and_plots_its_rows(store_file):
     assert seconds["layout"]["title"]["text"].startswith("Seconds per training epoch")
     assert memory["layout"]["title"]["text"].startswith("Peak training memory")
     assert {tr["name"] for tr in seconds["data"]} >= {"classic vectorized", "BatchEnsemble repeat"}
+    ticks = seconds["layout"]["yaxis"]["tickvals"]  # the log axis from its first tick to its last, both shown
+    assert seconds["layout"]["yaxis"]["range"] == pytest.approx([np.log10(ticks[0]), np.log10(ticks[-1])])
     assert parts["layout"]["title"]["text"] == "Where an epoch goes, E = 2"
     names = [tr["name"] for tr in parts["data"]]
     assert names == ["matrix products at the floor rate", "everything else"], "no workers without reference rows"
@@ -769,6 +772,8 @@ def test_results_shows_the_latest_finished_run(store_file):
         assert (z["shape"] if isinstance(z, dict) else f"{len(z)}, {len(z[0])}") == "3, 3"
     assert any(f"from {zmin:.2f} (the lowest agreement, rounded down) to 1" in c for c in texts(at.caption))
     assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
+    gains = [m.delta for m in at.metric if m.label in ("classic", "BatchEnsemble")]
+    assert len(gains) == 2 and all(re.fullmatch(r"[+-]\d+\.\d points", g) for g in gains), gains  # whole at 1024 px
     ratios = {m.label: m.value for m in at.metric if m.value.endswith("×")}
     assert list(ratios) == ["Training time", "Parameters"], "short labels: at 1024 px the long ones were cut"
     assert "The classic ensemble's cost ÷ BatchEnsemble's" in texts(at.caption), "what the ratios are, above them"
