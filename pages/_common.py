@@ -255,6 +255,11 @@ class BenchmarkJobs:
     def _running(self):  # under the lock
         return next((job for job in reversed(self.jobs) if job.running()), None)
 
+    def latest(self):
+        """The benchmark started last on this server (running or ended) whose folder is still there, or None."""
+        with self.lock:
+            return next((job for job in reversed(self.jobs) if job.folder.is_dir()), None)
+
     def start(self, make_job):
         """``make_job()`` (which starts the process) unless a benchmark runs: (job, None) or (None, the running one)."""
         with self.lock:
@@ -288,6 +293,11 @@ def benchmark_jobs() -> BenchmarkJobs:
 def running_benchmark():
     """The benchmark running now on this server, or None."""
     return benchmark_jobs().running()
+
+
+def latest_benchmark():
+    """The benchmark started last on this server, running or ended (its folder still there), or None."""
+    return benchmark_jobs().latest()
 
 
 def sharing_note(runs: list[dict], benchmark: bool, starting: str | None = "a run") -> str | None:

@@ -9,6 +9,7 @@ rows measured so far.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -54,6 +55,7 @@ from pages._common import (
     benchmark_jobs,
     dataset_label,
     hms,
+    latest_benchmark,
     legend_below,
     log_ticks,
     method_color,
@@ -132,6 +134,18 @@ class SpeedJob:
 
     def running(self) -> bool:
         return self.proc.poll() is None
+
+    def seconds(self) -> float:
+        """How long it has run, or ran: till its last event was written, once it ended.
+
+        ("Done in" counted to the moment of looking: seen again later, a 2-minute benchmark was
+        "done in" an hour.)
+        """
+        end = time.time()
+        if not self.running():
+            with contextlib.suppress(OSError):
+                end = min(end, self.progress_path.stat().st_mtime)
+        return max(0.0, end - self.started)
 
     def events(self) -> list[dict]:
         """The events written so far (a line still being written is skipped)."""
@@ -565,7 +579,7 @@ def live_view(was_running: bool) -> None:
         last = events[-1] if events else {"fraction": 0.0, "message": "starting (importing torch)…"}
         head = st.columns([4, 1])
         state = "stopping…" if job.stop_requested else last["message"]
-        head[0].progress(min(1.0, float(last["fraction"])), text=f"{state} · elapsed {hms(time.time() - job.started)}")
+        head[0].progress(min(1.0, float(last["fraction"])), text=f"{state} · elapsed {hms(job.seconds())}")
         if head[1].button("Stop", key="speed_stop", icon=":material/stop:", disabled=job.stop_requested):
             job.proc.terminate()  # SIGTERM: the benchmark stops and writes what it measured
             job.stop_requested = True
@@ -577,7 +591,7 @@ def live_view(was_running: bool) -> None:
     elif done is not None and done.get("stopped"):
         st.warning("The benchmark was stopped; these are the rows measured before.", icon=":material/stop_circle:")
     elif done is not None:
-        st.success(f"Done in {hms(time.time() - job.started)}.", icon=":material/check_circle:")
+        st.success(f"Done in {hms(job.seconds())}.", icon=":material/check_circle:")
     results_view(header, rows, done.get("targets") if done else None, signature=(job.started, len(rows)))
 
 
@@ -597,14 +611,26 @@ if job is not None and not job.running() and not job.folder.exists():  # cleared
     st.session_state.pop(JOB_KEY, None)
     job = None
 elsewhere = running_benchmark()  # one started in another tab, or in this one before a reload
+if elsewhere is None and job is None:
+    # The last one's results, ended in another tab or before a reload (a reload lost them: a class
+    # shown a benchmark saw it vanish with F5).
+    elsewhere = latest_benchmark()
 if elsewhere is not None:
     st.session_state[JOB_KEY] = job = elsewhere
 if elsewhere is not None and elsewhere.owner != st.session_state[OWNER_KEY]:
-    st.info(
-        "A benchmark started in another tab (or before this page was reloaded) is running: its progress is "
-        "below, and its Stop works here too. One runs at a time: two would time each other.",
-        icon=":material/sync:",
-    )
+    if elsewhere.running():
+        st.info(
+            "A benchmark started in another tab (or before this page was reloaded) is running: its progress is "
+            "below, and its Stop works here too. One runs at a time: two would time each other.",
+            icon=":material/sync:",
+        )
+    else:
+        started = time.strftime("%H:%M", time.localtime(elsewhere.started))
+        st.info(
+            f"Below: the last benchmark run on this dashboard, started at {started} in another tab or before "
+            "this page was reloaded.",
+            icon=":material/history:",
+        )
 job_running = job is not None and job.running()
 training = []
 if store_path().exists():  # a store is made by training, not by a look at this page

@@ -421,6 +421,7 @@ def test_speed_stopped_while_starting_is_a_stop_not_a_failure(store_file):
     assert not at.exception, at.exception
     assert not at.error, texts(at.error)
     assert "The benchmark was stopped before it measured a row." in texts(at.warning)
+    shutil.rmtree(job.folder)  # not left for the next test's page to show as the last benchmark
 
 
 def in_page_order(at: AppTest) -> list:
@@ -454,6 +455,28 @@ def test_speed_shows_a_running_benchmarks_progress_and_stop_above_its_settings(s
     command = next(i for i, e in enumerate(found) if str(getattr(e, "value", "")).startswith("Command:"))
     assert "speed_stop" not in keys and command > keys.index("speed_start")
     shutil.rmtree(job.folder, ignore_errors=True)
+
+
+def test_speed_shows_the_last_benchmark_after_a_reload_and_how_long_it_took(store_file):
+    first = start_tiny_benchmark()
+    job = first.session_state["speed_job"]
+    try:
+        assert job.proc.wait(timeout=WORKER_TIMEOUT_S) == 0, job.log_path.read_text()[-2000:]
+        took = job.seconds()
+        time.sleep(1.5)
+        assert job.seconds() == took, "an ended benchmark's time stops at its last event, not at the looking"
+        again = open_page("speed")  # the same tab reloaded: a new session
+        assert not again.exception, again.exception
+        assert again.session_state["speed_job"] is job
+        last = "Below: the last benchmark run on this dashboard, started at"
+        assert any(i.startswith(last) for i in texts(again.info))
+        assert any(s.startswith("Done in") for s in texts(again.success)), "its results, not an empty page"
+        assert not again.button(key="speed_start").disabled
+    finally:
+        if job.proc.poll() is None:
+            job.proc.kill()
+        shutil.rmtree(job.folder, ignore_errors=True)
+    assert open_page("speed").session_state.get("speed_job") is not job, "its folder gone: not shown"
 
 
 def test_speed_shows_and_stops_a_benchmark_started_in_another_tab(store_file):
