@@ -225,11 +225,11 @@ row.download_button(
     on_click="ignore",
     key="runs_json",
 )
-row.caption(
-    f"Download the figures of the {len(chosen)} selected run{'s' if len(chosen) > 1 else ''}."
-    if selected
-    else f"Download the figures of all {len(chosen)} run{'s' if len(chosen) > 1 else ''} (or select some first)."
-)
+if selected:
+    whose = f"the {len(chosen)} selected runs" if len(chosen) > 1 else "the selected run"
+else:
+    whose = f"all {len(chosen)} runs (or select some first)" if len(chosen) > 1 else "the run"  # not "all 1 run"
+row.caption(f"Download the figures of {whose}.")
 
 if len(selected) > MAX_COMPARED:
     st.info(

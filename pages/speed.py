@@ -584,7 +584,7 @@ def live_view(was_running: bool) -> None:
             job.proc.terminate()  # SIGTERM: the benchmark stops and writes what it measured
             job.stop_requested = True
             st.rerun(scope="fragment")
-    elif job.stop_requested and done is None:  # stopped while it started: it ends by the signal, writing nothing
+    elif job.stop_requested and (done is None or not rows):  # stopped while it started, or before a first row
         st.warning("The benchmark was stopped before it measured a row.", icon=":material/stop_circle:")
     elif job.error():
         st.error(f"The benchmark failed: {job.error()}", icon=":material/error:")
@@ -676,6 +676,7 @@ with st.expander("Show results saved by the command line (`--json`)"):
 if job is not None:
     with live_slot if job_running else st.container():
         st.divider()
+        st.fragment(run_every=POLL_SECONDS if job_running else None)(live_view)(job_running)
+        # Under the view: above it, its four lines put the progress and Stop low on a 720-px screen.
         args = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(job.proc.args))
         st.caption(f"Command: `{args}`")
-        st.fragment(run_every=POLL_SECONDS if job_running else None)(live_view)(job_running)

@@ -899,6 +899,10 @@ def test_runs_lists_compares_and_deletes(store_file):
     at.button(key="runs_delete").click().run()
     assert any(f"Delete run {gone}? Its records" in w for w in texts(at.warning)), texts(at.warning)
     at.button(key="runs_delete_no").click().run()
+    assert "Download the figures of the selected run." in texts(at.caption)
+    at.session_state["runs_table"] = {"selection": {"rows": [], "columns": [], "cells": []}}
+    at.run()
+    assert "Download the figures of the run." in texts(at.caption), "one run: not 'all 1 run'"
     assert list(at.dataframe[0].value["id"]) == [gone]
 
 
