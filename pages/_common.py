@@ -84,8 +84,8 @@ INIT_LABELS = {"normal": "normal N(1, std²)", "random_sign": "random signs ±1"
 
 
 def and_list(items: list[str]) -> str:
-    """Items as a sentence names them: "a", "a and b", "a, b and c"."""
-    return items[0] if len(items) == 1 else f"{', '.join(items[:-1])} and {items[-1]}"
+    """Items as a sentence names them: "a", "a and b", "a, b and c" ("" for none)."""
+    return ", ".join(items[:-1]) + (" and " if len(items) > 1 else "") + (items[-1] if items else "")
 
 
 def dataset_label(name: str) -> str:
@@ -256,9 +256,10 @@ class BenchmarkJobs:
         return next((job for job in reversed(self.jobs) if job.running()), None)
 
     def latest(self):
-        """The benchmark started last on this server (running or ended) whose folder is still there, or None."""
+        """The benchmark started last on this server (running or ended), or None; None too once its folder went."""
         with self.lock:
-            return next((job for job in reversed(self.jobs) if job.folder.is_dir()), None)
+            job = self.jobs[-1] if self.jobs else None  # not an older one: it is not "the last"
+        return job if job is not None and job.folder.is_dir() else None
 
     def start(self, make_job):
         """``make_job()`` (which starts the process) unless a benchmark runs: (job, None) or (None, the running one)."""
@@ -646,7 +647,8 @@ def loss_figure(records: list[dict], title: str = "Training loss: members (thin)
                 name=label if method == "single" else f"{label} (mean of members)",  # one member: no mean
                 legendgroup=method,
                 legendrank=rank,
-                hovertemplate=f"{label} mean<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}<extra></extra>",
+                hovertemplate=f"{label}{'' if method == 'single' else ' mean'}<br>epoch %{{x:.2f}}<br>loss %{{y:.4f}}"
+                "<extra></extra>",
             )
         )
     style(fig, title, "epoch", "training loss (cross-entropy)")
@@ -1082,7 +1084,7 @@ def runs_loss_figure(runs: list[dict]) -> go.Figure:
 
 
 def params_figure(sizes: list[int], max_members: int = 16, marked: int | None = None) -> go.Figure:
-    """Parameters against ensemble size: classic (E full MLPs), BatchEnsemble, and one MLP."""
+    """Parameters against ensemble size: classic (E full MLPs), BatchEnsemble, and the single MLP."""
     es = list(range(1, max_members + 1))
     single = mlp_params(sizes)
     fig = go.Figure()

@@ -97,7 +97,7 @@ def params_section() -> None:
     with right:
         single = mlp_params(sizes)
         be = batchensemble_params(sizes, members)
-        st.metric("One MLP", f"{single:,}")
+        st.metric("single (one MLP)", f"{single:,}")
         st.metric(f"Classic ensemble, E={members}", f"{members * single:,}")
         ratio = members * single / be
         versus = f"classic has {ratio:.2f}× as many" if ratio >= 1 else f"{1 / ratio:.2f}× as many as classic"

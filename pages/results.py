@@ -173,7 +173,7 @@ def figures(run: dict, results: dict, methods: list[str]) -> None:
     # took a third of the row at 1280 px and squeezed the ensembles' cells till their values ran together.
     ensembles = [m for m in methods if len(results[m].get("agreement") or []) > 1]
     zmin = agreement_floor({m: results[m] for m in ensembles})
-    scale = f"; the matrices share one colour scale, from {zmin:.2f} (the lowest agreement, rounded down) to 1"
+    scale = f"; the matrices share one colour scale, from {zmin:.2f} (at or under the lowest agreement) to 1"
     st.caption(
         "Cell (i, j): the fraction of test examples on which members i and j predict the same class "
         f"(1 on the diagonal). Lower off the diagonal means more diverse members{scale if ensembles else ''}."
@@ -235,7 +235,7 @@ if not runs:
         if len(training) == 1:
             under_way = f"run {next(iter(training))} is under way; its results appear here when it ends."
         elif training:
-            ids = ", ".join(map(str, sorted(training)))
+            ids = and_list([str(i) for i in sorted(training)])
             under_way = f"runs {ids} are under way; their results appear here as they end."
         else:
             under_way = "train one on the Train page."

@@ -74,7 +74,7 @@ from pages._common import (
 )
 
 POLL_SECONDS = 2.0  # the live view (each poll re-sends its figures and table: browser CPU the benchmark shares)
-JOB_KEY = "speed_job"  # the SpeedJob this session launched last, or the server's running one it shows
+JOB_KEY = "speed_job"  # the SpeedJob this session launched last, or the server's running or last one it shows
 OWNER_KEY = "speed_owner"  # this session's id, kept by the jobs it starts
 BUILT_KEY = "speed_built_views"  # the live view's figures and table and what they were built from
 SCROLL_KEY = "speed_scroll_up"  # set by a launch: the next page run scrolls to the progress at the top
@@ -170,6 +170,18 @@ class SpeedJob:
         except OSError:
             lines = []
         return lines[-1] if lines else f"the benchmark ended with status {self.proc.returncode}"
+
+
+def has_results(job: SpeedJob) -> bool:
+    """Whether a benchmark ended well with at least one row to show."""
+    return not job.running() and job.error() is None and any(e.get("kind") == "row" for e in job.events())
+
+
+def when(started: float) -> str:
+    """When a benchmark started: "at 14:02" today, "on 26 Nov at 14:02" before (a server keeps its last folders)."""
+    then = time.localtime(started)
+    same_day = time.strftime("%Y-%m-%d", then) == time.strftime("%Y-%m-%d")
+    return time.strftime("at %H:%M" if same_day else "on %d %b at %H:%M", then)
 
 
 def saved_benchmark(data: bytes) -> tuple[dict, list[dict], list[dict] | None]:
@@ -500,7 +512,15 @@ def results_view(
     with cols[1]:
         show(memory_fig, key=f"speed_mem_{key}")
     shown = numbers_table(table, counts=("inference examples / s", "parameters"), exact=("method", "mode", "E"))
-    st.dataframe(shown, hide_index=True, width="stretch", key=f"speed_table_{key}", placeholder=MISSING)
+    st.dataframe(
+        shown,
+        hide_index=True,
+        width="stretch",
+        key=f"speed_table_{key}",
+        placeholder=MISSING,
+        # The row's name stays in view while the table scrolls sideways (at 1024 px it shows up to × floor).
+        column_config={name: st.column_config.Column(pinned=True) for name in ("method", "mode", "E")},
+    )
     if any(r["mode"] == "split" and r.get("× faster than reference") for r in table):
         st.caption(SPLIT_VS_REFERENCE[0].upper() + SPLIT_VS_REFERENCE[1:] + ".")
     show(parts_fig, key=f"speed_parts_{key}")
@@ -584,7 +604,8 @@ def live_view(was_running: bool) -> None:
             job.proc.terminate()  # SIGTERM: the benchmark stops and writes what it measured
             job.stop_requested = True
             st.rerun(scope="fragment")
-    elif job.stop_requested and (done is None or not rows):  # stopped while it started, or before a first row
+    elif (job.stop_requested and done is None) or (done is not None and done.get("stopped") and not rows):
+        # stopped while it started (it ends by the signal, writing nothing), or before its first row
         st.warning("The benchmark was stopped before it measured a row.", icon=":material/stop_circle:")
     elif job.error():
         st.error(f"The benchmark failed: {job.error()}", icon=":material/error:")
@@ -613,22 +634,22 @@ if job is not None and not job.running() and not job.folder.exists():  # cleared
 elsewhere = running_benchmark()  # one started in another tab, or in this one before a reload
 if elsewhere is None and job is None:
     # The last one's results, ended in another tab or before a reload (a reload lost them: a class
-    # shown a benchmark saw it vanish with F5).
-    elsewhere = latest_benchmark()
+    # shown a benchmark saw it vanish with F5); not a failure or a stop before any row, someone else's.
+    last = latest_benchmark()
+    elsewhere = last if last is not None and has_results(last) else None
 if elsewhere is not None:
     st.session_state[JOB_KEY] = job = elsewhere
-if elsewhere is not None and elsewhere.owner != st.session_state[OWNER_KEY]:
-    if elsewhere.running():
+if job is not None and job.owner != st.session_state[OWNER_KEY]:  # on every page run, not the first alone
+    if job.running():
         st.info(
             "A benchmark started in another tab (or before this page was reloaded) is running: its progress is "
             "below, and its Stop works here too. One runs at a time: two would time each other.",
             icon=":material/sync:",
         )
     else:
-        started = time.strftime("%H:%M", time.localtime(elsewhere.started))
         st.info(
-            f"Below: the last benchmark run on this dashboard, started at {started} in another tab or before "
-            "this page was reloaded.",
+            f"Below: the last benchmark run on this dashboard, started {when(job.started)} in another tab or "
+            "before this page was reloaded.",
             icon=":material/history:",
         )
 job_running = job is not None and job.running()

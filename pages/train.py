@@ -140,7 +140,9 @@ def restore_settings(live_config: dict | None) -> list[str]:
     user's last settings come back after a visit to another page. Returns the live run's settings
     that lie beyond the widgets' ranges ("epochs 100"), each shown at the nearest value in range.
     """
-    saved = {**DEFAULTS, "dataset": default_dataset(), **st.session_state.get(SAVED_KEY, {})}
+    saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
+    if SAVED_KEY not in st.session_state:  # a fresh form: the files looked for once, not on every page run
+        saved["dataset"] = default_dataset()
     if live_config is not None:
         typed = saved["points_per_epoch"]
         saved.update(settings_of(live_config))

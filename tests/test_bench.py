@@ -235,8 +235,13 @@ def test_noise_warnings_name_a_busy_start_a_changed_rate_and_each_row_whose_repe
     assert "at least 10 steps and 3 repeats" in warned
     (warned,) = noise_warnings({**steady, "settings": {"steps": 9, "repeats": 3}}, rows)
     assert warned.startswith("few measurements: 9 timed steps per repeat, so")
-    defaults = {**steady, "settings": {"steps": 10, "repeats": 2}}
-    assert noise_warnings(defaults, rows) == [], "10 steps and two repeats: enough"
+    (warned,) = noise_warnings({**steady, "settings": {"steps": 10, "repeats": 2}}, rows)
+    assert warned == (
+        "few measurements: two repeats per row (their median is their mean: one slow repeat moves it by half), so "
+        "a moment's load on the machine weighs on each figure in full: for figures to compare, time at least 10 "
+        "steps and 3 repeats"
+    )
+    assert noise_warnings({**steady, "settings": {"steps": 10, "repeats": 3}}, rows) == [], "enough"
     assert noise_warnings({**steady, "settings": {"steps": 1, "repeats": 3, "full_epoch": True}}, rows) == [], (
         "whole epochs: the steps setting is not used"
     )

@@ -227,6 +227,17 @@ def test_lock_holder_reads_nobody_once_released_or_its_holder_killed(tmp_path, m
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     (tmp_path / "cpu.lock").write_text(f"{int(dead.stdout)}\nrun 5\n")  # what a run killed by SIGKILL leaves
     assert lock_holder("cpu", tmp_path) is None
+    if sys.platform.startswith("linux"):  # a holder dead but not yet reaped by its parent: gone too
+        zombie = subprocess.Popen([sys.executable, "-c", "pass"])
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child did not end"
+            time.sleep(0.05)
+        (tmp_path / "cpu.lock").write_text(f"{zombie.pid}\nrun 6\n")
+        assert lock_holder("cpu", tmp_path) is None
+        zombie.wait()
+    (tmp_path / "cpu.lock").write_text("0\nrun 4\n")  # no process has pid 0 (os.kill(0, 0) signals the group)
+    assert lock_holder("cpu", tmp_path) is None
     monkeypatch.setenv("BENCH_LOCK_DIR", str(tmp_path / "elsewhere"))
     with device_lock("cpu", holder="run 8") as held:
         assert held == tmp_path / "elsewhere" / "cpu.lock", "one folder for the machine, $BENCH_LOCK_DIR"

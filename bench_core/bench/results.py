@@ -188,7 +188,8 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"
         + ("" if s["full_epoch"] else f" (after {s['warmup']} warm-up steps)")
-        + f", median of {s['repeats']} repeats; reference rows: the seed's DataLoader pipeline, "
+        + (f", median of {s['repeats']} repeats" if s["repeats"] != 1 else ", one repeat")
+        + "; reference rows: the seed's DataLoader pipeline, "
         "worker start-up counted once per member per epoch",
         f"floor: {header['floor']}",
         *([f"workbench training steps: {training_steps(header)}"] if training_steps(header) else []),
@@ -312,6 +313,8 @@ def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
         few.append(f"{steps} timed {'step' if steps == 1 else 'steps'} per repeat")
     if repeats == 1:
         few.append("one repeat per row (no median, and no spread to warn of)")
+    elif repeats == 2:
+        few.append("two repeats per row (their median is their mean: one slow repeat moves it by half)")
     if few:
         out.append(
             f"few measurements: {' and '.join(few)}, so a moment's load on the machine weighs on each figure "
