@@ -757,6 +757,8 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     # an empty cell (a ratio that does not apply to the row) reads "—", not the grid's "None"
     (table,) = at.dataframe
     assert table.value.isna().any(axis=None)
+    pinned = {name for name, config in json.loads(table.proto.columns).items() if config.get("pinned")}
+    assert pinned == {"method", "mode", "E"}, "the row's name in view while the table scrolls sideways"
     names = set(table.value["method"]) | set(table.value["mode"])
     assert "BatchEnsemble" in names and "batchensemble" not in names, names  # a reference row's mode too
     assert table.proto.placeholder == MISSING
