@@ -985,6 +985,11 @@ def agreement_figure(result: dict, method: str, zmin: float = 0.0) -> go.Figure:
     return fig
 
 
+def _bins_xy(points: list[tuple]) -> dict:
+    """A reliability trace's x (confidence), y (accuracy) and customdata (examples) from its bins' triples."""
+    return {"x": [p[0] for p in points], "y": [p[1] for p in points], "customdata": [p[2] for p in points]}
+
+
 SPARSE_BIN = 0.01  # a reliability bin with less than this share of the test examples: a hollow dot, not joined
 
 
@@ -1023,9 +1028,7 @@ def reliability_figure(results: dict[str, dict]) -> go.Figure:
         sparse = [p for p in points if count and p[2] < SPARSE_BIN * total]
         fig.add_trace(
             go.Scatter(
-                x=[p[0] for p in full],
-                y=[p[1] for p in full],
-                customdata=[p[2] for p in full],
+                **_bins_xy(full),
                 mode="lines+markers",
                 line={"color": method_color(method), "width": 3},
                 marker={"size": [8 + 22 * math.sqrt(p[2] / total) for p in full], "color": method_color(method)},
@@ -1037,9 +1040,7 @@ def reliability_figure(results: dict[str, dict]) -> go.Figure:
         if sparse:
             fig.add_trace(
                 go.Scatter(
-                    x=[p[0] for p in sparse],
-                    y=[p[1] for p in sparse],
-                    customdata=[p[2] for p in sparse],
+                    **_bins_xy(sparse),
                     mode="markers",
                     marker={"size": 8, "color": "white", "line": {"color": method_color(method), "width": 2}},
                     name=f"{method_label(method)}: bins under {SPARSE_BIN:.0%} of the examples",
