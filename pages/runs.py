@@ -188,7 +188,6 @@ by_id = {r["id"]: r for r in runs}
 
 frame = runs_frame(runs)
 ids = selected_ids(frame)
-st.caption("Click a column title to sort. Tick runs at the left to compare, export or delete them.")
 event = st.dataframe(
     frame,
     key=TABLE_KEY,
@@ -200,6 +199,8 @@ event = st.dataframe(
     placeholder=MISSING,
 )
 selected = [ids[i] for i in event.selection.rows if 0 <= i < len(ids)]
+# Under the table: above it, the table's toolbar (search, download, full screen) covered its end at 1024 px.
+st.caption("Tick runs at the left to compare, export or delete them; click a column title to sort.")
 
 delete_block(selected, by_id, store)
 

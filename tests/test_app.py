@@ -954,6 +954,9 @@ def test_runs_lists_compares_and_deletes(store_file):
     assert list(table["id"]) == [gone, second, first]
     assert "interrupted" in table.loc[table["id"] == gone, "status"].iloc[0]
     assert len(at.get("download_button")) == 2
+    found = [type(e).__name__ + ":" + str(getattr(e, "value", ""))[:12] for e in in_page_order(at)]
+    tick = next(i for i, e in enumerate(found) if e.startswith("Caption:Tick runs at"))
+    assert tick > next(i for i, e in enumerate(found) if e.startswith("Dataframe")), "under the table's toolbar"
 
     at.session_state["runs_table"] = {"selection": {"rows": [1, 2], "columns": [], "cells": []}}
     at.run()
