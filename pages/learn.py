@@ -37,8 +37,8 @@ def layer_pictures() -> None:
         "How r and s start",
         BE_INITS,
         format_func=INIT_LABELS.get,
-        key="learn_init",
-        horizontal=True,
+        key="learn_init",  # one under the other: side by side in a quarter of 1024 px they broke inside
+        horizontal=False,
         help="r_k and s_k are the 'fast weights': each entry drawn from a normal distribution around 1 "
         "(std below; the paper's code uses 0.5), or each +1 or −1 with equal chance",
     )
@@ -98,7 +98,7 @@ def params_section() -> None:
         single = mlp_params(sizes)
         be = batchensemble_params(sizes, members)
         st.metric("single (one MLP)", f"{single:,}")
-        st.metric(f"Classic ensemble, E={members}", f"{members * single:,}")
+        st.metric(f"classic, E={members}", f"{members * single:,}")
         ratio = members * single / be
         versus = f"classic has {ratio:.2f}× as many" if ratio >= 1 else f"{1 / ratio:.2f}× as many as classic"
         st.metric(

@@ -78,6 +78,11 @@ JOB_KEY = "speed_job"  # the SpeedJob this session launched last, or the server'
 OWNER_KEY = "speed_owner"  # this session's id, kept by the jobs it starts
 BUILT_KEY = "speed_built_views"  # the live view's figures and table and what they were built from
 SCROLL_KEY = "speed_scroll_up"  # set by a launch: the next page run scrolls to the progress at the top
+ENDED_KEY = "speed_scroll_to_end"  # set when this tab saw its benchmark end: the next page run scrolls to the outcome
+# The ended benchmark's view moves under the form: at 1280x720 its "Done in" and figures were below the fold.
+SCROLL_TO_OUTCOME = (
+    "<script>document.querySelector('.st-key-speed-outcome')?.scrollIntoView({block: 'start'});</script>"
+)
 P = "speed_set_"  # prefix of the settings' widget keys
 SIZES = [1, 2, 3, 4, 5, 6, 8, 12, 16]
 DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
@@ -590,6 +595,7 @@ def live_view(was_running: bool) -> None:
     job: SpeedJob = st.session_state[JOB_KEY]
     running = job.running()
     if was_running and not running:
+        st.session_state[ENDED_KEY] = True
         st.rerun()  # the whole page: unlock the settings, stop polling
     events = job.events()
     header = next((e["header"] for e in events if e["kind"] == "header"), None)
@@ -694,10 +700,13 @@ with st.expander("Show results saved by the command line (`--json`)"):
             not_bench = f"That is not a file written by `python -m bench_core bench --json`: {reason}"
             st.error(not_bench, icon=":material/error:")
 
+ended = st.session_state.pop(ENDED_KEY, False)
 if job is not None:
-    with live_slot if job_running else st.container():
+    with live_slot if job_running else st.container(key="speed-outcome"):
         st.divider()
         st.fragment(run_every=POLL_SECONDS if job_running else None)(live_view)(job_running)
         # Under the view: above it, its four lines put the progress and Stop low on a 720-px screen.
         args = " ".join(os.path.basename(a) if i == 0 else a for i, a in enumerate(job.proc.args))
         st.caption(f"Command: `{args}`")
+    if ended and not job_running:
+        st.html(SCROLL_TO_OUTCOME, unsafe_allow_javascript=True)

@@ -85,7 +85,9 @@ RANGES = {
     "hidden": (1, 4096),
     "depth": (1, 8),
     "batch_size": (1, 65_536),
-    "lr": (1e-6, 1.0),  # from 0 the box offered a value that the launch refused ("must be a positive number")
+    # From 0: a value typed under a box's minimum is kept by Streamlit's box, red, while the run takes the
+    # last one in range without a word; 0 reaches the launch, which refuses it in one line.
+    "lr": (0.0, 1.0),
     "seed": (0, 2**31 - 1),
     "be_init_std": (0.0, 5.0),
     "synthetic_train": (10, 1_000_000),
