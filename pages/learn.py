@@ -26,7 +26,7 @@ N_IN, N_OUT = 8, 6  # the small layer drawn below
 
 def layer_pictures() -> None:
     """W, s_k r_kᵀ and W ∘ (s_k r_kᵀ) of one member of a small BatchEnsemble layer."""
-    controls = st.columns(4)
+    controls = st.columns([1, 1, 1.5, 0.8])  # the init's choices whole at 1024 px (in a quarter they broke)
     members = controls[0].slider("Ensemble size E", 1, 8, 4, key="learn_members")
     if members > 1:
         k = controls[1].slider("Member k", 1, members, 1, key="learn_member")
@@ -37,7 +37,7 @@ def layer_pictures() -> None:
         "How r and s start",
         BE_INITS,
         format_func=INIT_LABELS.get,
-        key="learn_init",  # one under the other: side by side in a quarter of 1024 px they broke inside
+        key="learn_init",  # one under the other: side by side they broke inside their labels at 1024 px
         horizontal=False,
         help="r_k and s_k are the 'fast weights': each entry drawn from a normal distribution around 1 "
         "(std below; the paper's code uses 0.5), or each +1 or −1 with equal chance",
@@ -76,7 +76,7 @@ def layer_pictures() -> None:
 
 
 def params_section() -> None:
-    controls = st.columns(4)
+    controls = st.columns([1, 1, 1.5, 0.8])  # the init's choices whole at 1024 px (in a quarter they broke)
     name = controls[0].selectbox("Dataset shape", DATASETS, format_func=dataset_label, key="learn_dataset")
     hidden = controls[1].number_input("Hidden width", 1, 4096, 128, step=16, key="learn_hidden")
     depth = controls[2].number_input("Hidden layers", 1, 8, 2, key="learn_depth")
