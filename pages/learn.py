@@ -76,7 +76,7 @@ def layer_pictures() -> None:
 
 
 def params_section() -> None:
-    controls = st.columns([1, 1, 1.5, 0.8])  # the init's choices whole at 1024 px (in a quarter they broke)
+    controls = st.columns(4)
     name = controls[0].selectbox("Dataset shape", DATASETS, format_func=dataset_label, key="learn_dataset")
     hidden = controls[1].number_input("Hidden width", 1, 4096, 128, step=16, key="learn_hidden")
     depth = controls[2].number_input("Hidden layers", 1, 8, 2, key="learn_depth")
