@@ -382,6 +382,31 @@ def rerun_when_changed(drawn: object, look: Callable[[], object], every: float =
     st.fragment(run_every=every)(check)()
 
 
+def number_box(container, label: str, bounds: tuple, *, key: str, **kwargs) -> str | None:
+    """A number box that takes any number, checked against ``bounds`` here: the one-line complaint, or None.
+
+    Given min_value and max_value, Streamlit's box keeps a number typed beyond them, in red, while the
+    script goes on with the last number in range: a run trained with a width the user had not asked
+    for, and nothing on the page could say so. Unbounded, the number typed reaches the script, which
+    names it under the form (``out_of_range``) and refuses to start with it.
+    """
+    container.number_input(label, key=key, **kwargs)
+    return out_of_range(label, st.session_state.get(key), *bounds)
+
+
+def out_of_range(label: str, value, low, high) -> str | None:
+    """'Hidden width must be from 1 to 4,096, not 5,000.', 'Seed: type a number.', or None where it fits."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+        return f"{label}: type a number."
+    if low <= value <= high:
+        return None
+
+    def text(v) -> str:
+        return f"{v:,}" if isinstance(v, int) else f"{v:g}"
+
+    return f"{label} must be from {text(low)} to {text(high)}, not {text(value)}."
+
+
 def one_line_errors(func: Callable) -> Callable:
     """Run ``func``; a BenchError becomes one ``st.error`` line instead of a traceback."""
 

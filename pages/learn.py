@@ -13,6 +13,7 @@ from pages._common import (
     INIT_LABELS,
     dataset_label,
     matrix_figure,
+    number_box,
     params_figure,
     require_router,
     show,
@@ -43,7 +44,12 @@ def layer_pictures() -> None:
         "(std below; the paper's code uses 0.5), or each +1 or −1 with equal chance",
     )
     std = controls[2].slider("std (normal init)", 0.0, 1.5, 0.5, 0.05, key="learn_std", disabled=init != "normal")
-    seed = controls[3].number_input("Seed", 0, 10_000, 0, key="learn_seed")
+    st.session_state.setdefault("learn_seed", 0)
+    problem = number_box(controls[3], "Seed", (0, 10_000), key="learn_seed", step=1)
+    if problem:
+        st.error(problem, icon=":material/error:")
+        return
+    seed = st.session_state["learn_seed"]
 
     with torch.random.fork_rng(devices=[]):  # seed this picture without touching the server's RNG
         torch.manual_seed(int(seed))
@@ -78,11 +84,20 @@ def layer_pictures() -> None:
 def params_section() -> None:
     controls = st.columns(4)
     name = controls[0].selectbox("Dataset shape", DATASETS, format_func=dataset_label, key="learn_dataset")
-    hidden = controls[1].number_input("Hidden width", 1, 4096, 128, step=16, key="learn_hidden")
-    depth = controls[2].number_input("Hidden layers", 1, 8, 2, key="learn_depth")
+    st.session_state.setdefault("learn_hidden", 128)
+    st.session_state.setdefault("learn_depth", 2)
+    problems = [
+        number_box(controls[1], "Hidden width", (1, 4096), key="learn_hidden", step=16),
+        number_box(controls[2], "Hidden layers", (1, 8), key="learn_depth", step=1),
+    ]
     members = controls[3].slider(
         "Ensemble size to mark", 1, 16, 5, key="learn_mark", help="The counts for this E, beside the chart"
     )
+    if any(problems):
+        for problem in filter(None, problems):
+            st.error(problem, icon=":material/error:")
+        return
+    hidden, depth = st.session_state["learn_hidden"], st.session_state["learn_depth"]
     if name == "synthetic":
         shape, classes = tuple(DataConfig.synthetic_shape), DataConfig.synthetic_classes
     else:

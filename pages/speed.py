@@ -60,6 +60,7 @@ from pages._common import (
     log_ticks,
     method_color,
     method_label,
+    number_box,
     numbers_table,
     process_identity,
     require_router,
@@ -83,6 +84,7 @@ ENDED_KEY = "speed_scroll_to_end"  # set when this tab saw its benchmark end: th
 SCROLL_TO_OUTCOME = (
     "<script>document.querySelector('.st-key-speed-outcome')?.scrollIntoView({block: 'start'});</script>"
 )
+SHOWN_KEY = "speed_shown_settings"  # the folder of the benchmark (started elsewhere) whose settings the form took
 P = "speed_set_"  # prefix of the settings' widget keys
 SIZES = [1, 2, 3, 4, 5, 6, 8, 12, 16]
 DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
@@ -189,6 +191,32 @@ def when(started: float) -> str:
     return time.strftime("at %H:%M" if same_day else "on %d %b at %H:%M", then)
 
 
+def form_values(settings: dict) -> dict:
+    """The settings' widget values (keys of DEFAULTS) of a benchmark's ``BenchSettings.to_dict()``.
+
+    Values the form cannot show (a size it does not offer, a device this machine lacks) fall back
+    to the form's defaults; settings it does not have (depth, threads) are left out.
+    """
+    rows = [r for r in settings.get("rows", ()) if r in ROWS]
+    values = {
+        "shape": settings.get("dataset_shape"),
+        "sizes": [e for e in settings.get("ensemble_sizes", ()) if e in SIZES],
+        "rows": [r for r in rows if r not in REFERENCE_ROWS],
+        "reference": bool(settings.get("reference")) and any(r in REFERENCE_ROWS for r in rows),
+        **{name: settings.get(name) for name in ("steps", "warmup", "repeats", "batch_size", "hidden")},
+        "profile_steps": settings.get("profile_steps"),
+        "device": settings.get("device"),
+    }
+    if values["shape"] not in DATASET_SHAPES:
+        values["shape"] = DEFAULTS["shape"]
+    if values["device"] not in DEVICES:
+        values["device"] = "auto"
+    for name in ("steps", "warmup", "repeats", "batch_size", "hidden", "profile_steps"):
+        if isinstance(values[name], bool) or not isinstance(values[name], int):
+            values[name] = DEFAULTS[name]
+    return values
+
+
 def saved_benchmark(data: bytes) -> tuple[dict, list[dict], list[dict] | None]:
     """(header, rows, targets) of a ``bench --json`` file; ValueError where its shape is another."""
     saved = json.loads(data)
@@ -202,8 +230,28 @@ def saved_benchmark(data: bytes) -> tuple[dict, list[dict], list[dict] | None]:
     return header, rows, targets
 
 
-def settings_widgets(locked: bool) -> BenchSettings:
-    """Draw the settings (disabled while ``locked``) and return the BenchSettings they describe."""
+# The timing settings' boxes: label, range (pages._common.number_box), extra arguments (an int step on
+# each: without bounds or a step, Streamlit's box is a float one).
+NUMBERS = {
+    "steps": ("Timed steps", (1, 10_000), {"step": 1}),
+    "warmup": ("Warm-up steps", (0, 10_000), {"step": 1}),
+    "repeats": ("Repeats (median)", (1, 20), {"step": 1}),
+    "batch_size": ("Batch size", (1, 65_536), {"step": 16}),
+    "hidden": ("Hidden width", (1, 4096), {"step": 16}),
+    "profile_steps": (
+        "Profiled steps",
+        (0, 10_000),
+        {"step": 1, "help": "CPU: steps of each row run under torch.profiler for where a step goes (0: none)."},
+    ),
+}
+
+
+def settings_widgets(locked: bool) -> tuple[BenchSettings | None, list[str]]:
+    """Draw the settings (disabled while ``locked``).
+
+    Returns the BenchSettings they describe (None where a number is out of its range) and one line
+    for each number out of its range.
+    """
     top = st.columns([1, 1.6, 0.8])
     top[0].selectbox("Dataset shape", list(DATASET_SHAPES), key=P + "shape", format_func=dataset_label, disabled=locked)
     # Pills, all sizes in view: at 1024 px the multiselect's fourth chip scrolled out of its box.
@@ -226,19 +274,13 @@ def settings_widgets(locked: bool) -> BenchSettings:
     )
     with st.expander("Timing settings"):
         c = st.columns(3)  # six columns at 1024 px wrapped some labels and not others: the boxes out of line
-        c[0].number_input("Timed steps", 1, 10_000, key=P + "steps", disabled=locked)
-        c[1].number_input("Warm-up steps", 0, 10_000, key=P + "warmup", disabled=locked)
-        c[2].number_input("Repeats (median)", 1, 20, key=P + "repeats", disabled=locked)
-        c[0].number_input("Batch size", 1, 65_536, step=16, key=P + "batch_size", disabled=locked)
-        c[1].number_input("Hidden width", 1, 4096, step=16, key=P + "hidden", disabled=locked)
-        c[2].number_input(
-            "Profiled steps",
-            0,
-            10_000,
-            key=P + "profile_steps",
-            disabled=locked,
-            help="CPU: steps of each row run under torch.profiler for where a step goes (0: none).",
-        )
+        problems = [
+            number_box(c[i % 3], label, bounds, key=P + name, disabled=locked, **extra)
+            for i, (name, (label, bounds, extra)) in enumerate(NUMBERS.items())
+        ]
+    problems = [p for p in problems if p]
+    if problems:
+        return None, problems
     s = {name: st.session_state[P + name] for name in DEFAULTS}
     rows = [r for r in ROWS if r in s["rows"]] + (list(REFERENCE_ROWS) if s["reference"] else [])
     return BenchSettings(
@@ -253,7 +295,7 @@ def settings_widgets(locked: bool) -> BenchSettings:
         profile_steps=int(s["profile_steps"]),
         device=s["device"],
         reference=bool(s["reference"]),
-    )
+    ), []
 
 
 def command(settings: BenchSettings, folder: Path) -> list[str]:
@@ -645,6 +687,13 @@ if elsewhere is None and job is None:
     elsewhere = last if last is not None and has_results(last) else None
 if elsewhere is not None:
     st.session_state[JOB_KEY] = job = elsewhere
+    # Its settings in the form, once per benchmark taken up (the user's edits after it stay): the form
+    # had shown this tab's defaults, locked beside a running benchmark of other sizes, or under results
+    # measured with other settings.
+    if st.session_state.get(SHOWN_KEY) != str(job.folder):
+        st.session_state[SHOWN_KEY] = str(job.folder)
+        for _name, _value in form_values(job.settings).items():
+            st.session_state[P + _name] = _value
 if job is not None and job.owner != st.session_state[OWNER_KEY]:  # on every page run, not the first alone
     if job.running():
         st.info(
@@ -674,16 +723,20 @@ if sharing:
 live_slot = st.container()
 if st.session_state.pop(SCROLL_KEY, False):
     st.html(SCROLL_UP, unsafe_allow_javascript=True)
-bench_settings = settings_widgets(locked=job_running)
+bench_settings, problems = settings_widgets(locked=job_running)
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")
 # The button and a bad setting's error line in one container: drawn as siblings, the line came and went
 # between runs and moved the expander below, which Streamlit then drew anew, closed (an upload's views
 # vanished into it).
 with st.container():
-    if st.button(
+    if not job_running:  # a running benchmark's settings are its own
+        for problem in problems:
+            st.error(problem, icon=":material/error:")
+    clicked = st.button(
         "Run benchmark", type="primary", icon=":material/play_arrow:", disabled=job_running, key="speed_start"
-    ):
+    )
+    if clicked and bench_settings is not None:  # else nothing starts: the lines above say why
         launch(bench_settings)
 
 with st.expander("Show results saved by the command line (`--json`)"):

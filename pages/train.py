@@ -36,6 +36,7 @@ from pages._common import (
     one_line_errors,
     open_store,
     ordered_methods,
+    out_of_range,
     progress_of,
     require_router,
     rerun_when_changed,
@@ -77,22 +78,34 @@ DEFAULTS = {
     "synthetic_test": 10_000,
     "points_per_epoch": 2,
 }
-# The number widgets' ranges. A run started elsewhere (the command line) may hold more: watched here,
-# the locked form shows the nearest value it can, and a caption says what the run really has.
+# The settings' ranges. The sliders cannot go beyond theirs: a run started elsewhere (the command line)
+# may hold more, and watched here, a slider shows the nearest value it can beside a caption that says
+# what the run really has. The number boxes take any number (pages._common.number_box): a number out
+# of its range is named under the form and refuses the launch.
 RANGES = {
     "ensemble_size": (1, 16),
     "epochs": (1, 50),
     "hidden": (1, 4096),
     "depth": (1, 8),
     "batch_size": (1, 65_536),
-    # From 0: a value typed under a box's minimum is kept by Streamlit's box, red, while the run takes the
-    # last one in range without a word; 0 reaches the launch, which refuses it in one line.
-    "lr": (0.0, 1.0),
+    "lr": (0.0, 1.0),  # 0 in range: the launch refuses it in bench_core's own words
     "seed": (0, 2**31 - 1),
     "be_init_std": (0.0, 5.0),
     "synthetic_train": (10, 1_000_000),
     "synthetic_test": (10, 1_000_000),
     "points_per_epoch": (0, 50),
+}
+SLIDERS = ("ensemble_size", "epochs")
+NUMBER_LABELS = {  # the number boxes, in the form's order
+    "hidden": "Hidden width",
+    "depth": "Hidden layers",
+    "batch_size": "Batch size",
+    "lr": "Learning rate (Adam)",
+    "seed": "Seed",
+    "points_per_epoch": "Loss points per epoch",
+    "be_init_std": "Fast-weight init std",
+    "synthetic_train": "Synthetic training examples",
+    "synthetic_test": "Synthetic test examples",
 }
 SAVED_KEY = "train_saved_settings"  # a copy of the settings that outlives the widgets (Streamlit drops
 # the state of widgets a page run does not draw, so a visit to another page would reset them)
@@ -140,7 +153,8 @@ def restore_settings(live_config: dict | None) -> list[str]:
 
     While this session's run is active its own settings are shown (locked); otherwise the
     user's last settings come back after a visit to another page. Returns the live run's settings
-    that lie beyond the widgets' ranges ("epochs 100"), each shown at the nearest value in range.
+    that lie beyond the sliders' ranges ("epochs 100"), each shown at the nearest value in range (the
+    number boxes show any number as it is).
     """
     saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
     if SAVED_KEY not in st.session_state:  # a fresh form: the files looked for once, not on every page run
@@ -155,7 +169,8 @@ def restore_settings(live_config: dict | None) -> list[str]:
     if saved["device"] not in DEVICES:  # a device that went away since
         saved["device"] = "auto"
     beyond = []
-    for name, (low, high) in RANGES.items():
+    for name in SLIDERS:
+        low, high = RANGES[name]
         value = saved[name]
         if not low <= value <= high:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
@@ -212,15 +227,17 @@ def settings(locked: bool) -> RunConfig:
         # Three columns of numbers, then the choices as rows of two: in four columns at 1024 px
         # "BatchEnsemble batching" broke inside the word.
         a = st.columns(3)
-        a[0].number_input("Hidden width", *RANGES["hidden"], step=16, key=P + "hidden", disabled=locked)
-        a[1].number_input("Hidden layers", *RANGES["depth"], key=P + "depth", disabled=locked)
-        a[2].number_input("Batch size", *RANGES["batch_size"], step=16, key=P + "batch_size", disabled=locked)
+        # No min_value or max_value: range_problems checks them (see NUMBER_LABELS). An int step on each
+        # whole number: without bounds or a step, Streamlit's box is a float one and hands back 2.0.
+        a[0].number_input(NUMBER_LABELS["hidden"], step=16, key=P + "hidden", disabled=locked)
+        a[1].number_input(NUMBER_LABELS["depth"], step=1, key=P + "depth", disabled=locked)
+        a[2].number_input(NUMBER_LABELS["batch_size"], step=16, key=P + "batch_size", disabled=locked)
         # %g: 0.00005 reads as 5e-05, the value trained with (%.4f showed 0.0001)
-        a[0].number_input("Learning rate (Adam)", *RANGES["lr"], step=1e-4, format="%g", key=P + "lr", disabled=locked)
-        a[1].number_input("Seed", *RANGES["seed"], key=P + "seed", disabled=locked)
+        a[0].number_input(NUMBER_LABELS["lr"], step=1e-4, format="%g", key=P + "lr", disabled=locked)
+        a[1].number_input(NUMBER_LABELS["seed"], step=1, key=P + "seed", disabled=locked)
         a[2].number_input(
-            "Loss points per epoch",
-            *RANGES["points_per_epoch"],
+            NUMBER_LABELS["points_per_epoch"],
+            step=1,
             key=P + "points_per_epoch",
             disabled=locked,
             help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
@@ -251,8 +268,7 @@ def settings(locked: bool) -> RunConfig:
             horizontal=True,
         )
         b[1].number_input(
-            "Fast-weight init std",
-            *RANGES["be_init_std"],
+            NUMBER_LABELS["be_init_std"],
             step=0.05,
             key=P + "be_init_std",
             disabled=locked or st.session_state[P + "be_init"] != "normal",
@@ -261,21 +277,30 @@ def settings(locked: bool) -> RunConfig:
         if name == "synthetic":
             c = st.columns(2)
             c[0].number_input(
-                "Synthetic training examples",
-                *RANGES["synthetic_train"],
+                NUMBER_LABELS["synthetic_train"],
                 step=1000,
                 key=P + "synthetic_train",
                 disabled=locked,
             )
             c[1].number_input(
-                "Synthetic test examples",
-                *RANGES["synthetic_test"],
+                NUMBER_LABELS["synthetic_test"],
                 step=500,
                 key=P + "synthetic_test",
                 disabled=locked,
             )
 
     return config_from_state()
+
+
+def range_problems() -> list[str]:
+    """One line for each number box of the form whose number is out of its range (or none was typed)."""
+    shown = dict(NUMBER_LABELS)
+    if st.session_state[P + "dataset"] != "synthetic":  # drawn for synthetic data only
+        del shown["synthetic_train"], shown["synthetic_test"]
+    if st.session_state[P + "be_init"] != "normal":  # disabled: the normal init's only
+        del shown["be_init_std"]
+    problems = (out_of_range(label, st.session_state[P + name], *RANGES[name]) for name, label in shown.items())
+    return [p for p in problems if p]
 
 
 def config_from_state() -> RunConfig:
@@ -294,6 +319,10 @@ def launch() -> None:
     redraws while the run's first seconds train. A bad setting launches nothing and is kept for
     the page to show as one line.
     """
+    problems = range_problems()
+    if problems:  # already under the form: the click's answer is that nothing started
+        st.session_state[LAUNCH_ERROR_KEY] = problems[0]
+        return
     cfg = config_from_state()
     if not cfg.methods:  # in the words of the form (validate names the command line's: batchensemble)
         names = ", ".join(method_label(m) for m in METHODS)
@@ -523,11 +552,15 @@ if live_active:
         st.caption(
             f"Run {live_id} has {', '.join(beyond)}: beyond this form's range, so the form shows the nearest value."
         )
+problems = [] if live_active else range_problems()  # a watched run's numbers are the run's, whatever the form's ranges
+for problem in problems:
+    st.error(problem, icon=":material/error:")
 st.button(
     "Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start", on_click=launch
 )
-if LAUNCH_ERROR_KEY in st.session_state:
-    st.error(st.session_state.pop(LAUNCH_ERROR_KEY), icon=":material/error:")
+launch_error = st.session_state.pop(LAUNCH_ERROR_KEY, None)
+if launch_error is not None and launch_error not in problems:
+    st.error(launch_error, icon=":material/error:")
 if sharing and not live_active:
     st.warning(sharing, icon=":material/speed:")
 

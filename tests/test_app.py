@@ -48,6 +48,7 @@ from pages._common import (
     member_accuracy_figure,
     mlp_params,
     numbers_table,
+    out_of_range,
     progress_of,
     runs_loss_figure,
 )
@@ -294,7 +295,9 @@ def test_watching_a_run_whose_settings_are_beyond_the_form_shows_it_and_says_so(
     assert at.get("progress"), "its live view"
     assert at.slider(key="train_set_epochs").value == 50 and at.slider(key="train_set_ensemble_size").value == 16
     (note,) = [c for c in texts(at.caption) if "beyond this form's range" in c]
-    assert "ensemble size 32" in note and "epochs 100" in note and f"seed {2**40}" in note
+    assert "ensemble size 32" in note and "epochs 100" in note
+    assert at.number_input(key="train_set_seed").value == 2**40, "a number box shows any number as it is"
+    assert not at.error, "a watched run's numbers are the run's: no complaint about the form's ranges"
 
 
 def test_a_value_typed_just_before_train_is_the_one_shown_for_the_run(store_file, monkeypatch):
@@ -1504,3 +1507,99 @@ def test_a_numbers_table_shows_counts_with_separators_and_keeps_numbers_undernea
     assert shown == ["single", "1", "—", "0.967", "411,146", "classic", "5", "1", "3.309", "2,055,730"]
     assert styled.data["parameters"].tolist() == [411146, 2055730], "numbers underneath: the column sorts by value"
     assert styled.data["× classic vectorized"].isna().tolist() == [True, False]
+
+
+# ----------------------------------------------------------------------------- numbers out of range
+
+
+def test_out_of_range_names_the_box_its_range_and_the_number():
+    assert out_of_range("Hidden width", 128, 1, 4096) is None
+    assert out_of_range("Hidden width", 4096, 1, 4096) is None, "the bounds are in range"
+    assert out_of_range("Hidden width", 5000, 1, 4096) == "Hidden width must be from 1 to 4,096, not 5,000."
+    assert out_of_range("Hidden layers", 0, 1, 8) == "Hidden layers must be from 1 to 8, not 0."
+    assert out_of_range("Learning rate (Adam)", 2.5, 0.0, 1.0) == "Learning rate (Adam) must be from 0 to 1, not 2.5."
+    assert out_of_range("Learning rate (Adam)", 1e-4, 0.0, 1.0) is None
+    assert out_of_range("Seed", None, 0, 10) == "Seed: type a number."
+    assert out_of_range("Seed", float("nan"), 0, 10) == "Seed: type a number."
+    assert out_of_range("Seed", float("inf"), 0, 10) == "Seed must be from 0 to 10, not inf."
+
+
+def test_train_names_a_number_typed_beyond_its_box_and_trains_nothing_with_another(store_file, monkeypatch):
+    """Streamlit's bounded box kept 5000 in red while the run took the last number in range, 128."""
+    launched = []
+    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: launched.append(config) or (1, None))
+    at = open_page("train")
+    at.number_input(key="train_set_hidden").set_value(5000).run()
+    assert not at.exception, at.exception
+    problem = "Hidden width must be from 1 to 4,096, not 5,000."
+    assert texts(at.error) == [problem], "named under the form at once, in one line"
+    at.button(key="train_start").click().run()
+    assert not launched, "nothing trains with a number the user did not ask for"
+    assert texts(at.error) == [problem], "the click's answer: the same line, once"
+    assert at.number_input(key="train_set_hidden").value == 5000, "the number typed is kept"
+    at.number_input(key="train_set_hidden").set_value(256).run()
+    assert not at.error
+    at.button(key="train_start").click().run()
+    assert len(launched) == 1 and launched[0]["model"]["hidden"] == 256
+
+
+def test_train_checks_the_boxes_it_draws_only(store_file):
+    at = open_page("train")
+    at.number_input(key="train_set_be_init_std").set_value(9.0).run()
+    assert texts(at.error) == ["Fast-weight init std must be from 0 to 5, not 9."]
+    at.radio(key="train_set_be_init").set_value("random_sign").run()
+    assert not at.error, "the std box is the normal init's: disabled with random signs, not checked"
+    at.radio(key="train_set_be_init").set_value("normal").run()
+    assert texts(at.error) == ["Fast-weight init std must be from 0 to 5, not 9."]
+
+
+def test_speed_names_a_number_typed_beyond_its_box_and_starts_nothing(store_file):
+    at = open_page("speed")
+    at.number_input(key="speed_set_repeats").set_value(50).run()
+    assert not at.exception, at.exception
+    assert texts(at.error) == ["Repeats (median) must be from 1 to 20, not 50."]
+    at.button(key="speed_start").click().run()
+    assert at.session_state.get("speed_job") is None, "no benchmark started"
+    assert at.number_input(key="speed_set_repeats").value == 50
+
+
+def test_learn_names_a_number_typed_beyond_its_box(store_file):
+    at = open_page("learn")
+    charts_before = len(charts(at))
+    at.number_input(key="learn_hidden").set_value(5000).run()
+    assert not at.exception, at.exception
+    assert texts(at.error) == ["Hidden width must be from 1 to 4,096, not 5,000."]
+    assert len(charts(at)) == charts_before - 1, "the parameter chart waits for a number in range"
+    at.number_input(key="learn_hidden").set_value(256).run()
+    assert not at.error and len(charts(at)) == charts_before
+
+
+def test_speed_form_shows_the_settings_of_a_benchmark_shown_from_elsewhere(store_file, tmp_path):
+    """A new tab showed the last benchmark's results under its own defaults: E = 1, 2, 4, 8 above rows of E = 2, 3."""
+    settings = BenchSettings(
+        ensemble_sizes=(2, 3),
+        rows=("classic-vectorized", "reference-classic"),
+        steps=7,
+        warmup=1,
+        repeats=1,
+        hidden=64,
+        batch_size=32,
+        profile_steps=0,
+        device="cpu",
+        reference=True,
+    )
+    header = {"kind": "header", "fraction": 0.05, "message": "", "header": {"device": "cpu"}}
+    row = {"kind": "row", "fraction": 0.5, "message": "", "row": {"name": "classic-vectorized"}}
+    done = {"kind": "done", "fraction": 1.0, "message": "", "header": header["header"]}
+    job = ended_job(tmp_path, "elsewhere", [header, row, done], status=0)
+    job.settings = settings.to_dict()
+    at = open_page("speed")
+    assert at.session_state.get("speed_job") is job
+    assert at.session_state["speed_set_sizes"] == [2, 3]
+    assert at.session_state["speed_set_rows"] == ["classic-vectorized"]
+    assert at.checkbox(key="speed_set_reference").value
+    assert at.number_input(key="speed_set_steps").value == 7 and at.number_input(key="speed_set_hidden").value == 64
+    assert at.number_input(key="speed_set_batch_size").value == 32
+    assert at.selectbox(key="speed_set_device").value == "cpu"
+    at.number_input(key="speed_set_steps").set_value(9).run()
+    assert at.number_input(key="speed_set_steps").value == 9, "the user's change stays: taken once per benchmark"

@@ -242,6 +242,22 @@ def test_speed_shows_a_saved_benchmark_after_a_bad_setting_was_refused(page, ser
     assert not ui.error_texts(page)
 
 
+def test_a_number_typed_beyond_its_box_is_named_and_trains_nothing(page, server):
+    """Streamlit's bounded box had kept 5000 in red while Train trained with the last number in range."""
+    ui.wait_settled(page)
+    ui.open_expander(page, "Advanced settings")
+    box = page.get_by_role("spinbutton", name="Hidden width", exact=True).first
+    box.fill("5000")
+    box.press("Tab")
+    expect(page.get_by_text("Hidden width must be from 1 to 4,096, not 5,000.")).to_be_visible()
+    before = ui.latest_run_id(server.store)
+    ui.train_button(page).click()
+    ui.wait_settled(page)
+    assert ui.latest_run_id(server.store) == before, "no run was made"
+    assert box.input_value() == "5000", "the number typed is kept"
+    assert ui.error_texts(page) == ["error\n\nHidden width must be from 1 to 4,096, not 5,000."], "said once"
+
+
 def test_results_stacks_its_side_by_side_figures_in_a_narrow_window(page, server):
     """At 1024 px beside the sidebar two agreement matrices got 70 px each, their values run together."""
     from bench_core.runner import run_experiment
