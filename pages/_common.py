@@ -100,7 +100,11 @@ def ordered_methods(methods: Iterable[str]) -> list[str]:
 
 
 def run_label(run: dict) -> str:
-    """One line naming a run: "#12 finished · synthetic · classic, BatchEnsemble · E=5 · 10 epochs"."""
+    """One line naming a run: "#12 · synthetic · classic, BatchEnsemble · E=5 · 10 epochs · 27 Nov 14:02".
+
+    The status only where the run did not finish ("#13 stopped · …"): with "finished" in every label
+    Results' Run box cut the time off at 1024 px.
+    """
     cfg = run.get("config") or {}
     data = cfg.get("data") or {}
     model = cfg.get("model") or {}
@@ -113,7 +117,7 @@ def run_label(run: dict) -> str:
     members = "" if run.get("methods") == ["single"] else f"E={model.get('ensemble_size', '?')} · "
     planned = " planned" if status in ("stopped", "interrupted", "failed") else ""  # not all of them ran
     return (
-        f"#{run['id']} {status} · {dataset_label(data.get('name', '?'))} · "
+        f"#{run['id']}{'' if status == 'finished' else ' ' + status} · {dataset_label(data.get('name', '?'))} · "
         f"{methods or '—'} · {members}{epochs} epoch{'' if epochs == 1 else 's'}{planned} · {created}"
     )
 
@@ -1103,6 +1107,8 @@ def runs_loss_figure(runs: list[dict]) -> go.Figure:
                 )
             )
     style(fig, "Training loss per epoch (colour: method, line style: run)", "epoch", "training loss (mean of members)")
+    # From 0, as the other loss charts: Plotly's own range magnified two runs' last hundredths into a gulf.
+    fig.update_yaxes(rangemode="tozero")
     return fig
 
 

@@ -103,10 +103,13 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
             # Over the mean member, as the caption says (whole at 1024 px); two decimals, so that the panel
             # titles' 0.868 and 0.864 do not read as a gain of 0.4 where it is 0.33.
             gain = f"{(ens - mean) * 100:+.2f} points"
+        level = gain in ("+0.00 points", "-0.00 points")  # no gain to two decimals: not a red "-0.00"
         cell.metric(
             method_label(method),
             format_value(ens, "{:.1%}"),
-            gain,
+            "0.00 points" if level else gain,
+            delta_color="off" if level else "normal",
+            delta_arrow="off" if level else "auto",
             border=True,
             help=f"{method_label(method)}: test accuracy of the mean of the members' softmax; below it, "
             "its gain over the members' mean accuracy",

@@ -854,6 +854,20 @@ def test_results_of_a_store_edited_by_hand_is_one_line_at_most(store_file, sql):
     assert at.get("expander"), "the run's settings still show"
 
 
+def test_results_gives_no_gain_to_two_decimals_as_level_not_red(store_file):
+    """-0.00004 of a point read "-0.00 points" in red, under a down arrow."""
+    run_id = make_run(store_file)
+    with RunStore(store_file) as store:
+        result = store.get_run(run_id)["results"]["classic"]
+        store.set_result(run_id, "classic", {**result, "ensemble_accuracy": result["mean_member_accuracy"] - 4e-7})
+    at = open_page("results")
+    (classic,) = [m for m in at.metric if m.label == "classic"]
+    assert classic.delta == "0.00 points"
+    from streamlit.proto.Metric_pb2 import Metric
+
+    assert classic.proto.color == Metric.MetricColor.GRAY and classic.proto.direction == Metric.MetricDirection.NONE
+
+
 def test_results_shows_the_latest_finished_run(store_file):
     make_run(store_file)
     run_id = make_run(store_file)
@@ -872,7 +886,7 @@ def test_results_shows_the_latest_finished_run(store_file):
     assert any(f"from {zmin:.2f} (at or under the lowest agreement) to 1" in c for c in texts(at.caption))
     assert [f["layout"]["title"]["text"].split("<br>")[0] for f in found] == ["classic", "BatchEnsemble"]
     gains = [m.delta for m in at.metric if m.label in ("classic", "BatchEnsemble")]
-    assert len(gains) == 2 and all(re.fullmatch(r"[+-]\d+\.\d\d points", g) for g in gains), gains  # whole at 1024 px
+    assert len(gains) == 2 and all(re.fullmatch(r"([+-]\d+\.\d\d|0\.00) points", g) for g in gains), gains  # 1024 px
     ratios = {m.label: m.value for m in at.metric if m.value.endswith("×")}
     assert list(ratios) == ["Training time", "Parameters"], "short labels: at 1024 px the long ones were cut"
     assert "The classic ensemble's cost ÷ BatchEnsemble's" in texts(at.caption), "what the ratios are, above them"
@@ -1207,8 +1221,10 @@ def test_a_stopped_epoch_is_drawn_at_the_part_of_it_that_ran():
         for e, steps, stopped in ((1, 32, False), (2, 32, False), (3, 24, True))
     ]  # fmt: skip
     assert loss_series(records)["classic"]["x"] == [1.0, 2.0, 2.75]
-    (trace,) = runs_loss_figure([{"id": 4, "records": records}]).data
+    fig = runs_loss_figure([{"id": 4, "records": records}])
+    (trace,) = fig.data
     assert list(trace.x) == [1.0, 2.0, 2.75]
+    assert fig.layout.yaxis.rangemode == "tozero", "from 0, as the other loss charts"
     first = [{**records[0], "steps": 3, "stopped": True}]
     assert loss_series(first)["classic"]["x"] == [1.0], "stopped in its first epoch: no whole one to measure by"
     edited = [{**records[0], "epoch": "one"}, {**records[1], "steps": "x"}]  # a store edited by hand
@@ -1385,6 +1401,7 @@ def test_run_label_names_members_and_epochs_as_they_are():
     assert " · 1 epoch · " in label and "E=" not in label  # one model: no E=16, and not "1 epochs"
     assert "E=16 · 1 epoch" in run_label({**run, "methods": ["single", "classic"]})
     assert " · 1 epoch planned · " in run_label({**run, "status": "stopped"}), "a stopped run ran fewer"
+    assert label.startswith("#4 · ") and run_label({**run, "status": "stopped"}).startswith("#4 stopped · ")
 
 
 def test_empty_loss_figure_shows_the_coming_epochs_and_no_data():
