@@ -610,6 +610,7 @@ def test_tiny_benchmark_every_row(one_thread):
     table = format_table(done.header, done.rows, done.targets)
     for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
         assert label in table
+    assert "\nBatchEnsemble  repeat" in table and "\nbatchensemble" not in table, "spelt as every page spells it"
     onednn = done.header["onednn_matmul_flops_per_second"]  # a CPU run
     assert onednn > 0 and "oneDNN's product" in table
     rate = done.header["floor_flops_per_second"]
@@ -629,7 +630,7 @@ def test_tiny_benchmark_every_row(one_thread):
             assert sum(step_parts(row).values()) == pytest.approx(row["epoch_seconds"]), row["name"]
     section = table.split("where a step goes")[1].splitlines()
     workbench = [r for r in done.rows if r["method"] != "reference"]
-    lines = [line for line in section if line.split()[:1] in (["single"], ["classic"], ["batchensemble"])]
+    lines = [line for line in section if line.split()[:1] in (["single"], ["classic"], ["BatchEnsemble"])]
     assert len(lines) == len(workbench), "one line per profiled row"
     assert all(line.count("%") == len(STEP_PARTS) for line in lines)
     assert set(done.header["model_gemm_flops_per_second"]["2"]["split"]) == {"forward", "weight_grad", "input_grad"}

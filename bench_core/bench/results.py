@@ -7,6 +7,7 @@ import math
 from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.flops import epoch_flops, floor_seconds
 from bench_core.bench.settings import ROW_NAMES, TARGET_E, BenchSettings, row_batching
+from bench_core.report import METHOD_LABELS
 
 
 def derive_row(raw: dict, settings: BenchSettings, rate: float) -> dict:
@@ -214,7 +215,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
     body = []
     for r in rows:
         values = [
-            r["method"],
+            METHOD_LABELS.get(r["method"], r["method"]),  # "BatchEnsemble", as the progress lines and targets
             r["mode"],
             str(r["ensemble_size"]),
             f"{r['epoch_seconds']:.3g}",
@@ -381,7 +382,7 @@ def step_parts_lines(rows: list[dict]) -> list[str]:
     body = []
     for r in profiled:
         parts = step_parts(r)
-        values = [r["method"], r["mode"], str(r["ensemble_size"])]
+        values = [METHOD_LABELS.get(r["method"], r["method"]), r["mode"], str(r["ensemble_size"])]
         values += [f"{100 * r['step_shares'].get(part, 0.0):.0f} %" for part in STEP_PARTS]
         values.append(f"{parts[STEP_PARTS[0]] / r['floor_seconds']:.2f}")
         values.append(f"{1e3 * r['profiled_step_seconds']:.2f}")
