@@ -398,17 +398,30 @@ def number_box(container, label: str, bounds: tuple, *, key: str, **kwargs) -> s
     return out_of_range(label, st.session_state.get(key), *bounds)
 
 
-def out_of_range(label: str, value, low, high) -> str | None:
-    """'Hidden width must be from 1 to 4,096, not 5,000.', 'Seed: type a number.', or None where it fits."""
+def out_of_range(label: str, value, low, high, above: bool = False) -> str | None:
+    """'Hidden width must be from 1 to 4,096, not 5,000.', 'Seed: type a number.', or None where it fits.
+
+    ``above``: ``low`` itself is out of range ("must be above 0 and at most 1").
+    """
     if value is None or isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
         return f"{label}: type a number."
-    if low <= value <= high:
+    if (low < value if above else low <= value) and value <= high:
         return None
 
     def text(v) -> str:
         return f"{v:,}" if isinstance(v, int) else f"{v:g}"
 
-    return f"{label} must be from {text(low)} to {text(high)}, not {text(value)}."
+    span = f"above {text(low)} and at most {text(high)}" if above else f"from {text(low)} to {text(high)}"
+    return f"{label} must be {span}, not {text(value)}."
+
+
+def show_problems(problems: list[str]) -> None:
+    """The form's numbers out of range, one line each, in one red box.
+
+    (Five boxes, one each, had pushed the button off a 720-px screen.)
+    """
+    if problems:
+        st.error("  \n".join(problems), icon=":material/error:")
 
 
 def one_line_errors(func: Callable) -> Callable:

@@ -17,6 +17,7 @@ from pages._common import (
     params_figure,
     require_router,
     show,
+    show_problems,
     stacked_columns,
 )
 
@@ -94,8 +95,7 @@ def params_section() -> None:
         "Ensemble size to mark", 1, 16, 5, key="learn_mark", help="The counts for this E, beside the chart"
     )
     if any(problems):
-        for problem in filter(None, problems):
-            st.error(problem, icon=":material/error:")
+        show_problems([p for p in problems if p])
         return
     hidden, depth = st.session_state["learn_hidden"], st.session_state["learn_depth"]
     if name == "synthetic":

@@ -67,6 +67,7 @@ from pages._common import (
     running_benchmark,
     sharing_note,
     show,
+    show_problems,
     speed_folder,
     stacked_columns,
     store_path,
@@ -100,7 +101,10 @@ DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
     "profile_steps": 20,
     "device": "auto",
 }
-for _name, _value in DEFAULTS.items():
+# The form's values kept past a visit to another page: Streamlit drops the state of the widgets a page run
+# does not draw, and the form came back with its defaults.
+SAVED_KEY = "speed_saved_settings"
+for _name, _value in {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}.items():
     st.session_state.setdefault(P + _name, _value)
 DEVICES = ["auto", *available_devices()]
 if st.session_state[P + "device"] not in DEVICES:
@@ -724,6 +728,7 @@ live_slot = st.container()
 if st.session_state.pop(SCROLL_KEY, False):
     st.html(SCROLL_UP, unsafe_allow_javascript=True)
 bench_settings, problems = settings_widgets(locked=job_running)
+st.session_state[SAVED_KEY] = {name: st.session_state[P + name] for name in DEFAULTS}
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")
 # The button and a bad setting's error line in one container: drawn as siblings, the line came and went
@@ -731,8 +736,7 @@ if job_running:
 # vanished into it).
 with st.container():
     if not job_running:  # a running benchmark's settings are its own
-        for problem in problems:
-            st.error(problem, icon=":material/error:")
+        show_problems(problems)
     clicked = st.button(
         "Run benchmark", type="primary", icon=":material/play_arrow:", disabled=job_running, key="speed_start"
     )

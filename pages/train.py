@@ -45,6 +45,7 @@ from pages._common import (
     running_benchmark,
     sharing_note,
     show,
+    show_problems,
     store_path,
     wrapping,
 )
@@ -88,14 +89,16 @@ RANGES = {
     "hidden": (1, 4096),
     "depth": (1, 8),
     "batch_size": (1, 65_536),
-    "lr": (0.0, 1.0),  # 0 in range: the launch refuses it in bench_core's own words
+    "lr": (0.0, 1.0),  # above 0 (OPEN_BELOW)
     "seed": (0, 2**31 - 1),
     "be_init_std": (0.0, 5.0),
     "synthetic_train": (10, 1_000_000),
     "synthetic_test": (10, 1_000_000),
     "points_per_epoch": (0, 50),
 }
+OPEN_BELOW = ("lr",)  # ranges whose lower bound is out: a learning rate of 0 trains nothing
 SLIDERS = ("ensemble_size", "epochs")
+SYNTHETIC_ONLY = ("synthetic_train", "synthetic_test")  # drawn for synthetic data only
 NUMBER_LABELS = {  # the number boxes, in the form's order
     "hidden": "Hidden width",
     "depth": "Hidden layers",
@@ -176,14 +179,28 @@ def restore_settings(live_config: dict | None) -> list[str]:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
             beyond.append(f"{name.replace('_', ' ')} {shown}")
             saved[name] = min(max(value, low), high)
+    # The dataset this run draws the form for: the box's own value where it has one (a choice just made).
+    dataset = saved["dataset"] if live_config is not None else st.session_state.get(P + "dataset", saved["dataset"])
     for name, value in saved.items():
+        if name in SYNTHETIC_ONLY and dataset != "synthetic":
+            # Not drawn in this run. A value put in a widget's key from code before its widget exists stays
+            # there until a widget takes it: it had come back over the number typed since, after a visit to
+            # another page or to another dataset (1000 examples typed, 50,000 trained).
+            continue
         if live_config is not None or P + name not in st.session_state:
             st.session_state[P + name] = value
     return beyond
 
 
+def current(name: str):
+    """The setting's value: its widget's, or the saved one where its widget is not drawn (SYNTHETIC_ONLY)."""
+    if P + name in st.session_state:
+        return st.session_state[P + name]
+    return st.session_state.get(SAVED_KEY, {}).get(name, DEFAULTS[name])
+
+
 def remember_settings() -> None:
-    st.session_state[SAVED_KEY] = {name: st.session_state[P + name] for name in DEFAULTS}
+    st.session_state[SAVED_KEY] = {name: current(name) for name in DEFAULTS}
 
 
 def settings(locked: bool) -> RunConfig:
@@ -299,13 +316,16 @@ def range_problems() -> list[str]:
         del shown["synthetic_train"], shown["synthetic_test"]
     if st.session_state[P + "be_init"] != "normal":  # disabled: the normal init's only
         del shown["be_init_std"]
-    problems = (out_of_range(label, st.session_state[P + name], *RANGES[name]) for name, label in shown.items())
+    problems = (
+        out_of_range(label, st.session_state[P + name], *RANGES[name], above=name in OPEN_BELOW)
+        for name, label in shown.items()
+    )
     return [p for p in problems if p]
 
 
 def config_from_state() -> RunConfig:
     """The RunConfig that the settings' widgets describe now."""
-    s = {name: st.session_state[P + name] for name in DEFAULTS}
+    s = {name: current(name) for name in DEFAULTS}
     cfg = RunConfig.from_flat({**s, "methods": tuple(m for m in METHODS if m in s["methods"])})
     cfg.train.log_every = log_every_for(cfg, int(s["points_per_epoch"]))
     return cfg
@@ -553,8 +573,7 @@ if live_active:
             f"Run {live_id} has {', '.join(beyond)}: beyond this form's range, so the form shows the nearest value."
         )
 problems = [] if live_active else range_problems()  # a watched run's numbers are the run's, whatever the form's ranges
-for problem in problems:
-    st.error(problem, icon=":material/error:")
+show_problems(problems)
 st.button(
     "Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start", on_click=launch
 )

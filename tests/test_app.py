@@ -325,7 +325,7 @@ def test_a_value_typed_just_before_train_is_the_one_shown_for_the_run(store_file
     ("settings", "needle"),
     [
         ({"train_set_be_batching": "split", "train_set_batch_size": 2}, "can't be split among"),
-        ({"train_set_lr": 0.0}, "learning rate"),
+        ({"train_set_lr": 0.0}, "Learning rate (Adam) must be above 0"),
         ({"train_set_methods": []}, "Choose at least one method under Methods (single, classic, BatchEnsemble)."),
         ({"train_set_batch_size": 4000}, "larger than the"),
     ],
@@ -1539,6 +1539,18 @@ def test_out_of_range_names_the_box_its_range_and_the_number():
     assert out_of_range("Seed", None, 0, 10) == "Seed: type a number."
     assert out_of_range("Seed", float("nan"), 0, 10) == "Seed: type a number."
     assert out_of_range("Seed", float("inf"), 0, 10) == "Seed must be from 0 to 10, not inf."
+    rate = "Learning rate (Adam) must be above 0 and at most 1, not 0."
+    assert out_of_range("Learning rate (Adam)", 0.0, 0.0, 1.0, above=True) == rate
+    assert out_of_range("Learning rate (Adam)", 1.0, 0.0, 1.0, above=True) is None
+
+
+def test_train_names_every_number_out_of_range_in_one_box_the_learning_rate_of_0_too(store_file):
+    at = open_page("train")
+    at.number_input(key="train_set_lr").set_value(0.0).run()
+    at.number_input(key="train_set_depth").set_value(0).run()
+    assert texts(at.error) == [
+        "Hidden layers must be from 1 to 8, not 0.  \nLearning rate (Adam) must be above 0 and at most 1, not 0."
+    ], "one red box, a line each, in the form's order; 0 named as the range says (bench_core said 'positive')"
 
 
 def test_train_names_a_number_typed_beyond_its_box_and_trains_nothing_with_another(store_file, monkeypatch):
@@ -1620,3 +1632,36 @@ def test_speed_form_shows_the_settings_of_a_benchmark_shown_from_elsewhere(store
     assert at.selectbox(key="speed_set_device").value == "cpu"
     at.number_input(key="speed_set_steps").set_value(9).run()
     assert at.number_input(key="speed_set_steps").value == 9, "the user's change stays: taken once per benchmark"
+
+
+def test_train_keeps_the_synthetic_sizes_typed_past_other_pages_and_datasets(store_file, monkeypatch):
+    """1000 examples typed, a visit to Results, and the box read 50,000 again: the run trained on 50,000."""
+    launched = []
+    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: launched.append(config) or (1, None))
+    at = open_page("train")
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    at.number_input(key="train_set_synthetic_train").set_value(1000).run()
+    at.number_input(key="train_set_synthetic_test").set_value(500).run()
+    at.switch_page("pages/results.py").run()
+    at.switch_page("pages/train.py").run()
+    assert at.number_input(key="train_set_synthetic_train").value == 1000
+    assert at.number_input(key="train_set_synthetic_test").value == 500
+    at.selectbox(key="train_set_dataset").set_value("mnist").run()
+    assert not at.exception, at.exception
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    assert at.number_input(key="train_set_synthetic_train").value == 1000, "kept while another dataset was chosen"
+    at.slider(key="train_set_epochs").set_value(1).run()
+    at.button(key="train_start").click().run()
+    assert launched and launched[0]["data"]["synthetic_train"] == 1000 and launched[0]["data"]["synthetic_test"] == 500
+
+
+def test_speed_keeps_its_settings_past_a_visit_to_another_page(store_file):
+    at = open_page("speed")
+    at.number_input(key="speed_set_steps").set_value(9).run()
+    at.session_state["speed_set_sizes"] = [1, 16]
+    at.run()
+    at.switch_page("pages/learn.py").run()
+    at.switch_page("pages/speed.py").run()
+    assert not at.exception, at.exception
+    assert at.number_input(key="speed_set_steps").value == 9, "it came back as 20, the default"
+    assert at.session_state["speed_set_sizes"] == [1, 16]
