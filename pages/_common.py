@@ -403,7 +403,9 @@ def out_of_range(label: str, value, low, high, above: bool = False) -> str | Non
 
     ``above``: ``low`` itself is out of range ("must be above 0 and at most 1").
     """
-    if value is None or isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return f"{label}: type a number."
+    if isinstance(value, float) and math.isnan(value):
         return f"{label}: type a number."
     if (low < value if above else low <= value) and value <= high:
         return None

@@ -201,10 +201,10 @@ def form_values(settings: dict) -> dict:
     Values the form cannot show (a size it does not offer, a device this machine lacks) fall back
     to the form's defaults; settings it does not have (depth, threads) are left out.
     """
-    rows = [r for r in settings.get("rows", ()) if r in ROWS]
+    rows = [r for r in settings.get("rows") or () if r in ROWS]
     values = {
         "shape": settings.get("dataset_shape"),
-        "sizes": [e for e in settings.get("ensemble_sizes", ()) if e in SIZES],
+        "sizes": [e for e in settings.get("ensemble_sizes") or () if e in SIZES],
         "rows": [r for r in rows if r not in REFERENCE_ROWS],
         "reference": bool(settings.get("reference")) and any(r in REFERENCE_ROWS for r in rows),
         **{name: settings.get(name) for name in ("steps", "warmup", "repeats", "batch_size", "hidden")},

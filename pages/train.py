@@ -309,23 +309,41 @@ def settings(locked: bool) -> RunConfig:
     return config_from_state()
 
 
-def range_problems() -> list[str]:
-    """One line for each number box of the form whose number is out of its range (or none was typed)."""
+def shown_numbers() -> dict[str, str]:
+    """The number boxes the form asks for now (name: label).
+
+    Not the synthetic sizes for real data, nor the std for random signs.
+    """
     shown = dict(NUMBER_LABELS)
     if st.session_state[P + "dataset"] != "synthetic":  # drawn for synthetic data only
         del shown["synthetic_train"], shown["synthetic_test"]
     if st.session_state[P + "be_init"] != "normal":  # disabled: the normal init's only
         del shown["be_init_std"]
-    problems = (
-        out_of_range(label, st.session_state[P + name], *RANGES[name], above=name in OPEN_BELOW)
-        for name, label in shown.items()
-    )
+    return shown
+
+
+def number_problem(name: str, label: str = "") -> str | None:
+    return out_of_range(label, current(name), *RANGES[name], above=name in OPEN_BELOW)
+
+
+def range_problems() -> list[str]:
+    """One line for each number box of the form whose number is out of its range (or none was typed)."""
+    problems = (number_problem(name, label) for name, label in shown_numbers().items())
     return [p for p in problems if p]
 
 
 def config_from_state() -> RunConfig:
-    """The RunConfig that the settings' widgets describe now."""
+    """The RunConfig that the settings' widgets describe now.
+
+    A number out of its range (or none) counts as the default's here: the form names it and
+    refuses to launch where its box is asked for (range_problems), and where it is not (a synthetic
+    size typed before real data was chosen) the default is what the run needs. It had reached the
+    launch and refused it in bench_core's words, about a box not on the screen.
+    """
     s = {name: current(name) for name in DEFAULTS}
+    for name in NUMBER_LABELS:
+        if number_problem(name):
+            s[name] = DEFAULTS[name]
     cfg = RunConfig.from_flat({**s, "methods": tuple(m for m in METHODS if m in s["methods"])})
     cfg.train.log_every = log_every_for(cfg, int(s["points_per_epoch"]))
     return cfg

@@ -1665,3 +1665,20 @@ def test_speed_keeps_its_settings_past_a_visit_to_another_page(store_file):
     assert not at.exception, at.exception
     assert at.number_input(key="speed_set_steps").value == 9, "it came back as 20, the default"
     assert at.session_state["speed_set_sizes"] == [1, 16]
+
+
+def test_train_launches_with_the_default_for_a_number_whose_box_is_not_asked_for(store_file, monkeypatch):
+    """0 typed as synthetic examples, then MNIST chosen: Train was refused about a box no longer on the screen."""
+    launched = []
+    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: launched.append(config) or (1, None))
+    at = open_page("train")
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    at.number_input(key="train_set_synthetic_train").set_value(0).run()
+    assert texts(at.error) == ["Synthetic training examples must be from 10 to 1,000,000, not 0."]
+    at.number_input(key="train_set_be_init_std").set_value(-1.0).run()
+    at.selectbox(key="train_set_dataset").set_value("mnist").run()
+    at.radio(key="train_set_be_init").set_value("random_sign").run()  # the std's box disabled: not asked for
+    at.button(key="train_start").click().run()
+    assert not at.exception, at.exception
+    assert not at.error, texts(at.error)
+    assert launched and launched[0]["data"]["name"] == "mnist" and launched[0]["data"]["synthetic_train"] == 50_000

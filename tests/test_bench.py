@@ -611,6 +611,7 @@ def test_tiny_benchmark_every_row(one_thread):
     for label in ("single", "vectorized", "sequential", "repeat", "split", "reference", "× floor", "matmul rate"):
         assert label in table
     assert "\nBatchEnsemble  repeat" in table and "\nbatchensemble" not in table, "spelt as every page spells it"
+    assert "\nreference      BatchEnsemble" in table and " batchensemble " not in table
     onednn = done.header["onednn_matmul_flops_per_second"]  # a CPU run
     assert onednn > 0 and "oneDNN's product" in table
     rate = done.header["floor_flops_per_second"]

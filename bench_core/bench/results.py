@@ -216,7 +216,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
     for r in rows:
         values = [
             METHOD_LABELS.get(r["method"], r["method"]),  # "BatchEnsemble", as the progress lines and targets
-            r["mode"],
+            METHOD_LABELS.get(r["mode"], r["mode"]),  # the reference rows' mode names a method
             str(r["ensemble_size"]),
             f"{r['epoch_seconds']:.3g}",
             f"{r['x_floor']:.2f}",
