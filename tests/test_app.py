@@ -1529,6 +1529,14 @@ def test_a_numbers_table_shows_counts_with_separators_and_keeps_numbers_undernea
 # ----------------------------------------------------------------------------- numbers out of range
 
 
+@pytest.fixture
+def launched(monkeypatch) -> list[dict]:
+    """The configs that Train's button launches, queued nowhere and trained by no worker."""
+    configs = []
+    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: configs.append(config) or (1, None))
+    return configs
+
+
 def test_out_of_range_names_the_box_its_range_and_the_number():
     assert out_of_range("Hidden width", 128, 1, 4096) is None
     assert out_of_range("Hidden width", 4096, 1, 4096) is None, "the bounds are in range"
@@ -1553,10 +1561,8 @@ def test_train_names_every_number_out_of_range_in_one_box_the_learning_rate_of_0
     ], "one red box, a line each, in the form's order; 0 named as the range says (bench_core said 'positive')"
 
 
-def test_train_names_a_number_typed_beyond_its_box_and_trains_nothing_with_another(store_file, monkeypatch):
+def test_train_names_a_number_typed_beyond_its_box_and_trains_nothing_with_another(store_file, launched):
     """Streamlit's bounded box kept 5000 in red while the run took the last number in range, 128."""
-    launched = []
-    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: launched.append(config) or (1, None))
     at = open_page("train")
     at.number_input(key="train_set_hidden").set_value(5000).run()
     assert not at.exception, at.exception
@@ -1634,10 +1640,8 @@ def test_speed_form_shows_the_settings_of_a_benchmark_shown_from_elsewhere(store
     assert at.number_input(key="speed_set_steps").value == 9, "the user's change stays: taken once per benchmark"
 
 
-def test_train_keeps_the_synthetic_sizes_typed_past_other_pages_and_datasets(store_file, monkeypatch):
+def test_train_keeps_the_synthetic_sizes_typed_past_other_pages_and_datasets(store_file, launched):
     """1000 examples typed, a visit to Results, and the box read 50,000 again: the run trained on 50,000."""
-    launched = []
-    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: launched.append(config) or (1, None))
     at = open_page("train")
     at.selectbox(key="train_set_dataset").set_value("synthetic").run()
     at.number_input(key="train_set_synthetic_train").set_value(1000).run()
@@ -1667,10 +1671,8 @@ def test_speed_keeps_its_settings_past_a_visit_to_another_page(store_file):
     assert at.session_state["speed_set_sizes"] == [1, 16]
 
 
-def test_train_launches_with_the_default_for_a_number_whose_box_is_not_asked_for(store_file, monkeypatch):
+def test_train_launches_with_the_default_for_a_number_whose_box_is_not_asked_for(store_file, launched):
     """0 typed as synthetic examples, then MNIST chosen: Train was refused about a box no longer on the screen."""
-    launched = []
-    monkeypatch.setattr("bench_core.jobs.launch_run", lambda config, path: launched.append(config) or (1, None))
     at = open_page("train")
     at.selectbox(key="train_set_dataset").set_value("synthetic").run()
     at.number_input(key="train_set_synthetic_train").set_value(0).run()
