@@ -48,7 +48,7 @@ def layer_pictures() -> None:
     st.session_state.setdefault("learn_seed", 0)
     problem = number_box(controls[3], "Seed", (0, 10_000), key="learn_seed", step=1)
     if problem:
-        st.error(problem, icon=":material/error:")
+        show_problems([problem])
         return
     seed = st.session_state["learn_seed"]
 

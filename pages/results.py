@@ -98,16 +98,17 @@ def headline(results: dict[str, dict], methods: list[str]) -> None:
     for cell, method in zip(st.columns(max(2, len(methods))), methods, strict=False):
         result = results[method]
         ens, mean = result.get("ensemble_accuracy"), result.get("mean_member_accuracy")
-        gain = None
+        gain, level = None, False
         if isinstance(ens, (int, float)) and isinstance(mean, (int, float)) and result.get("ensemble_size", 1) > 1:
             # Over the mean member, as the caption says (whole at 1024 px); two decimals, so that the panel
             # titles' 0.868 and 0.864 do not read as a gain of 0.4 where it is 0.33.
-            gain = f"{(ens - mean) * 100:+.2f} points"
-        level = gain in ("+0.00 points", "-0.00 points")  # no gain to two decimals: not a red "-0.00"
+            points = round((ens - mean) * 100, 2)
+            level = points == 0  # no gain to two decimals: "0.00", not a red "-0.00"
+            gain = "0.00 points" if level else f"{points:+.2f} points"
         cell.metric(
             method_label(method),
             format_value(ens, "{:.1%}"),
-            "0.00 points" if level else gain,
+            gain,
             delta_color="off" if level else "normal",
             delta_arrow="off" if level else "auto",
             border=True,

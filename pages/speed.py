@@ -207,15 +207,14 @@ def form_values(settings: dict) -> dict:
         "sizes": [e for e in settings.get("ensemble_sizes") or () if e in SIZES],
         "rows": [r for r in rows if r not in REFERENCE_ROWS],
         "reference": bool(settings.get("reference")) and any(r in REFERENCE_ROWS for r in rows),
-        **{name: settings.get(name) for name in ("steps", "warmup", "repeats", "batch_size", "hidden")},
-        "profile_steps": settings.get("profile_steps"),
+        **{name: settings.get(name) for name in NUMBERS},
         "device": settings.get("device"),
     }
     if values["shape"] not in DATASET_SHAPES:
         values["shape"] = DEFAULTS["shape"]
     if values["device"] not in DEVICES:
         values["device"] = "auto"
-    for name in ("steps", "warmup", "repeats", "batch_size", "hidden", "profile_steps"):
+    for name in NUMBERS:
         if isinstance(values[name], bool) or not isinstance(values[name], int):
             values[name] = DEFAULTS[name]
     return values

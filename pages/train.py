@@ -315,8 +315,9 @@ def shown_numbers() -> dict[str, str]:
     Not the synthetic sizes for real data, nor the std for random signs.
     """
     shown = dict(NUMBER_LABELS)
-    if st.session_state[P + "dataset"] != "synthetic":  # drawn for synthetic data only
-        del shown["synthetic_train"], shown["synthetic_test"]
+    if st.session_state[P + "dataset"] != "synthetic":
+        for name in SYNTHETIC_ONLY:
+            del shown[name]
     if st.session_state[P + "be_init"] != "normal":  # disabled: the normal init's only
         del shown["be_init_std"]
     return shown
@@ -357,9 +358,7 @@ def launch() -> None:
     redraws while the run's first seconds train. A bad setting launches nothing and is kept for
     the page to show as one line.
     """
-    problems = range_problems()
-    if problems:  # already under the form: the click's answer is that nothing started
-        st.session_state[LAUNCH_ERROR_KEY] = problems[0]
+    if range_problems():  # named under the form already (this click's rerun draws them again): nothing starts
         return
     cfg = config_from_state()
     if not cfg.methods:  # in the words of the form (validate names the command line's: batchensemble)
@@ -595,9 +594,8 @@ show_problems(problems)
 st.button(
     "Train", type="primary", icon=":material/play_arrow:", disabled=live_active, key="train_start", on_click=launch
 )
-launch_error = st.session_state.pop(LAUNCH_ERROR_KEY, None)
-if launch_error is not None and launch_error not in problems:
-    st.error(launch_error, icon=":material/error:")
+if LAUNCH_ERROR_KEY in st.session_state:
+    st.error(st.session_state.pop(LAUNCH_ERROR_KEY), icon=":material/error:")
 if sharing and not live_active:
     st.warning(sharing, icon=":material/speed:")
 
