@@ -711,6 +711,23 @@ def test_training_steps_leave_the_kernels_weight_stepped_without_a_gradient(monk
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def test_with_onednn_off_the_classic_steps_stay_in_cpp_and_the_kernel_steps_the_weight(monkeypatch):
+    """Without oneDNN the first layer's product is torch's, and the gradient it hands the kernel came out
+    of the backward in a transposed layout: the kernel gets it laid out as it reads it (it refused it
+    before, which turned the C++ steps off for the process, with a warning)."""
+    _adam_kernel_ops()
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model, step = _train_steps("classic", False)
+    assert native.why_off() is None
+    assert step.kernel_weight is not None and step.kernel_weight.grad is None
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
+    off, _ = _train_steps("classic", False)
+    for a, b in zip(model.parameters(), off.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("adam", [{"amsgrad": True}, {"maximize": True}, {"weight_decay": 0.1}])
 def test_adam_settings_the_kernels_do_not_make_go_through_adams_own_step(adam, monkeypatch):
     """amsgrad and maximize: Adam's own step (with the weight's gradient); weight decay: the kernel makes it."""

@@ -524,7 +524,9 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
     grad_w[li] = at::bmm(a.transpose(1, 2), grad);
     grad = at::threshold_backward(at::bmm(grad, weights[li].transpose(1, 2)), a, 0);
   }
-  const Tensor grad_z = grad.transpose(0, 1).reshape({batch, -1});  // models.shared_input_linear_grads
+  // models.shared_input_linear_grads; contiguous, as first_layer_adam reads it: where the first layer's
+  // product was torch's (oneDNN off), grad keeps relu(h)'s transposed strides and the reshape is a view.
+  const Tensor grad_z = grad.transpose(0, 1).reshape({batch, -1}).contiguous();
   grad_b[0] = grad.sum(1);
   if (adam == nullptr) {
     grad_w[0] = at::mm(x.t(), grad_z).view({n_in, n_members, n_out});
