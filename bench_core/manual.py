@@ -195,11 +195,13 @@ def _native_step(
         models._check_shared_input(x, weights[0].size(0))
         if adam is not None and kernel_adam_weight(model) is weights[0]:
             member_losses, grad_w, grad_b = ops.vectorized_adam(
-                x, labels, weights, biases, onednn.usable(x), mean, *adam
+                x, labels, weights, biases, onednn.usable(x), onednn.mkl_plain_layout(), mean, *adam
             )  # weights[0] stepped in place: its gradient is not returned
             weights = weights[1:]
         else:
-            member_losses, grad_w, grad_b = ops.vectorized(x, labels, weights, biases, onednn.usable(x), mean)
+            member_losses, grad_w, grad_b = ops.vectorized(
+                x, labels, weights, biases, onednn.usable(x), onednn.mkl_plain_layout(), mean
+            )
         _set_grads(weights, grad_w)
         _set_grads(biases, grad_b)
         return member_losses

@@ -239,5 +239,5 @@ def _first_calls(ops) -> None:
         if ops.first_layer_fast():  # the kernel that makes Adam's step on what it is given (copies here)
             adam = [torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(()), 1e-3, 0.9, 0.999, 1e-8, 0.0]
             ops.first_layer_adam(x[0], torch.ones(1, 2), be[0].clone(), *adam)
-        ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, True)
+        ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, False, True)
         ops.plain(x[0], labels[0], [torch.ones(2, 3)], [torch.zeros(2)], True)

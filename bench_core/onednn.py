@@ -13,26 +13,92 @@ so it is checked once per process against ``torch.mm`` on a small product before
 torch without it (a build without oneDNN, another architecture) uses ``torch.mm`` quietly; one
 whose op fails that check or fails at a call warns once and uses ``torch.mm`` from then on. The
 environment variable ``BENCH_ONEDNN=0`` turns it off. Only CPU float32 tensors use it.
+
+**Not on Intel CPUs, unless asked for.** On an Intel Xeon (2 cores, family 6 model 207, the
+twenty-sixth and twenty-seventh sessions' machine) oneDNN ran the 2048³ product no faster than
+MKL (277 against 282 GFLOP/s), and in training steps it lost: steps with MKL's products took 0.949×
+as long for the classic ensemble (MKL in the plain layout ``z = x W``; in the transposed one,
+1.107×), 0.992× for BatchEnsemble (repeat) and 0.934× for split batching (in-process A/B, 12 pairs
+of 30-step blocks each; docs/speed-log.md, twenty-seventh session). MKL is Intel's own library and
+tuned for its CPUs; on the AMD EPYC above, oneDNN won. So where ``BENCH_ONEDNN`` is unset the
+products go through oneDNN except on CPUs whose vendor is ``GenuineIntel`` (``cpu_vendor``), and
+there MKL takes the members' product in the plain layout (``mkl_plain_layout``); ``BENCH_ONEDNN=1``
+puts them through oneDNN on any CPU.
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
 from bench_core.errors import switched_off, warn_off
 
-ENV_SWITCH = "BENCH_ONEDNN"  # "0": every product through torch.mm
+ENV_SWITCH = "BENCH_ONEDNN"  # "0": every product through torch.mm; "1": through oneDNN on Intel CPUs too
+INTEL = "GenuineIntel"  # the vendor whose CPUs take MKL's products unless BENCH_ONEDNN=1
+CPUINFO = Path("/proc/cpuinfo")
 
 _state: dict = {"checked": False, "failed": None}  # failed: why oneDNN is off in this process (None: it is not)
+_vendor: dict = {}  # "id": this CPU's vendor, read once (cpu_vendor)
 
 
 def usable(x: torch.Tensor) -> bool:
     """Whether a product with ``x`` goes through oneDNN: a CPU float32 tensor, oneDNN on and working."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
-    if switched_off(ENV_SWITCH):
+    if not wanted():
         return False
     return available()
+
+
+def wanted() -> bool:
+    """Whether oneDNN's products are wanted here: ``BENCH_ONEDNN`` 0 no, 1 yes; unset, yes but on Intel CPUs."""
+    if switched_off(ENV_SWITCH):
+        return False
+    return os.environ.get(ENV_SWITCH, "").strip() == "1" or cpu_vendor() != INTEL
+
+
+def mkl_plain_layout() -> bool:
+    """Whether ``torch.mm`` takes the members' product in the plain layout ``z = x W`` (Intel CPUs).
+
+    Elsewhere in ``zᵀ = Wᵀ xᵀ``, MKL's faster layout on the AMD EPYC; on the Intel Xeon the plain
+    one made classic steps 0.857× as long as the transposed one (see the module's docstring).
+    """
+    return cpu_vendor() == INTEL
+
+
+def cpu_vendor(cpuinfo: Path | None = None) -> str | None:
+    """The CPU's vendor as /proc/cpuinfo names it (``GenuineIntel``, ``AuthenticAMD``); None where unknown.
+
+    Read once per process, unless ``cpuinfo`` names another file (tests).
+    """
+    if cpuinfo is None and "id" in _vendor:
+        return _vendor["id"]
+    try:
+        text = (cpuinfo or CPUINFO).read_text(errors="replace")
+    except OSError:  # not Linux, or not readable
+        text = ""
+    vendor = None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "vendor_id":
+            vendor = value.strip() or None
+            break
+    if cpuinfo is None:
+        _vendor["id"] = vendor
+    return vendor
+
+
+def describe() -> str:
+    """Which library takes the first layers' float32 products on this CPU, in words."""
+    if switched_off(ENV_SWITCH):
+        return f"torch.mm (MKL) ({ENV_SWITCH}=0)"
+    if not wanted():
+        return f"torch.mm (MKL): on Intel CPUs it ran them faster than oneDNN (set {ENV_SWITCH}=1 for oneDNN)"
+    if not available():
+        return f"torch.mm (MKL): no working oneDNN op ({str(_state['failed']).splitlines()[0][:120]})"
+    return "oneDNN (torch.ops.mkldnn._linear_pointwise)"
 
 
 def available() -> bool:

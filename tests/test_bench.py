@@ -41,6 +41,7 @@ from bench_core.bench import (
 )
 from bench_core.bench.breakdown import classify, part_seconds, shares
 from bench_core.errors import BenchError
+from bench_core.onednn import describe as describe_products
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -455,10 +456,14 @@ def test_the_kernel_is_warmed_before_the_memory_probe(name, n_members, warmed, m
     assert events[:3] == (["says so", "warm", "probe"] if warmed and not manual.first_layer_kernel_on() else ["probe"])
 
 
-def test_onednn_is_checked_before_the_memory_probe(monkeypatch, one_thread):
-    """oneDNN's set-up is the process's memory, not training's: its first use comes before the probe."""
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_onednn_is_checked_before_the_memory_probe(vendor, monkeypatch, one_thread):
+    """oneDNN's set-up is the process's memory, not training's: its first use comes before the probe.
+    On an Intel CPU training leaves it out (bench_core.onednn): nothing of it is set up."""
     from bench_core import onednn
 
+    monkeypatch.delenv(onednn.ENV_SWITCH, raising=False)
+    monkeypatch.setitem(onednn._vendor, "id", vendor)
     events = []
     real_check = onednn._self_check
     monkeypatch.setattr(onednn, "_self_check", lambda: events.append("check") or real_check())
@@ -469,7 +474,7 @@ def test_onednn_is_checked_before_the_memory_probe(monkeypatch, one_thread):
         measure.measure_row(RowSpec("batchensemble-split", 2), BenchSettings(**{**TINY, "profile_steps": 0}))
     finally:
         onednn.reset()
-    assert events == ["check", "probe"]
+    assert events == (["probe"] if vendor == "GenuineIntel" else ["check", "probe"])
 
 
 PROBE_AFTER_FREED_HEAP = """
@@ -614,6 +619,9 @@ def test_tiny_benchmark_every_row(one_thread):
     assert "\nreference      BatchEnsemble" in table and " batchensemble " not in table
     onednn = done.header["onednn_matmul_flops_per_second"]  # a CPU run
     assert onednn > 0 and "oneDNN's product" in table
+    assert done.header["products"] == describe_products()  # which library trains, on this CPU
+    assert f"first layers' products in training: {done.header['products']}" in table
+    assert "products in training" not in format_table({**done.header, "products": None}, done.rows)  # CUDA, old JSON
     rate = done.header["floor_flops_per_second"]
     assert rate == max(onednn, done.header["matmul_flops_per_second"])  # the floor: the faster rate
     for row in done.rows:

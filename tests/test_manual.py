@@ -159,6 +159,20 @@ def test_equal_with_onednn_or_the_compiled_kernel_switched_off(switch, batching,
         assert not kernels.enabled()
 
 
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+@pytest.mark.parametrize("method", ["classic", "batchensemble"])
+def test_equal_with_the_members_product_through_mkl_in_either_layout(vendor, method, step_path, monkeypatch):
+    """oneDNN off: the members' product through torch.mm, in the plain layout on Intel CPUs and the
+    transposed one elsewhere (``onednn.mkl_plain_layout``), in the C++ and the Python steps alike."""
+    monkeypatch.setitem(onednn._vendor, "id", vendor)
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
+    assert onednn.mkl_plain_layout() == (vendor == "GenuineIntel")
+    model = _model(method, 12)
+    x, y = _batch(model, 12, False)
+    got, want = _hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean")
+    _assert_bit_equal(got, want, close=_kernel_grads(step_path, method))
+
+
 @pytest.mark.parametrize("method", ["single", "classic", "batchensemble"])
 @pytest.mark.parametrize("batching", ["repeat", "split"])
 @pytest.mark.usefixtures("step_path")

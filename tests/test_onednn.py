@@ -11,6 +11,13 @@ from bench_core.models import BatchEnsembleMLP, VectorizedEnsemble, shared_weigh
 pytestmark = pytest.mark.usefixtures("fresh_fast_paths")  # each test checks afresh; what it breaks is forgotten
 
 
+@pytest.fixture(autouse=True)
+def asked_for(fresh_fast_paths, monkeypatch):
+    """oneDNN asked for (``BENCH_ONEDNN=1``): these tests are about its products, which Intel CPUs
+    otherwise leave to MKL. A test that sets the switch itself overrides it."""
+    monkeypatch.setenv(onednn.ENV_SWITCH, "1")
+
+
 def _require_op():
     if not onednn.usable(torch.zeros(1)):
         pytest.skip(f"this torch has no working oneDNN linear op: {onednn._state['failed']}")
@@ -143,3 +150,78 @@ def test_an_op_that_fails_at_a_call_warns_once_and_the_product_is_torch_mms(monk
     assert "\n" not in message
     assert not onednn.usable(x)
     torch.testing.assert_close(out[1], model.member(1)(x))
+
+
+CPUINFO = """processor\t: 0
+vendor_id\t: {vendor}
+cpu family\t: 6
+model name\t: A CPU
+
+processor\t: 1
+vendor_id\t: {vendor}
+"""
+
+
+@pytest.mark.parametrize(
+    ("text", "vendor"),
+    [
+        (CPUINFO.format(vendor="GenuineIntel"), "GenuineIntel"),
+        (CPUINFO.format(vendor="AuthenticAMD"), "AuthenticAMD"),
+        ("processor\t: 0\nBogoMIPS\t: 50.00\nCPU implementer\t: 0x41\n", None),  # an Arm CPU names no vendor_id
+        ("", None),
+    ],
+)
+def test_the_cpu_vendor_is_read_from_cpuinfo(text, vendor, tmp_path):
+    path = tmp_path / "cpuinfo"
+    path.write_text(text)
+    assert onednn.cpu_vendor(path) == vendor
+    assert onednn.cpu_vendor(tmp_path / "missing") is None
+
+
+@pytest.mark.parametrize(
+    ("vendor", "switch", "wanted", "plain"),
+    [
+        ("GenuineIntel", None, False, True),  # MKL, in the plain layout
+        ("GenuineIntel", "1", True, True),
+        ("GenuineIntel", "0", False, True),
+        ("AuthenticAMD", None, True, False),  # oneDNN; MKL (switched off) in the transposed layout
+        ("AuthenticAMD", "0", False, False),
+        (None, None, True, False),
+    ],
+)
+def test_intel_cpus_take_mkls_products_unless_onednn_is_asked_for(vendor, switch, wanted, plain, monkeypatch):
+    _require_op()
+    monkeypatch.setitem(onednn._vendor, "id", vendor)
+    if switch is None:
+        monkeypatch.delenv(onednn.ENV_SWITCH)
+    else:
+        monkeypatch.setenv(onednn.ENV_SWITCH, switch)
+    x = torch.zeros(2, 3)
+    assert onednn.wanted() == wanted and onednn.usable(x) == wanted
+    assert onednn.mkl_plain_layout() == plain
+    words = onednn.describe()
+    assert words.startswith("oneDNN") if wanted else words.startswith("torch.mm (MKL)")
+    if vendor == "GenuineIntel" and switch is None:
+        assert "BENCH_ONEDNN=1" in words
+
+
+@pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
+@pytest.mark.parametrize("switch", ["0", "1"])
+def test_the_classic_ensemble_gives_the_same_outputs_and_gradients_in_either_library_and_layout(
+    vendor, switch, monkeypatch
+):
+    """The members' product in each place it can go (oneDNN; MKL plain on Intel, transposed elsewhere):
+    the forward and every gradient as each member's own MLP gives them."""
+    _require_op()
+    monkeypatch.setitem(onednn._vendor, "id", vendor)
+    monkeypatch.setenv(onednn.ENV_SWITCH, switch)
+    torch.manual_seed(8)
+    model = VectorizedEnsemble([20, 9, 4], 3)
+    x = torch.randn(5, 20)
+    got = _outputs_and_grads(model, x)
+    for k in range(3):
+        torch.testing.assert_close(got[0][k], model.member(k)(x), rtol=1e-5, atol=1e-5)
+    model.zero_grad()
+    want = _outputs_and_grads(model, x)  # the same call again: the same bits
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)

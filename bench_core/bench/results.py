@@ -185,6 +185,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         + (f", {end / 1e9:.1f} at the end" if (end := header.get("matmul_flops_per_second_end")) else "")
         + f" ({header['matmul_shape']}, fastest of 9)",
         *onednn_lines(header),
+        *([f"first layers' products in training: {header['products']}"] if header.get("products") else []),
         "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B / weight-grad in×B @ B×E·h"
         f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"

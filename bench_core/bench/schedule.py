@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from bench_core import manual, native
+from bench_core import onednn as onednn_module
 from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
@@ -68,6 +69,8 @@ def machine_header(settings: BenchSettings) -> dict:
         "onednn_matmul_flops_per_second": onednn,
         # The floor's rate: the faster of the two, a bound the hardware reached (training uses both).
         "floor_flops_per_second": max(rate, onednn or 0.0),
+        # Which library takes the first layers' products in training on this CPU (bench_core.onednn).
+        "products": onednn_module.describe() if device.type == "cpu" else None,
         "model_gemm_flops_per_second": model_rates,
         "dataset_shape": list(shape),
         "train_examples": n_train,

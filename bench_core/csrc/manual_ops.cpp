@@ -494,11 +494,13 @@ struct FirstLayerAdamArgs {
 
 // manual._vectorized: the classic ensemble on a shared batch x [B, in]; weights[0] [in, E, out],
 // later weights [E, in, out], biases [E, out]. Returns (member losses, weights' and biases' gradients).
+// The first layer's product: oneDNN's (onednn), else torch's in the plain layout (mkl_plain, Intel CPUs)
+// or the transposed one (onednn.mkl_plain_layout).
 // With adam, the first layer's weight is stepped in place by first_layer_adam and its gradient is
 // left out: the weights' gradients are those of layers 1 on.
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
-    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean,
-    const FirstLayerAdamArgs* adam) {
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mkl_plain,
+    bool mean, const FirstLayerAdamArgs* adam) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(weights.size());
   TORCH_CHECK(n_layers > 0 && static_cast<int64_t>(biases.size()) == n_layers, "vectorized: one bias per weight");
@@ -508,6 +510,8 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
   Tensor h;  // models._members_product
   if (onednn) {
     h = onednn_matmul(x, w, b0.reshape({-1})).view({batch, n_members, n_out}).transpose(0, 1);
+  } else if (mkl_plain) {
+    h = at::addmm(b0.reshape({-1}), x, w).view({batch, n_members, n_out}).transpose(0, 1);
   } else {
     h = at::addmm(b0.reshape({-1, 1}), w.t(), x.t()).view({n_members, n_out, -1}).transpose(1, 2);
   }
@@ -544,18 +548,19 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
 }
 
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized(
-    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean) {
-  return vectorized_impl(x, labels, weights, biases, onednn, mean, nullptr);
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mkl_plain,
+    bool mean) {
+  return vectorized_impl(x, labels, weights, biases, onednn, mkl_plain, mean, nullptr);
 }
 
 // vectorized, with Adam's step on the first layer's weight made by first_layer_adam (AVX-512 CPUs):
 // exp_avg, exp_avg_sq [in, E, out] and step are Adam's state for weights[0], stepped in place.
 std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_adam(
-    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mean,
-    const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step, double lr, double beta1, double beta2,
+    const Tensor& x, const Tensor& labels, at::TensorList weights, at::TensorList biases, bool onednn, bool mkl_plain,
+    bool mean, const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& step, double lr, double beta1, double beta2,
     double eps, double weight_decay) {
   const FirstLayerAdamArgs adam{exp_avg, exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay};
-  return vectorized_impl(x, labels, weights, biases, onednn, mean, &adam);
+  return vectorized_impl(x, labels, weights, biases, onednn, mkl_plain, mean, &adam);
 }
 
 // manual._plain: one MLP of nn.Linear layers (weights [out, in]) on x [B, in].
@@ -594,13 +599,14 @@ TORCH_LIBRARY(bench_core, m) {
   m.def("first_layer_grads(Tensor x, Tensor grad_z, Tensor weight, Tensor r) -> (Tensor, Tensor)");
   m.def("first_layer_fast() -> bool", &first_layer_fast);
   m.def(
-      "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mean)"
+      "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mkl_plain, bool mean)"
       " -> (Tensor, Tensor[], Tensor[])");
   m.def(
       "first_layer_adam(Tensor x, Tensor grad_z, Tensor(a!) weight, Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq,"
       " Tensor(d!) step, float lr, float beta1, float beta2, float eps, float weight_decay) -> ()");
   m.def(
-      "vectorized_adam(Tensor x, Tensor labels, Tensor(a!)[] weights, Tensor[] biases, bool onednn, bool mean,"
+      "vectorized_adam(Tensor x, Tensor labels, Tensor(a!)[] weights, Tensor[] biases, bool onednn, bool mkl_plain,"
+      " bool mean,"
       " Tensor(b!) exp_avg, Tensor(c!) exp_avg_sq, Tensor(d!) step, float lr, float beta1, float beta2, float eps,"
       " float weight_decay) -> (Tensor, Tensor[], Tensor[])");
   m.def("plain(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool mean) -> (Tensor, Tensor[], Tensor[])");
