@@ -548,6 +548,8 @@ def results_view(
         )
         for line in onednn_lines(header):
             st.caption(line)
+        if header.get("products"):
+            st.caption(f"First layers' products in training: {header['products']}.")
         if training_steps(header):
             st.caption(f"Training steps: {training_steps(header)}.")
     for warning in noise_warnings(header or {}, rows):

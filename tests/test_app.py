@@ -775,14 +775,18 @@ def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
         "forward and backward written out without autograd, as C++ operators (bench_core.native); "
         "split batching's first-layer gradients from one kernel"
     )
-    for steps, shown in (("eager", None), (cpp, f"Training steps: {cpp}.")):
+    mkl = "torch.mm (MKL): on Intel CPUs it ran them faster than oneDNN (set BENCH_ONEDNN=1 for oneDNN)"
+    for steps, shown, products in (("eager", None, None), (cpp, f"Training steps: {cpp}.", mkl)):
         at = open_page("speed")
         saved["header"]["steps"] = steps
+        saved["header"]["products"] = products  # named since the twenty-seventh session
         at.get("file_uploader")[0].upload(name, json.dumps(saved).encode(), "application/json")
         at.run()
         assert not at.exception, at.exception
         captions = [c for c in texts(at.caption) if c.startswith("Training steps")]
         assert captions == ([shown] if shown else [])
+        named = [c for c in texts(at.caption) if c.startswith("First layers' products")]
+        assert named == ([f"First layers' products in training: {products}."] if products else [])
 
 
 def _saved_bench(change) -> bytes:
