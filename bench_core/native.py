@@ -75,6 +75,11 @@ def ops():
     return _state["ops"] if enabled() else None
 
 
+def loaded():
+    """``torch.ops.bench_core`` where the operators are loaded and in use, else None; never builds or loads them."""
+    return _state["ops"] if _state["ops"] is not None and enabled() else None
+
+
 def is_ready() -> bool:
     """Whether ``ops()`` would return at once: loaded, off, or already built on this machine (only a load left)."""
     return not enabled() or _state["ops"] is not None or library_path().exists()

@@ -391,6 +391,8 @@ def test_adams_direct_step_is_adams_part():
     counts = _event("aten::_foreach_add_", 4.0, step)
     inside = _event("aten::empty", 1.0, fused)
     assert [classify(e) for e in (fused, counts, inside)] == ["Adam"] * 3
+    native_adam = _event("bench_core::adam_step", 3.0, step)  # both, from C++ (bench_core.native)
+    assert [classify(e) for e in (native_adam, _event("aten::_fused_adam_", 150.0, native_adam))] == ["Adam"] * 2
     assert classify(_event("aten::add_", 2.0, step)) == "element-wise and other operators"
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bench_core import optim, training
+from bench_core import native, optim, training
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.data import make_synthetic
 from bench_core.models import build_model
@@ -60,7 +60,38 @@ def _assert_same(a, opt_a, b, opt_b) -> None:
             assert torch.equal(sa[key], sb[key]), key
 
 
-def test_direct_steps_equal_adams_bit_for_bit_and_skip_its_python():
+class _Counted:
+    """The C++ operators with their ``adam_step`` calls counted, or made to fail with ``error``."""
+
+    def __init__(self, ops, error: str | None = None):
+        self.ops, self.error, self.calls = ops, error, 0
+
+    def adam_step(self, *args):
+        self.calls += 1
+        if self.error:
+            raise RuntimeError(self.error)
+        return self.ops.adam_step(*args)
+
+
+@pytest.fixture(params=["c++", "python"])
+def adam_path(request, monkeypatch):
+    """The direct step through ``bench_core::adam_step`` (the C++ operators loaded), or its two Python calls.
+
+    Returns the counted operators (None for Python). The C++ case is skipped only where this machine
+    has no C++ compiler.
+    """
+    if request.param == "python":
+        monkeypatch.setattr(native, "loaded", lambda: None)
+        return None
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the C++ operators cannot be built here")
+    assert native.warm_up(), native.why_off()
+    counted = _Counted(native.ops())
+    monkeypatch.setattr(native, "loaded", lambda: counted)
+    return counted
+
+
+def test_direct_steps_equal_adams_bit_for_bit_and_skip_its_python(adam_path):
     a, opt_a, b, opt_b = _pair()
     step = AdamStep(opt_a)
     calls = _count_opt_steps(opt_a)
@@ -71,6 +102,40 @@ def test_direct_steps_equal_adams_bit_for_bit_and_skip_its_python():
     _assert_same(a, opt_a, b, opt_b)
     assert calls[0] == 1  # the first step makes Adam's state; the other five are direct
     assert float(opt_a.state[next(a.parameters())]["step"]) == 6
+    if adam_path is not None:
+        assert adam_path.calls == 5
+
+
+def test_the_cpp_step_counts_in_place_and_puts_the_counts_back_when_adam_fails():
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the C++ operators cannot be built here")
+    assert native.warm_up(), native.why_off()
+    ops = native.ops()
+    gen = torch.Generator().manual_seed(9)
+    params = [torch.randn(5, generator=gen), torch.randn(3, 2, generator=gen).double()]
+    grads = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    steps = [torch.tensor(4.0), torch.tensor(4.0, dtype=torch.float64)]  # as Adam keeps them
+    want = [p.clone() for p in params], [m.clone() for m in moments[0]], [v.clone() for v in moments[1]]
+    want_steps = [s.clone() for s in steps]
+    versions = [s._version for s in steps]
+    ops.adam_step(params, grads, *moments, steps, 1e-2, 0.9, 0.999, 0.0, 1e-8)
+    torch._foreach_add_(want_steps, 1)
+    for i in range(2):  # one list per dtype: _fused_adam_ takes one dtype per call
+        torch._fused_adam_(
+            [want[0][i]], [grads[i]], [want[1][i]], [want[2][i]], [], [want_steps[i]], amsgrad=False, lr=1e-2,
+            beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False, grad_scale=None, found_inf=None,
+        )  # fmt: skip
+    for got, expected in zip([params, *moments, steps], [*want, want_steps], strict=True):
+        assert all(torch.equal(g, e) for g, e in zip(got, expected, strict=True))
+    assert [s._version for s in steps] == [v + 1 for v in versions], "an in-place change, as add_ makes it"
+    before = [[t.clone() for t in ts] for ts in (params, *moments, steps)]
+    with pytest.raises(RuntimeError):
+        ops.adam_step(params, grads[:1], *moments, steps, 1e-2, 0.9, 0.999, 0.0, 1e-8)  # one gradient short
+    for got, was in zip([params, *moments, steps], before, strict=True):
+        assert all(torch.equal(g, w) for g, w in zip(got, was, strict=True))
+    with pytest.raises(RuntimeError, match="one step count per parameter"):
+        ops.adam_step(params[:1], grads[:1], moments[0][:1], moments[1][:1], [], 1e-2, 0.9, 0.999, 0.0, 1e-8)
 
 
 def test_direct_steps_are_adam_within_rounding_of_the_plain_loop():
@@ -167,7 +232,8 @@ def test_every_case_it_does_not_cover_runs_adams_own_step(case, monkeypatch):
         assert seen.count(True) == 4 and seen.count(False) == 4
 
 
-def test_a_failing_op_warns_once_puts_the_counts_back_and_adam_steps(monkeypatch):
+def test_a_failing_op_warns_once_puts_the_counts_back_and_adam_steps(adam_path, monkeypatch):
+    """In Python the counts are put back here; the C++ operator puts them back itself (the test above)."""
     a, opt_a, b, opt_b = _pair()
     step = AdamStep(opt_a)
     real = torch._fused_adam_
@@ -182,12 +248,15 @@ def test_a_failing_op_warns_once_puts_the_counts_back_and_adam_steps(monkeypatch
     _set_grads([a, b], 0)
     step()
     opt_b.step()
-    monkeypatch.setattr(torch, "_fused_adam_", failing)
+    if adam_path is None:
+        monkeypatch.setattr(torch, "_fused_adam_", failing)
+    else:
+        adam_path.error = "no such kernel\nsecond line"
     _set_grads([a, b], 1)
     with pytest.warns(RuntimeWarning, match=r"^Adam's direct steps are off \(RuntimeError: no such kernel\); using"):
         step()
     opt_b.step()
-    assert failures[0] == 1
+    assert failures[0] == 1 or adam_path.calls == 1
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for i in range(2, 4):

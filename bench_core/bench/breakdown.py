@@ -13,8 +13,9 @@ The parts, by what each operator is and what it runs under (``classify``):
   those as regions, not operators; and the C++ training steps' own time between the operators they
   call (``bench_core.native``: ``bench_core::`` operators);
 - Adam: everything under the optimizer's ``step`` and ``zero_grad``, its Python included, and the
-  two ops of its direct CPU step (``bench_core.optim``: the step counts' ``_foreach_add_``, which
-  nothing else in training calls, and ``_fused_adam_``); CPU training drops the gradients with
+  ops of its direct CPU step (``bench_core.optim``: the step counts' ``_foreach_add_``, which
+  nothing else in training calls, and ``_fused_adam_``, or ``bench_core::adam_step``, which makes
+  both where the C++ operators are loaded); CPU training drops the gradients with
   ``bench_core.optim.clear_grads`` (no operator: Python), not ``zero_grad``;
 - batch draw: the batch gathered by index (``index_select``) and the epoch's order (``randperm``);
 - Python and autograd: the rest, the time inside no operator: the training loop's and the model's
@@ -50,7 +51,8 @@ GEMM_OPS = frozenset(
     }
 )
 DRAW_OPS = frozenset({"aten::index_select", "aten::randperm"})
-ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_foreach_add_"})  # bench_core.optim's direct step
+# bench_core.optim's direct step: its two ops, or the C++ operator that makes both (bench_core.native)
+ADAM_OPS = frozenset({"aten::_fused_adam_", "aten::_foreach_add_", "bench_core::adam_step"})
 OPTIMIZER_PREFIX = "Optimizer."  # torch.optim's record_function names: "Optimizer.step#Adam.step", ...
 # A compiled function's call: dynamo's guard check, then its region (the generated kernels inside).
 NATIVE_PREFIX = "bench_core::"  # a C++ training step (bench_core.native): the operators it calls are recorded inside
