@@ -16,10 +16,10 @@ environment variable ``BENCH_ONEDNN=0`` turns it off. Only CPU float32 tensors u
 
 **Not on Intel CPUs, unless asked for.** On an Intel Xeon (2 cores, family 6 model 207, the
 twenty-sixth and twenty-seventh sessions' machine) oneDNN ran the 2048³ product no faster than
-MKL (277 against 282 GFLOP/s), and in training steps it lost: steps with MKL's products took 0.949×
-as long for the classic ensemble (MKL in the plain layout ``z = x W``; in the transposed one,
-1.107×), 0.992× for BatchEnsemble (repeat) and 0.934× for split batching (in-process A/B, 12 pairs
-of 30-step blocks each; docs/speed-log.md, twenty-seventh session). MKL is Intel's own library and
+MKL (277 against 282 GFLOP/s), and in training steps it lost: steps with MKL's products took
+0.95–1.01× as long for the classic ensemble (MKL in the plain layout ``z = x W``; in the transposed
+one, 1.107×), 0.99–1.01× for BatchEnsemble (repeat) and 0.93–0.94× for split batching (in-process
+A/Bs of 12–20 pairs of 30-step blocks; docs/speed-log.md, twenty-seventh session). MKL is Intel's own library and
 tuned for its CPUs; on the AMD EPYC above, oneDNN won. So where ``BENCH_ONEDNN`` is unset the
 products go through oneDNN except on CPUs whose vendor is ``GenuineIntel`` (``cpu_vendor``), and
 there MKL takes the members' product in the plain layout (``mkl_plain_layout``); ``BENCH_ONEDNN=1``
