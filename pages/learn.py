@@ -25,13 +25,37 @@ require_router("pages/learn.py")
 
 N_IN, N_OUT = 8, 6  # the small layer drawn below
 
+# The controls' values kept past a visit to another page: Streamlit drops the state of the widgets a
+# page run does not draw, and the page came back with its defaults. Set here, before the widgets,
+# which take them from the session (none passes a value of its own).
+DEFAULTS = {
+    "learn_members": 4,
+    "learn_member": 1,
+    "learn_init": BE_INITS[0],
+    "learn_std": 0.5,
+    "learn_seed": 0,
+    "learn_dataset": DATASETS[0],
+    "learn_hidden": 128,
+    "learn_depth": 2,
+    "learn_mark": 5,
+}
+SAVED_KEY = "learn_saved_settings"
+for _name, _value in {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}.items():
+    st.session_state.setdefault(_name, _value)
+
+
+def remember_settings() -> None:
+    """Keep the controls' values (a control not drawn this run keeps its last one)."""
+    saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
+    st.session_state[SAVED_KEY] = {name: st.session_state.get(name, saved[name]) for name in DEFAULTS}
+
 
 def layer_pictures() -> None:
     """W, s_k r_kᵀ and W ∘ (s_k r_kᵀ) of one member of a small BatchEnsemble layer."""
     controls = st.columns([1, 1, 1.5, 0.8])  # the init's choices whole at 1024 px (in a quarter they broke)
-    members = controls[0].slider("Ensemble size E", 1, 8, 4, key="learn_members")
+    members = controls[0].slider("Ensemble size E", 1, 8, key="learn_members")
     if members > 1:
-        k = controls[1].slider("Member k", 1, members, 1, key="learn_member")
+        k = controls[1].slider("Member k", 1, members, key="learn_member")
     else:
         k = 1
         controls[1].caption("One member: k = 1")
@@ -44,8 +68,7 @@ def layer_pictures() -> None:
         help="r_k and s_k are the 'fast weights': each entry drawn from a normal distribution around 1 "
         "(std below; the paper's code uses 0.5), or each +1 or −1 with equal chance",
     )
-    std = controls[2].slider("std (normal init)", 0.0, 1.5, 0.5, 0.05, key="learn_std", disabled=init != "normal")
-    st.session_state.setdefault("learn_seed", 0)
+    std = controls[2].slider("std (normal init)", 0.0, 1.5, step=0.05, key="learn_std", disabled=init != "normal")
     problem = number_box(controls[3], "Seed", (0, 10_000), key="learn_seed", step=1)
     if problem:
         show_problems([problem])
@@ -85,14 +108,12 @@ def layer_pictures() -> None:
 def params_section() -> None:
     controls = st.columns(4)
     name = controls[0].selectbox("Dataset shape", DATASETS, format_func=dataset_label, key="learn_dataset")
-    st.session_state.setdefault("learn_hidden", 128)
-    st.session_state.setdefault("learn_depth", 2)
     problems = [
         number_box(controls[1], "Hidden width", (1, 4096), key="learn_hidden", step=16),
         number_box(controls[2], "Hidden layers", (1, 8), key="learn_depth", step=1),
     ]
     members = controls[3].slider(
-        "Ensemble size to mark", 1, 16, 5, key="learn_mark", help="The counts for this E, beside the chart"
+        "Ensemble size to mark", 1, 16, key="learn_mark", help="The counts for this E, beside the chart"
     )
     if any(problems):
         show_problems([p for p in problems if p])
@@ -159,6 +180,7 @@ layer_pictures()
 
 st.subheader("Parameters against ensemble size")
 params_section()
+remember_settings()
 
 st.subheader("Where BatchEnsemble is fast, and where it is not")
 st.markdown(

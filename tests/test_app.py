@@ -1613,6 +1613,34 @@ def test_learn_names_a_number_typed_beyond_its_box(store_file):
     assert not at.error and len(charts(at)) == charts_before
 
 
+def test_learns_controls_keep_their_values_past_a_visit_to_another_page(store_file):
+    """They came back with their defaults (Streamlit drops the state of widgets a page run does not draw)."""
+    at = open_page("learn")
+    at.slider(key="learn_members").set_value(8).run()
+    at.slider(key="learn_member").set_value(6).run()
+    at.radio(key="learn_init").set_value("random_sign").run()
+    at.number_input(key="learn_seed").set_value(7).run()
+    at.selectbox(key="learn_dataset").set_value("mnist").run()
+    at.number_input(key="learn_depth").set_value(3).run()
+    at.slider(key="learn_mark").set_value(3).run()
+    at.number_input(key="learn_hidden").set_value(5000).run()  # out of range: kept, and named again
+    chosen = {key: at.session_state[key] for key in ("learn_members", "learn_member", "learn_init", "learn_seed")}
+    chosen |= {key: at.session_state[key] for key in ("learn_dataset", "learn_depth", "learn_mark", "learn_hidden")}
+    at.switch_page("pages/train.py").run()
+    at.switch_page("pages/learn.py").run()
+    assert not at.exception, at.exception
+    assert {key: at.session_state[key] for key in chosen} == chosen
+    assert at.slider(key="learn_member").value == 6 and at.radio(key="learn_init").value == "random_sign"
+    assert at.number_input(key="learn_hidden").value == 5000
+    assert texts(at.error) == ["Hidden width must be from 1 to 4,096, not 5,000."]
+    assert not at.warning, "no widget with a value of its own beside the session's"
+    at.slider(key="learn_members").set_value(1).run()  # the member slider goes, and comes back as it was
+    at.switch_page("pages/runs.py").run()
+    at.switch_page("pages/learn.py").run()
+    at.slider(key="learn_members").set_value(8).run()
+    assert at.slider(key="learn_member").value == 6
+
+
 def test_speed_form_shows_the_settings_of_a_benchmark_shown_from_elsewhere(store_file, tmp_path):
     """A new tab showed the last benchmark's results under its own defaults: E = 1, 2, 4, 8 above rows of E = 2, 3."""
     settings = BenchSettings(
