@@ -297,11 +297,11 @@ def _members_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     Returns ``[E, B, out]``, a transposed view. Through oneDNN where it is in use, in the plain
     layout ``z = x W`` ``[B, E·out]``, which it runs fastest; otherwise through ``torch.mm`` (MKL)
     in the layout it runs fastest on this CPU (``onednn.mkl_plain_layout``): the plain one on Intel
-    CPUs, else ``zᵀ = Wᵀ xᵀ`` ``[E·out, B]`` (``_SharedInputLinear``).
+    CPUs, else ``zᵀ = Wᵀ xᵀ`` ``[E·out, B]`` (``_SharedInputLinear``), as on every other device.
     """
     n_in, n_members, n_out = weight.shape
     w = weight.view(n_in, -1)  # (in, E*out)
-    if onednn.usable(x) or onednn.mkl_plain_layout():
+    if onednn.usable(x) or (x.device.type == "cpu" and onednn.mkl_plain_layout()):
         product = onednn.matmul if onednn.usable(x) else _mm
         z = product(x, w, None if bias is None else bias.reshape(-1))  # (B, E*out)
         return z.view(x.size(0), n_members, n_out).transpose(0, 1)

@@ -42,6 +42,7 @@ from bench_core.bench import (
 from bench_core.bench.breakdown import classify, part_seconds, shares
 from bench_core.errors import BenchError
 from bench_core.onednn import describe as describe_products
+from bench_core.onednn import mkl_plain_layout
 
 ROOT = Path(__file__).resolve().parent.parent
 TINY = {
@@ -649,6 +650,9 @@ def test_tiny_benchmark_every_row(one_thread):
     old_header = {**done.header, "model_gemm_flops_per_second": {"2": {"forward": 1e9, "weight_grad": 2e9}}}
     old_table = format_table(old_header, done.rows)  # a JSON of an earlier run, without the split rates
     assert "E=2: 1/2" in old_table and "E=2: 1/2 (split" not in old_table
+    assert "forward E·h×in @ in×B /" in old_table, "measured in zᵀ = Wᵀ xᵀ before the layout was named"
+    plain = mkl_plain_layout()  # the forward as this CPU's training lays it out
+    assert f"forward {'B×in @ in×E·h' if plain else 'E·h×in @ in×B'} /" in table
     assert done.header["steps"] == manual.describe_cpu_steps()  # on a CPU: the written-out steps' path
     assert f"workbench training steps: {done.header['steps']}" in table
     eager = {**done.header, "steps": "eager"}  # a JSON from before the CPU's path was named

@@ -225,3 +225,17 @@ def test_the_classic_ensemble_gives_the_same_outputs_and_gradients_in_either_lib
     want = _outputs_and_grads(model, x)  # the same call again: the same bits
     for a, b in zip(got, want, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"])  # meta: any device but the CPU, CUDA's layout
+def test_only_cpu_products_take_mkls_plain_layout_on_intel(device, monkeypatch):
+    """The host's vendor decides the CPU's layout only: elsewhere the members' product keeps ``zᵀ = Wᵀ xᵀ``."""
+    monkeypatch.setitem(onednn._vendor, "id", "GenuineIntel")
+    monkeypatch.setenv(onednn.ENV_SWITCH, "0")
+    n_in, n_members, n_out, batch = 6, 3, 4, 5
+    z = models._members_product(
+        torch.zeros(batch, n_in, device=device), torch.zeros(n_in, n_members, n_out, device=device)
+    )
+    assert z.shape == (n_members, batch, n_out)
+    plain, transposed = (n_out, n_members * n_out, 1), (n_out * batch, 1, batch)
+    assert z.stride() == (plain if device == "cpu" else transposed)

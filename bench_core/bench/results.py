@@ -175,6 +175,8 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         + (f" (split {'/'.join(f'{v / 1e9:.0f}' for v in r['split'].values())})" if "split" in r else "")
         for e, r in sorted(rates.items(), key=_e_key)
     )
+    # The forward's layout as measured (JSON from before the twenty-seventh session: zᵀ = Wᵀ xᵀ).
+    forward_shape = next((r.get("forward_shape") for r in rates.values() if r.get("forward_shape")), "E·h×in @ in×B")
     lines = [
         f"speed benchmark: {s['dataset_shape']} shape ({shape}), {header['train_examples']:,} training examples "
         f"per epoch, batch {s['batch_size']}, hidden {s['hidden']}×{s['depth']}",
@@ -186,7 +188,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         + f" ({header['matmul_shape']}, fastest of 9)",
         *onednn_lines(header),
         *([f"first layers' products in training: {header['products']}"] if header.get("products") else []),
-        "first-layer GEMM rates, GFLOP/s, forward E·h×in @ in×B / weight-grad in×B @ B×E·h"
+        f"first-layer GEMM rates, GFLOP/s, forward {forward_shape} / weight-grad in×B @ B×E·h"
         f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"
         + ("" if s["full_epoch"] else f" (after {s['warmup']} warm-up steps)")

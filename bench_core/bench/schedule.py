@@ -96,11 +96,13 @@ def _first_layer_rates(e: int, in_dim: int, h: int, bs: int, device: torch.devic
     from bench_core.training import examples_per_step
 
     rows = examples_per_step(bs, e, "split")  # a split step's B' = B // E · E examples
+    # torch.mm's forward as the models lay it out (bench_core.models._members_product): z = x W
+    # [B, E·h] on Intel CPUs (onednn.mkl_plain_layout), zᵀ = Wᵀ xᵀ [E·h, B] elsewhere.
+    plain = device.type == "cpu" and onednn_module.mkl_plain_layout()
     return {
-        # As the models lay them out (bench_core.models, _SharedInputLinear): forward zᵀ = Wᵀ xᵀ
-        # [E·h, B], weight gradient xᵀ dz [in, E·h].
-        "forward": gemm_rate(e * h, in_dim, bs, device),
-        "weight_grad": gemm_rate(in_dim, bs, e * h, device),
+        "forward": gemm_rate(bs, in_dim, e * h, device) if plain else gemm_rate(e * h, in_dim, bs, device),
+        "forward_shape": "B×in @ in×E·h" if plain else "E·h×in @ in×B",
+        "weight_grad": gemm_rate(in_dim, bs, e * h, device),  # xᵀ dz [in, E·h]
         # BatchEnsemble split batching: one member-width product over the step's examples, three
         # of them as autograd computes them (x∘r W, (x∘r)ᵀ dz, and dz Wᵀ for r's gradient; the CPU
         # steps' kernel, bench_core::first_layer_grads, does the last two in one pass).
