@@ -19,8 +19,8 @@ twenty-sixth and twenty-seventh sessions' machine) oneDNN ran the 2048³ product
 MKL (277 against 282 GFLOP/s), and in training steps it lost: steps with MKL's products took
 0.95–1.01× as long for the classic ensemble (MKL in the plain layout ``z = x W``; in the transposed
 one, 1.107×), 0.99–1.01× for BatchEnsemble (repeat) and 0.93–0.94× for split batching (in-process
-A/Bs of 12–20 pairs of 30-step blocks; docs/speed-log.md, twenty-seventh session). MKL is Intel's own library and
-tuned for its CPUs; on the AMD EPYC above, oneDNN won. So where ``BENCH_ONEDNN`` is unset the
+A/Bs of 12–20 pairs of 30-step blocks; docs/speed-log.md, twenty-seventh session). MKL is Intel's
+own library and tuned for its CPUs; on the AMD EPYC above, oneDNN won. So where ``BENCH_ONEDNN`` is unset the
 products go through oneDNN except on CPUs whose vendor is ``GenuineIntel`` (``cpu_vendor``), and
 there MKL takes the members' product in the plain layout (``mkl_plain_layout``); ``BENCH_ONEDNN=1``
 puts them through oneDNN on any CPU.
@@ -62,8 +62,9 @@ def wanted() -> bool:
 def mkl_plain_layout() -> bool:
     """Whether ``torch.mm`` takes the members' product in the plain layout ``z = x W`` (Intel CPUs).
 
-    Elsewhere in ``zᵀ = Wᵀ xᵀ``, MKL's faster layout on the AMD EPYC; on the Intel Xeon the plain
-    one made classic steps 0.857× as long as the transposed one (see the module's docstring).
+    Elsewhere in ``zᵀ = Wᵀ xᵀ``, MKL's faster layout on the AMD EPYC; on the Intel Xeon classic steps
+    took 0.949× as long as with oneDNN in the plain one and 1.107× in the transposed one (A/Bs against
+    oneDNN; see the module's docstring).
     """
     return cpu_vendor() == INTEL
 
@@ -93,11 +94,13 @@ def cpu_vendor(cpuinfo: Path | None = None) -> str | None:
 def describe() -> str:
     """Which library takes the first layers' float32 products on this CPU, in words."""
     if switched_off(ENV_SWITCH):
-        return f"torch.mm (MKL) ({ENV_SWITCH}=0)"
+        return f"torch.mm ({ENV_SWITCH}=0)"
     if not wanted():
         return f"torch.mm (MKL): on Intel CPUs it ran them faster than oneDNN (set {ENV_SWITCH}=1 for oneDNN)"
     if not available():
-        return f"torch.mm (MKL): no working oneDNN op ({str(_state['failed']).splitlines()[0][:120]})"
+        err = _state["failed"]
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:120]
+        return f"torch.mm: no working oneDNN op ({reason})"
     return "oneDNN (torch.ops.mkldnn._linear_pointwise)"
 
 

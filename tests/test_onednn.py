@@ -200,9 +200,11 @@ def test_intel_cpus_take_mkls_products_unless_onednn_is_asked_for(vendor, switch
     assert onednn.wanted() == wanted and onednn.usable(x) == wanted
     assert onednn.mkl_plain_layout() == plain
     words = onednn.describe()
-    assert words.startswith("oneDNN") if wanted else words.startswith("torch.mm (MKL)")
+    assert words.startswith("oneDNN") if wanted else words.startswith("torch.mm")
     if vendor == "GenuineIntel" and switch is None:
-        assert "BENCH_ONEDNN=1" in words
+        assert "BENCH_ONEDNN=1" in words and "(MKL)" in words
+    if switch == "0":
+        assert words == "torch.mm (BENCH_ONEDNN=0)"
 
 
 @pytest.mark.parametrize("vendor", ["GenuineIntel", "AuthenticAMD"])
@@ -239,3 +241,9 @@ def test_only_cpu_products_take_mkls_plain_layout_on_intel(device, monkeypatch):
     assert z.shape == (n_members, batch, n_out)
     plain, transposed = (n_out, n_members * n_out, 1), (n_out * batch, 1, batch)
     assert z.stride() == (plain if device == "cpu" else transposed)
+
+
+def test_a_missing_op_is_described_in_one_line(monkeypatch):
+    monkeypatch.setattr(onednn, "_linear_op", lambda: (_ for _ in ()).throw(AttributeError("")))  # no words
+    assert not onednn.usable(torch.zeros(2, 3))
+    assert onednn.describe() == "torch.mm: no working oneDNN op (AttributeError)"
