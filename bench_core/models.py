@@ -19,7 +19,9 @@ transposed outputs), and a parameter in that layout takes its gradient without a
 On a CPU the first layer's forward product goes through oneDNN where PyTorch has it
 (``bench_core.onednn``; on that machine 205-220 GFLOP/s at 2048³ against MKL's 155-186), which
 runs it fastest in the plain ``[B, E·out]`` layout, and so do split batching's per-member products
-of wide inputs; ``BENCH_ONEDNN=0`` keeps every product on ``torch.mm``.
+of wide inputs; ``BENCH_ONEDNN=0`` keeps every product on ``torch.mm``. Not on Intel CPUs, where
+MKL ran them faster in training steps: there ``torch.mm`` takes them, the forward in the plain
+layout too (``onednn.wanted``, ``onednn.mkl_plain_layout``).
 ``member(k)`` and ``as_linear(k)`` still return plain ``nn.Linear`` layers (``[out, in]``).
 """
 
@@ -252,7 +254,8 @@ class _SharedInputLinear(torch.autograd.Function):
     140-143 instead of 186-190 GFLOP/s (batch 128, in 3072, E·out 640, on this project's machine),
     and a classic training step took 12.8 instead of 9.3 ms. Where oneDNN is in use (CPU float32,
     ``bench_core.onednn``) the forward is ``z = x W`` through it instead: 196-205 GFLOP/s on that
-    machine, and classic training steps about 0.9× as long (paired fresh processes).
+    machine, and classic training steps about 0.9× as long (paired fresh processes); on Intel CPUs
+    it is ``z = x W`` through ``torch.mm`` (``_members_product``).
     """
 
     @staticmethod

@@ -44,7 +44,7 @@ _vendor: dict = {}  # "id": this CPU's vendor, read once (cpu_vendor)
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether a product with ``x`` goes through oneDNN: a CPU float32 tensor, oneDNN on and working."""
+    """Whether a product with ``x`` goes through oneDNN: a CPU float32 tensor, oneDNN wanted (``wanted``) and working."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if not wanted():
@@ -53,7 +53,11 @@ def usable(x: torch.Tensor) -> bool:
 
 
 def wanted() -> bool:
-    """Whether oneDNN's products are wanted here: ``BENCH_ONEDNN`` 0 no, 1 yes; unset, yes but on Intel CPUs."""
+    """Whether oneDNN's products are wanted here: ``BENCH_ONEDNN`` 0 no, 1 yes; unset, yes but on Intel CPUs.
+
+    Any other value counts as unset. Where /proc/cpuinfo cannot be read (macOS, Windows) the vendor
+    is unknown and oneDNN stays wanted.
+    """
     if switched_off(ENV_SWITCH):
         return False
     return os.environ.get(ENV_SWITCH, "").strip() == "1" or cpu_vendor() != INTEL

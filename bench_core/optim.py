@@ -204,7 +204,7 @@ def _fused_step(group: dict, params, grads, exp_avgs, exp_avg_sqs, steps) -> boo
         try:  # the counts are put back should it fail
             ops.adam_step(params, grads, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2,
                           group["weight_decay"], group["eps"])  # fmt: skip
-        except RuntimeError as err:
+        except (AttributeError, RuntimeError, TypeError) as err:
             _fail(err)
             return False
         return True

@@ -122,9 +122,12 @@ CASES = [
 
 @pytest.mark.parametrize(("method", "batching", "width", "depth", "members"), CASES)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("products", ["as this CPU", "oneDNN"])  # Intel's CPUs take MKL's unless asked
 def test_losses_and_gradients_equal_autograds_bit_for_bit(
-    method, batching, width, depth, members, reduction, step_path
+    method, batching, width, depth, members, reduction, products, step_path, monkeypatch
 ):
+    if products == "oneDNN":
+        monkeypatch.setenv(onednn.ENV_SWITCH, "1")
     model = _model(method, width, depth=depth, ensemble_size=members)
     x, y = _batch(model, width, batching == "split")
     got, want = _hand_written(model, x, y, reduction), _autograd(model, x, y, reduction)
@@ -725,11 +728,13 @@ def test_training_steps_leave_the_kernels_weight_stepped_without_a_gradient(monk
         assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
-def test_with_onednn_off_the_classic_steps_stay_in_cpp_and_the_kernel_steps_the_weight(monkeypatch):
-    """Without oneDNN the first layer's product is torch's, and the gradient it hands the kernel came out
-    of the backward in a transposed layout: the kernel gets it laid out as it reads it (it refused it
-    before, which turned the C++ steps off for the process, with a warning)."""
+@pytest.mark.parametrize("vendor", ["AuthenticAMD", "GenuineIntel"])
+def test_with_onednn_off_the_classic_steps_stay_in_cpp_and_the_kernel_steps_the_weight(vendor, monkeypatch):
+    """Without oneDNN the first layer's product is torch's; in the transposed layout (CPUs other than
+    Intel's) the gradient it hands the kernel came out of the backward transposed: the kernel gets it
+    laid out as it reads it (it refused it before, which turned the C++ steps off for the process)."""
     _adam_kernel_ops()
+    monkeypatch.setitem(onednn._vendor, "id", vendor)
     monkeypatch.setenv(onednn.ENV_SWITCH, "0")
     with warnings.catch_warnings():
         warnings.simplefilter("error")

@@ -121,7 +121,7 @@ def test_the_cpp_step_counts_in_place_and_puts_the_counts_back_when_adam_fails()
     versions = [s._version for s in steps]
     ops.adam_step(params, grads, *moments, steps, 1e-2, 0.9, 0.999, 0.0, 1e-8)
     torch._foreach_add_(want_steps, 1)
-    for i in range(2):  # one list per dtype: _fused_adam_ takes one dtype per call
+    for i in range(2):  # the reference stepped tensor by tensor
         torch._fused_adam_(
             [want[0][i]], [grads[i]], [want[1][i]], [want[2][i]], [], [want_steps[i]], amsgrad=False, lr=1e-2,
             beta1=0.9, beta2=0.999, weight_decay=0.0, eps=1e-8, maximize=False, grad_scale=None, found_inf=None,
@@ -136,6 +136,10 @@ def test_the_cpp_step_counts_in_place_and_puts_the_counts_back_when_adam_fails()
         assert all(torch.equal(g, w) for g, w in zip(got, was, strict=True))
     with pytest.raises(RuntimeError, match="one step count per parameter"):
         ops.adam_step(params[:1], grads[:1], moments[0][:1], moments[1][:1], [], 1e-2, 0.9, 0.999, 0.0, 1e-8)
+    refused = torch.tensor(4.0, requires_grad=True)  # its add_ throws: the count before it is put back
+    with pytest.raises(RuntimeError, match="in-place"):
+        ops.adam_step(params, grads, *moments, [steps[0], refused], 1e-2, 0.9, 0.999, 0.0, 1e-8)
+    assert float(steps[0]) == float(before[3][0]) and float(refused.detach()) == 4.0
 
 
 def test_direct_steps_are_adam_within_rounding_of_the_plain_loop():

@@ -68,7 +68,7 @@ def onednn_gemm_rate(m: int, k: int, n: int, warmup: int = 2, repeats: int = 9) 
     """:func:`gemm_rate` of the same CPU product through oneDNN; None where this torch has no such op.
 
     ``torch.ops.mkldnn._linear_pointwise`` is a private op (inductor's CPU linear), which the first
-    layers' forward products use on a CPU (``bench_core.onednn``). On some CPUs oneDNN's float32
+    layers' forward products use on a CPU but an Intel one (``bench_core.onednn``). On some CPUs oneDNN's float32
     product is faster than MKL's, which ``torch.mm`` runs: on this project's AMD EPYC, 2048³ ran
     at 205-220 against 155-194 GFLOP/s. The floor takes the faster of the two rates.
     """

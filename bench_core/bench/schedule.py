@@ -65,9 +65,9 @@ def machine_header(settings: BenchSettings) -> dict:
         "device": str(device),
         "matmul_flops_per_second": rate,
         "matmul_shape": f"{MATMUL_SIZE}x{MATMUL_SIZE} @ {MATMUL_SIZE}x{MATMUL_SIZE} float32",
-        # The same product through oneDNN (the first layer's forward on a CPU; CPU only, None if absent).
+        # The same product through oneDNN (the first layer's forward on a CPU but an Intel one; None if absent).
         "onednn_matmul_flops_per_second": onednn,
-        # The floor's rate: the faster of the two, a bound the hardware reached (training uses both).
+        # The floor's rate: the faster of the two, a bound the hardware reached (training uses one or both).
         "floor_flops_per_second": max(rate, onednn or 0.0),
         # Which library takes the first layers' products in training on this CPU (bench_core.onednn).
         "products": onednn_module.describe() if device.type == "cpu" else None,

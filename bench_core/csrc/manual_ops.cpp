@@ -528,9 +528,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
     grad_w[li] = at::bmm(a.transpose(1, 2), grad);
     grad = at::threshold_backward(at::bmm(grad, weights[li].transpose(1, 2)), a, 0);
   }
-  // models.shared_input_linear_grads; contiguous, as first_layer_adam reads it: where the first layer's
-  // product was torch's (oneDNN off), grad keeps relu(h)'s transposed strides and the reshape is a view.
-  const Tensor grad_z = grad.transpose(0, 1).reshape({batch, -1}).contiguous();
+  const Tensor grad_z = grad.transpose(0, 1).reshape({batch, -1});  // models.shared_input_linear_grads
   grad_b[0] = grad.sum(1);
   if (adam == nullptr) {
     grad_w[0] = at::mm(x.t(), grad_z).view({n_in, n_members, n_out});
@@ -541,8 +539,11 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
           .findSchemaOrThrow("bench_core::first_layer_adam", "")
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, double,
                       double, double, double, double)>();
-  op.call(x, grad_z, w, adam->exp_avg.view({n_in, -1}), adam->exp_avg_sq.view({n_in, -1}), adam->step, adam->lr,
-          adam->beta1, adam->beta2, adam->eps, adam->weight_decay);
+  // Contiguous, as the kernel reads it: where the first layer's product took the transposed layout
+  // (torch's, not oneDNN's, on a CPU other than Intel's), grad keeps relu(h)'s transposed strides and
+  // the reshape above is a view.
+  op.call(x, grad_z.contiguous(), w, adam->exp_avg.view({n_in, -1}), adam->exp_avg_sq.view({n_in, -1}), adam->step,
+          adam->lr, adam->beta1, adam->beta2, adam->eps, adam->weight_decay);
   grad_w.erase(grad_w.begin());
   return {member_losses, grad_w, grad_b};
 }
@@ -598,31 +599,30 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> plain(
 // here. This counts them in place (float and double counts, as Adam keeps them; any other through
 // add_), then makes the same _fused_adam_ call: the same bits. Should that call throw, the counts are
 // put back before the error goes on, so that Adam's own step counts the step once.
-void count_steps(at::TensorList steps, int sign) {
-  for (const Tensor& step : steps) {
-    if (step.device().type() == at::kCPU && step.numel() == 1 && !step.requires_grad() &&
-        (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble)) {
-      if (step.scalar_type() == at::kFloat) {
-        *step.data_ptr<float>() += static_cast<float>(sign);
-      } else {
-        *step.data_ptr<double>() += static_cast<double>(sign);
-      }
-      step.unsafeGetTensorImpl()->bump_version();
+void count_step(const Tensor& step, int sign) {
+  if (step.device().type() == at::kCPU && step.numel() == 1 && !step.requires_grad() && !step.is_inference() &&
+      (step.scalar_type() == at::kFloat || step.scalar_type() == at::kDouble)) {
+    if (step.scalar_type() == at::kFloat) {
+      *step.data_ptr<float>() += static_cast<float>(sign);
     } else {
-      step.add_(sign);
+      *step.data_ptr<double>() += static_cast<double>(sign);
     }
+    step.unsafeGetTensorImpl()->bump_version();
+  } else {
+    step.add_(sign);
   }
 }
 
 void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
                at::TensorList steps, double lr, double beta1, double beta2, double weight_decay, double eps) {
   TORCH_CHECK(steps.size() == params.size(), "adam_step: one step count per parameter");
-  count_steps(steps, 1);
+  size_t counted = 0;  // the counts added to so far: those are put back should anything throw
   try {
+    for (; counted < steps.size(); ++counted) count_step(steps[counted], 1);
     at::_fused_adam_(params, grads, exp_avgs, exp_avg_sqs, {}, steps, lr, beta1, beta2, weight_decay, eps,
                      /*amsgrad=*/false, /*maximize=*/false);
   } catch (...) {
-    count_steps(steps, -1);
+    for (size_t i = 0; i < counted; ++i) count_step(steps[i], -1);
     throw;
   }
 }
