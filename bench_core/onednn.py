@@ -44,7 +44,7 @@ _vendor: dict = {}  # "id": this CPU's vendor, read once (cpu_vendor)
 
 
 def usable(x: torch.Tensor) -> bool:
-    """Whether a product with ``x`` goes through oneDNN: a CPU float32 tensor, oneDNN wanted (``wanted``) and working."""
+    """Whether a product with ``x`` goes through oneDNN: a CPU float32 tensor, oneDNN wanted and working."""
     if x.device.type != "cpu" or x.dtype != torch.float32:
         return False
     if not wanted():

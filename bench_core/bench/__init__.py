@@ -26,7 +26,8 @@ How each figure is measured:
 - **floor**: ``epoch_flops`` divided by the float32 matrix-product rate measured at the start
   on the same device: the fastest of 9 timed 2048×2048 products through ``torch.mm`` and, on a
   CPU, through oneDNN (``onednn_gemm_rate``; the first layers' forward products use it but on
-  Intel CPUs, where ``torch.mm`` takes them), the faster of the two; ``× floor`` is epoch / floor. Runs before the oneDNN rate used ``torch.mm``'s.
+  Intel CPUs, where ``torch.mm`` takes them), the faster of the two; ``× floor`` is epoch /
+  floor. Runs before the oneDNN rate used ``torch.mm``'s.
 - **inference examples/s**: eval mode, ``torch.inference_mode``, batches of 1024 over
   ``inference_examples`` examples, synchronised on GPUs; the median of ``repeats`` passes.
   Reference rows run the seed's Evaluator loop over its DataLoader (batch 256, 2 workers).
