@@ -55,7 +55,19 @@ def layer_pictures() -> None:
     controls = st.columns([1, 1, 1.5, 0.8])  # the init's choices whole at 1024 px (in a quarter they broke)
     members = controls[0].slider("Ensemble size E", 1, 8, key="learn_members")
     if members > 1:
-        k = controls[1].slider("Member k", 1, members, key="learn_member")
+        # One slider per E, started at the member picked last ("learn_member"), or at E where that is
+        # past E: to Streamlit a slider whose maximum changes is a new widget, which began again at 1,
+        # showed 1 while the pictures drew the member kept in the session, or raised an error where
+        # that member was past E. The pick changes only when the slider is moved, not when E cuts it.
+        slider, pick = f"learn_member_of_{members}", int(st.session_state["learn_member"])
+        start = max(1, min(pick, members))
+        for other in range(2, 9):
+            if other != members:
+                st.session_state.pop(f"learn_member_of_{other}", None)
+        st.session_state.setdefault(slider, start)
+        k = controls[1].slider("Member k", 1, members, key=slider)
+        if k != start:
+            st.session_state["learn_member"] = k
     else:
         k = 1
         controls[1].caption("One member: k = 1")

@@ -1168,7 +1168,7 @@ def test_learn_with_sliders_moved(store_file):
     at = open_page("learn")
     assert len(charts(at)) == 4, "W, s r^T, W_k and the parameter count"
     at.slider(key="learn_members").set_value(8).run()
-    at.slider(key="learn_member").set_value(6).run()
+    at.slider(key="learn_member_of_8").set_value(6).run()
     assert any("**Member 6**" in m.value for m in at.markdown), "the picked member's r and s beside W_k"
     at.radio(key="learn_init").set_value("random_sign").run()
     at.slider(key="learn_members").set_value(1).run()
@@ -1617,7 +1617,7 @@ def test_learns_controls_keep_their_values_past_a_visit_to_another_page(store_fi
     """They came back with their defaults (Streamlit drops the state of widgets a page run does not draw)."""
     at = open_page("learn")
     at.slider(key="learn_members").set_value(8).run()
-    at.slider(key="learn_member").set_value(6).run()
+    at.slider(key="learn_member_of_8").set_value(6).run()
     at.radio(key="learn_init").set_value("random_sign").run()
     at.number_input(key="learn_seed").set_value(7).run()
     at.selectbox(key="learn_dataset").set_value("mnist").run()
@@ -1630,7 +1630,7 @@ def test_learns_controls_keep_their_values_past_a_visit_to_another_page(store_fi
     at.switch_page("pages/learn.py").run()
     assert not at.exception, at.exception
     assert {key: at.session_state[key] for key in chosen} == chosen
-    assert at.slider(key="learn_member").value == 6 and at.radio(key="learn_init").value == "random_sign"
+    assert at.slider(key="learn_member_of_8").value == 6 and at.radio(key="learn_init").value == "random_sign"
     assert at.number_input(key="learn_hidden").value == 5000
     assert texts(at.error) == ["Hidden width must be from 1 to 4,096, not 5,000."]
     assert not at.warning, "no widget with a value of its own beside the session's"
@@ -1638,7 +1638,17 @@ def test_learns_controls_keep_their_values_past_a_visit_to_another_page(store_fi
     at.switch_page("pages/runs.py").run()
     at.switch_page("pages/learn.py").run()
     at.slider(key="learn_members").set_value(8).run()
-    assert at.slider(key="learn_member").value == 6
+    assert at.slider(key="learn_member_of_8").value == 6
+    assert any("**Member 6**" in m.value for m in at.markdown), "the slider and the pictures: one member"
+    at.slider(key="learn_members").set_value(1).run()  # then E = 2, under the member kept: no error, member 2
+    at.slider(key="learn_members").set_value(2).run()
+    assert not at.exception, at.exception
+    assert at.slider(key="learn_member_of_2").value == 2 and any("**Member 2**" in m.value for m in at.markdown)
+    at.slider(key="learn_members").set_value(5).run()  # E cut the member to 2; the pick, 6, is kept
+    assert at.slider(key="learn_member_of_5").value == 5
+    at.slider(key="learn_member_of_5").set_value(3).run()
+    at.slider(key="learn_members").set_value(8).run()
+    assert at.slider(key="learn_member_of_8").value == 3 and any("**Member 3**" in m.value for m in at.markdown)
 
 
 def test_speed_form_shows_the_settings_of_a_benchmark_shown_from_elsewhere(store_file, tmp_path):
