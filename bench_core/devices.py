@@ -2,11 +2,30 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from bench_core.errors import DeviceError
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+CPUINFO = Path("/proc/cpuinfo")
+
+
+def cpuinfo_field(name: str, cpuinfo: Path = CPUINFO) -> str | None:
+    """The first value of ``name`` in /proc/cpuinfo ("vendor_id", "model name"), stripped.
+
+    None where the file cannot be read (not Linux) or has no such field (``vendor_id`` on Arm CPUs).
+    """
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        return None
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == name:
+            return value.strip()
+    return None
 
 
 def available_devices() -> list[str]:

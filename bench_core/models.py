@@ -304,17 +304,13 @@ def _members_product(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     """
     n_in, n_members, n_out = weight.shape
     w = weight.view(n_in, -1)  # (in, E*out)
-    if onednn.usable(x) or (x.device.type == "cpu" and onednn.mkl_plain_layout()):
-        product = onednn.matmul if onednn.usable(x) else _mm
+    via_onednn = onednn.usable(x)
+    if via_onednn or (x.device.type == "cpu" and onednn.mkl_plain_layout()):
+        product = onednn.matmul if via_onednn else onednn.mm
         z = product(x, w, None if bias is None else bias.reshape(-1))  # (B, E*out)
         return z.view(x.size(0), n_members, n_out).transpose(0, 1)
     z_t = w.t() @ x.t() if bias is None else torch.addmm(bias.reshape(-1, 1), w.t(), x.t())  # (E*out, B)
     return z_t.view(n_members, n_out, -1).transpose(1, 2)
-
-
-def _mm(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """``x @ w (+ bias)`` through ``torch.mm``: ``onednn.matmul``'s signature."""
-    return x @ w if bias is None else torch.addmm(bias, x, w)
 
 
 ONEDNN_MIN_IN = 2048  # narrowest input whose per-member products go through oneDNN (shared_weight_product)

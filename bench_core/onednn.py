@@ -33,11 +33,11 @@ from pathlib import Path
 
 import torch
 
+from bench_core.devices import CPUINFO, cpuinfo_field
 from bench_core.errors import switched_off, warn_off
 
 ENV_SWITCH = "BENCH_ONEDNN"  # "0": every product through torch.mm; "1": through oneDNN on Intel CPUs too
 INTEL = "GenuineIntel"  # the vendor whose CPUs take MKL's products unless BENCH_ONEDNN=1
-CPUINFO = Path("/proc/cpuinfo")
 
 _state: dict = {"checked": False, "failed": None}  # failed: why oneDNN is off in this process (None: it is not)
 _vendor: dict = {}  # "id": this CPU's vendor, read once (cpu_vendor)
@@ -80,16 +80,7 @@ def cpu_vendor(cpuinfo: Path | None = None) -> str | None:
     """
     if cpuinfo is None and "id" in _vendor:
         return _vendor["id"]
-    try:
-        text = (cpuinfo or CPUINFO).read_text(errors="replace")
-    except OSError:  # not Linux, or not readable
-        text = ""
-    vendor = None
-    for line in text.splitlines():
-        key, sep, value = line.partition(":")
-        if sep and key.strip() == "vendor_id":
-            vendor = value.strip() or None
-            break
+    vendor = cpuinfo_field("vendor_id", cpuinfo or CPUINFO) or None
     if cpuinfo is None:
         _vendor["id"] = vendor
     return vendor
@@ -125,7 +116,12 @@ def matmul(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = No
         return _linear_op()(x, weight.t(), bias, "none", [], "")
     except (AttributeError, RuntimeError) as err:
         disable(err)
-        return x @ weight if bias is None else torch.addmm(bias, x, weight)
+        return mm(x, weight, bias)
+
+
+def mm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``matmul``'s product through ``torch.mm`` (MKL on x86 CPUs)."""
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 def disable(err: BaseException) -> None:

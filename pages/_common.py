@@ -386,6 +386,23 @@ def rerun_when_changed(drawn: object, look: Callable[[], object], every: float =
     st.fragment(run_every=every)(check)()
 
 
+def restore_widgets(saved_key: str, defaults: dict, prefix: str = "") -> None:
+    """Give each widget ``prefix + name`` its kept value, or its default, before the widgets are drawn.
+
+    Streamlit drops the state of the widgets a page run does not draw, so a visit to another page
+    brought a form back with its defaults. The widgets then take their values from the session
+    (none passes a value of its own). ``remember_widgets`` keeps them at the end of each run.
+    """
+    for name, value in {**defaults, **st.session_state.get(saved_key, {})}.items():
+        st.session_state.setdefault(prefix + name, value)
+
+
+def remember_widgets(saved_key: str, defaults: dict, prefix: str = "") -> None:
+    """Keep the widgets' values past this page run (a widget not drawn in it keeps its last one)."""
+    saved = {**defaults, **st.session_state.get(saved_key, {})}
+    st.session_state[saved_key] = {name: st.session_state.get(prefix + name, saved[name]) for name in defaults}
+
+
 def number_box(container, label: str, bounds: tuple, *, key: str, **kwargs) -> str | None:
     """A number box that takes any number, checked against ``bounds`` here: the one-line complaint, or None.
 

@@ -15,7 +15,9 @@ from pages._common import (
     matrix_figure,
     number_box,
     params_figure,
+    remember_widgets,
     require_router,
+    restore_widgets,
     show,
     show_problems,
     stacked_columns,
@@ -25,9 +27,8 @@ require_router("pages/learn.py")
 
 N_IN, N_OUT = 8, 6  # the small layer drawn below
 
-# The controls' values kept past a visit to another page: Streamlit drops the state of the widgets a
-# page run does not draw, and the page came back with its defaults. Set here, before the widgets,
-# which take them from the session (none passes a value of its own).
+MAX_MEMBERS = 8  # the ensemble size slider's top
+# The controls' values kept past a visit to another page (pages._common.restore_widgets).
 DEFAULTS = {
     "learn_members": 4,
     "learn_member": 1,
@@ -40,20 +41,13 @@ DEFAULTS = {
     "learn_mark": 5,
 }
 SAVED_KEY = "learn_saved_settings"
-for _name, _value in {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}.items():
-    st.session_state.setdefault(_name, _value)
-
-
-def remember_settings() -> None:
-    """Keep the controls' values (a control not drawn this run keeps its last one)."""
-    saved = {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}
-    st.session_state[SAVED_KEY] = {name: st.session_state.get(name, saved[name]) for name in DEFAULTS}
+restore_widgets(SAVED_KEY, DEFAULTS)
 
 
 def layer_pictures() -> None:
     """W, s_k r_kᵀ and W ∘ (s_k r_kᵀ) of one member of a small BatchEnsemble layer."""
     controls = st.columns([1, 1, 1.5, 0.8])  # the init's choices whole at 1024 px (in a quarter they broke)
-    members = controls[0].slider("Ensemble size E", 1, 8, key="learn_members")
+    members = controls[0].slider("Ensemble size E", 1, MAX_MEMBERS, key="learn_members")
     if members > 1:
         # One slider per E, started at the member picked last ("learn_member"), or at E where that is
         # past E: to Streamlit a slider whose maximum changes is a new widget, which began again at 1,
@@ -61,7 +55,7 @@ def layer_pictures() -> None:
         # that member was past E. The pick changes only when the slider is moved, not when E cuts it.
         slider, pick = f"learn_member_of_{members}", int(st.session_state["learn_member"])
         start = max(1, min(pick, members))
-        for other in range(2, 9):
+        for other in range(2, MAX_MEMBERS + 1):
             if other != members:
                 st.session_state.pop(f"learn_member_of_{other}", None)
         st.session_state.setdefault(slider, start)
@@ -192,7 +186,7 @@ layer_pictures()
 
 st.subheader("Parameters against ensemble size")
 params_section()
-remember_settings()
+remember_widgets(SAVED_KEY, DEFAULTS)
 
 st.subheader("Where BatchEnsemble is fast, and where it is not")
 st.markdown(

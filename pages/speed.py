@@ -63,7 +63,9 @@ from pages._common import (
     number_box,
     numbers_table,
     process_identity,
+    remember_widgets,
     require_router,
+    restore_widgets,
     running_benchmark,
     sharing_note,
     show,
@@ -104,8 +106,7 @@ DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
 # The form's values kept past a visit to another page: Streamlit drops the state of the widgets a page run
 # does not draw, and the form came back with its defaults.
 SAVED_KEY = "speed_saved_settings"
-for _name, _value in {**DEFAULTS, **st.session_state.get(SAVED_KEY, {})}.items():
-    st.session_state.setdefault(P + _name, _value)
+restore_widgets(SAVED_KEY, DEFAULTS, P)
 DEVICES = ["auto", *available_devices()]
 if st.session_state[P + "device"] not in DEVICES:
     st.session_state[P + "device"] = "auto"
@@ -729,7 +730,7 @@ live_slot = st.container()
 if st.session_state.pop(SCROLL_KEY, False):
     st.html(SCROLL_UP, unsafe_allow_javascript=True)
 bench_settings, problems = settings_widgets(locked=job_running)
-st.session_state[SAVED_KEY] = {name: st.session_state[P + name] for name in DEFAULTS}
+remember_widgets(SAVED_KEY, DEFAULTS, P)
 if job_running:
     st.caption("Settings are locked while the benchmark runs; stop it to change them.")
 # The button and a bad setting's error line in one container: drawn as siblings, the line came and went

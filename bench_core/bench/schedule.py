@@ -25,7 +25,7 @@ from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
 from bench_core.bench.settings import MATMUL_SIZE, ROW_NAMES, BenchEvent, BenchSettings, RowSpec
-from bench_core.devices import resolve_device
+from bench_core.devices import cpuinfo_field, resolve_device
 from bench_core.errors import BenchError, ConfigError
 
 
@@ -122,14 +122,8 @@ def _load_average() -> float | None:
 
 
 def _cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    model = cpuinfo_field("model name")
+    return model if model is not None else platform.processor() or platform.machine()
 
 
 def _row_weight(spec: RowSpec) -> float:
