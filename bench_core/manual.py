@@ -38,6 +38,13 @@ would be slower, and with ``BENCH_FIRST_LAYER_KERNEL=0``, autograd's products an
   (BatchEnsemble's first-layer weight, 1.5 MiB, gained nothing from the same: its steps were 1.01×
   and 1.07× as long, so it keeps Adam's own step.)
 
+And BatchEnsemble's per-member layers (split batching's all, repeat batching's after its first),
+float32, take their element-wise work and the loss in loops of their own in the C++ step (any CPU;
+``BENCH_FUSED_LOOPS=0`` keeps ATen's operators): x ∘ r, the ReLUs, z ∘ s + bias, the bias's, s's and
+r's sums and the cross-entropy with its gradient, one pass each where ATen made a dozen operator
+calls per layer. Sums over the batch run row after row and softmax takes the C library's exp and
+log, so losses and gradients are within a few float32 roundings of autograd's, not bit for bit.
+
 Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
 
@@ -55,6 +62,9 @@ from bench_core.optim import KernelAdam
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
 # "0": every first layer through autograd's products (and Adam's own step): no written-out first-layer kernel
 ENV_FIRST_LAYER_KERNEL = "BENCH_FIRST_LAYER_KERNEL"
+# "0": BatchEnsemble's C++ step does its element-wise work and loss through ATen's operators (bit for bit
+# the Python step's) rather than in its own fused loops
+ENV_FUSED = "BENCH_FUSED_LOOPS"
 
 
 def applies(model: nn.Module, x: torch.Tensor) -> bool:
@@ -79,7 +89,7 @@ def describe_cpu_steps() -> str:
         return f"through autograd ({ENV_SWITCH}=0)"
     if native.warm_up():
         cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native)"
-        return f"{cpp}; {_first_layer_kernels()}"
+        return f"{cpp}; {_first_layer_kernels()}; {_fused_loops()}"
     return f"forward and backward written out without autograd, in Python ({native.why_off()})"
 
 
@@ -99,6 +109,16 @@ def _first_layer_kernels() -> str:
     if why_not:
         return f"first layers through autograd's products and Adam's own step ({why_not})"
     return FIRST_LAYER_KERNELS
+
+
+FUSED_LOOPS = "BatchEnsemble's element-wise work and loss in loops of their own"
+
+
+def _fused_loops() -> str:
+    """Whether BatchEnsemble's C++ steps do their element-wise work in their own loops, in words."""
+    if switched_off(ENV_FUSED):
+        return f"BatchEnsemble's element-wise work and loss through ATen's operators ({ENV_FUSED}=0)"
+    return FUSED_LOOPS
 
 
 def _hooked(model: nn.Module) -> bool:
@@ -229,7 +249,10 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
     params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
     via_onednn = [models.through_onednn(x, layer.in_features) for layer in layers]
     first_kernel = not switched_off(ENV_FIRST_LAYER_KERNEL)  # the C++ step uses it in split batching's first layer only
-    member_losses, grads, grad_h = ops.batchensemble_layers(h, labels, params, via_onednn, mean, shared, first_kernel)
+    fused = not switched_off(ENV_FUSED)
+    member_losses, grads, grad_h = ops.batchensemble_layers(
+        h, labels, params, via_onednn, mean, shared, first_kernel, fused
+    )
     _set_grads(params, grads)
     if shared and first_kernel and ops.first_layer_fast() and x.dtype == torch.float32:
         # Repeat batching: W's and r's gradients from the first-layer kernel on the shared batch (each

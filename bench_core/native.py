@@ -239,7 +239,8 @@ def _first_calls(ops) -> None:
     x, labels = torch.ones(2, 1, 3), torch.zeros(2, 1, dtype=torch.long)
     be = [torch.ones(3, 2), torch.ones(2, 3), torch.ones(2, 2), torch.zeros(2, 2)]  # W, r, s, bias of one layer
     with torch.no_grad():
-        ops.batchensemble_layers(x, labels, be, [False], True, False, True)
+        for fused in (True, False):  # its own loops and ATen's element-wise operators
+            ops.batchensemble_layers(x, labels, be, [False], True, False, True, fused)
         ops.first_layer_grads(x, torch.ones(2, 1, 2), be[0], be[1])
         if ops.first_layer_fast():  # the kernel that makes Adam's step on what it is given (copies here)
             adam = [torch.zeros(3, 2), torch.zeros(3, 2), torch.zeros(()), 1e-3, 0.9, 0.999, 1e-8, 0.0]

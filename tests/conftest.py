@@ -26,13 +26,15 @@ atexit.register(shutil.rmtree, os.environ["BENCH_LOCK_DIR"], ignore_errors=True)
 def fresh_fast_paths(monkeypatch):
     """oneDNN's products, Adam's direct step and the C++ training steps (with their split kernel): switches
     unset, checked afresh, a failure a test provokes forgotten after it (``bench_core.onednn``,
-    ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_FIRST_LAYER_KERNEL``)."""
+    ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_FIRST_LAYER_KERNEL`` and
+    ``ENV_FUSED``)."""
     from bench_core import manual, native, onednn, optim
 
     for module in (onednn, optim, native):
         monkeypatch.delenv(module.ENV_SWITCH, raising=False)
         module.reset()
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL, raising=False)
+    monkeypatch.delenv(manual.ENV_FUSED, raising=False)
     yield
     for module in (onednn, optim, native):
         module.reset()

@@ -5,7 +5,9 @@ gradients come from one kernel (``bench_core::first_layer_grads``), the same sum
 so they are checked against autograd's to float32's rounding, and bit for bit with
 ``BENCH_FIRST_LAYER_KERNEL=0``; the classic ensemble's first-layer weight, stepped by Adam inside its
 gradient's kernel (``first_layer_adam``), is checked against ``torch._fused_adam_`` on the same
-gradient, and training against autograd's to float32's rounding.
+gradient, and training against autograd's to float32's rounding. And BatchEnsemble's float32 C++
+steps on any CPU: their element-wise work and loss in loops of their own, to float32's rounding of
+autograd's, and bit for bit with ``BENCH_FUSED_LOOPS=0``.
 """
 
 from __future__ import annotations
@@ -93,13 +95,31 @@ def _kernel_grads(step_path: str, method: str, dtype=torch.float32) -> tuple[str
     return KERNEL_GRADS if on and not switched_off(manual.ENV_FIRST_LAYER_KERNEL) else ()
 
 
+ALL = ("member losses",)  # close=ALL: the losses and every gradient to float32's rounding
+
+
+def _close(step_path: str, method: str, dtype=torch.float32) -> tuple[str, ...]:
+    """What the C++ step computes to float32's rounding here, not bit for bit: ALL where BatchEnsemble's
+    fused loops run (float32, C++ steps, not switched off), else the first-layer kernel's gradients."""
+    on = step_path == "c++" and method == "batchensemble" and dtype == torch.float32
+    if on and not switched_off(manual.ENV_FUSED):
+        return ALL
+    return _kernel_grads(step_path, method, dtype)
+
+
+def _within_rounding(got: torch.Tensor, want: torch.Tensor) -> bool:
+    """Within a few float32 roundings of the largest value: the same sums in another order."""
+    return bool((got - want).abs().max() <= 1e-6 * want.abs().max())
+
+
 def _assert_bit_equal(got, want, close: tuple[str, ...] = ()) -> None:
-    """Losses and gradients equal to the last bit; those named in ``close`` to float32's rounding."""
-    assert torch.equal(got[0], want[0]), "member losses"
+    """Losses and gradients equal to the last bit; those named in ``close`` (everything: ALL) to float32's rounding."""
+    everything = close == ALL
+    assert _within_rounding(got[0], want[0]) if everything else torch.equal(got[0], want[0]), "member losses"
     assert got[1].keys() == want[1].keys()
     for name, grad in want[1].items():
-        if name in close:  # the same sums in another order: within a few float32 roundings of the largest
-            assert (got[1][name] - grad).abs().max() <= 1e-6 * grad.abs().max(), name
+        if everything or name in close:
+            assert _within_rounding(got[1][name], grad), name
         else:
             assert torch.equal(got[1][name], grad), name
 
@@ -120,18 +140,24 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize(("method", "batching", "width", "depth", "members"), CASES)
+# Each case, BatchEnsemble's also with its fused loops off (ATen's element-wise operators: bit for bit).
+CASES_LOOPS = [(*case, loops) for case in CASES for loops in ("own", "aten")[: 2 if case[0] == "batchensemble" else 1]]
+
+
+@pytest.mark.parametrize(("method", "batching", "width", "depth", "members", "loops"), CASES_LOOPS)
 @pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("products", ["as this CPU", "oneDNN"])  # Intel's CPUs take MKL's unless asked
 def test_losses_and_gradients_equal_autograds_bit_for_bit(
-    method, batching, width, depth, members, reduction, products, step_path, monkeypatch
+    method, batching, width, depth, members, loops, reduction, products, step_path, monkeypatch
 ):
     if products == "oneDNN":
         monkeypatch.setenv(onednn.ENV_SWITCH, "1")
+    if loops == "aten":
+        monkeypatch.setenv(manual.ENV_FUSED, "0")
     model = _model(method, width, depth=depth, ensemble_size=members)
     x, y = _batch(model, width, batching == "split")
     got, want = _hand_written(model, x, y, reduction), _autograd(model, x, y, reduction)
-    _assert_bit_equal(got, want, close=_kernel_grads(step_path, method))
+    _assert_bit_equal(got, want, close=_close(step_path, method))
 
 
 @pytest.mark.parametrize(
@@ -143,6 +169,7 @@ def test_with_the_first_layer_kernel_off_batchensemble_steps_equal_autograds_bit
 ):
     _kernel_ops()
     monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
+    monkeypatch.setenv(manual.ENV_FUSED, "0")
     model = _model(method, width, depth=depth, ensemble_size=members)
     x, y = _batch(model, width, batching == "split")
     _assert_bit_equal(_hand_written(model, x, y, reduction), _autograd(model, x, y, reduction))
@@ -155,7 +182,7 @@ def test_equal_with_onednn_or_the_compiled_kernel_switched_off(switch, batching,
     model = _model("batchensemble", 2048, depth=1, ensemble_size=2)
     x, y = _batch(model, 2048, batching == "split")
     got, want = _hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean")
-    _assert_bit_equal(got, want, close=_kernel_grads(step_path, "batchensemble"))
+    _assert_bit_equal(got, want, close=_close(step_path, "batchensemble"))
     if switch == "BENCH_ONEDNN":
         assert not onednn.usable(x)
     else:
@@ -173,7 +200,7 @@ def test_equal_with_the_members_product_through_mkl_in_either_layout(vendor, met
     model = _model(method, 12)
     x, y = _batch(model, 12, False)
     got, want = _hand_written(model, x, y, "mean"), _autograd(model, x, y, "mean")
-    _assert_bit_equal(got, want, close=_kernel_grads(step_path, method))
+    _assert_bit_equal(got, want, close=_close(step_path, method))
 
 
 @pytest.mark.parametrize("method", ["single", "classic", "batchensemble"])
@@ -211,14 +238,16 @@ def test_a_gradient_already_there_is_replaced_not_added_to():
     ],
 )
 def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, monkeypatch):
-    """Bit for bit with the first-layer kernels off; with them on (BatchEnsemble, the classic ensemble's
-    vectorized first layer and Adam's step on it, AVX-512 CPUs), within float32's rounding."""
+    """Bit for bit with the first-layer kernels and BatchEnsemble's fused loops off; with them on
+    (BatchEnsemble's loops, the kernels on BatchEnsemble's and the classic ensemble's vectorized first
+    layers, Adam's step on the latter's, AVX-512 CPUs), within float32's rounding."""
     data = make_synthetic(96, 16, (1, 3, 4), 4, 0)
     cfg = TrainConfig(epochs=2, batch_size=16, seed=0, device="cpu")
     runs = []
     for switch, split_kernel in (("0", "1"), ("1", "0"), ("1", "1")):  # autograd first
         monkeypatch.setenv(manual.ENV_SWITCH, switch)
         monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, split_kernel)
+        monkeypatch.setenv(manual.ENV_FUSED, split_kernel)
         torch.manual_seed(0)
         model = build_model(method, ModelConfig(hidden=8, ensemble_size=3, classic_mode=mode), 12, 4)
         records = [r for r in training.train(model, data, cfg, method=method, batching=batching) if r.kind == "epoch"]
@@ -228,11 +257,95 @@ def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, 
     for a, b in zip(kernel_off[1], autograd[1], strict=True):
         assert torch.equal(a, b)
     kernels = method == "batchensemble" or (method, mode) == ("classic", "vectorized")
-    exact = not (kernels and native.warm_up() and native.ops().first_layer_fast())
+    fused_loops = method == "batchensemble" and native.warm_up()  # on any CPU
+    exact = not (fused_loops or (kernels and native.warm_up() and native.ops().first_layer_fast()))
     for a, b in zip(kernel_on[0], autograd[0], strict=True):
         assert a == b if exact else a == pytest.approx(b, rel=1e-5)
     for a, b in zip(kernel_on[1], autograd[1], strict=True):
         assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+# --- BatchEnsemble's fused loops (batchensemble_layers with fused) ------------------------------------
+
+FUSED_CASES = [
+    # batching, members, rows per member, input width, hidden, classes, depth
+    ("split", 3, 4, 12, 8, 5, 2),
+    ("split", 2, 40, 12, 20, 7, 1),  # more than 16 rows (ATen sums them in chunks of 16), widths not of 16
+    ("split", 1, 5, 9, 3, 2, 0),  # one layer: the loss straight after the first
+    ("repeat", 3, 4, 12, 8, 5, 2),  # the first layer's output strided as the members' product leaves it
+    ("repeat", 4, 40, 12, 20, 7, 1),
+    ("split", 4, 64, 300, 160, 10, 2),  # enough elements for two threads in every loop
+    ("repeat", 4, 64, 300, 160, 10, 2),
+]
+
+
+def _fused_case(batching, members, rows, width, hidden, classes, depth, seed=3):
+    torch.manual_seed(seed)
+    model = build_model("batchensemble", ModelConfig(hidden=hidden, depth=depth, ensemble_size=members), width, classes)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(members * rows, width, generator=gen)
+    y = torch.randint(0, classes, (members * rows,), generator=gen)
+    if batching == "split":
+        x, y = x.view(members, rows, width), y.view(members, rows)
+    return model, x, y
+
+
+def _fused_and_aten(monkeypatch, model, x, y, reduction="mean"):
+    """The C++ step's losses and gradients with its fused loops, then with ATen's operators."""
+    runs = []
+    for switch in ("1", "0"):
+        monkeypatch.setenv(manual.ENV_FUSED, switch)
+        runs.append(_hand_written(model, x, y, reduction))
+    return runs
+
+
+@pytest.mark.parametrize("kernel", ["1", "0"], ids=["kernel", "no kernel"])
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_the_fused_loops_equal_atens_operators_to_float32s_rounding(case, reduction, kernel, monkeypatch):
+    """With the first layer's kernel and without (then its r gradient and the input's through the loops)."""
+    _kernel_ops()
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, kernel)
+    model, x, y = _fused_case(*case)
+    fused, aten = _fused_and_aten(monkeypatch, model, x, y, reduction)
+    _assert_bit_equal(fused, aten, close=ALL)
+    assert not all(torch.equal(fused[1][n], g) for n, g in aten[1].items())  # the loops ran: other roundings
+
+
+def test_the_fused_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch):
+    """Each column's sums on one thread, in one order."""
+    _kernel_ops()
+    monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")  # the first layer's r gradient through the loops too
+    threads = torch.get_num_threads()
+    runs = []
+    for case in (FUSED_CASES[-2], FUSED_CASES[-1]):
+        model, x, y = _fused_case(*case)
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            try:
+                runs.append(_hand_written(model, x, y, "mean"))
+            finally:
+                torch.set_num_threads(threads)
+    for one, two in (runs[:2], runs[2:]):  # the weights' gradients are MKL's products: they may differ
+        assert torch.equal(two[0], one[0])
+        for name, grad in one[1].items():
+            assert name.endswith(".weight") or torch.equal(two[1][name], grad), name
+
+
+@pytest.mark.parametrize("batching", ["split", "repeat"])
+def test_the_fused_loops_carry_a_nan_where_atens_operators_do(batching, monkeypatch):
+    """A NaN in one example: NaN in the same losses and gradient elements (ReLU and its mask keep NaN, as ATen's)."""
+    _kernel_ops()
+    model, x, y = _fused_case(batching, 3, 4, 12, 8, 5, 2)
+    x = x.clone()
+    x.view(-1, 12)[5, 3] = float("nan")  # member 1's second example in split batching
+    fused, aten = _fused_and_aten(monkeypatch, model, x, y)
+    assert torch.isnan(aten[0]).any()
+    assert batching == "repeat" or not torch.isnan(aten[0]).all()  # split: member 1's loss only
+    assert torch.equal(torch.isnan(fused[0]), torch.isnan(aten[0]))
+    for name, grad in aten[1].items():
+        assert torch.equal(torch.isnan(fused[1][name]), torch.isnan(grad)), name
+        assert torch.allclose(fused[1][name], grad, rtol=1e-5, atol=1e-6, equal_nan=True), name
 
 
 @pytest.mark.parametrize("method", ["single", "classic", "sequential", "batchensemble"])
@@ -353,11 +466,14 @@ def test_a_split_batch_of_the_wrong_width_is_refused_and_the_cpp_steps_stay_on()
     assert native._state["failed"] is None
 
 
-def test_labels_out_of_range_raise_the_python_steps_error_and_leave_the_cpp_steps_on():
+@pytest.mark.parametrize(
+    ("method", "split"), [("classic", False), ("batchensemble", False), ("batchensemble", True)]
+)  # BatchEnsemble's through its own loss loop, which checks them as nll_loss does
+def test_labels_out_of_range_raise_the_python_steps_error_and_leave_the_cpp_steps_on(method, split):
     if not native.warm_up():
         pytest.skip("no C++ steps on this machine")
-    model = _model("classic", 12)
-    x, y = _batch(model, 12, False)
+    model = _model(method, 12)
+    x, y = _batch(model, 12, split)
     with pytest.raises(IndexError, match="out of bounds"):
         manual.forward_backward(model, x, y + 5, "sum")
     assert native.enabled()
@@ -387,14 +503,20 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
     cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native); "
     products = "first layers through autograd's products and Adam's own step"
+    loops = "; " + manual.FUSED_LOOPS
     if native.ops().first_layer_fast():
-        assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS
+        assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS + loops
         assert "Adam's step on the classic ensemble's first-layer weight" in manual.FIRST_LAYER_KERNELS
     else:
-        assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernels)"
+        assert manual.describe_cpu_steps() == cpp + products + " (no AVX-512 on this CPU for their kernels)" + loops
     monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")
-    assert manual.describe_cpu_steps() == cpp + products + " (BENCH_FIRST_LAYER_KERNEL=0)"
+    assert manual.describe_cpu_steps() == cpp + products + " (BENCH_FIRST_LAYER_KERNEL=0)" + loops
+    monkeypatch.setenv(manual.ENV_FUSED, "0")
+    assert manual.describe_cpu_steps().endswith(
+        "; BatchEnsemble's element-wise work and loss through ATen's operators (BENCH_FUSED_LOOPS=0)"
+    )
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL)
+    monkeypatch.delenv(manual.ENV_FUSED)
     assert native.why_off() is None
     monkeypatch.setenv(native.ENV_SWITCH, "0")
     assert manual.describe_cpu_steps().endswith("in Python (BENCH_NATIVE=0)")

@@ -4,7 +4,8 @@
 // The exceptions are first layers, on AVX-512 CPUs: BatchEnsemble's weight and r gradients come from
 // one written-out kernel (first_layer_grads) instead of products, the same sums in another order,
 // and the classic ensemble's first-layer weight gets Adam's step inside its gradient's kernel
-// (first_layer_adam).
+// (first_layer_adam). And BatchEnsemble's per-member layers do their element-wise work and the loss in
+// loops of their own (namespace fused, with batchensemble_layers' `fused`), within float32's rounding.
 // Built and loaded by bench_core/native.py; the operators are torch.ops.bench_core.*.
 #include <ATen/ATen.h>
 #if defined(__x86_64__)
@@ -15,6 +16,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <limits>
 #include <cmath>
 #include <initializer_list>
 #include <string>
@@ -427,6 +429,269 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
   return {member_losses, grad};
 }
 
+// ---- BatchEnsemble's per-member layers: their element-wise work and the loss in loops of their own ---
+//
+// A per-member layer's tensors are small ([E, b, out]: [5, 25, 128] in split batching at CIFAR-10's
+// batch), and through ATen each element-wise step is an operator call of its own (a dispatch, an
+// output allocated, a pass): x ∘ r, ReLU, z ∘ s + bias in the forward; Σ dy, Σ dy ∘ z, dy ∘ s,
+// Σ dx ∘ x, dx ∘ r and the ReLU's mask in the backward; about a dozen for the cross-entropy. Here
+// the forward is one loop per layer (ReLU and the next layer's ∘ r folded into the last one's
+// affine step), the backward two (the output side's three results in one pass, the input side's
+// two in another), and the cross-entropy and its gradient one pass over the logits. The products
+// stay ATen's (MKL's or oneDNN's) and the first layer's gradients first_layer_grads'. Same values,
+// other roundings: sums over the batch run row after row (ATen's sum adds in chunks of 16),
+// multiply-adds may be fused, and softmax's exp and log are the C library's, so results differ
+// from the ATen operators' by a few float32 roundings (tested against them). float32, contiguous
+// operands, on the CPU; batchensemble_layers' `fused` false (manual.ENV_FUSED) keeps ATen's
+// operators, bit for bit the Python step's.
+namespace fused {
+
+constexpr int64_t kGrain = 32768;  // elements: fewer than that on one thread (ATen's grain for element-wise work)
+
+// f(q0, q1) over rows [0, n_rows) of width n, in parallel where there are enough elements.
+template <class F>
+void by_rows(int64_t n_rows, int64_t n, const F& f) {
+  at::parallel_for(0, n_rows, std::max<int64_t>(1, kGrain / std::max<int64_t>(n, 1)), f);
+}
+
+// f(j0, j1) over columns [0, n) of n_rows rows, in blocks of 16 columns, in parallel where there are
+// enough elements: for sums down the rows, each column's on one thread.
+template <class F>
+void by_columns(int64_t n_rows, int64_t n, const F& f) {
+  const int64_t blocks = (n + 15) / 16, grain = std::max<int64_t>(1, kGrain / std::max<int64_t>(16 * n_rows, 1));
+  at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) { f(16 * b0, std::min(16 * b1, n)); });
+}
+
+// ReLU as ATen's: max(v, 0) with NaN kept.
+inline float relu(float v) { return v < 0.0f ? 0.0f : v; }
+
+// The first per-member layer's input: inp = relu(h) (with relu) or h, and xr = inp ∘ r_m, rows
+// [q0, q1) of [E·b, n]. h's rows may be strided (row q = (m, k) at m·stride_m + k·stride_k, columns
+// contiguous); inp and xr are contiguous. Without relu inp is h itself and not written.
+BENCH_CPU_CLONES void input_rows(const float* __restrict h, int64_t stride_m, int64_t stride_k,
+                                 const float* __restrict r, int64_t b, int64_t n, bool with_relu,
+                                 float* __restrict inp, float* __restrict xr, int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t m = q / b;
+    const float* hq = h + m * stride_m + (q - m * b) * stride_k;
+    const float* rm = r + m * n;
+    float* xq = xr + q * n;
+    if (with_relu) {
+      float* iq = inp + q * n;
+      for (int64_t j = 0; j < n; ++j) {
+        const float v = relu(hq[j]);
+        iq[j] = v;
+        xq[j] = v * rm[j];
+      }
+    } else {
+      for (int64_t j = 0; j < n; ++j) xq[j] = hq[j] * rm[j];
+    }
+  }
+}
+
+// A layer's affine step y = bias_m + z ∘ s_m on rows [q0, q1) of [E·b, n]; with r_next (a layer
+// follows) the next layer's input relu(y) into out and relu(y) ∘ r_next into xr, else y into out.
+BENCH_CPU_CLONES void affine_rows(const float* __restrict z, const float* __restrict s, const float* __restrict bias,
+                                  const float* __restrict r_next, int64_t b, int64_t n, float* __restrict out,
+                                  float* __restrict xr, int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const int64_t m = q / b;
+    const float *zq = z + q * n, *sm = s + m * n, *bm = bias + m * n;
+    float* oq = out + q * n;
+    if (r_next == nullptr) {
+      for (int64_t j = 0; j < n; ++j) oq[j] = bm[j] + zq[j] * sm[j];
+      continue;
+    }
+    const float* rm = r_next + m * n;
+    float* xq = xr + q * n;
+    for (int64_t j = 0; j < n; ++j) {
+      const float v = relu(bm[j] + zq[j] * sm[j]);
+      oq[j] = v;
+      xq[j] = v * rm[j];
+    }
+  }
+}
+
+// The output side of a layer's backward on columns [j0, j1): from dy [E, b, n] and z, the bias's
+// gradient Σ_k dy, s's Σ_k dy ∘ z ([E, n]) and dz = dy ∘ s_m ([E, b, n]), in one pass.
+BENCH_CPU_CLONES void output_grads(const float* __restrict dy, const float* __restrict z, const float* __restrict s,
+                                   int64_t n_members, int64_t b, int64_t n, float* __restrict grad_bias,
+                                   float* __restrict grad_s, float* __restrict dz, int64_t j0, int64_t j1) {
+  for (int64_t m = 0; m < n_members; ++m) {
+    float *gb = grad_bias + m * n, *gs = grad_s + m * n;
+    const float* sm = s + m * n;
+    for (int64_t j = j0; j < j1; ++j) gb[j] = gs[j] = 0.0f;
+    for (int64_t k = 0; k < b; ++k) {
+      const int64_t o = (m * b + k) * n;
+      for (int64_t j = j0; j < j1; ++j) {
+        const float g = dy[o + j];
+        gb[j] += g;
+        gs[j] += g * z[o + j];
+        dz[o + j] = g * sm[j];
+      }
+    }
+  }
+}
+
+// The input side on columns [j0, j1): from d(x ∘ r) [E, b, n] and the layer's input x, r's gradient
+// Σ_k d(x ∘ r) ∘ x ([E, n]) and, with dh (a ReLU before the layer), the gradient through it:
+// x <= 0 ? 0 : d(x ∘ r) ∘ r_m (ATen's threshold_backward: NaN passes).
+BENCH_CPU_CLONES void input_grads(const float* __restrict dxr, const float* __restrict x, const float* __restrict r,
+                                  int64_t n_members, int64_t b, int64_t n, float* __restrict grad_r,
+                                  float* __restrict dh, int64_t j0, int64_t j1) {
+  for (int64_t m = 0; m < n_members; ++m) {
+    float* gr = grad_r + m * n;
+    const float* rm = r + m * n;
+    for (int64_t j = j0; j < j1; ++j) gr[j] = 0.0f;
+    for (int64_t k = 0; k < b; ++k) {
+      const int64_t o = (m * b + k) * n;
+      for (int64_t j = j0; j < j1; ++j) gr[j] += dxr[o + j] * x[o + j];
+      if (dh != nullptr)
+        for (int64_t j = j0; j < j1; ++j) dh[o + j] = x[o + j] <= 0.0f ? 0.0f : dxr[o + j] * rm[j];
+    }
+  }
+}
+
+// Cross-entropy rows [q0, q1) of logits [E·b, C] with labels [E·b] (checked by the caller): loss[q] =
+// log Σ_c exp(logit_c) − logit_y, and its gradient w (softmax − onehot(y)), w the weight of one row in
+// the total loss. Shifted by the row's largest logit, as log_softmax shifts it.
+BENCH_CPU_CLONES void cross_entropy_rows(const float* __restrict logits, const int64_t* __restrict labels,
+                                         int64_t n_classes, float w, float* __restrict loss, float* __restrict grad,
+                                         int64_t q0, int64_t q1) {
+  for (int64_t q = q0; q < q1; ++q) {
+    const float* zq = logits + q * n_classes;
+    float* gq = grad + q * n_classes;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < n_classes; ++c) top = std::max(top, zq[c]);
+    float sum = 0.0f;
+    for (int64_t c = 0; c < n_classes; ++c) {
+      gq[c] = std::exp(zq[c] - top);  // exp kept in the gradient's row, scaled below
+      sum += gq[c];
+    }
+    const int64_t y = labels[q];
+    loss[q] = std::log(sum) - (zq[y] - top);
+    const float scale = w / sum;
+    for (int64_t c = 0; c < n_classes; ++c) gq[c] *= scale;
+    gq[y] -= w;
+  }
+}
+
+}  // namespace fused
+
+// loss_and_grad's (member losses [E], d loss / d logits [E, b, C]) through fused::cross_entropy_rows:
+// logits [E, b, C] contiguous float32; labels [b] (shared) or [E, b]. A label outside [0, C) is an
+// error, as nll_loss's.
+std::tuple<Tensor, Tensor> fused_loss_and_grad(const Tensor& logits, const Tensor& labels, bool mean) {
+  const int64_t n_members = logits.size(0), batch = logits.size(1), n_classes = logits.size(2);
+  const Tensor lab = (labels.dim() == 1 ? labels.expand({n_members, batch}) : labels).to(at::kLong).contiguous();
+  TORCH_CHECK(lab.dim() == 2 && lab.size(0) == n_members && lab.size(1) == batch,
+              "cross-entropy: labels [b] or [E, b] for logits [E, b, C]");
+  const int64_t* lp = lab.data_ptr<int64_t>();
+  for (int64_t q = 0; q < n_members * batch; ++q)
+    TORCH_CHECK_INDEX(lp[q] >= 0 && lp[q] < n_classes, "Target ", lp[q], " is out of bounds.");
+  Tensor losses = at::empty({n_members, batch}, logits.options()), grad = at::empty_like(logits);
+  const float w = static_cast<float>((mean ? 1.0 / static_cast<double>(n_members) : 1.0) / static_cast<double>(batch));
+  const float* zp = logits.data_ptr<float>();
+  float *lossp = losses.data_ptr<float>(), *gp = grad.data_ptr<float>();
+  fused::by_rows(n_members * batch, n_classes, [&](int64_t q0, int64_t q1) {
+    fused::cross_entropy_rows(zp, lp, n_classes, w, lossp, gp, q0, q1);
+  });
+  return {losses.mean(1), grad};
+}
+
+// Whether batchensemble_layers' fused path takes these operands: float32 CPU parameters, contiguous,
+// and h [E, b, in] float32 on the CPU with contiguous columns.
+bool fused_applies(const Tensor& h, at::TensorList params) {
+  if (h.dim() != 3 || h.device().type() != at::kCPU || h.scalar_type() != at::kFloat || h.stride(2) != 1) return false;
+  for (const Tensor& p : params)
+    if (!cpu_float32_contiguous({&p})) return false;
+  return true;
+}
+
+// batchensemble_layers (below) with the element-wise work and the loss in the fused loops above.
+std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_layers_fused(
+    const Tensor& h_in, const Tensor& labels, at::TensorList params, const c10::List<bool>& onednn, bool mean,
+    bool relu_first, bool first_kernel) {
+  const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
+  const int64_t n_members = params[1].size(0), b = h_in.size(1), n_in = h_in.size(2);
+  const auto options = params[0].options();
+  std::vector<Tensor> inputs, scaled, products;  // per layer: its input x, x ∘ r, (x ∘ r) W
+  {
+    const Tensor inp = relu_first ? at::empty({n_members, b, n_in}, options) : h_in.contiguous();
+    const Tensor xr = at::empty({n_members, b, n_in}, options);
+    const float *hp = relu_first ? h_in.data_ptr<float>() : inp.data_ptr<float>(), *rp = params[1].data_ptr<float>();
+    const int64_t stride_m = relu_first ? h_in.stride(0) : b * n_in, stride_k = relu_first ? h_in.stride(1) : n_in;
+    float *ip = inp.data_ptr<float>(), *xp = xr.data_ptr<float>();
+    fused::by_rows(n_members * b, n_in, [&](int64_t q0, int64_t q1) {
+      fused::input_rows(hp, stride_m, stride_k, rp, b, n_in, relu_first, ip, xp, q0, q1);
+    });
+    inputs.push_back(inp);
+    scaled.push_back(xr);
+  }
+  Tensor logits;
+  for (int64_t li = 0; li < n_layers; ++li) {
+    const Tensor &weight = params[4 * li], &s = params[4 * li + 2], &bias = params[4 * li + 3];
+    const int64_t n = weight.size(1);
+    const Tensor z =
+        product(scaled[li].view({-1, weight.size(0)}), weight, onednn.get(li)).contiguous().view({n_members, b, n});
+    products.push_back(z);
+    const bool last = li == n_layers - 1;
+    const Tensor out = at::empty({n_members, b, n}, options), xr = last ? Tensor() : at::empty_like(out);
+    const float *zp = z.data_ptr<float>(), *sp = s.data_ptr<float>(), *bp = bias.data_ptr<float>();
+    const float* r_next = last ? nullptr : params[4 * li + 5].data_ptr<float>();
+    float *op = out.data_ptr<float>(), *xp = last ? nullptr : xr.data_ptr<float>();
+    fused::by_rows(n_members * b, n, [&](int64_t q0, int64_t q1) {
+      fused::affine_rows(zp, sp, bp, r_next, b, n, op, xp, q0, q1);
+    });
+    if (last) {
+      logits = out;
+    } else {
+      inputs.push_back(out);
+      scaled.push_back(xr);
+    }
+  }
+  auto [member_losses, grad] = fused_loss_and_grad(logits, labels, mean);
+  std::vector<Tensor> grads(params.size());
+  for (int64_t li = n_layers - 1; li >= 0; --li) {
+    const Tensor &weight = params[4 * li], &r = params[4 * li + 1], &s = params[4 * li + 2];
+    const Tensor& inp = inputs[li];
+    const bool need_input = li > 0 || relu_first;
+    const int64_t n = weight.size(1), width = weight.size(0);
+    const Tensor grad_bias = at::empty({n_members, n}, options), grad_s = at::empty({n_members, n}, options);
+    const Tensor dz = at::empty({n_members, b, n}, options);
+    const float *gp = grad.data_ptr<float>(), *zp = products[li].data_ptr<float>(), *sp = s.data_ptr<float>();
+    float *gbp = grad_bias.data_ptr<float>(), *gsp = grad_s.data_ptr<float>(), *dzp = dz.data_ptr<float>();
+    fused::by_columns(n_members * b, n, [&](int64_t j0, int64_t j1) {
+      fused::output_grads(gp, zp, sp, n_members, b, n, gbp, gsp, dzp, j0, j1);
+    });
+    grads[4 * li + 3] = grad_bias;
+    grads[4 * li + 2] = grad_s;
+    if (!need_input && first_kernel && first_layer_fast() && first_layer_applies(inp, dz, weight, r)) {
+      static const auto op = c10::Dispatcher::singleton()  // dispatched: the profiler shows it
+                                  .findSchemaOrThrow("bench_core::first_layer_grads", "")
+                                  .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                    const Tensor&)>();
+      std::tie(grads[4 * li], grads[4 * li + 1]) = op.call(inp, dz, weight, r);
+      continue;
+    }
+    const Tensor dz2 = dz.view({-1, n});
+    grads[4 * li] = at::mm(scaled[li].view({-1, width}).t(), dz2);  // (in, out)
+    const Tensor dxr = product(dz2, weight.t(), onednn.get(li)).contiguous();  // (E*b, in)
+    const Tensor grad_r = at::empty({n_members, width}, options);
+    const Tensor dh = need_input ? at::empty({n_members, b, width}, options) : Tensor();
+    const float *dxp = dxr.data_ptr<float>(), *ip = inp.data_ptr<float>(), *rp = r.data_ptr<float>();
+    float *grp = grad_r.data_ptr<float>(), *dhp = need_input ? dh.data_ptr<float>() : nullptr;
+    fused::by_columns(n_members * b, width, [&](int64_t j0, int64_t j1) {
+      fused::input_grads(dxp, ip, rp, n_members, b, width, grp, dhp, j0, j1);
+    });
+    grads[4 * li + 1] = grad_r;
+    if (need_input) grad = dh;
+  }
+  c10::optional<Tensor> grad_h;
+  if (relu_first) grad_h = grad;
+  return {member_losses, grads, grad_h};
+}
+
 // manual._batchensemble's per-member layers (all of split batching's; repeat batching's after its
 // first layer) and the loss. h: [E, b, in], the first per-member layer's input, or with relu_first
 // the shared first layer's output before its ReLU. params: per layer weight [in, out], r [E, in],
@@ -436,11 +701,13 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
 // products autograd runs.
 std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_layers(
     const Tensor& h_in, const Tensor& labels, at::TensorList params, c10::List<bool> onednn, bool mean,
-    bool relu_first, bool first_kernel) {
+    bool relu_first, bool first_kernel, bool fused) {
   at::NoGradGuard no_grad;
   const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n_layers && static_cast<int64_t>(onednn.size()) == n_layers,
               "batchensemble_layers: 4 parameters and one oneDNN flag per layer");
+  if (fused && n_layers > 0 && fused_applies(h_in, params))
+    return batchensemble_layers_fused(h_in, labels, params, onednn, mean, relu_first, first_kernel);
   std::vector<Tensor> inputs, scaled, products;
   Tensor h = h_in;
   for (int64_t li = 0; li < n_layers; ++li) {
@@ -632,7 +899,7 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
 TORCH_LIBRARY(bench_core, m) {
   m.def(
       "batchensemble_layers(Tensor h, Tensor labels, Tensor[] params, bool[] onednn, bool mean, bool relu_first,"
-      " bool first_kernel) -> (Tensor, Tensor[], Tensor?)");
+      " bool first_kernel, bool fused) -> (Tensor, Tensor[], Tensor?)");
   m.def("first_layer_grads(Tensor x, Tensor grad_z, Tensor weight, Tensor r) -> (Tensor, Tensor)");
   m.def("first_layer_fast() -> bool", &first_layer_fast);
   m.def(
