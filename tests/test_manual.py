@@ -332,6 +332,20 @@ def test_the_fused_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch
             assert name.endswith(".weight") or torch.equal(two[1][name], grad), name
 
 
+@pytest.mark.parametrize("which", [5, 6, 7, 4], ids=["r", "s", "bias", "weight"])
+def test_operands_the_fused_loops_cannot_index_go_to_atens_operators_which_refuse_them(which):
+    """Layer 1's parameter one column too wide: the loops, which index by the shapes, would read past it."""
+    ops = _kernel_ops()
+    model, x, y = _fused_case("split", 2, 4, 12, 8, 5, 2)
+    params = [p.detach() for layer in model.layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
+    good = ops.batchensemble_layers(x, y, params, [False] * 3, True, False, True, True)
+    assert torch.isfinite(good[0]).all()
+    bad = list(params)
+    bad[which] = torch.ones(bad[which].size(0), bad[which].size(1) + 1)
+    with pytest.raises(RuntimeError):
+        ops.batchensemble_layers(x, y, bad, [False] * 3, True, False, True, True)
+
+
 @pytest.mark.parametrize("batching", ["split", "repeat"])
 def test_the_fused_loops_carry_a_nan_where_atens_operators_do(batching, monkeypatch):
     """A NaN in one example: NaN in the same losses and gradient elements (ReLU and its mask keep NaN, as ATen's)."""

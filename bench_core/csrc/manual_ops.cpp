@@ -600,11 +600,22 @@ std::tuple<Tensor, Tensor> fused_loss_and_grad(const Tensor& logits, const Tenso
 }
 
 // Whether batchensemble_layers' fused path takes these operands: float32 CPU parameters, contiguous,
-// and h [E, b, in] float32 on the CPU with contiguous columns.
+// each layer's weight [in, out], r [E, in], s and bias [E, out], each layer's in the last one's out,
+// and h [E, b, in] float32 on the CPU with contiguous columns. The loops index by these shapes; any
+// other operands go through ATen's operators, which refuse what does not fit.
 bool fused_applies(const Tensor& h, at::TensorList params) {
   if (h.dim() != 3 || h.device().type() != at::kCPU || h.scalar_type() != at::kFloat || h.stride(2) != 1) return false;
-  for (const Tensor& p : params)
-    if (!cpu_float32_contiguous({&p})) return false;
+  int64_t width = h.size(2);
+  for (size_t li = 0; li + 3 < params.size(); li += 4) {
+    const Tensor &weight = params[li], &r = params[li + 1], &s = params[li + 2], &bias = params[li + 3];
+    if (!cpu_float32_contiguous({&weight, &r, &s, &bias})) return false;
+    if (weight.dim() != 2 || r.dim() != 2 || s.dim() != 2 || bias.dim() != 2 || weight.size(0) != width) return false;
+    const int64_t n = weight.size(1);
+    if (r.size(0) != h.size(0) || r.size(1) != width || s.size(0) != h.size(0) || s.size(1) != n ||
+        bias.sizes() != s.sizes())
+      return false;
+    width = n;
+  }
   return true;
 }
 
