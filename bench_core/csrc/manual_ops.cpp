@@ -16,9 +16,9 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <limits>
 #include <cmath>
 #include <initializer_list>
+#include <limits>
 #include <string>
 #include <tuple>
 #include <vector>
@@ -429,6 +429,20 @@ std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& lab
   return {member_losses, grad};
 }
 
+// BatchEnsemble's first-layer W and r gradients through first_layer_grads, dispatched (the profiler shows
+// it), where the kernel is asked for (first_kernel), fast on this CPU and takes these operands; nullopt
+// elsewhere, and the caller takes the products. grad_z [E, b, out].
+c10::optional<std::tuple<Tensor, Tensor>> first_layer_kernel_grads(const Tensor& x, const Tensor& grad_z,
+                                                                   const Tensor& weight, const Tensor& r,
+                                                                   bool first_kernel) {
+  if (!first_kernel || !first_layer_fast() || !first_layer_applies(x, grad_z, weight, r)) return c10::nullopt;
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("bench_core::first_layer_grads", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                               const Tensor&)>();
+  return op.call(x, grad_z, weight, r);
+}
+
 // ---- BatchEnsemble's per-member layers: their element-wise work and the loss in loops of their own ---
 //
 // A per-member layer's tensors are small ([E, b, out]: [5, 25, 128] in split batching at CIFAR-10's
@@ -600,11 +614,13 @@ std::tuple<Tensor, Tensor> fused_loss_and_grad(const Tensor& logits, const Tenso
 }
 
 // Whether batchensemble_layers' fused path takes these operands: float32 CPU parameters, contiguous,
-// each layer's weight [in, out], r [E, in], s and bias [E, out], each layer's in the last one's out,
-// and h [E, b, in] float32 on the CPU with contiguous columns. The loops index by these shapes; any
-// other operands go through ATen's operators, which refuse what does not fit.
+// at least one layer, each layer's weight [in, out], r [E, in], s and bias [E, out], each layer's in the
+// last one's out, and h [E, b, in] float32 on the CPU with contiguous columns. The loops index by these
+// shapes; any other operands go through ATen's operators, which refuse what does not fit.
 bool fused_applies(const Tensor& h, at::TensorList params) {
-  if (h.dim() != 3 || h.device().type() != at::kCPU || h.scalar_type() != at::kFloat || h.stride(2) != 1) return false;
+  if (params.empty() || h.dim() != 3 || h.device().type() != at::kCPU || h.scalar_type() != at::kFloat ||
+      h.stride(2) != 1)
+    return false;
   int64_t width = h.size(2);
   for (size_t li = 0; li + 3 < params.size(); li += 4) {
     const Tensor &weight = params[li], &r = params[li + 1], &s = params[li + 2], &bias = params[li + 3];
@@ -677,13 +693,11 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
     });
     grads[4 * li + 3] = grad_bias;
     grads[4 * li + 2] = grad_s;
-    if (!need_input && first_kernel && first_layer_fast() && first_layer_applies(inp, dz, weight, r)) {
-      static const auto op = c10::Dispatcher::singleton()  // dispatched: the profiler shows it
-                                  .findSchemaOrThrow("bench_core::first_layer_grads", "")
-                                  .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
-                                                                    const Tensor&)>();
-      std::tie(grads[4 * li], grads[4 * li + 1]) = op.call(inp, dz, weight, r);
-      continue;
+    if (!need_input) {
+      if (auto kernel = first_layer_kernel_grads(inp, dz, weight, r, first_kernel)) {
+        std::tie(grads[4 * li], grads[4 * li + 1]) = *kernel;
+        continue;
+      }
     }
     const Tensor dz2 = dz.view({-1, n});
     grads[4 * li] = at::mm(scaled[li].view({-1, width}).t(), dz2);  // (in, out)
@@ -717,7 +731,7 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
   const int64_t n_layers = static_cast<int64_t>(params.size()) / 4;
   TORCH_CHECK(static_cast<int64_t>(params.size()) == 4 * n_layers && static_cast<int64_t>(onednn.size()) == n_layers,
               "batchensemble_layers: 4 parameters and one oneDNN flag per layer");
-  if (fused && n_layers > 0 && fused_applies(h_in, params))
+  if (fused && fused_applies(h_in, params))
     return batchensemble_layers_fused(h_in, labels, params, onednn, mean, relu_first, first_kernel);
   std::vector<Tensor> inputs, scaled, products;
   Tensor h = h_in;
@@ -740,13 +754,10 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
     grads[4 * li + 3] = grad.sum(1);
     grads[4 * li + 2] = (grad * products[li]).sum(1);
     const Tensor grad_z = (grad * s.unsqueeze(1)).view({-1, weight.size(1)});  // (E*b, out)
-    if (!need_input && first_kernel) {
+    if (!need_input) {
       const Tensor grad_z3 = grad_z.view({r.size(0), -1, weight.size(1)});
-      if (first_layer_fast() && first_layer_applies(inp, grad_z3, weight, r)) {  // dispatched: the profiler shows it
-        static const auto op = c10::Dispatcher::singleton()
-                                   .findSchemaOrThrow("bench_core::first_layer_grads", "")
-                                   .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const Tensor&)>();
-        std::tie(grads[4 * li], grads[4 * li + 1]) = op.call(inp, grad_z3, weight, r);
+      if (auto kernel = first_layer_kernel_grads(inp, grad_z3, weight, r, first_kernel)) {
+        std::tie(grads[4 * li], grads[4 * li + 1]) = *kernel;
         continue;
       }
     }
