@@ -12,6 +12,7 @@ autograd's, and bit for bit with ``BENCH_FUSED_LOOPS=0``.
 
 from __future__ import annotations
 
+import functools
 import platform
 import sys
 import warnings
@@ -265,6 +266,19 @@ def test_training_equals_autograds_training_bit_for_bit(method, mode, batching, 
         assert torch.equal(a, b) if exact else torch.allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
+def _on_one_and_many_threads(fn):
+    """``[fn() on one thread, fn() on max(2, torch's) threads]``; torch's thread count put back after."""
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for n in (1, max(2, threads)):
+            torch.set_num_threads(n)
+            results.append(fn())
+    finally:
+        torch.set_num_threads(threads)
+    return results
+
+
 # --- BatchEnsemble's fused loops (batchensemble_layers with fused) ------------------------------------
 
 FUSED_CASES = [
@@ -316,17 +330,10 @@ def test_the_fused_loops_give_the_same_bits_on_any_number_of_threads(monkeypatch
     """Each column's sums on one thread, in one order."""
     _kernel_ops()
     monkeypatch.setenv(manual.ENV_FIRST_LAYER_KERNEL, "0")  # the first layer's r gradient through the loops too
-    threads = torch.get_num_threads()
-    runs = []
     for case in (FUSED_CASES[-2], FUSED_CASES[-1]):
         model, x, y = _fused_case(*case)
-        for n in (1, 2):
-            torch.set_num_threads(n)
-            try:
-                runs.append(_hand_written(model, x, y, "mean"))
-            finally:
-                torch.set_num_threads(threads)
-    for one, two in (runs[:2], runs[2:]):  # the weights' gradients are MKL's products: they may differ
+        one, two = _on_one_and_many_threads(functools.partial(_hand_written, model, x, y, "mean"))
+        # the weights' gradients are MKL's products: they may differ
         assert torch.equal(two[0], one[0])
         for name, grad in one[1].items():
             assert name.endswith(".weight") or torch.equal(two[1][name], grad), name
@@ -609,14 +616,7 @@ def test_the_first_layer_kernel_computes_the_first_layers_gradients(n_members, r
 def test_the_first_layer_kernel_gives_the_same_bits_on_any_number_of_threads(shared):
     ops = _kernel_ops()
     case = _first_layer_case(5, 25, 3072, 128, seed=3, shared=shared)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = ops.first_layer_grads(*case)
-        torch.set_num_threads(max(2, threads))
-        many = ops.first_layer_grads(*case)
-    finally:
-        torch.set_num_threads(threads)
+    one, many = _on_one_and_many_threads(lambda: ops.first_layer_grads(*case))
     assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))
 
 
@@ -792,16 +792,13 @@ def test_the_adam_kernel_gives_the_same_bits_on_any_number_of_threads():
     gen = torch.Generator().manual_seed(4)
     x, grad_z = torch.randn(128, 3072, generator=gen), torch.randn(128, 640, generator=gen)
     weight = torch.randn(3072, 640, generator=gen)
-    threads = torch.get_num_threads()
-    runs = []
-    try:
-        for n in (1, max(2, threads)):
-            torch.set_num_threads(n)
-            classic = [weight.clone(), *_moments(weight.shape)]
-            ops.first_layer_adam(x, grad_z, *classic, *ADAM, 0.0)
-            runs.append(classic)
-    finally:
-        torch.set_num_threads(threads)
+
+    def step():
+        classic = [weight.clone(), *_moments(weight.shape)]
+        ops.first_layer_adam(x, grad_z, *classic, *ADAM, 0.0)
+        return classic
+
+    runs = _on_one_and_many_threads(step)
     assert all(torch.equal(a, b) for a, b in zip(*runs, strict=True))
 
 
