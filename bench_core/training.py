@@ -276,6 +276,7 @@ def train(
     batching: str = "repeat",
     stop: threading.Event | None = None,
     cuda_graph: bool = True,
+    untimed_steps: int = 0,
 ) -> Iterator[EpochRecord | StepRecord]:
     """Train ``model`` on ``dataset`` and yield records as it goes.
 
@@ -290,6 +291,10 @@ def train(
             ``stopped=True``; the model keeps what was trained.
         cuda_graph: on CUDA, replay each full-batch step as a CUDA graph (``_GraphedStep``);
             False runs every step eagerly. Ignored on other devices.
+        untimed_steps: extra steps at the start of every epoch, on its first batches, before its
+            clock starts; they are in no record (no loss, no step count, no time). The speed
+            benchmark's re-warm-up after another row's turn: caches and the allocator cold, and
+            in a new ``train`` call a new optimizer whose first step makes its state.
 
     Raises:
         DivergedError: a training loss became NaN or infinite.
@@ -331,6 +336,11 @@ def train(
         member_steps = [0] * n_members
         member_seen = [0] * n_members  # examples each member trained on this epoch: its losses' weights
         examples_done = 0
+        for start, end in plan[:untimed_steps]:
+            if stop is not None and stop.is_set():
+                break
+            steppers[0](perm[start:end])  # the first member's pass: where an epoch starts
+        synchronize(device)
         t_epoch = t_window = time.perf_counter()
         stopped = False
         for mi, step_fn in enumerate(steppers):

@@ -40,6 +40,7 @@ from bench_core.bench import (
     time_parts,
 )
 from bench_core.bench.breakdown import classify, part_seconds, shares
+from bench_core.bench.settings import REWARM_STEPS
 from bench_core.errors import BenchError
 from bench_core.onednn import describe as describe_products
 from bench_core.onednn import mkl_plain_layout
@@ -682,6 +683,46 @@ def test_an_untimed_first_epoch_is_left_out_of_the_repeats(monkeypatch, one_thre
     # The warm-up call, then 1 untimed + 2 timed epochs, then the profiled call (1 unrecorded + 1 recorded).
     assert calls == [1, 3, 2]
     assert len(row["epoch_seconds_repeats"]) == 2
+
+
+@pytest.mark.parametrize(("warmup", "full_epoch", "rewarm"), [(1, False, 1), (0, False, 0), (2, True, 1)])
+def test_each_timed_repeat_starts_with_an_untimed_step_where_warm_up_is_asked(
+    warmup, full_epoch, rewarm, monkeypatch, one_thread
+):
+    """Rows take turns, so each timed repeat starts cold: first REWARM_STEPS untimed steps (none without warm-up)."""
+    from bench_core import training
+
+    assert REWARM_STEPS == 1
+    monkeypatch.setattr(schedule, "gemm_rate", lambda *a, **k: 1e10)
+    monkeypatch.setattr(schedule, "onednn_gemm_rate", lambda *a, **k: None)
+    untimed = []
+    real_train = training.train
+
+    def spy(model, data, cfg, **kwargs):
+        untimed.append(kwargs.get("untimed_steps", 0))
+        yield from real_train(model, data, cfg, **kwargs)
+
+    monkeypatch.setattr(training, "train", spy)
+    settings = BenchSettings(**{**TINY, "warmup": warmup, "full_epoch": full_epoch, "profile_steps": 0})
+    settings.isolate, settings.reference = False, False
+    bench.measure_row(RowSpec("batchensemble-split", 2), settings)
+    assert untimed == ([0] if warmup else []) + [rewarm]  # the warm-up call (if any), then the timed one
+    assert settings.rewarm_steps() == rewarm
+    header = schedule.machine_header(settings)
+    assert header["rewarm_steps"] == rewarm
+    said = {
+        (1, False): "extrapolated from 3 timed steps after 1 warm-up step; each repeat starts with 1 untimed step more",
+        (0, False): "extrapolated from 3 timed steps",
+        (2, True): "timed whole epochs; each starts with 1 untimed step",
+    }
+    assert header["epochs"] == said[(warmup, full_epoch)]
+    table = format_table(header, [])
+    assert f"s/epoch: {header['epochs']}, one repeat" in table  # the warm-up said once
+    if not full_epoch:  # a JSON from before the untimed steps: its warm-up said as it was
+        old = {k: v for k, v in header.items() if k != "rewarm_steps"}
+        old["epochs"] = "extrapolated from 3 timed steps"
+        line = f"s/epoch: extrapolated from 3 timed steps (after {warmup} warm-up steps), one repeat"
+        assert line in format_table(old, [])
 
 
 def test_stop_ends_early_with_rows_so_far(monkeypatch, one_thread):

@@ -2,6 +2,7 @@
 
 import math
 import threading
+import time
 
 import pytest
 import torch
@@ -113,6 +114,47 @@ def test_step_records_every_k_steps(tiny):
     assert [r.step for r in steps] == [3, 6, 9]  # 600 / 64 -> 10 steps
     assert all(r.steps_per_epoch == 10 for r in steps)
     assert isinstance(records[-1], EpochRecord)
+
+
+@pytest.mark.parametrize("mode", ["vectorized", "sequential"])
+def test_untimed_steps_run_before_each_epochs_clock_and_stay_out_of_its_records(tiny, mode, monkeypatch):
+    # The speed benchmark's re-warm-up: k more steps at each epoch's start, the first member's, on the
+    # epoch's first batches, outside the records and the clock. Each epoch's first one sleeps a while:
+    # it must not show in the epoch's seconds (the 16-wide steps take milliseconds).
+    members = 3 if mode == "sequential" else 1
+    per_epoch = 10 * members + 2  # 600 / 64: 10 steps a member's pass, and 2 untimed
+    nap = 0.3
+    calls = []
+    call = training._Step.__call__
+
+    def counting(self, idx):
+        calls.append(self)
+        if len(calls) % per_epoch == 1:  # each epoch's first untimed step
+            time.sleep(nap)
+        return call(self, idx)
+
+    monkeypatch.setattr(training._Step, "__call__", counting)
+    cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2)
+    records = list(train(_model("classic", tiny, classic_mode=mode), tiny, cfg, method="c", untimed_steps=2))
+    assert len(calls) == 2 * per_epoch
+    assert calls[0] is calls[1] is calls[2]  # the untimed steps are the first member's, then its pass
+    assert [r.steps for r in records] == [10, 10]
+    assert all(r.epoch_seconds < nap for r in records)
+    assert all(math.isfinite(v) for r in records for v in r.member_loss)
+    assert records[1].elapsed_seconds >= 2 * nap  # the wall clock since training began counts them
+
+
+def test_no_untimed_steps_by_default(tiny, monkeypatch):
+    calls = {"n": 0}
+    call = training._Step.__call__
+
+    def counting(self, idx):
+        calls["n"] += 1
+        return call(self, idx)
+
+    monkeypatch.setattr(training._Step, "__call__", counting)
+    _run(_model("batchensemble", tiny), tiny, epochs=2)
+    assert calls["n"] == 20
 
 
 def test_stop_request_ends_between_batches_and_keeps_training(tiny):

@@ -18,7 +18,14 @@ from dataclasses import replace
 import torch
 
 from bench_core.bench.breakdown import part_seconds, shares
-from bench_core.bench.settings import INFERENCE_BATCH, REFERENCE_ROWS, ROW_LABELS, BenchSettings, RowSpec, row_batching
+from bench_core.bench.settings import (
+    INFERENCE_BATCH,
+    REFERENCE_ROWS,
+    ROW_LABELS,
+    BenchSettings,
+    RowSpec,
+    row_batching,
+)
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.devices import resolve_device, synchronize
 
@@ -191,8 +198,14 @@ def _measure_workbench(
     train_cfg.epochs = settings.repeats + untimed
     scale = steps_per_epoch(n_full, bs, n_members, batching) / steps_per_epoch(n_timed, bs, n_members, batching)
     epochs = []
+    # Each timed repeat starts after one untimed step (with any warm-up): it follows another row's turn,
+    # with the caches and the allocator cold, and the first repeat a new optimizer, whose first step
+    # makes its state. A real epoch pays these once, not once every few dozen steps (see REWARM_STEPS).
+    rewarm = settings.rewarm_steps()
     gate("repeat 1")
-    for rec in train(model, timed, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph):
+    for rec in train(
+        model, timed, train_cfg, method=method, batching=batching, stop=stop, cuda_graph=graph, untimed_steps=rewarm
+    ):
         if rec.kind == "epoch":
             if rec.stopped:
                 raise RowStoppedError

@@ -191,7 +191,8 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         f"first-layer GEMM rates, GFLOP/s, forward {forward_shape} / weight-grad in×B @ B×E·h"
         f" (split batching: forward B×in @ in×h / weight-grad in×B @ B×h / input-grad B×h @ h×in): {model_rates}",
         f"s/epoch: {header['epochs']}"
-        + ("" if s["full_epoch"] else f" (after {s['warmup']} warm-up steps)")
+        # Newer headers say the warm-up in "epochs" (with each repeat's untimed steps).
+        + ("" if s["full_epoch"] or "rewarm_steps" in header else f" (after {s['warmup']} warm-up steps)")
         + (f", median of {s['repeats']} repeats" if s["repeats"] != 1 else ", one repeat")
         + "; reference rows: the seed's DataLoader pipeline, "
         "worker start-up counted once per member per epoch",

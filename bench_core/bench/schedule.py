@@ -75,9 +75,9 @@ def machine_header(settings: BenchSettings) -> dict:
         "dataset_shape": list(shape),
         "train_examples": n_train,
         "settings": settings.to_dict(),
-        "epochs": "timed whole epochs"
-        if settings.full_epoch
-        else f"extrapolated from {settings.steps} timed {'step' if settings.steps == 1 else 'steps'}",
+        "epochs": _epochs_text(settings),
+        # Untimed steps at the start of each timed repeat of a workbench row (measure._measure_workbench).
+        "rewarm_steps": settings.rewarm_steps(),
         "floor": "matrix-product FLOPs of an epoch / the faster 2048³ matmul rate (torch.mm's or oneDNN's); "
         "element-wise work not counted",
         "memory": "peak of training above the row's data: "
@@ -89,6 +89,19 @@ def machine_header(settings: BenchSettings) -> dict:
         ),
         "started": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
+
+
+def _epochs_text(settings: BenchSettings) -> str:
+    """How an epoch's seconds were timed, in words: "extrapolated from 60 timed steps after 10 warm-up steps; ..."."""
+    rewarm = settings.rewarm_steps()
+    each = f"{rewarm} untimed {'step' if rewarm == 1 else 'steps'}"
+    if settings.full_epoch:
+        return "timed whole epochs" + (f"; each starts with {each}" if rewarm else "")
+    text = f"extrapolated from {settings.steps} timed {'step' if settings.steps == 1 else 'steps'}"
+    if rewarm:
+        warm = f"{settings.warmup} warm-up {'step' if settings.warmup == 1 else 'steps'}"
+        text += f" after {warm}; each repeat starts with {each} more"
+    return text
 
 
 def _first_layer_rates(e: int, in_dim: int, h: int, bs: int, device: torch.device) -> dict:

@@ -44,6 +44,11 @@ DATASET_SHAPES = {
     "mnist": ((1, 28, 28), 60_000, 10),
 }
 MATMUL_SIZE = 2048  # the square product whose rate sets the floor
+# Untimed steps at the start of every timed repeat of a workbench row (where warm-up steps are asked
+# for): the rows take turns, so each repeat starts cold. On an Intel Xeon the first step of a turn took
+# 10-22 ms against a median of 5.4-6.5 for classic vectorized and 4-15 against 1.7-2.2 for split:
+# 1 % of classic's 60-step turn and 4 % of split's (docs/speed-log.md, twenty-ninth session).
+REWARM_STEPS = 1
 INFERENCE_BATCH = 1024
 TARGET_E = 5  # the ensemble size the targets are stated for
 
@@ -122,6 +127,10 @@ class BenchSettings:
         else:
             shape, n_train, classes = parse_shape(self.dataset_shape), 50_000, 10
         return shape, self.train_examples or n_train, classes
+
+    def rewarm_steps(self) -> int:
+        """Untimed steps at the start of each timed repeat of a workbench row: REWARM_STEPS, none without warm-up."""
+        return REWARM_STEPS if self.warmup else 0
 
     def active_rows(self) -> tuple[str, ...]:
         return tuple(r for r in ROWS if r in self.rows and (self.reference or r not in REFERENCE_ROWS))
