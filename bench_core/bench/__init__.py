@@ -18,7 +18,8 @@ How each figure is measured:
 
 - **seconds per epoch**: the real training loop (``bench_core.training.train``) runs ``warmup``
   steps untimed, then ``repeats`` epochs of ``steps`` steps on a synthetic dataset of the
-  chosen shape; each is scaled to the full training split by the ratio of optimizer steps
+  chosen shape, each after ``REWARM_STEPS`` more untimed steps (with any warm-up: the rows take
+  turns, so each repeat starts cold); each is scaled to the full training split by the ratio of optimizer steps
   (``batch_plan``; split batching has its own count) and the median is reported. With
   ``full_epoch`` whole epochs are timed instead. Reference rows time ``steps`` batches of
   each member's own pass, the worker start-up (the seed's loader forks its workers every
