@@ -292,14 +292,18 @@ def train(
         cuda_graph: on CUDA, replay each full-batch step as a CUDA graph (``_GraphedStep``);
             False runs every step eagerly. Ignored on other devices.
         untimed_steps: extra steps at the start of every epoch, on its first batches, before its
-            clock starts; they are in no record (no loss, no step count, no time). The speed
-            benchmark's re-warm-up after another row's turn: caches and the allocator cold, and
-            in a new ``train`` call a new optimizer whose first step makes its state.
+            clock starts: no record counts their losses, steps or seconds (only ``elapsed_seconds``,
+            the wall time since training began, includes them). The speed benchmark's re-warm-up
+            after another row's turn: caches and the allocator cold, and in a new ``train`` call a
+            new optimizer whose first step makes its state.
 
     Raises:
         DivergedError: a training loss became NaN or infinite.
         ConfigError: the batch can't be split among the members.
+        ValueError: ``untimed_steps`` is negative.
     """
+    if untimed_steps < 0:
+        raise ValueError(f"untimed_steps must be 0 or more, got {untimed_steps}")
     device = dataset.x_train.device
     if device.type == "cpu":
         tune_cpu_allocator()

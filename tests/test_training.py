@@ -157,6 +157,14 @@ def test_no_untimed_steps_by_default(tiny, monkeypatch):
     assert calls["n"] == 20
 
 
+def test_negative_untimed_steps_are_refused(tiny):
+    model = _model("classic", tiny)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match="untimed_steps must be 0 or more, got -1"):
+        list(train(model, tiny, TrainConfig(epochs=1), method="c", untimed_steps=-1))
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))  # nothing trained
+
+
 def test_stop_request_ends_between_batches_and_keeps_training(tiny):
     model = _model("batchensemble", tiny)
     before = [p.detach().clone() for p in model.parameters()]

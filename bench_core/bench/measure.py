@@ -18,14 +18,7 @@ from dataclasses import replace
 import torch
 
 from bench_core.bench.breakdown import part_seconds, shares
-from bench_core.bench.settings import (
-    INFERENCE_BATCH,
-    REFERENCE_ROWS,
-    ROW_LABELS,
-    BenchSettings,
-    RowSpec,
-    row_batching,
-)
+from bench_core.bench.settings import INFERENCE_BATCH, REFERENCE_ROWS, ROW_LABELS, BenchSettings, RowSpec, row_batching
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.devices import resolve_device, synchronize
 
