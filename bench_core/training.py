@@ -340,11 +340,12 @@ def train(
         member_steps = [0] * n_members
         member_seen = [0] * n_members  # examples each member trained on this epoch: its losses' weights
         examples_done = 0
-        for start, end in plan[:untimed_steps]:
-            if stop is not None and stop.is_set():
-                break
-            steppers[0](perm[start:end])  # the first member's pass: where an epoch starts
-        synchronize(device)
+        if untimed_steps:
+            for start, end in plan[:untimed_steps]:
+                if stop is not None and stop.is_set():
+                    break
+                steppers[0](perm[start:end])  # the first member's pass: where an epoch starts
+            synchronize(device)  # their work done before the clock starts
         t_epoch = t_window = time.perf_counter()
         stopped = False
         for mi, step_fn in enumerate(steppers):

@@ -116,6 +116,21 @@ def test_step_records_every_k_steps(tiny):
     assert isinstance(records[-1], EpochRecord)
 
 
+def _spy_steps(monkeypatch, before_call=None) -> list:
+    """Every ``_Step`` called, in order (the stepper itself); ``before_call(calls)`` runs before each step."""
+    calls = []
+    call = training._Step.__call__
+
+    def spy(self, idx):
+        calls.append(self)
+        if before_call is not None:
+            before_call(calls)
+        return call(self, idx)
+
+    monkeypatch.setattr(training._Step, "__call__", spy)
+    return calls
+
+
 @pytest.mark.parametrize("mode", ["vectorized", "sequential"])
 def test_untimed_steps_run_before_each_epochs_clock_and_stay_out_of_its_records(tiny, mode, monkeypatch):
     # The speed benchmark's re-warm-up: k more steps at each epoch's start, the first member's, on the
@@ -124,16 +139,12 @@ def test_untimed_steps_run_before_each_epochs_clock_and_stay_out_of_its_records(
     members = 3 if mode == "sequential" else 1
     per_epoch = 10 * members + 2  # 600 / 64: 10 steps a member's pass, and 2 untimed
     nap = 0.3
-    calls = []
-    call = training._Step.__call__
 
-    def counting(self, idx):
-        calls.append(self)
+    def nap_first(calls):
         if len(calls) % per_epoch == 1:  # each epoch's first untimed step
             time.sleep(nap)
-        return call(self, idx)
 
-    monkeypatch.setattr(training._Step, "__call__", counting)
+    calls = _spy_steps(monkeypatch, nap_first)
     cfg = TrainConfig(epochs=2, batch_size=64, lr=1e-2)
     records = list(train(_model("classic", tiny, classic_mode=mode), tiny, cfg, method="c", untimed_steps=2))
     assert len(calls) == 2 * per_epoch
@@ -145,16 +156,9 @@ def test_untimed_steps_run_before_each_epochs_clock_and_stay_out_of_its_records(
 
 
 def test_no_untimed_steps_by_default(tiny, monkeypatch):
-    calls = {"n": 0}
-    call = training._Step.__call__
-
-    def counting(self, idx):
-        calls["n"] += 1
-        return call(self, idx)
-
-    monkeypatch.setattr(training._Step, "__call__", counting)
+    calls = _spy_steps(monkeypatch)
     _run(_model("batchensemble", tiny), tiny, epochs=2)
-    assert calls["n"] == 20
+    assert len(calls) == 20
 
 
 def test_negative_untimed_steps_are_refused(tiny):
