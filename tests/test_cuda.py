@@ -51,7 +51,9 @@ def test_cuda_forward_and_gradients_match_cpu(method, mode, batching):
         torch.testing.assert_close(p_gpu.grad.cpu(), p_cpu.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def _synchronising_calls(method: str, mode: str, batching: str, steps: int, cuda_graph: bool = True) -> int:
+def _synchronising_calls(
+    method: str, mode: str, batching: str, steps: int, cuda_graph: bool = True, untimed_steps: int = 0
+) -> int:
     """Synchronising CUDA calls torch reports during one epoch of ``steps`` steps."""
     ensemble = 1 if method == "single" else E
     data = make_synthetic(steps * B, 8, (3, 4, 4), C, seed=0).to("cuda")
@@ -64,7 +66,8 @@ def _synchronising_calls(method: str, mode: str, batching: str, steps: int, cuda
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            for _ in train(model, data, cfg, method=method, batching=batching, cuda_graph=cuda_graph):
+            kwargs = {"batching": batching, "cuda_graph": cuda_graph, "untimed_steps": untimed_steps}
+            for _ in train(model, data, cfg, method=method, **kwargs):
                 pass
     finally:
         torch.cuda.set_sync_debug_mode(0)
@@ -79,6 +82,38 @@ def test_no_synchronisation_per_training_step(method, mode, batching, cuda_graph
     many = _synchronising_calls(method, mode, batching, 40, cuda_graph)
     assert few >= 1  # the epoch's record reads the losses back: the detector sees it
     assert many == few  # and nothing more per step
+
+
+@pytest.mark.parametrize("cuda_graph", [True, False])
+@pytest.mark.parametrize(("method", "mode", "batching"), [CASES[1], CASES[4]])
+def test_untimed_steps_add_no_synchronisation_per_step(method, mode, batching, cuda_graph):
+    """The speed benchmark's untimed step at each epoch's start: one synchronisation before the
+    clock, none per step."""
+    _synchronising_calls(method, mode, batching, 8, cuda_graph, untimed_steps=1)
+    few = _synchronising_calls(method, mode, batching, 8, cuda_graph, untimed_steps=1)
+    many = _synchronising_calls(method, mode, batching, 40, cuda_graph, untimed_steps=1)
+    assert many == few
+
+
+@pytest.mark.parametrize(("method", "mode", "batching"), [CASES[1], CASES[2], CASES[4]])
+def test_untimed_steps_train_the_same_with_and_without_cuda_graphs(method, mode, batching):
+    """Untimed steps count among a graphed step's eager warm-up steps; the result is eager's."""
+    data = make_synthetic(7 * B + 5, 8, (3, 4, 4), C, seed=1).to("cuda")
+    cfg = TrainConfig(epochs=2, batch_size=B, device="cuda")
+    trained, records = [], []
+    for cuda_graph in (False, True):
+        torch.manual_seed(0)
+        model = build_model(method, ModelConfig(hidden=32, depth=2, ensemble_size=E, classic_mode=mode), 48, C)
+        model = model.cuda()
+        run = train(model, data, cfg, method=method, batching=batching, cuda_graph=cuda_graph, untimed_steps=2)
+        records.append(list(run))
+        trained.append(model)
+    eager, graphed = trained
+    for (name, p_eager), (_, p_graph) in zip(eager.named_parameters(), graphed.named_parameters(), strict=True):
+        torch.testing.assert_close(p_graph, p_eager, rtol=1e-4, atol=1e-5, msg=name)
+    for a, b in zip(*records, strict=True):
+        assert a.member_loss == pytest.approx(b.member_loss, rel=1e-4)
+        assert a.examples_per_second > 0
 
 
 @pytest.mark.parametrize(("method", "mode", "batching"), CASES)
