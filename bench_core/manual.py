@@ -50,14 +50,16 @@ Should a C++ call fail, one warning says so and the Python steps run from then o
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from bench_core import models, native, onednn
-from bench_core.errors import switched_off
+from bench_core.errors import switched_off, warn_off
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
-from bench_core.optim import KernelAdam
+from bench_core.optim import AdamStep, KernelAdam
 
 ENV_SWITCH = "BENCH_MANUAL_BACKWARD"  # "0": every training step through autograd
 # "0": every first layer through autograd's products (and Adam's own step): no written-out first-layer kernel
@@ -65,6 +67,10 @@ ENV_FIRST_LAYER_KERNEL = "BENCH_FIRST_LAYER_KERNEL"
 # "0": BatchEnsemble's C++ step does its element-wise work and loss through ATen's operators (bit for bit
 # the Python step's) rather than in its own fused loops
 ENV_FUSED = "BENCH_FUSED_LOOPS"
+# "0": every training step through training._Step's Python, not as one C++ call (one_call_step)
+ENV_ONE_CALL = "BENCH_ONE_CALL_STEP"
+
+_one_call: dict = {"failed": None}  # why one_call_step is off in this process (None: it is not)
 
 
 def applies(model: nn.Module, x: torch.Tensor) -> bool:
@@ -195,6 +201,88 @@ def forward_backward(
         member_losses = _python_step(model, x, labels, reduction)
         native.disable(failed)
         return member_losses
+
+
+def one_call_step(
+    model: nn.Module, opt_step: AdamStep, x_all: torch.Tensor, y_all: torch.Tensor, split: bool, reduction: str
+) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """A whole training step as one C++ call, ``step(idx) -> member losses [E]``, where it applies; else None.
+
+    What ``training._Step`` does for the batch ``x_all[idx]``, made from one call
+    (``bench_core::batchensemble_split_step``, ``bench_core::vectorized_step``): the gathers, the
+    C++ step of ``forward_backward``, each gradient set on its parameter and Adam's direct step
+    (``AdamStep``), the same operators in the same order, so the same bits; what goes is about 300
+    Python function calls a step (split steps 0.90× as long in an ad-hoc A/B on an Intel Xeon).
+    Covered: BatchEnsemble with split batching, and the classic ensemble (vectorized) where its
+    first-layer weight is stepped inside its gradient's kernel (``kernel_adam_weight``); the C++
+    steps loaded, Adam's direct step applying and its state made (after the first step). Asked
+    once per training's step (``training._Step``): the model's hooks and the switches
+    (``BENCH_ONE_CALL_STEP=0`` turns this off, and each switch of the step's parts) are read then,
+    the learning rate at every step. Should a call fail, ``one_call_failed`` turns it off.
+    """
+    if switched_off(ENV_ONE_CALL) or _one_call["failed"] is not None:
+        return None
+    if x_all.device.type != "cpu" or x_all.dim() != 2 or not applies(model, x_all[:1]):
+        return None
+    ops = native.ops()
+    if ops is None or not hasattr(ops, "vectorized_step"):
+        return None
+    mean = reduction == "mean"
+    if isinstance(model, BatchEnsembleMLP) and split:
+        layers: list[BatchEnsembleLinear] = list(model.layers)
+        if x_all.size(1) != layers[0].in_features:
+            return None
+        params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
+        state = opt_step.direct_state(params)
+        if state is None:
+            return None
+        group, exp_avgs, exp_avg_sqs, steps = state
+        via_onednn = [models.through_onednn(x_all, layer.in_features) for layer in layers]
+        kernels = (not switched_off(ENV_FIRST_LAYER_KERNEL), not switched_off(ENV_FUSED))
+
+        def split_step(idx: torch.Tensor) -> torch.Tensor:
+            beta1, beta2 = group["betas"]
+            with torch.no_grad():
+                return ops.batchensemble_split_step(
+                    x_all, y_all, idx, params, via_onednn, mean, *kernels, exp_avgs, exp_avg_sqs, steps,
+                    group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
+                )  # fmt: skip
+
+        return split_step
+    if isinstance(model, VectorizedEnsemble) and not split:
+        weights, biases = list(model.weights), list(model.biases)
+        first = kernel_adam_weight(model)
+        if first is None or x_all.size(1) != first.size(0):
+            return None
+        adam = opt_step.kernel_state(first)
+        state = opt_step.direct_state([first, *weights[1:], *biases])
+        if adam is None or state is None:
+            return None
+        group, exp_avgs, exp_avg_sqs, steps = state
+        layouts = (onednn.usable(x_all), onednn.mkl_plain_layout())
+
+        def vectorized_step(idx: torch.Tensor) -> torch.Tensor:
+            beta1, beta2 = group["betas"]
+            with torch.no_grad():
+                return ops.vectorized_step(
+                    x_all, y_all, idx, weights, biases, *layouts, mean, adam.exp_avg, adam.exp_avg_sq, adam.step,
+                    exp_avgs[1:], exp_avg_sqs[1:], steps[1:], group["lr"], beta1, beta2, group["weight_decay"],
+                    group["eps"],
+                )  # fmt: skip
+
+        return vectorized_step
+    return None
+
+
+def reset() -> None:
+    """Forget a failure of ``one_call_step`` (tests)."""
+    _one_call["failed"] = None
+
+
+def one_call_failed(err: BaseException) -> None:
+    """``one_call_step`` off in this process, with one warning (``training._Step``'s Python from here on)."""
+    _one_call["failed"] = err
+    warn_off("Training steps as one C++ call", err, f"using the step's Python (set {ENV_ONE_CALL}=0 to skip them)")
 
 
 def _python_step(model: nn.Module, x: torch.Tensor, labels: torch.Tensor, reduction: str) -> torch.Tensor:

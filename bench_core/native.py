@@ -247,3 +247,8 @@ def _first_calls(ops) -> None:
             ops.first_layer_adam(x[0], torch.ones(1, 2), be[0].clone(), *adam)
         ops.vectorized(x[0], labels[0], [torch.ones(3, 2, 2)], [torch.zeros(2, 2)], False, False, True)
         ops.plain(x[0], labels[0], [torch.ones(2, 3)], [torch.zeros(2)], True)
+        params = [t.clone() for t in be]  # a whole step in one call (manual.one_call_step), Adam's step included
+        state = [[torch.zeros_like(t) for t in params] for _ in range(2)] + [[torch.zeros(()) for _ in params]]
+        adam = (1e-3, 0.9, 0.999, 0.0, 1e-8)
+        ops.batchensemble_split_step(x[:, 0], labels[:, 0], torch.arange(2), params, [False], True, True, True,
+                                     *state, *adam)  # fmt: skip

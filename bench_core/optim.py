@@ -106,6 +106,25 @@ class AdamStep:
         beta1, beta2 = group["betas"]
         return KernelAdam(exp_avg, exp_avg_sq, step, group["lr"], beta1, beta2, group["eps"], group["weight_decay"])
 
+    def direct_state(self, params: list[torch.Tensor]) -> tuple[dict, list, list, list] | None:
+        """``(group, exp_avgs, exp_avg_sqs, steps)`` of ``params``, in their order, for a step made elsewhere.
+
+        Where the direct call applies to this optimizer (gradients aside), ``params`` are exactly its
+        parameters and each has its state (after Adam's first step): what a whole training step made
+        in one C++ call (``bench_core.manual.one_call_step``) needs to step them as ``__call__``
+        would. Else None. The group is returned so that its ``lr`` is read at each step.
+        """
+        group = self._direct_group()
+        if group is None or isinstance(group["lr"], torch.Tensor):
+            return None
+        in_group = group["params"]
+        if len(params) != len(in_group) or {id(p) for p in params} != {id(p) for p in in_group}:
+            return None
+        states = [self.opt.state.get(p) for p in params]
+        if any(not s or "exp_avg" not in s for s in states):
+            return None
+        return group, [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states], [s["step"] for s in states]
+
     def _direct_group(self) -> dict | None:
         """The optimizer's one parameter group where the direct call applies to it, gradients aside; else None."""
         opt = self.opt

@@ -14,7 +14,7 @@ import math
 import threading
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING
 
@@ -163,6 +163,10 @@ class _Step:
         self.grads_kept = False  # after a CUDA graph capture the gradients must stay where they are
         # The classic ensemble's first-layer weight, on AVX-512 CPUs: stepped by Adam inside its gradient's kernel.
         self.kernel_weight = manual.kernel_adam_weight(model) if dataset.x_train.device.type == "cpu" else None
+        # The whole step as one C++ call (manual.one_call_step): asked for once, after the first step
+        # (which makes Adam's state), on a CPU.
+        self.one_call: Callable[[torch.Tensor], torch.Tensor] | None = None
+        self.one_call_pending = dataset.x_train.device.type == "cpu"
 
     def losses(self, idx: torch.Tensor, adam: KernelAdam | None = None) -> torch.Tensor:
         """Forward and backward of the batch ``idx``: the per-member losses (E,), detached.
@@ -187,6 +191,19 @@ class _Step:
         return member_losses.detach()
 
     def __call__(self, idx: torch.Tensor) -> torch.Tensor:
+        if self.one_call is not None:
+            try:
+                return self.one_call(idx)
+            except RuntimeError as err:  # off from here on; this step through the Python below
+                self.one_call = None
+                manual.one_call_failed(err)
+        member_losses = self._step(idx)
+        if self.one_call_pending:
+            self.one_call_pending = False
+            self.one_call = manual.one_call_step(self.model, self.opt_step, self.x, self.y, self.split, self.reduction)
+        return member_losses
+
+    def _step(self, idx: torch.Tensor) -> torch.Tensor:
         if self.grads_kept:  # a CUDA graph's gradients: zeroed where they are
             self.opt.zero_grad(set_to_none=False)
         else:

@@ -26,8 +26,8 @@ atexit.register(shutil.rmtree, os.environ["BENCH_LOCK_DIR"], ignore_errors=True)
 def fresh_fast_paths(monkeypatch):
     """oneDNN's products, Adam's direct step and the C++ training steps (with their split kernel): switches
     unset, checked afresh, a failure a test provokes forgotten after it (``bench_core.onednn``,
-    ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_FIRST_LAYER_KERNEL`` and
-    ``ENV_FUSED``)."""
+    ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_FIRST_LAYER_KERNEL``,
+    ``ENV_FUSED`` and ``ENV_ONE_CALL`` with its failure)."""
     from bench_core import manual, native, onednn, optim
 
     for module in (onednn, optim, native):
@@ -35,8 +35,10 @@ def fresh_fast_paths(monkeypatch):
         module.reset()
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL, raising=False)
     monkeypatch.delenv(manual.ENV_FUSED, raising=False)
+    monkeypatch.delenv(manual.ENV_ONE_CALL, raising=False)
+    manual.reset()
     yield
-    for module in (onednn, optim, native):
+    for module in (onednn, optim, native, manual):
         module.reset()
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from bench_core import native, optim, training
+from bench_core import manual, native, optim, training
 from bench_core.config import ModelConfig, TrainConfig
 from bench_core.data import make_synthetic
 from bench_core.models import build_model
@@ -309,6 +309,7 @@ def test_training_on_a_cpu_takes_the_direct_step(monkeypatch):
         return real(*args)
 
     monkeypatch.setattr(optim, "_fused_step", counted)
+    monkeypatch.setenv(manual.ENV_ONE_CALL, "0")  # the step's Python (the one-call step: tests/test_one_call.py)
     data = make_synthetic(96, 16, (1, 3, 4), 4, 0)
     model = _model()
     cfg = TrainConfig(epochs=2, batch_size=16, seed=0, device="cpu")

@@ -916,6 +916,90 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   }
 }
 
+
+// ---- A whole training step in one call (manual.one_call_step) -------------------------------------
+//
+// training._Step makes a step as a dozen Python calls around the operators above: the batch's two
+// gathers, the model's checks, the parameter and Adam state lists built again, the gradients set,
+// the direct Adam step (about 300 Python function calls, 0.15-0.2 ms of a 1.7 ms split step on an
+// Intel Xeon). These make the same operator calls in the same order from one call, with lists built
+// once per training (bit for bit the step through training._Step; tests): the batch gathered from
+// the device-resident data by its indices, the forward and backward, each gradient set on its
+// parameter (copied to its parameter's strides where they differ, as optim.laid_out_as_params does),
+// and Adam's step through adam_step. The inner operators are called through the dispatcher, so that
+// the profiler shows them by name (bench_core.bench.breakdown classifies by name).
+
+template <typename Signature>
+c10::TypedOperatorHandle<Signature> find_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
+}
+
+using AdamStepOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double,
+                        double, double, double);
+
+// Sets params[i].grad to grads[i] (laid out as its parameter) and returns the gradients as set.
+std::vector<Tensor> set_grads(at::TensorList params, std::vector<Tensor> grads) {
+  TORCH_CHECK(params.size() == grads.size(), "one gradient per parameter");
+  for (size_t i = 0; i < grads.size(); ++i) {
+    const Tensor& p = params[i];
+    if (!(grads[i].is_contiguous() && p.is_contiguous()) && grads[i].strides() != p.strides())
+      grads[i] = at::empty_like(p).copy_(grads[i]);
+    const_cast<Tensor&>(p).mutable_grad() = grads[i];
+  }
+  return grads;
+}
+
+// manual._native_batchensemble with split batching, then Adam: x_all [N, in] and y_all [N] the
+// training data, idx [E·b] the step's examples (member m gets the m-th b of them). params and
+// onednn as batchensemble_layers; exp_avgs, exp_avg_sqs and steps Adam's state of params, in order.
+Tensor batchensemble_split_step(const Tensor& x_all, const Tensor& y_all, const Tensor& idx, at::TensorList params,
+                                c10::List<bool> onednn, bool mean, bool first_kernel, bool fused,
+                                at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
+                                double beta1, double beta2, double weight_decay, double eps) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(!params.empty() && params[1].dim() == 2, "batchensemble_split_step: 4 parameters per layer");
+  const int64_t n_members = params[1].size(0);
+  const Tensor xb = x_all.index_select(0, idx).view({n_members, -1, x_all.size(1)});  // (E, b, in)
+  const Tensor yb = y_all.index_select(0, idx).view({n_members, -1});  // (E, b)
+  static const auto layers_op =
+      find_op<std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>>(
+          const Tensor&, const Tensor&, at::TensorList, c10::List<bool>, bool, bool, bool, bool)>(
+          "bench_core::batchensemble_layers");
+  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
+  auto [member_losses, grads, grad_h] = layers_op.call(xb, yb, params, onednn, mean, false, first_kernel, fused);
+  grads = set_grads(params, std::move(grads));
+  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  return member_losses;
+}
+
+// manual._native_step for the classic ensemble with its first-layer weight stepped in its gradient's
+// kernel (vectorized_adam), then Adam on the rest: weights[1:] then biases, whose state is
+// exp_avgs, exp_avg_sqs and steps in that order. x_all, y_all and idx as batchensemble_split_step.
+Tensor vectorized_step(const Tensor& x_all, const Tensor& y_all, const Tensor& idx, at::TensorList weights,
+                       at::TensorList biases, bool onednn, bool mkl_plain, bool mean, const Tensor& exp_avg,
+                       const Tensor& exp_avg_sq, const Tensor& step, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                       double weight_decay, double eps) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(!weights.empty(), "vectorized_step: no weights");
+  const Tensor xb = x_all.index_select(0, idx);  // (B, in)
+  const Tensor yb = y_all.index_select(0, idx);  // (B,)
+  static const auto vectorized_op =
+      find_op<std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
+          const Tensor&, const Tensor&, at::TensorList, at::TensorList, bool, bool, bool, const Tensor&, const Tensor&,
+          const Tensor&, double, double, double, double, double)>("bench_core::vectorized_adam");
+  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
+  auto [member_losses, grad_w, grad_b] = vectorized_op.call(xb, yb, weights, biases, onednn, mkl_plain, mean, exp_avg,
+                                                            exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay);
+  std::vector<Tensor> rest(weights.begin() + 1, weights.end()), grads = std::move(grad_w);
+  rest.insert(rest.end(), biases.begin(), biases.end());
+  grads.insert(grads.end(), grad_b.begin(), grad_b.end());
+  const_cast<Tensor&>(weights[0]).mutable_grad() = Tensor();  // stepped by the kernel: no gradient
+  grads = set_grads(rest, std::move(grads));
+  adam_op.call(rest, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  return member_losses;
+}
+
 }  // namespace
 
 TORCH_LIBRARY(bench_core, m) {
@@ -939,6 +1023,15 @@ TORCH_LIBRARY(bench_core, m) {
   m.def(
       "adam_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
       " Tensor(d!)[] steps, float lr, float beta1, float beta2, float weight_decay, float eps) -> ()");
+  m.def(
+      "batchensemble_split_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor(a!)[] params, bool[] onednn, bool mean,"
+      " bool first_kernel, bool fused, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr,"
+      " float beta1, float beta2, float weight_decay, float eps) -> Tensor");
+  m.def(
+      "vectorized_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor(a!)[] weights, Tensor(b!)[] biases, bool onednn,"
+      " bool mkl_plain, bool mean, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, Tensor(e!) step, Tensor(f!)[] exp_avgs,"
+      " Tensor(g!)[] exp_avg_sqs, Tensor(h!)[] steps, float lr, float beta1, float beta2, float weight_decay,"
+      " float eps) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
@@ -949,4 +1042,6 @@ TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("vectorized_adam", &vectorized_adam);
   m.impl("plain", &plain);
   m.impl("adam_step", &adam_step);
+  m.impl("batchensemble_split_step", &batchensemble_split_step);
+  m.impl("vectorized_step", &vectorized_step);
 }
