@@ -95,7 +95,7 @@ def describe_cpu_steps() -> str:
         return f"through autograd ({ENV_SWITCH}=0)"
     if native.warm_up():
         cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native)"
-        return f"{cpp}; {_first_layer_kernels()}; {_fused_loops()}"
+        return f"{cpp}; {_first_layer_kernels()}; {_fused_loops()}; {_one_call_steps()}"
     return f"forward and backward written out without autograd, in Python ({native.why_off()})"
 
 
@@ -125,6 +125,20 @@ def _fused_loops() -> str:
     if switched_off(ENV_FUSED):
         return f"BatchEnsemble's element-wise work and loss through ATen's operators ({ENV_FUSED}=0)"
     return FUSED_LOOPS
+
+
+ONE_CALL_STEPS = "each step with its batch's gathers and Adam's step as one C++ call, where it covers the model"
+
+
+def _one_call_steps() -> str:
+    """Whether the C++ steps are made as one call each, with their gathers and Adam's step, in words."""
+    if switched_off(ENV_ONE_CALL):
+        return f"each step's gathers and Adam's step called from Python ({ENV_ONE_CALL}=0)"
+    failed = _one_call["failed"]
+    if failed is not None:
+        first = str(failed).strip().splitlines()[0] if str(failed).strip() else ""
+        return f"each step's gathers and Adam's step called from Python ({type(failed).__name__}: {first[:200]})"
+    return ONE_CALL_STEPS
 
 
 def _hooked(model: nn.Module) -> bool:
@@ -209,16 +223,20 @@ def one_call_step(
     """A whole training step as one C++ call, ``step(idx) -> member losses [E]``, where it applies; else None.
 
     What ``training._Step`` does for the batch ``x_all[idx]``, made from one call
-    (``bench_core::batchensemble_split_step``, ``bench_core::vectorized_step``): the gathers, the
-    C++ step of ``forward_backward``, each gradient set on its parameter and Adam's direct step
-    (``AdamStep``), the same operators in the same order, so the same bits; what goes is about 300
-    Python function calls a step (split steps 0.90× as long in an ad-hoc A/B on an Intel Xeon).
-    Covered: BatchEnsemble with split batching, and the classic ensemble (vectorized) where its
-    first-layer weight is stepped inside its gradient's kernel (``kernel_adam_weight``); the C++
-    steps loaded, Adam's direct step applying and its state made (after the first step). Asked
-    once per training's step (``training._Step``): the model's hooks and the switches
-    (``BENCH_ONE_CALL_STEP=0`` turns this off, and each switch of the step's parts) are read then,
-    the learning rate at every step. Should a call fail, ``one_call_failed`` turns it off.
+    (``bench_core::batchensemble_split_step``, ``batchensemble_repeat_step``,
+    ``vectorized_step``): the gathers, the C++ step of ``forward_backward``, each gradient set on
+    its parameter and Adam's direct step (``AdamStep``), the same operators in the same order, so
+    the same bits. What goes is about 300 Python function calls a step (split steps 0.89× as long
+    in an ad-hoc A/B on an Intel Xeon).
+
+    Covered: BatchEnsemble with split batching; with repeat batching where its first layer's
+    gradients come from their kernel (``first_layer_kernel_on``, float32); and the classic ensemble
+    (vectorized) where its first-layer weight is stepped inside its gradient's kernel
+    (``kernel_adam_weight``). The C++ steps loaded, Adam's direct step applying and its state made
+    (after the first step). Asked once per training's step (``training._Step``): the model's hooks
+    and the switches (``BENCH_ONE_CALL_STEP=0`` turns this off, and each switch of the step's parts)
+    are read then, the learning rate at every step. Should a call fail, ``one_call_failed`` turns
+    it off.
     """
     if switched_off(ENV_ONE_CALL) or _one_call["failed"] is not None:
         return None
@@ -228,27 +246,43 @@ def one_call_step(
     if ops is None or not hasattr(ops, "vectorized_step"):
         return None
     mean = reduction == "mean"
-    if isinstance(model, BatchEnsembleMLP) and split:
+    if isinstance(model, BatchEnsembleMLP):
         layers: list[BatchEnsembleLinear] = list(model.layers)
         if x_all.size(1) != layers[0].in_features:
             return None
+        if not split and not (first_layer_kernel_on() and x_all.dtype == torch.float32):
+            return None  # repeat batching's first layer through its kernel only
         params = [p for layer in layers for p in (layer.weight, layer.r, layer.s, layer.bias)]
         state = opt_step.direct_state(params)
         if state is None:
             return None
         group, exp_avgs, exp_avg_sqs, steps = state
-        via_onednn = [models.through_onednn(x_all, layer.in_features) for layer in layers]
-        kernels = (not switched_off(ENV_FIRST_LAYER_KERNEL), not switched_off(ENV_FUSED))
+        fused = not switched_off(ENV_FUSED)
+        if split:
+            via_onednn = [models.through_onednn(x_all, layer.in_features) for layer in layers]
+            first_kernel = not switched_off(ENV_FIRST_LAYER_KERNEL)
 
-        def split_step(idx: torch.Tensor) -> torch.Tensor:
+            def split_step(idx: torch.Tensor) -> torch.Tensor:
+                beta1, beta2 = group["betas"]
+                with torch.no_grad():
+                    return ops.batchensemble_split_step(
+                        x_all, y_all, idx, params, via_onednn, mean, first_kernel, fused, exp_avgs, exp_avg_sqs, steps,
+                        group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
+                    )  # fmt: skip
+
+            return split_step
+        first_layouts = (onednn.usable(x_all), onednn.mkl_plain_layout())  # as models._members_product
+        later = [models.through_onednn(x_all, layer.in_features) for layer in layers[1:]]
+
+        def repeat_step(idx: torch.Tensor) -> torch.Tensor:
             beta1, beta2 = group["betas"]
             with torch.no_grad():
-                return ops.batchensemble_split_step(
-                    x_all, y_all, idx, params, via_onednn, mean, *kernels, exp_avgs, exp_avg_sqs, steps,
+                return ops.batchensemble_repeat_step(
+                    x_all, y_all, idx, params, *first_layouts, later, mean, fused, exp_avgs, exp_avg_sqs, steps,
                     group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
                 )  # fmt: skip
 
-        return split_step
+        return repeat_step
     if isinstance(model, VectorizedEnsemble) and not split:
         weights, biases = list(model.weights), list(model.biases)
         first = kernel_adam_weight(model)

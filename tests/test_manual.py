@@ -524,7 +524,7 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
     cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native); "
     products = "first layers through autograd's products and Adam's own step"
-    loops = "; " + manual.FUSED_LOOPS
+    loops = "; " + manual.FUSED_LOOPS + "; " + manual.ONE_CALL_STEPS
     if native.ops().first_layer_fast():
         assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS + loops
         assert "Adam's step on the classic ensemble's first-layer weight" in manual.FIRST_LAYER_KERNELS
@@ -534,8 +534,20 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
     assert manual.describe_cpu_steps() == cpp + products + " (BENCH_FIRST_LAYER_KERNEL=0)" + loops
     monkeypatch.setenv(manual.ENV_FUSED, "0")
     assert manual.describe_cpu_steps().endswith(
-        "; BatchEnsemble's element-wise work and loss through ATen's operators (BENCH_FUSED_LOOPS=0)"
+        "; BatchEnsemble's element-wise work and loss through ATen's operators (BENCH_FUSED_LOOPS=0); "
+        + manual.ONE_CALL_STEPS
     )
+    monkeypatch.setenv(manual.ENV_ONE_CALL, "0")
+    assert manual.describe_cpu_steps().endswith(
+        "; each step's gathers and Adam's step called from Python (BENCH_ONE_CALL_STEP=0)"
+    )
+    monkeypatch.delenv(manual.ENV_ONE_CALL)
+    with pytest.warns(RuntimeWarning, match="Training steps as one C\\+\\+ call are off"):
+        manual.one_call_failed(RuntimeError("broken\nmore"))
+    assert manual.describe_cpu_steps().endswith(
+        "; each step's gathers and Adam's step called from Python (RuntimeError: broken)"
+    )
+    manual.reset()
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL)
     monkeypatch.delenv(manual.ENV_FUSED)
     assert native.why_off() is None

@@ -21,8 +21,9 @@ from bench_core.models import build_model
 pytestmark = pytest.mark.usefixtures("fresh_fast_paths")
 
 E, IN, C = 4, 48, 10
-# (method, batching): split BatchEnsemble; the classic ensemble with its first-layer weight stepped in its kernel
-COVERED = [("batchensemble", "split"), ("classic", "repeat")]
+# (method, batching): BatchEnsemble, split, and repeat with its first layer's kernel; the classic ensemble with
+# its first-layer weight stepped in its kernel
+COVERED = [("batchensemble", "split"), ("batchensemble", "repeat"), ("classic", "repeat")]
 
 
 @pytest.fixture(autouse=True)
@@ -32,9 +33,9 @@ def _cpp_steps():
     assert native.warm_up(), native.why_off()
 
 
-def _skip_without_kernel(method: str) -> None:
-    if method == "classic" and not native.ops().first_layer_fast():
-        pytest.skip("the classic ensemble's one-call step needs its first-layer kernel (AVX-512)")
+def _skip_without_kernel(method: str, batching: str) -> None:
+    if (method, batching) != ("batchensemble", "split") and not native.ops().first_layer_fast():
+        pytest.skip("this one-call step needs its first-layer kernel (AVX-512)")
 
 
 def _model(method: str, seed: int = 0) -> nn.Module:
@@ -86,7 +87,7 @@ def _assert_same_models(a: nn.Module, b: nn.Module) -> None:
 
 @pytest.mark.parametrize(("method", "batching"), COVERED)
 def test_one_call_training_equals_the_steps_python_bit_for_bit(method, batching, monkeypatch):
-    _skip_without_kernel(method)
+    _skip_without_kernel(method, batching)
     calls = _counting(monkeypatch)
     one, one_records = _train(method, batching, True, monkeypatch)
     steps = sum(r.steps for r in one_records if r.kind == "epoch")
@@ -123,14 +124,18 @@ def test_the_step_makes_adams_step_once_and_reads_the_learning_rate_at_each_step
             assert torch.equal(opt_a.state[p][key], opt_b.state[q][key]), key
 
 
-@pytest.mark.parametrize("switch", [manual.ENV_FUSED, manual.ENV_FIRST_LAYER_KERNEL])
-def test_the_steps_switches_hold_in_the_one_call_step(switch, monkeypatch):
+@pytest.mark.parametrize(
+    ("switch", "batching"),
+    [(manual.ENV_FUSED, "split"), (manual.ENV_FUSED, "repeat"), (manual.ENV_FIRST_LAYER_KERNEL, "split")],
+)
+def test_the_steps_switches_hold_in_the_one_call_step(switch, batching, monkeypatch):
     """BatchEnsemble's fused loops and first-layer kernel off: the one-call step goes without them, as the Python."""
+    _skip_without_kernel("batchensemble", batching)
     monkeypatch.setenv(switch, "0")
     calls = _counting(monkeypatch)
-    one, _ = _train("batchensemble", "split", True, monkeypatch)
+    one, _ = _train("batchensemble", batching, True, monkeypatch)
     assert calls[0] > 0
-    python, _ = _train("batchensemble", "split", False, monkeypatch)
+    python, _ = _train("batchensemble", batching, False, monkeypatch)
     _assert_same_models(one, python)
 
 
@@ -139,19 +144,15 @@ def _two_groups(model: nn.Module) -> torch.optim.Optimizer:
     return torch.optim.Adam([{"params": params[:2]}, {"params": params[2:]}], lr=1e-3, fused=True)
 
 
+KERNEL_OFF = {manual.ENV_FIRST_LAYER_KERNEL: "0"}
 NOT_COVERED = {
     "switched off": ("batchensemble", True, {manual.ENV_ONE_CALL: "0"}, None),
     "the C++ steps off": ("batchensemble", True, {native.ENV_SWITCH: "0"}, None),
     "the step through autograd": ("batchensemble", True, {manual.ENV_SWITCH: "0"}, None),
     "Adam's direct step off": ("batchensemble", True, {"BENCH_FAST_ADAM": "0"}, None),
-    "repeat batching of BatchEnsemble": ("batchensemble", False, {}, None),
+    "BatchEnsemble, repeat, without its first kernel": ("batchensemble", False, KERNEL_OFF, None),
     "one MLP": ("single", False, {}, None),
-    "the classic ensemble without its first-layer kernel": (
-        "classic",
-        False,
-        {manual.ENV_FIRST_LAYER_KERNEL: "0"},
-        None,
-    ),
+    "the classic ensemble without its first-layer kernel": ("classic", False, KERNEL_OFF, None),
     "a forward hook": ("batchensemble", True, {}, lambda m: m.register_forward_hook(lambda *a: None)),
     "a frozen parameter": ("batchensemble", True, {}, lambda m: next(m.parameters()).requires_grad_(False)),
     "two parameter groups": ("batchensemble", True, {}, "two groups"),
@@ -181,7 +182,7 @@ def test_where_it_does_not_cover_the_step_the_python_runs(case, monkeypatch):
 
 @pytest.mark.parametrize(("method", "batching"), COVERED)
 def test_before_adams_first_step_there_is_no_one_call_step(method, batching):
-    _skip_without_kernel(method)
+    _skip_without_kernel(method, batching)
     model, data = _model(method), _data()
     opt = training.make_optimizer(model.parameters(), 1e-3, torch.device("cpu"))
     step = training._Step(model, opt, data, batching == "split", training.loss_reduction(model))
@@ -231,8 +232,12 @@ def test_the_operators_check_their_lists():
     moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
     steps = [torch.zeros(()) for _ in params]
     settings = (1e-3, 0.9, 0.999, 0.0, 1e-8)
-    with pytest.raises(RuntimeError, match="4 parameters and one oneDNN flag per layer"):
+    with pytest.raises(RuntimeError, match="batchensemble_split_step: 4 parameters per layer"):
         ops.batchensemble_split_step(x, y, idx, params[:3], [False], True, True, True, *moments, steps, *settings)
+    with pytest.raises(RuntimeError, match="batchensemble_repeat_step: 4 parameters per layer"):
+        ops.batchensemble_repeat_step(x, y, idx, params[:6], False, False, [], True, True, *moments, steps, *settings)
+    with pytest.raises(RuntimeError, match="4 parameters and one oneDNN flag per layer"):
+        ops.batchensemble_split_step(x, y, idx, params, [False], True, True, True, *moments, steps, *settings)
     flags = [False] * (len(params) // 4)
     with pytest.raises(RuntimeError, match="one step count per parameter"):
         ops.batchensemble_split_step(x, y, idx, params, flags, True, True, True, *moments, steps[:1], *settings)

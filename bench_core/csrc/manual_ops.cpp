@@ -957,7 +957,8 @@ Tensor batchensemble_split_step(const Tensor& x_all, const Tensor& y_all, const 
                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
                                 double beta1, double beta2, double weight_decay, double eps) {
   at::NoGradGuard no_grad;
-  TORCH_CHECK(!params.empty() && params[1].dim() == 2, "batchensemble_split_step: 4 parameters per layer");
+  TORCH_CHECK(params.size() >= 4 && params.size() % 4 == 0 && params[1].dim() == 2,
+              "batchensemble_split_step: 4 parameters per layer");
   const int64_t n_members = params[1].size(0);
   const Tensor xb = x_all.index_select(0, idx).view({n_members, -1, x_all.size(1)});  // (E, b, in)
   const Tensor yb = y_all.index_select(0, idx).view({n_members, -1});  // (E, b)
@@ -967,6 +968,55 @@ Tensor batchensemble_split_step(const Tensor& x_all, const Tensor& y_all, const 
           "bench_core::batchensemble_layers");
   static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
   auto [member_losses, grads, grad_h] = layers_op.call(xb, yb, params, onednn, mean, false, first_kernel, fused);
+  grads = set_grads(params, std::move(grads));
+  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  return member_losses;
+}
+
+// manual._native_batchensemble with repeat batching where the first-layer kernel runs (an AVX-512
+// CPU, float32, first_kernel), then Adam: the first layer's forward on the shared batch
+// (models.shared_input_batchensemble: W folded with r, every member's product in one, through oneDNN
+// with first_onednn, else torch's in the plain layout with mkl_plain or the transposed one), the later
+// layers through batchensemble_layers, the first layer's W and r gradients through first_layer_grads.
+// params, onednn (the later layers' flags) and the rest as batchensemble_split_step.
+Tensor batchensemble_repeat_step(const Tensor& x_all, const Tensor& y_all, const Tensor& idx, at::TensorList params,
+                                 bool first_onednn, bool mkl_plain, c10::List<bool> onednn, bool mean, bool fused,
+                                 at::TensorList exp_avgs, at::TensorList exp_avg_sqs, at::TensorList steps, double lr,
+                                 double beta1, double beta2, double weight_decay, double eps) {
+  at::NoGradGuard no_grad;
+  TORCH_CHECK(params.size() >= 4 && params.size() % 4 == 0 && params[1].dim() == 2,
+              "batchensemble_repeat_step: 4 parameters per layer");
+  const Tensor &weight = params[0], &r = params[1], &s = params[2], &bias = params[3];
+  const int64_t n_in = weight.size(0), n_out = weight.size(1), n_members = r.size(0);
+  const Tensor xb = x_all.index_select(0, idx);  // (B, in)
+  const Tensor yb = y_all.index_select(0, idx);  // (B,)
+  const int64_t batch = xb.size(0);
+  Tensor folded = at::empty({n_in, n_members, n_out}, weight.options());  // models._fold
+  at::mul_out(folded, weight.unsqueeze(1), r.t().unsqueeze(2));
+  const Tensor w = folded.view({n_in, -1});  // (in, E*out): models._members_product
+  Tensor z;  // (E, B, out)
+  if (first_onednn) {
+    z = onednn_matmul(xb, w).view({batch, n_members, n_out}).transpose(0, 1);
+  } else if (mkl_plain) {
+    z = at::matmul(xb, w).view({batch, n_members, n_out}).transpose(0, 1);
+  } else {
+    z = at::matmul(w.t(), xb.t()).view({n_members, n_out, -1}).transpose(1, 2);
+  }
+  const Tensor h = at::addcmul(bias.unsqueeze(1), z, s.unsqueeze(1));
+  static const auto layers_op =
+      find_op<std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>>(
+          const Tensor&, const Tensor&, at::TensorList, c10::List<bool>, bool, bool, bool, bool)>(
+          "bench_core::batchensemble_layers");
+  static const auto grads_op = find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
+                                                                   const Tensor&)>("bench_core::first_layer_grads");
+  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
+  auto [member_losses, later, grad_h] = layers_op.call(h, yb, params.slice(4), onednn, mean, true, true, fused);
+  TORCH_CHECK(grad_h.has_value(), "batchensemble_repeat_step: no gradient for the first layer's output");
+  Tensor grad_z = at::empty_like(*grad_h, at::MemoryFormat::Contiguous);  // (E, B, out)
+  at::mul_out(grad_z, *grad_h, s.unsqueeze(1));
+  auto [grad_w, grad_r] = grads_op.call(xb.contiguous(), grad_z, weight, r);
+  std::vector<Tensor> grads{grad_w, grad_r, (*grad_h * z).sum(1), grad_h->sum(1)};
+  grads.insert(grads.end(), later.begin(), later.end());
   grads = set_grads(params, std::move(grads));
   adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   return member_losses;
@@ -1028,6 +1078,10 @@ TORCH_LIBRARY(bench_core, m) {
       " bool first_kernel, bool fused, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, Tensor(d!)[] steps, float lr,"
       " float beta1, float beta2, float weight_decay, float eps) -> Tensor");
   m.def(
+      "batchensemble_repeat_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor(a!)[] params, bool first_onednn,"
+      " bool mkl_plain, bool[] onednn, bool mean, bool fused, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
+      " Tensor(d!)[] steps, float lr, float beta1, float beta2, float weight_decay, float eps) -> Tensor");
+  m.def(
       "vectorized_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor(a!)[] weights, Tensor(b!)[] biases, bool onednn,"
       " bool mkl_plain, bool mean, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, Tensor(e!) step, Tensor(f!)[] exp_avgs,"
       " Tensor(g!)[] exp_avg_sqs, Tensor(h!)[] steps, float lr, float beta1, float beta2, float weight_decay,"
@@ -1043,5 +1097,6 @@ TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("plain", &plain);
   m.impl("adam_step", &adam_step);
   m.impl("batchensemble_split_step", &batchensemble_split_step);
+  m.impl("batchensemble_repeat_step", &batchensemble_repeat_step);
   m.impl("vectorized_step", &vectorized_step);
 }
