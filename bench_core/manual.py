@@ -232,11 +232,12 @@ def one_call_step(
     Covered: BatchEnsemble with split batching; with repeat batching where its first layer's
     gradients come from their kernel (``first_layer_kernel_on``, float32); and the classic ensemble
     (vectorized) where its first-layer weight is stepped inside its gradient's kernel
-    (``kernel_adam_weight``). The C++ steps loaded, Adam's direct step applying and its state made
-    (after the first step). Asked once per training's step (``training._Step``): the model's hooks
-    and the switches (``BENCH_ONE_CALL_STEP=0`` turns this off, and each switch of the step's parts)
-    are read then, the learning rate at every step. Should a call fail, ``one_call_failed`` turns
-    it off.
+    (``kernel_adam_weight``); one MLP of ``nn.Linear`` layers (a single MLP, a member of the
+    sequential classic ensemble; ``bench_core::plain_step``). The C++ steps loaded, Adam's direct
+    step applying and its state made (after the first step). Asked once per training's step
+    (``training._Step``): the model's hooks and the switches (``BENCH_ONE_CALL_STEP=0`` turns this
+    off, and each switch of the step's parts) are read then, the learning rate at every step.
+    Should a call fail, ``one_call_failed`` turns it off.
     """
     if switched_off(ENV_ONE_CALL) or _one_call["failed"] is not None:
         return None
@@ -305,6 +306,25 @@ def one_call_step(
                 )  # fmt: skip
 
         return vectorized_step
+    linears = _plain_mlp(model)
+    if linears is not None and not split:
+        weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
+        if x_all.size(1) != weights[0].size(1) or any(b is None for b in biases):
+            return None
+        state = opt_step.direct_state([*weights, *biases])
+        if state is None:
+            return None
+        group, exp_avgs, exp_avg_sqs, steps = state
+
+        def plain_step(idx: torch.Tensor) -> torch.Tensor:
+            beta1, beta2 = group["betas"]
+            with torch.no_grad():
+                return ops.plain_step(
+                    x_all, y_all, idx, weights, biases, mean, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2,
+                    group["weight_decay"], group["eps"],
+                )  # fmt: skip
+
+        return plain_step
     return None
 
 

@@ -22,8 +22,14 @@ pytestmark = pytest.mark.usefixtures("fresh_fast_paths")
 
 E, IN, C = 4, 48, 10
 # (method, batching): BatchEnsemble, split, and repeat with its first layer's kernel; the classic ensemble with
-# its first-layer weight stepped in its kernel
-COVERED = [("batchensemble", "split"), ("batchensemble", "repeat"), ("classic", "repeat")]
+# its first-layer weight stepped in its kernel; one MLP; the sequential classic ensemble's members
+COVERED = [
+    ("batchensemble", "split"),
+    ("batchensemble", "repeat"),
+    ("classic", "repeat"),
+    ("single", "repeat"),
+    ("classic-sequential", "repeat"),
+]
 
 
 @pytest.fixture(autouse=True)
@@ -34,13 +40,17 @@ def _cpp_steps():
 
 
 def _skip_without_kernel(method: str, batching: str) -> None:
-    if (method, batching) != ("batchensemble", "split") and not native.ops().first_layer_fast():
+    needs_kernel = method == "classic" or (method, batching) == ("batchensemble", "repeat")
+    if needs_kernel and not native.ops().first_layer_fast():
         pytest.skip("this one-call step needs its first-layer kernel (AVX-512)")
 
 
 def _model(method: str, seed: int = 0) -> nn.Module:
+    """``method``: a method's name, or "classic-sequential" (else the classic ensemble is vectorized)."""
     torch.manual_seed(seed)
-    cfg = ModelConfig(hidden=32, depth=2, ensemble_size=1 if method == "single" else E, classic_mode="vectorized")
+    method, _, mode = method.partition("-")
+    size = 1 if method == "single" else E
+    cfg = ModelConfig(hidden=32, depth=2, ensemble_size=size, classic_mode=mode or "vectorized")
     return build_model(method, cfg, IN, C)
 
 
@@ -72,7 +82,7 @@ def _train(method: str, batching: str, one_call: bool, monkeypatch, epochs: int 
     monkeypatch.setenv(manual.ENV_ONE_CALL, "1" if one_call else "0")
     model = _model(method)
     cfg = TrainConfig(epochs=epochs, batch_size=32, device="cpu", log_every=3)
-    records = list(training.train(model, _data(), cfg, method=method, batching=batching))
+    records = list(training.train(model, _data(), cfg, method=method.partition("-")[0], batching=batching))
     return model, records
 
 
@@ -91,9 +101,10 @@ def test_one_call_training_equals_the_steps_python_bit_for_bit(method, batching,
     calls = _counting(monkeypatch)
     one, one_records = _train(method, batching, True, monkeypatch)
     steps = sum(r.steps for r in one_records if r.kind == "epoch")
-    assert calls[0] == steps - 1  # every step but the first, which made Adam's state (the short ones too)
+    optimizers = E if method == "classic-sequential" else 1  # each member its own optimizer; steps are a member's
+    assert calls[0] == optimizers * (steps - 1)  # every step but each optimizer's first, which made its state
     python, python_records = _train(method, batching, False, monkeypatch)
-    assert calls[0] == steps - 1  # switched off: none
+    assert calls[0] == optimizers * (steps - 1)  # switched off: none
     _assert_same_models(one, python)
     assert [r.kind for r in one_records] == [r.kind for r in python_records]
     for a, b in zip(one_records, python_records, strict=True):
@@ -151,7 +162,6 @@ NOT_COVERED = {
     "the step through autograd": ("batchensemble", True, {manual.ENV_SWITCH: "0"}, None),
     "Adam's direct step off": ("batchensemble", True, {"BENCH_FAST_ADAM": "0"}, None),
     "BatchEnsemble, repeat, without its first kernel": ("batchensemble", False, KERNEL_OFF, None),
-    "one MLP": ("single", False, {}, None),
     "the classic ensemble without its first-layer kernel": ("classic", False, KERNEL_OFF, None),
     "a forward hook": ("batchensemble", True, {}, lambda m: m.register_forward_hook(lambda *a: None)),
     "a frozen parameter": ("batchensemble", True, {}, lambda m: next(m.parameters()).requires_grad_(False)),
@@ -184,6 +194,8 @@ def test_where_it_does_not_cover_the_step_the_python_runs(case, monkeypatch):
 def test_before_adams_first_step_there_is_no_one_call_step(method, batching):
     _skip_without_kernel(method, batching)
     model, data = _model(method), _data()
+    if method == "classic-sequential":
+        model = model.members[0]  # training steps each member on its own
     opt = training.make_optimizer(model.parameters(), 1e-3, torch.device("cpu"))
     step = training._Step(model, opt, data, batching == "split", training.loss_reduction(model))
     assert manual.one_call_step(model, step.opt_step, data.x_train, data.y_train, step.split, step.reduction) is None

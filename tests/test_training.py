@@ -198,16 +198,7 @@ def test_stop_before_training_gives_a_stopped_record(tiny):
 def test_sequential_stop_marks_unreached_members(tiny, monkeypatch):
     stop = threading.Event()
     model = _model("classic", tiny, classic_mode="sequential")
-    calls = {"n": 0}
-    losses = training._Step.losses
-
-    def counting(self, idx):  # member 0's fourth step asks to stop
-        calls["n"] += 1
-        if calls["n"] == 4:
-            stop.set()
-        return losses(self, idx)
-
-    monkeypatch.setattr(training._Step, "losses", counting)
+    _spy_steps(monkeypatch, lambda calls: len(calls) == 4 and stop.set())  # member 0's fourth step asks to stop
     records = list(train(model, tiny, TrainConfig(epochs=2, batch_size=64), method="c", stop=stop))
     last = records[-1]
     assert last.stopped

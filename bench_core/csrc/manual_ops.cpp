@@ -1022,6 +1022,27 @@ Tensor batchensemble_repeat_step(const Tensor& x_all, const Tensor& y_all, const
   return member_losses;
 }
 
+// manual._plain, then Adam: one MLP of nn.Linear layers (a single MLP, or a member of the sequential
+// classic ensemble); exp_avgs, exp_avg_sqs and steps are Adam's state of the weights, then the biases.
+Tensor plain_step(const Tensor& x_all, const Tensor& y_all, const Tensor& idx, at::TensorList weights,
+                  at::TensorList biases, bool mean, at::TensorList exp_avgs, at::TensorList exp_avg_sqs,
+                  at::TensorList steps, double lr, double beta1, double beta2, double weight_decay, double eps) {
+  at::NoGradGuard no_grad;
+  const Tensor xb = x_all.index_select(0, idx);  // (B, in)
+  const Tensor yb = y_all.index_select(0, idx);  // (B,)
+  static const auto plain_op =
+      find_op<std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
+          const Tensor&, const Tensor&, at::TensorList, at::TensorList, bool)>("bench_core::plain");
+  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
+  auto [member_losses, grad_w, grad_b] = plain_op.call(xb, yb, weights, biases, mean);
+  std::vector<Tensor> params(weights.begin(), weights.end()), grads = std::move(grad_w);
+  params.insert(params.end(), biases.begin(), biases.end());
+  grads.insert(grads.end(), grad_b.begin(), grad_b.end());
+  grads = set_grads(params, std::move(grads));
+  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  return member_losses;
+}
+
 // manual._native_step for the classic ensemble with its first-layer weight stepped in its gradient's
 // kernel (vectorized_adam), then Adam on the rest: weights[1:] then biases, whose state is
 // exp_avgs, exp_avg_sqs and steps in that order. x_all, y_all and idx as batchensemble_split_step.
@@ -1082,6 +1103,10 @@ TORCH_LIBRARY(bench_core, m) {
       " bool mkl_plain, bool[] onednn, bool mean, bool fused, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs,"
       " Tensor(d!)[] steps, float lr, float beta1, float beta2, float weight_decay, float eps) -> Tensor");
   m.def(
+      "plain_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor(a!)[] weights, Tensor(b!)[] biases, bool mean,"
+      " Tensor(c!)[] exp_avgs, Tensor(d!)[] exp_avg_sqs, Tensor(e!)[] steps, float lr, float beta1, float beta2,"
+      " float weight_decay, float eps) -> Tensor");
+  m.def(
       "vectorized_step(Tensor x_all, Tensor y_all, Tensor idx, Tensor(a!)[] weights, Tensor(b!)[] biases, bool onednn,"
       " bool mkl_plain, bool mean, Tensor(c!) exp_avg, Tensor(d!) exp_avg_sq, Tensor(e!) step, Tensor(f!)[] exp_avgs,"
       " Tensor(g!)[] exp_avg_sqs, Tensor(h!)[] steps, float lr, float beta1, float beta2, float weight_decay,"
@@ -1098,5 +1123,6 @@ TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("adam_step", &adam_step);
   m.impl("batchensemble_split_step", &batchensemble_split_step);
   m.impl("batchensemble_repeat_step", &batchensemble_repeat_step);
+  m.impl("plain_step", &plain_step);
   m.impl("vectorized_step", &vectorized_step);
 }
