@@ -13,6 +13,12 @@ def switched_off(env_name: str) -> bool:
     return os.environ.get(env_name, "1").strip() == "0"
 
 
+def describe_error(err: BaseException) -> str:
+    """``{type}: {the message's first line}`` (at most 200 characters of it), or the type alone without one."""
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}".rstrip(": ")
+
+
 def warn_off(what: str, err: BaseException, instead: str) -> None:
     """One ``RuntimeWarning``: ``{what} are off ({type}: {err's first line}); {instead}``, on one line.
 

@@ -57,7 +57,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from bench_core import models, native, onednn
-from bench_core.errors import switched_off, warn_off
+from bench_core.errors import describe_error, switched_off, warn_off
 from bench_core.models import BatchEnsembleLinear, BatchEnsembleMLP, SingleMLP, VectorizedEnsemble
 from bench_core.optim import AdamStep, KernelAdam
 
@@ -136,8 +136,7 @@ def _one_call_steps() -> str:
         return f"each step's gathers and Adam's step called from Python ({ENV_ONE_CALL}=0)"
     failed = _one_call["failed"]
     if failed is not None:
-        first = str(failed).strip().splitlines()[0] if str(failed).strip() else ""
-        return f"each step's gathers and Adam's step called from Python ({type(failed).__name__}: {first[:200]})"
+        return f"each step's gathers and Adam's step called from Python ({describe_error(failed)})"
     return ONE_CALL_STEPS
 
 
@@ -224,7 +223,7 @@ def one_call_step(
 
     What ``training._Step`` does for the batch ``x_all[idx]``, made from one call
     (``bench_core::batchensemble_split_step``, ``batchensemble_repeat_step``,
-    ``vectorized_step``): the gathers, the C++ step of ``forward_backward``, each gradient set on
+    ``vectorized_step``, ``plain_step``): the gathers, the C++ step of ``forward_backward``, each gradient set on
     its parameter and Adam's direct step (``AdamStep``), the same operators in the same order, so
     the same bits. What goes is about 300 Python function calls a step (split steps 0.89× as long
     in an ad-hoc A/B on an Intel Xeon).
@@ -233,7 +232,7 @@ def one_call_step(
     gradients come from their kernel (``first_layer_kernel_on``, float32); and the classic ensemble
     (vectorized) where its first-layer weight is stepped inside its gradient's kernel
     (``kernel_adam_weight``); one MLP of ``nn.Linear`` layers (a single MLP, a member of the
-    sequential classic ensemble; ``bench_core::plain_step``). The C++ steps loaded, Adam's direct
+    sequential classic ensemble). The C++ steps loaded, Adam's direct
     step applying and its state made (after the first step). Asked once per training's step
     (``training._Step``): the model's hooks and the switches (``BENCH_ONE_CALL_STEP=0`` turns this
     off, and each switch of the step's parts) are read then, the learning rate at every step.
@@ -259,31 +258,16 @@ def one_call_step(
             return None
         group, exp_avgs, exp_avg_sqs, steps = state
         fused = not switched_off(ENV_FUSED)
+        adam_lists = (exp_avgs, exp_avg_sqs, steps)
         if split:
             via_onednn = [models.through_onednn(x_all, layer.in_features) for layer in layers]
             first_kernel = not switched_off(ENV_FIRST_LAYER_KERNEL)
-
-            def split_step(idx: torch.Tensor) -> torch.Tensor:
-                beta1, beta2 = group["betas"]
-                with torch.no_grad():
-                    return ops.batchensemble_split_step(
-                        x_all, y_all, idx, params, via_onednn, mean, first_kernel, fused, exp_avgs, exp_avg_sqs, steps,
-                        group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
-                    )  # fmt: skip
-
-            return split_step
+            args = (params, via_onednn, mean, first_kernel, fused)
+            return _bound_step(ops.batchensemble_split_step, x_all, y_all, args, adam_lists, group)
         first_layouts = (onednn.usable(x_all), onednn.mkl_plain_layout())  # as models._members_product
         later = [models.through_onednn(x_all, layer.in_features) for layer in layers[1:]]
-
-        def repeat_step(idx: torch.Tensor) -> torch.Tensor:
-            beta1, beta2 = group["betas"]
-            with torch.no_grad():
-                return ops.batchensemble_repeat_step(
-                    x_all, y_all, idx, params, *first_layouts, later, mean, fused, exp_avgs, exp_avg_sqs, steps,
-                    group["lr"], beta1, beta2, group["weight_decay"], group["eps"],
-                )  # fmt: skip
-
-        return repeat_step
+        args = (params, *first_layouts, later, mean, fused)
+        return _bound_step(ops.batchensemble_repeat_step, x_all, y_all, args, adam_lists, group)
     if isinstance(model, VectorizedEnsemble) and not split:
         weights, biases = list(model.weights), list(model.biases)
         first = kernel_adam_weight(model)
@@ -295,17 +279,9 @@ def one_call_step(
             return None
         group, exp_avgs, exp_avg_sqs, steps = state
         layouts = (onednn.usable(x_all), onednn.mkl_plain_layout())
-
-        def vectorized_step(idx: torch.Tensor) -> torch.Tensor:
-            beta1, beta2 = group["betas"]
-            with torch.no_grad():
-                return ops.vectorized_step(
-                    x_all, y_all, idx, weights, biases, *layouts, mean, adam.exp_avg, adam.exp_avg_sq, adam.step,
-                    exp_avgs[1:], exp_avg_sqs[1:], steps[1:], group["lr"], beta1, beta2, group["weight_decay"],
-                    group["eps"],
-                )  # fmt: skip
-
-        return vectorized_step
+        args = (weights, biases, *layouts, mean, adam.exp_avg, adam.exp_avg_sq, adam.step)
+        adam_lists = (exp_avgs[1:], exp_avg_sqs[1:], steps[1:])  # the rest: the first weight's is in args
+        return _bound_step(ops.vectorized_step, x_all, y_all, args, adam_lists, group)
     linears = _plain_mlp(model)
     if linears is not None and not split:
         weights, biases = [lin.weight for lin in linears], [lin.bias for lin in linears]
@@ -315,17 +291,24 @@ def one_call_step(
         if state is None:
             return None
         group, exp_avgs, exp_avg_sqs, steps = state
-
-        def plain_step(idx: torch.Tensor) -> torch.Tensor:
-            beta1, beta2 = group["betas"]
-            with torch.no_grad():
-                return ops.plain_step(
-                    x_all, y_all, idx, weights, biases, mean, exp_avgs, exp_avg_sqs, steps, group["lr"], beta1, beta2,
-                    group["weight_decay"], group["eps"],
-                )  # fmt: skip
-
-        return plain_step
+        return _bound_step(ops.plain_step, x_all, y_all, (weights, biases, mean), (exp_avgs, exp_avg_sqs, steps), group)
     return None
+
+
+def _bound_step(op, x_all: torch.Tensor, y_all: torch.Tensor, args: tuple, adam_lists: tuple, group: dict):
+    """``step(idx)``: ``op(x_all, y_all, idx, *args, *adam_lists, lr, beta1, beta2, weight_decay, eps)``.
+
+    The four one-call operators share that order; Adam's settings are read from ``group`` at each
+    step, so a learning rate changed between steps is honoured.
+    """
+
+    def step(idx: torch.Tensor) -> torch.Tensor:
+        beta1, beta2 = group["betas"]
+        with torch.no_grad():
+            return op(x_all, y_all, idx, *args, *adam_lists, group["lr"], beta1, beta2, group["weight_decay"],
+                      group["eps"])  # fmt: skip
+
+    return step
 
 
 def reset() -> None:

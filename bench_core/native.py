@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from bench_core.errors import switched_off, warn_off
+from bench_core.errors import describe_error, switched_off, warn_off
 
 ENV_SWITCH = "BENCH_NATIVE"  # "0": the Python steps everywhere
 ENV_CACHE = "BENCH_NATIVE_CACHE"  # where built libraries are kept
@@ -95,10 +95,7 @@ def why_off() -> str | None:
     if switched_off(ENV_SWITCH):
         return f"{ENV_SWITCH}=0"
     err = _state["failed"]
-    if err is None:
-        return None
-    text = str(err).strip()
-    return f"{type(err).__name__}: {text.splitlines()[0][:200] if text else ''}".rstrip(": ")
+    return None if err is None else describe_error(err)
 
 
 def disable(err: BaseException) -> None:

@@ -916,7 +916,6 @@ void adam_step(at::TensorList params, at::TensorList grads, at::TensorList exp_a
   }
 }
 
-
 // ---- A whole training step in one call (manual.one_call_step) -------------------------------------
 //
 // training._Step makes a step as a dozen Python calls around the operators above: the batch's two
@@ -937,8 +936,11 @@ c10::TypedOperatorHandle<Signature> find_op(const char* name) {
 using AdamStepOp = void(at::TensorList, at::TensorList, at::TensorList, at::TensorList, at::TensorList, double, double,
                         double, double, double);
 
-// Sets params[i].grad to grads[i] (laid out as its parameter) and returns the gradients as set.
-std::vector<Tensor> set_grads(at::TensorList params, std::vector<Tensor> grads) {
+// Sets params[i].grad to grads[i] (laid out as its parameter), then Adam's step on params through
+// adam_step: every one-call step ends so.
+void set_grads_and_step(at::TensorList params, std::vector<Tensor> grads, at::TensorList exp_avgs,
+                        at::TensorList exp_avg_sqs, at::TensorList steps, double lr, double beta1, double beta2,
+                        double weight_decay, double eps) {
   TORCH_CHECK(params.size() == grads.size(), "one gradient per parameter");
   for (size_t i = 0; i < grads.size(); ++i) {
     const Tensor& p = params[i];
@@ -946,7 +948,18 @@ std::vector<Tensor> set_grads(at::TensorList params, std::vector<Tensor> grads) 
       grads[i] = at::empty_like(p).copy_(grads[i]);
     const_cast<Tensor&>(p).mutable_grad() = grads[i];
   }
-  return grads;
+  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
+  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+}
+
+// bench_core::batchensemble_layers, through the dispatcher.
+const c10::TypedOperatorHandle<std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>>(
+    const Tensor&, const Tensor&, at::TensorList, c10::List<bool>, bool, bool, bool, bool)>&
+layers_op() {
+  static const auto op = find_op<std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>>(
+      const Tensor&, const Tensor&, at::TensorList, c10::List<bool>, bool, bool, bool, bool)>(
+      "bench_core::batchensemble_layers");
+  return op;
 }
 
 // manual._native_batchensemble with split batching, then Adam: x_all [N, in] and y_all [N] the
@@ -962,14 +975,8 @@ Tensor batchensemble_split_step(const Tensor& x_all, const Tensor& y_all, const 
   const int64_t n_members = params[1].size(0);
   const Tensor xb = x_all.index_select(0, idx).view({n_members, -1, x_all.size(1)});  // (E, b, in)
   const Tensor yb = y_all.index_select(0, idx).view({n_members, -1});  // (E, b)
-  static const auto layers_op =
-      find_op<std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>>(
-          const Tensor&, const Tensor&, at::TensorList, c10::List<bool>, bool, bool, bool, bool)>(
-          "bench_core::batchensemble_layers");
-  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
-  auto [member_losses, grads, grad_h] = layers_op.call(xb, yb, params, onednn, mean, false, first_kernel, fused);
-  grads = set_grads(params, std::move(grads));
-  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  auto [member_losses, grads, grad_h] = layers_op().call(xb, yb, params, onednn, mean, false, first_kernel, fused);
+  set_grads_and_step(params, std::move(grads), exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   return member_losses;
 }
 
@@ -1003,22 +1010,16 @@ Tensor batchensemble_repeat_step(const Tensor& x_all, const Tensor& y_all, const
     z = at::matmul(w.t(), xb.t()).view({n_members, n_out, -1}).transpose(1, 2);
   }
   const Tensor h = at::addcmul(bias.unsqueeze(1), z, s.unsqueeze(1));
-  static const auto layers_op =
-      find_op<std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>>(
-          const Tensor&, const Tensor&, at::TensorList, c10::List<bool>, bool, bool, bool, bool)>(
-          "bench_core::batchensemble_layers");
   static const auto grads_op = find_op<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&,
                                                                    const Tensor&)>("bench_core::first_layer_grads");
-  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
-  auto [member_losses, later, grad_h] = layers_op.call(h, yb, params.slice(4), onednn, mean, true, true, fused);
+  auto [member_losses, later, grad_h] = layers_op().call(h, yb, params.slice(4), onednn, mean, true, true, fused);
   TORCH_CHECK(grad_h.has_value(), "batchensemble_repeat_step: no gradient for the first layer's output");
   Tensor grad_z = at::empty_like(*grad_h, at::MemoryFormat::Contiguous);  // (E, B, out)
   at::mul_out(grad_z, *grad_h, s.unsqueeze(1));
   auto [grad_w, grad_r] = grads_op.call(xb.contiguous(), grad_z, weight, r);
   std::vector<Tensor> grads{grad_w, grad_r, (*grad_h * z).sum(1), grad_h->sum(1)};
   grads.insert(grads.end(), later.begin(), later.end());
-  grads = set_grads(params, std::move(grads));
-  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  set_grads_and_step(params, std::move(grads), exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   return member_losses;
 }
 
@@ -1033,13 +1034,11 @@ Tensor plain_step(const Tensor& x_all, const Tensor& y_all, const Tensor& idx, a
   static const auto plain_op =
       find_op<std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
           const Tensor&, const Tensor&, at::TensorList, at::TensorList, bool)>("bench_core::plain");
-  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
   auto [member_losses, grad_w, grad_b] = plain_op.call(xb, yb, weights, biases, mean);
   std::vector<Tensor> params(weights.begin(), weights.end()), grads = std::move(grad_w);
   params.insert(params.end(), biases.begin(), biases.end());
   grads.insert(grads.end(), grad_b.begin(), grad_b.end());
-  grads = set_grads(params, std::move(grads));
-  adam_op.call(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  set_grads_and_step(params, std::move(grads), exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   return member_losses;
 }
 
@@ -1059,15 +1058,13 @@ Tensor vectorized_step(const Tensor& x_all, const Tensor& y_all, const Tensor& i
       find_op<std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>>(
           const Tensor&, const Tensor&, at::TensorList, at::TensorList, bool, bool, bool, const Tensor&, const Tensor&,
           const Tensor&, double, double, double, double, double)>("bench_core::vectorized_adam");
-  static const auto adam_op = find_op<AdamStepOp>("bench_core::adam_step");
   auto [member_losses, grad_w, grad_b] = vectorized_op.call(xb, yb, weights, biases, onednn, mkl_plain, mean, exp_avg,
                                                             exp_avg_sq, step, lr, beta1, beta2, eps, weight_decay);
   std::vector<Tensor> rest(weights.begin() + 1, weights.end()), grads = std::move(grad_w);
   rest.insert(rest.end(), biases.begin(), biases.end());
   grads.insert(grads.end(), grad_b.begin(), grad_b.end());
   const_cast<Tensor&>(weights[0]).mutable_grad() = Tensor();  // stepped by the kernel: no gradient
-  grads = set_grads(rest, std::move(grads));
-  adam_op.call(rest, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
+  set_grads_and_step(rest, std::move(grads), exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, weight_decay, eps);
   return member_losses;
 }
 
