@@ -403,27 +403,60 @@ def remember_widgets(saved_key: str, defaults: dict, prefix: str = "") -> None:
     st.session_state[saved_key] = {name: st.session_state.get(prefix + name, saved[name]) for name in defaults}
 
 
-def number_box(container, label: str, bounds: tuple, *, key: str, **kwargs) -> str | None:
+def whole_box(step: int = 1, **kwargs) -> dict:
+    """number_input's arguments for a box of whole numbers: a float box that shows them as whole.
+
+    Streamlit's int box reads what is typed the way JavaScript's ``parseInt`` does: ``1e3`` arrived
+    as 1 and ``2.5`` as 2, with no message (streamlit/streamlit#3043), and a run trained with a
+    number the user had not typed. Its float box hands over the number as typed (``parseFloat``), so
+    ``out_of_range(..., whole=True)`` can name one that is not whole. ``%g`` shows 128.0 as 128 and
+    every whole number up to 2⁵³ (``WHOLE_EXACT``; every range here is below it) exactly.
+    """
+    return {"step": float(step), "format": "%g", **kwargs}
+
+
+WHOLE_EXACT = 2**53  # a float box holds every whole number up to this exactly
+
+
+def whole_number(value):
+    """A whole number typed in a ``whole_box`` (128.0) as the int it is (128); anything else as it is.
+
+    Beyond ``WHOLE_EXACT`` a float stays one: 1e300 is named as 1e+300, not in 301 digits.
+    """
+    if isinstance(value, float) and value.is_integer() and abs(value) <= WHOLE_EXACT:
+        return int(value)
+    return value
+
+
+def number_box(container, label: str, bounds: tuple, *, key: str, step=None, **kwargs) -> str | None:
     """A number box that takes any number, checked against ``bounds`` here: the one-line complaint, or None.
 
     Given min_value and max_value, Streamlit's box keeps a number typed beyond them, in red, while the
     script goes on with the last number in range: a run trained with a width the user had not asked
     for, and nothing on the page could say so. Unbounded, the number typed reaches the script, which
-    names it under the form (``out_of_range``) and refuses to start with it.
+    names it under the form (``out_of_range``) and refuses to start with it. An int ``step`` makes it
+    a box of whole numbers (``whole_box``): read its number with ``whole_number``.
     """
-    container.number_input(label, key=key, **kwargs)
-    return out_of_range(label, st.session_state.get(key), *bounds)
+    is_whole = isinstance(step, int)
+    args = whole_box(step, **kwargs) if is_whole else {"step": step, **kwargs}
+    container.number_input(label, key=key, **args)
+    return out_of_range(label, st.session_state.get(key), *bounds, whole=is_whole)
 
 
-def out_of_range(label: str, value, low, high, above: bool = False) -> str | None:
+def out_of_range(label: str, value, low, high, above: bool = False, whole: bool = False) -> str | None:
     """'Hidden width must be from 1 to 4,096, not 5,000.', 'Seed: type a number.', or None where it fits.
 
-    ``above``: ``low`` itself is out of range ("must be above 0 and at most 1").
+    ``above``: ``low`` itself is out of range ("must be above 0 and at most 1"). ``whole``: a number
+    with a fraction is out too ("Hidden width must be a whole number, not 2.5.").
     """
     if value is None or isinstance(value, bool) or not isinstance(value, int | float):
         return f"{label}: type a number."
     if isinstance(value, float) and math.isnan(value):
         return f"{label}: type a number."
+    if whole:
+        if isinstance(value, float) and math.isfinite(value) and not value.is_integer():
+            return f"{label} must be a whole number, not {value:g}."
+        value = whole_number(value)
     if (low < value if above else low <= value) and value <= high:
         return None
 

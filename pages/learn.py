@@ -21,6 +21,7 @@ from pages._common import (
     show,
     show_problems,
     stacked_columns,
+    whole_number,
 )
 
 require_router("pages/learn.py")
@@ -79,7 +80,7 @@ def layer_pictures() -> None:
     if problem:
         show_problems([problem])
         return
-    seed = st.session_state["learn_seed"]
+    seed = whole_number(st.session_state["learn_seed"])
 
     with torch.random.fork_rng(devices=[]):  # seed this picture without touching the server's RNG
         torch.manual_seed(int(seed))
@@ -124,7 +125,7 @@ def params_section() -> None:
     if any(problems):
         show_problems([p for p in problems if p])
         return
-    hidden, depth = st.session_state["learn_hidden"], st.session_state["learn_depth"]
+    hidden, depth = whole_number(st.session_state["learn_hidden"]), whole_number(st.session_state["learn_depth"])
     if name == "synthetic":
         shape, classes = tuple(DataConfig.synthetic_shape), DataConfig.synthetic_classes
     else:

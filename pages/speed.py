@@ -235,7 +235,7 @@ def saved_benchmark(data: bytes) -> tuple[dict, list[dict], list[dict] | None]:
 
 
 # The timing settings' boxes: label, range (pages._common.number_box), extra arguments (an int step on
-# each: without bounds or a step, Streamlit's box is a float one).
+# each makes it a box of whole numbers: pages._common.whole_box).
 NUMBERS = {
     "steps": ("Timed steps", (1, 10_000), {"step": 1}),
     "warmup": ("Warm-up steps", (0, 10_000), {"step": 1}),

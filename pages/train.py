@@ -23,6 +23,7 @@ from pages._common import (
     LAST_RUN_KEY,
     LIVE_RUN_KEY,
     SCROLL_UP,
+    WHOLE_EXACT,
     active_signature,
     dataset_label,
     empty_loss_figure,
@@ -47,6 +48,8 @@ from pages._common import (
     show,
     show_problems,
     store_path,
+    whole_box,
+    whole_number,
     wrapping,
 )
 
@@ -99,6 +102,7 @@ RANGES = {
 OPEN_BELOW = ("lr",)  # ranges whose lower bound is out: a learning rate of 0 trains nothing
 SLIDERS = ("ensemble_size", "epochs")
 SYNTHETIC_ONLY = ("synthetic_train", "synthetic_test")  # drawn for synthetic data only
+WHOLE = ("hidden", "depth", "batch_size", "seed", "points_per_epoch", *SYNTHETIC_ONLY)  # whole_box's
 NUMBER_LABELS = {  # the number boxes, in the form's order
     "hidden": "Hidden width",
     "depth": "Hidden layers",
@@ -179,6 +183,9 @@ def restore_settings(live_config: dict | None) -> list[str]:
             shown = f"{value:g}" if isinstance(value, float) else str(value)
             beyond.append(f"{name.replace('_', ' ')} {shown}")
             saved[name] = min(max(value, low), high)
+    for name in WHOLE:  # beyond 2⁵³ a float box shows the nearest float (a seed from the command line)
+        if isinstance(saved[name], int) and abs(saved[name]) > WHOLE_EXACT:
+            beyond.append(f"{name.replace('_', ' ')} {saved[name]}")
     # The dataset this run draws the form for: the box's own value where it has one (a choice just made).
     dataset = saved["dataset"] if live_config is not None else st.session_state.get(P + "dataset", saved["dataset"])
     for name, value in saved.items():
@@ -193,10 +200,15 @@ def restore_settings(live_config: dict | None) -> list[str]:
 
 
 def current(name: str):
-    """The setting's value: its widget's, or the saved one where its widget is not drawn (SYNTHETIC_ONLY)."""
+    """The setting's value: its widget's, or the saved one where its widget is not drawn (SYNTHETIC_ONLY).
+
+    A whole number as an int (its box, a float one, hands over 128.0).
+    """
     if P + name in st.session_state:
-        return st.session_state[P + name]
-    return st.session_state.get(SAVED_KEY, {}).get(name, DEFAULTS[name])
+        value = st.session_state[P + name]
+    else:
+        value = st.session_state.get(SAVED_KEY, {}).get(name, DEFAULTS[name])
+    return whole_number(value) if name in WHOLE else value
 
 
 def remember_settings() -> None:
@@ -244,17 +256,17 @@ def settings(locked: bool) -> RunConfig:
         # Three columns of numbers, then the choices as rows of two: in four columns at 1024 px
         # "BatchEnsemble batching" broke inside the word.
         a = st.columns(3)
-        # No min_value or max_value: range_problems checks them (see NUMBER_LABELS). An int step on each
-        # whole number: without bounds or a step, Streamlit's box is a float one and hands back 2.0.
-        a[0].number_input(NUMBER_LABELS["hidden"], step=16, key=P + "hidden", disabled=locked)
-        a[1].number_input(NUMBER_LABELS["depth"], step=1, key=P + "depth", disabled=locked)
-        a[2].number_input(NUMBER_LABELS["batch_size"], step=16, key=P + "batch_size", disabled=locked)
+        # No min_value or max_value: range_problems checks them (see NUMBER_LABELS). The whole numbers in
+        # float boxes shown as whole (whole_box): Streamlit's int box read 2.5 as 2 and 1e3 as 1.
+        a[0].number_input(NUMBER_LABELS["hidden"], **whole_box(16), key=P + "hidden", disabled=locked)
+        a[1].number_input(NUMBER_LABELS["depth"], **whole_box(1), key=P + "depth", disabled=locked)
+        a[2].number_input(NUMBER_LABELS["batch_size"], **whole_box(16), key=P + "batch_size", disabled=locked)
         # %g: 0.00005 reads as 5e-05, the value trained with (%.4f showed 0.0001)
         a[0].number_input(NUMBER_LABELS["lr"], step=1e-4, format="%g", key=P + "lr", disabled=locked)
-        a[1].number_input(NUMBER_LABELS["seed"], step=1, key=P + "seed", disabled=locked)
+        a[1].number_input(NUMBER_LABELS["seed"], **whole_box(1), key=P + "seed", disabled=locked)
         a[2].number_input(
             NUMBER_LABELS["points_per_epoch"],
-            step=1,
+            **whole_box(1),
             key=P + "points_per_epoch",
             disabled=locked,
             help="How often the live loss curve gets a point; 0: once per epoch (the cleanest timings).",
@@ -295,13 +307,13 @@ def settings(locked: bool) -> RunConfig:
             c = st.columns(2)
             c[0].number_input(
                 NUMBER_LABELS["synthetic_train"],
-                step=1000,
+                **whole_box(1000),
                 key=P + "synthetic_train",
                 disabled=locked,
             )
             c[1].number_input(
                 NUMBER_LABELS["synthetic_test"],
-                step=500,
+                **whole_box(500),
                 key=P + "synthetic_test",
                 disabled=locked,
             )
@@ -324,7 +336,7 @@ def shown_numbers() -> dict[str, str]:
 
 
 def number_problem(name: str, label: str = "") -> str | None:
-    return out_of_range(label, current(name), *RANGES[name], above=name in OPEN_BELOW)
+    return out_of_range(label, current(name), *RANGES[name], above=name in OPEN_BELOW, whole=name in WHOLE)
 
 
 def range_problems() -> list[str]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -51,6 +52,8 @@ from pages._common import (
     out_of_range,
     progress_of,
     runs_loss_figure,
+    whole_box,
+    whole_number,
 )
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -298,6 +301,21 @@ def test_watching_a_run_whose_settings_are_beyond_the_form_shows_it_and_says_so(
     assert "ensemble size 32" in note and "epochs 100" in note
     assert at.number_input(key="train_set_seed").value == 2**40, "a number box shows any number as it is"
     assert not at.error, "a watched run's numbers are the run's: no complaint about the form's ranges"
+
+
+def test_watching_a_run_whose_seed_a_float_box_cannot_hold_says_so(store_file):
+    """The whole-number boxes are float ones (whole_box): beyond 2⁵³ the box shows the nearest float."""
+    cfg = tiny_config()
+    cfg.train.seed = 2**63 - 1  # the command line's largest
+    with RunStore(store_file) as store:
+        run_id = store.create_run(cfg.to_dict(), source="cli", status="queued")
+        store.start_run(run_id, device="cpu", versions={})
+    at = open_page("train")
+    at.button(key=f"train_watch_{run_id}").click().run()
+    assert not at.exception, at.exception
+    (note,) = [c for c in texts(at.caption) if "beyond this form's range" in c]
+    assert "seed 9223372036854775807" in note, "the run's seed, exactly"
+    assert not at.error
 
 
 def test_a_value_typed_just_before_train_is_the_one_shown_for_the_run(store_file, monkeypatch):
@@ -1554,6 +1572,82 @@ def test_out_of_range_names_the_box_its_range_and_the_number():
     rate = "Learning rate (Adam) must be above 0 and at most 1, not 0."
     assert out_of_range("Learning rate (Adam)", 0.0, 0.0, 1.0, above=True) == rate
     assert out_of_range("Learning rate (Adam)", 1.0, 0.0, 1.0, above=True) is None
+
+
+def test_out_of_range_of_a_whole_number_names_a_fraction_and_takes_a_whole_float():
+    assert out_of_range("Hidden width", 2.5, 1, 4096, whole=True) == "Hidden width must be a whole number, not 2.5."
+    assert out_of_range("Hidden width", 2.5, 1, 4096) is None, "a fraction is fine where the box is not whole"
+    assert out_of_range("Hidden width", 1000.0, 1, 4096, whole=True) is None, "1e3 typed: the float box's 1000.0"
+    assert (
+        out_of_range("Hidden width", 5000.0, 1, 4096, whole=True) == "Hidden width must be from 1 to 4,096, not 5,000."
+    )
+    assert out_of_range("Seed", -0.5, 0, 10, whole=True) == "Seed must be a whole number, not -0.5."
+    assert out_of_range("Seed", float("inf"), 0, 10, whole=True) == "Seed must be from 0 to 10, not inf."
+    assert out_of_range("Seed", float("nan"), 0, 10, whole=True) == "Seed: type a number."
+    assert out_of_range("Seed", None, 0, 10, whole=True) == "Seed: type a number."
+    assert out_of_range("Seed", 7, 0, 10, whole=True) is None
+    huge = "Hidden width must be from 1 to 4,096, not 1e+300."
+    assert out_of_range("Hidden width", 1e300, 1, 4096, whole=True) == huge, "not in 301 digits"
+
+
+def test_whole_number_turns_a_whole_float_into_its_int_and_leaves_the_rest():
+    assert whole_number(128.0) == 128 and isinstance(whole_number(128.0), int)
+    assert whole_number(2.5) == 2.5
+    assert whole_number(7) == 7
+    assert whole_number(None) is None
+    assert math.isinf(whole_number(float("inf")))
+    assert whole_number(2.0**53) == 2**53 and whole_number(2.0**60) == 2.0**60, "beyond 2⁵³ it stays a float"
+    assert whole_box(16) == {"step": 16.0, "format": "%g"}, "a float box: Streamlit's int box parses as parseInt"
+
+
+@pytest.mark.parametrize(
+    ("key", "typed", "problem"),
+    [
+        ("train_set_hidden", 2.5, "Hidden width must be a whole number, not 2.5."),
+        ("train_set_batch_size", 64.25, "Batch size must be a whole number, not 64.25."),
+        ("train_set_seed", 1.5, "Seed must be a whole number, not 1.5."),
+        ("train_set_points_per_epoch", 0.5, "Loss points per epoch must be a whole number, not 0.5."),
+        ("train_set_depth", 1e3, "Hidden layers must be from 1 to 8, not 1,000."),
+    ],
+)
+def test_train_names_a_fraction_in_a_whole_number_box_and_trains_nothing(store_file, launched, key, typed, problem):
+    """Streamlit's int box had read 2.5 as 2 and 1e3 as 1 (streamlit#3043): a run with a number not typed."""
+    at = open_page("train")
+    at.number_input(key=key).set_value(typed).run()
+    assert not at.exception, at.exception
+    assert texts(at.error) == [problem]
+    at.button(key="train_start").click().run()
+    assert not launched, "nothing trains with a number the user did not type"
+    assert at.number_input(key=key).value == typed, "the number typed is kept"
+
+
+def test_train_trains_with_a_whole_number_typed_as_a_float(store_file, launched):
+    at = open_page("train")
+    at.selectbox(key="train_set_dataset").set_value("synthetic").run()
+    at.number_input(key="train_set_hidden").set_value(1e3).run()  # 1e3 typed: the float box hands over 1000.0
+    at.number_input(key="train_set_synthetic_train").set_value(2000.0).run()
+    at.number_input(key="train_set_seed").set_value(3.0).run()
+    assert not at.error
+    at.button(key="train_start").click().run()
+    assert not at.exception, at.exception
+    (config,) = launched
+    assert config["model"]["hidden"] == 1000 and type(config["model"]["hidden"]) is int
+    assert config["data"]["synthetic_train"] == 2000 and type(config["data"]["synthetic_train"]) is int
+    assert config["train"]["seed"] == 3 and type(config["train"]["seed"]) is int
+
+
+def test_speed_and_learn_name_a_fraction_in_a_whole_number_box(store_file):
+    at = open_page("speed")
+    at.number_input(key="speed_set_steps").set_value(10.5).run()
+    assert not at.exception, at.exception
+    assert texts(at.error) == ["Timed steps must be a whole number, not 10.5."]
+    at = open_page("learn")
+    at.number_input(key="learn_hidden").set_value(2.5).run()
+    assert not at.exception, at.exception
+    assert texts(at.error) == ["Hidden width must be a whole number, not 2.5."]
+    at.number_input(key="learn_hidden").set_value(64.0).run()
+    at.number_input(key="learn_seed").set_value(0.25).run()
+    assert texts(at.error) == ["Seed must be a whole number, not 0.25."]
 
 
 def test_train_names_every_number_out_of_range_in_one_box_the_learning_rate_of_0_too(store_file):

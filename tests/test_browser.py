@@ -258,6 +258,33 @@ def test_a_number_typed_beyond_its_box_is_named_and_trains_nothing(page, server)
     assert ui.error_texts(page) == ["error\n\nHidden width must be from 1 to 4,096, not 5,000."], "said once"
 
 
+def test_a_whole_number_box_reads_what_is_typed_as_typed(page, server):
+    """Streamlit's int box parsed as JavaScript's parseInt: 2.5 arrived as 2 and 1e3 as 1, silently."""
+    ui.wait_settled(page)
+    ui.open_expander(page, "Advanced settings")
+    box = page.get_by_role("spinbutton", name="Hidden width", exact=True).first
+    box.fill("2.5")
+    box.press("Tab")
+    expect(page.get_by_text("Hidden width must be a whole number, not 2.5.")).to_be_visible()
+    before = ui.latest_run_id(server.store)
+    ui.train_button(page).click()
+    ui.wait_settled(page)
+    assert ui.latest_run_id(server.store) == before, "no run was made"
+    assert box.input_value() == "2.5", "the number typed is kept"
+    box.fill("1e3")
+    box.press("Tab")
+    ui.wait_settled(page)
+    expect(box).to_have_value("1000")  # 1e3 is a thousand, shown whole (not 1000.00)
+    expect(page.get_by_text("Hidden width must be")).to_have_count(0)  # a thousand is in range
+    ui.wait_settled(page)
+    assert not ui.error_texts(page)
+    box.fill("128")
+    box.press("Tab")
+    ui.wait_settled(page)
+    expect(box).to_have_value("128")
+    assert not ui.error_texts(page)
+
+
 def test_results_stacks_its_side_by_side_figures_in_a_narrow_window(page, server):
     """At 1024 px beside the sidebar two agreement matrices got 70 px each, their values run together."""
     from bench_core.runner import run_experiment
