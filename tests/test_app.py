@@ -286,9 +286,8 @@ def test_train_follows_or_stops_a_run_started_elsewhere(store_file):
     assert any(f"Run {run_id} was stopped before any method was trained" in w for w in texts(at.warning))
 
 
-def test_watching_a_run_whose_settings_are_beyond_the_form_shows_it_and_says_so(store_file):
-    cfg = tiny_config()
-    cfg.train.epochs, cfg.model.ensemble_size, cfg.train.seed = 100, 32, 2**40  # the command line takes them
+def watch_a_command_line_run(store_file, cfg: RunConfig) -> AppTest:
+    """The Train page after Watch on a running run of ``cfg`` started by the command line."""
     with RunStore(store_file) as store:
         run_id = store.create_run(cfg.to_dict(), source="cli", status="queued")
         store.start_run(run_id, device="cpu", versions={})
@@ -296,6 +295,13 @@ def test_watching_a_run_whose_settings_are_beyond_the_form_shows_it_and_says_so(
     at.button(key=f"train_watch_{run_id}").click().run()
     assert not at.exception, at.exception
     assert at.get("progress"), "its live view"
+    return at
+
+
+def test_watching_a_run_whose_settings_are_beyond_the_form_shows_it_and_says_so(store_file):
+    cfg = tiny_config()
+    cfg.train.epochs, cfg.model.ensemble_size, cfg.train.seed = 100, 32, 2**40  # the command line takes them
+    at = watch_a_command_line_run(store_file, cfg)
     assert at.slider(key="train_set_epochs").value == 50 and at.slider(key="train_set_ensemble_size").value == 16
     (note,) = [c for c in texts(at.caption) if "beyond this form's range" in c]
     assert "ensemble size 32" in note and "epochs 100" in note
@@ -307,12 +313,7 @@ def test_watching_a_run_whose_seed_a_float_box_cannot_hold_says_so(store_file):
     """The whole-number boxes are float ones (whole_box): beyond 2⁵³ the box shows the nearest float."""
     cfg = tiny_config()
     cfg.train.seed = 2**63 - 1  # the command line's largest
-    with RunStore(store_file) as store:
-        run_id = store.create_run(cfg.to_dict(), source="cli", status="queued")
-        store.start_run(run_id, device="cpu", versions={})
-    at = open_page("train")
-    at.button(key=f"train_watch_{run_id}").click().run()
-    assert not at.exception, at.exception
+    at = watch_a_command_line_run(store_file, cfg)
     (note,) = [c for c in texts(at.caption) if "beyond this form's range" in c]
     assert "seed 9223372036854775807" in note, "the run's seed, exactly"
     assert not at.error
