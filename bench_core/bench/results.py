@@ -6,7 +6,7 @@ import math
 
 from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.flops import epoch_flops, floor_seconds
-from bench_core.bench.settings import ROW_NAMES, TARGET_E, BenchSettings, row_batching
+from bench_core.bench.settings import ROW_NAMES, TARGET_E, BenchSettings, row_batching, steps_text
 from bench_core.report import METHOD_LABELS
 
 
@@ -315,7 +315,7 @@ def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
     settings = header.get("settings") or {}
     steps, repeats = settings.get("steps"), settings.get("repeats")
     if not settings.get("full_epoch") and isinstance(steps, int) and steps < FEW_STEPS:
-        few.append(f"{steps} timed {'step' if steps == 1 else 'steps'} per repeat")
+        few.append(f"{steps_text(steps, 'timed')} per repeat")
     if repeats == 1:
         few.append("one repeat per row (no median, and no spread to warn of)")
     elif repeats == 2:

@@ -24,7 +24,7 @@ from bench_core import onednn as onednn_module
 from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
-from bench_core.bench.settings import MATMUL_SIZE, ROW_NAMES, BenchEvent, BenchSettings, RowSpec
+from bench_core.bench.settings import MATMUL_SIZE, ROW_NAMES, BenchEvent, BenchSettings, RowSpec, steps_text
 from bench_core.devices import cpuinfo_field, resolve_device
 from bench_core.errors import BenchError, ConfigError
 
@@ -94,13 +94,12 @@ def machine_header(settings: BenchSettings) -> dict:
 def _epochs_text(settings: BenchSettings) -> str:
     """How an epoch's seconds were timed, in words: "extrapolated from 60 timed steps after 10 warm-up steps; ..."."""
     rewarm = settings.rewarm_steps()
-    each = f"{rewarm} untimed {'step' if rewarm == 1 else 'steps'}"
+    each = steps_text(rewarm, "untimed")
     if settings.full_epoch:
         return "timed whole epochs" + (f"; each starts with {each}" if rewarm else "")
-    text = f"extrapolated from {settings.steps} timed {'step' if settings.steps == 1 else 'steps'}"
+    text = f"extrapolated from {steps_text(settings.steps, 'timed')}"
     if rewarm:
-        warm = f"{settings.warmup} warm-up {'step' if settings.warmup == 1 else 'steps'}"
-        text += f" after {warm}; each repeat starts with {each} more"
+        text += f" after {steps_text(settings.warmup, 'warm-up')}; each repeat starts with {each} more"
     return text
 
 

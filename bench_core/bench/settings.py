@@ -53,6 +53,11 @@ INFERENCE_BATCH = 1024
 TARGET_E = 5  # the ensemble size the targets are stated for
 
 
+def steps_text(n: int, kind: str) -> str:
+    """'1 timed step', '60 timed steps': ``n`` steps of a ``kind``, in words."""
+    return f"{n} {kind} {'step' if n == 1 else 'steps'}"
+
+
 @dataclass
 class BenchSettings:
     dataset_shape: str = "cifar10"  # a name of DATASET_SHAPES or "CxHxW", e.g. "1x8x8"
