@@ -42,6 +42,7 @@ from bench_core.bench import (
     step_parts,
     time_parts,
     training_steps,
+    turn_rate_lines,
     turns_text,
     value_text,
 )
@@ -549,6 +550,8 @@ def results_view(
         )
         for line in onednn_lines(header):
             st.caption(line)
+        for line in turn_rate_lines(rows):
+            st.caption(line[0].upper() + line[1:] + ".")
         if header.get("products"):
             st.caption(f"First layers' products in training: {header['products']}.")
         if training_steps(header):

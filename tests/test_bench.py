@@ -114,6 +114,20 @@ def test_floor_arithmetic():
     assert row["x_floor_3x_forward"] == pytest.approx(4.0 / 50.4)
 
 
+def test_each_turn_over_its_floor_at_the_rate_measured_beside_it():
+    settings = BenchSettings(dataset_shape="1x2x2", hidden=3, depth=1, train_examples=10)
+    raw = {"name": "classic-vectorized", "method": "classic", "mode": "vectorized", "ensemble_size": 2}
+    raw |= {"epoch_seconds": 4.0, "epoch_seconds_repeats": [4.0, 5.0, 3.0], "floor_rates_by_turn": [100.0, 50.0, 200.0]}
+    row = derive_row(raw, settings, rate=100.0)
+    # 4560 FLOPs strict, 5040 by 3x forward (test_floor_arithmetic): turn i over FLOPs / its own rate
+    assert row["x_floor_by_turn"] == pytest.approx([4.0 / 45.6, 5.0 / 91.2, 3.0 / 22.8])
+    assert row["x_floor_3x_forward_by_turn"] == pytest.approx([4.0 / 50.4, 5.0 / 100.8, 3.0 / 25.2])
+    assert row["x_floor"] == pytest.approx(4.0 / 45.6), "the table's figure stays the rate at the start's"
+    for rates in (None, [], [100.0, 50.0]):  # not measured, or not one per repeat: no figure by turn
+        other = derive_row({**raw, "floor_rates_by_turn": rates}, settings, rate=100.0)
+        assert "x_floor_by_turn" not in other and "x_floor_3x_forward_by_turn" not in other
+
+
 def test_split_floor_is_a_single_models():
     # Split batching: E members of n/E examples each, so a single model's products; r's gradient
     # comes from each member's first-layer weight gradient, as the CPU steps compute it.
@@ -229,6 +243,15 @@ def test_noise_warnings_name_a_busy_start_a_changed_rate_and_each_row_whose_repe
     (two,) = noise_warnings(steady, [sequential, *rows, split])
     assert "within some rows" in two and "(classic sequential E=5: 4.34–7.31 s; BatchEnsemble split E=5:" in two
     assert noise_warnings(steady, [_timed_row("single", 1, [1.0, 1.25])]) == [], "1.25x is the limit, not over it"
+    # The floor's rate beside classic vectorized's turns (the floor's rate at the start: torch.mm's here).
+    beside = {**_timed_row("classic-vectorized", 5, [3.3, 3.5, 3.4]), "floor_rates_by_turn": [200e9, 230e9, 195e9]}
+    assert noise_warnings(steady, [beside]) == [], "within 20 % of the start's and of each other"
+    for rates in ([200e9, 241e9, 200e9], [166e9, 199e9, 200e9]):
+        (drift,) = noise_warnings(steady, [{**beside, "floor_rates_by_turn": rates}])
+        assert "matmul rate changed by more than 20 %" in drift, rates
+    onednn_floor = {**steady, "floor_flops_per_second": 250e9}
+    (drift,) = noise_warnings(onednn_floor, [beside])  # 195 against oneDNN's 250 at the start
+    assert "matmul rate changed by more than 20 %" in drift
     assert noise_warnings(steady, [_timed_row("single", 1, None)]) == [], "a JSON from before repeats were kept"
     assert noise_warnings({}, [split]) == [spread], "the Speed page's live view, before the header"
     # The Speed page's smallest settings: figures from one step, one repeat.
@@ -555,6 +578,58 @@ def test_targets_turn_by_turn():
     assert bench.value_text(1.25004, 1.25) == "1.25004" and bench.value_text(0.99996, 1.0) == "0.99996"
 
 
+def test_the_floor_targets_again_by_the_rate_beside_each_turn():
+    classic = {
+        **_row("classic-vectorized", 5, 2.0, x_floor=1.3, x_floor_3x=0.9),
+        "x_floor_by_turn": [1.2, 1.3, 1.0],
+        "x_floor_3x_forward_by_turn": [1.3, 0.8, 1.26],
+    }
+    targets = check_targets(compare_rows([classic]))
+    assert [t["target"] for t in targets[2:4]] == [
+        "classic vectorized ≤ 1.25× its floor (strict count, rate measured beside each turn)",
+        "classic vectorized ≤ 1.25× its floor (3× forward count, rate measured beside each turn)",
+    ]
+    assert [t["value"] for t in targets[:4]] == pytest.approx([1.3, 0.9, 1.2, 1.26]), "the turns' medians"
+    assert [t["met"] for t in targets[:4]] == [False, True, True, False]
+    assert targets[2]["per_turn"] == pytest.approx([1.2, 1.3, 1.0])
+    assert bench.target_line(targets[3]) == (
+        "[NOT met] classic vectorized ≤ 1.25× its floor (3× forward count, rate measured beside each turn): "
+        "1.26× (turn by turn: 1.30, 0.80, 1.26)"
+    )
+    assert "repeat ≤ 1.1×" in targets[4]["target"], "then the other targets, as before"
+    unpaired = check_targets(compare_rows([_row("classic-vectorized", 5, 2.0)]))  # a JSON from before, or no row
+    assert len(unpaired) == 6 and not any("beside" in t["target"] for t in unpaired)
+    assert len(check_targets([])) == 6
+
+
+def test_the_floors_rate_is_measured_just_before_and_after_each_timed_turn_of_classic_vectorized(
+    monkeypatch, one_thread
+):
+    events, rates = [], iter([300e9, 200e9, 250e9, 260e9])
+    gate = schedule._ThreadRow._gate
+    monkeypatch.setattr(
+        schedule._ThreadRow, "_gate", lambda self, phase: events.append((self.spec.name, phase)) or gate(self, phase)
+    )
+    monkeypatch.setattr(schedule, "turn_rate", lambda header, device: events.append("rate") or next(rates))
+    rows = ("classic-vectorized", "batchensemble-split")
+    tiny = {**TINY, "ensemble_sizes": (2,), "repeats": 2}
+    settings = BenchSettings(**tiny, rows=rows, reference=False, isolate=False)
+    done = list(run_benchmark(settings))[-1]
+    cv, split = "classic-vectorized", "batchensemble-split"
+    assert events == [
+        *[(cv, "repeat 1"), (split, "repeat 1")],  # set-up and warm-up: no rate
+        *["rate", (cv, "repeat 2"), "rate", (split, "repeat 2")],  # just before and just after its timed repeat
+        *["rate", (cv, "finish"), "rate", (split, "finish")],
+    ]
+    by_name = {r["name"]: r for r in done.rows}
+    assert by_name[cv]["floor_rates_by_turn"] == [300e9, 260e9], "the faster of the two beside each turn"
+    assert "floor_rates_by_turn" not in by_name[split] and "x_floor_by_turn" not in by_name[split]
+    assert len(by_name[cv]["x_floor_by_turn"]) == 2
+    table = format_table(done.header, done.rows, done.targets)
+    assert "the floor's rate beside classic vectorized's timed turns (fastest of 5 timings just before and 5 " in table
+    assert "each, 2 turns): 260.0–300.0 GFLOP/s" in table
+
+
 def test_plan_rows_single_once_and_no_reference():
     specs = plan_rows(BenchSettings(ensemble_sizes=(2, 4), reference=False))
     assert specs[0] == RowSpec("single", 1)
@@ -611,6 +686,13 @@ def test_tiny_benchmark_every_row(one_thread):
         assert row["steps_per_epoch"] >= row["timed_steps"] > 0
     cv = next(r for r in done.rows if r["name"] == "classic-vectorized" and r["ensemble_size"] == 2)
     assert cv["x_classic_vectorized"] == pytest.approx(1.0)
+    for row in done.rows:  # the floor's rate again beside each timed turn of classic vectorized only
+        beside = row.get("floor_rates_by_turn")
+        if row["name"] == "classic-vectorized":
+            assert len(beside) == len(row["epoch_seconds_repeats"]) == 1 and beside[0] > 0
+            assert row["x_floor_by_turn"] == pytest.approx([row["epoch_seconds"] / row["flops_per_epoch"] * beside[0]])
+        else:
+            assert beside is None, row["name"]
     assert cv["speedup_over_reference"] > 0
     # 1024 examples, batch 128: 8 steps per epoch; split with E = 2 also 8; sequential E = 2: 2 passes.
     seq = next(r for r in done.rows if r["name"] == "classic-sequential" and r["ensemble_size"] == 2)
@@ -870,11 +952,11 @@ def test_cli_tiny_run_in_row_processes(tmp_path):
 
 
 def test_row_processes_take_turns(tmp_path):
-    progress = tmp_path / "progress.jsonl"
+    progress, out = tmp_path / "progress.jsonl", tmp_path / "bench.json"
     proc = _cli(
         *("--dataset-shape", "1x8x8", "--ensemble-sizes", "2", "--methods", "classic-vectorized,batchensemble-split"),
         *("--no-reference", "--steps", "2", "--warmup", "1", "--repeats", "2", "--train-examples", "512"),
-        *("--inference-examples", "100", "--threads", "1", "--progress-jsonl", str(progress)),
+        *("--inference-examples", "100", "--threads", "1", "--progress-jsonl", str(progress), "--json", str(out)),
     )
     assert proc.returncode == 0, proc.stderr
     events = [json.loads(line) for line in progress.read_text().splitlines()]
@@ -891,6 +973,15 @@ def test_row_processes_take_turns(tmp_path):
         "classic vectorized E=2: repeat 2/2",
         "BatchEnsemble split E=2: repeat 2/2",
     ]
+    # The row's process waits at its gates while the benchmark measures the floor's rate beside its turns.
+    classic = [e["message"] for e in events if e["kind"] == "progress" and e["message"].startswith("classic")]
+    rate = "classic vectorized E=2: measuring the matrix-multiply rate"
+    first = classic.index(rate)
+    assert classic.count(rate) == 2
+    assert first < classic.index("classic vectorized E=2: repeat 1/2") < classic.index(rate, first + 1)
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert len(rows["classic-vectorized"]["floor_rates_by_turn"]) == 2
+    assert "floor_rates_by_turn" not in rows["batchensemble-split"]
 
 
 def test_a_benchmark_waits_for_the_run_on_its_device_and_can_be_stopped_while_it_waits(tmp_path, monkeypatch):

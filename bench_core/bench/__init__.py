@@ -28,7 +28,10 @@ How each figure is measured:
   on the same device: the fastest of 9 timed 2048×2048 products through ``torch.mm`` and, on a
   CPU, through oneDNN (``onednn_gemm_rate``; the first layers' forward products use it but on
   Intel CPUs, where ``torch.mm`` takes them), the faster of the two; ``× floor`` is epoch /
-  floor. Runs before the oneDNN rate used ``torch.mm``'s.
+  floor. Runs before the oneDNN rate used ``torch.mm``'s. The floor targets are checked again
+  by the floor's rate measured just before and just after each timed turn of classic vectorized
+  (``schedule.PAIRED_FLOOR_ROWS``; the faster of the two, each the fastest of 5 products): each
+  turn over its floor at its own rate, ``x_floor_by_turn``, whose median the targets take.
 - **inference examples/s**: eval mode, ``torch.inference_mode``, batches of 1024 over
   ``inference_examples`` examples, synchronised on GPUs; the median of ``repeats`` passes.
   Reference rows run the seed's Evaluator loop over its DataLoader (batch 256, 2 workers).
@@ -70,6 +73,7 @@ from bench_core.bench.results import (
     target_line,
     time_parts,
     training_steps,
+    turn_rate_lines,
     turns_text,
     value_text,
 )
@@ -124,6 +128,7 @@ __all__ = [
     "target_line",
     "time_parts",
     "training_steps",
+    "turn_rate_lines",
     "turns_text",
     "untimed_epochs",
     "value_text",

@@ -23,10 +23,27 @@ from bench_core import manual, native
 from bench_core import onednn as onednn_module
 from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
-from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_rate
+from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_by_onednn, floor_rate
 from bench_core.bench.settings import MATMUL_SIZE, ROW_NAMES, BenchEvent, BenchSettings, RowSpec, steps_text
 from bench_core.devices import cpuinfo_field, resolve_device
 from bench_core.errors import BenchError, ConfigError
+
+# The rows whose floor's rate is measured again beside each timed turn: the row the floor targets check.
+# On a shared machine the speed moves for tens of seconds at a time, and the 2048³ rate with it (on
+# this project's Intel Xeon 15 % lower in slow stretches, while a classic step took 27 % longer), so
+# a rate measured only at the start can fall in another stretch than the row's turns.
+PAIRED_FLOOR_ROWS = ("classic-vectorized",)
+TURN_RATE_REPEATS = 5  # timings of the floor's product just before a paired turn, and as many just after
+
+
+def turn_rate(header: dict, device: torch.device) -> float:
+    """The floor's 2048³ rate measured now, through the library whose rate set the header's floor."""
+    n = MATMUL_SIZE
+    if floor_by_onednn(header):
+        rate = onednn_gemm_rate(n, n, n, warmup=1, repeats=TURN_RATE_REPEATS)
+        if rate is not None:
+            return rate
+    return gemm_rate(n, n, n, device, warmup=1, repeats=TURN_RATE_REPEATS)
 
 
 def plan_rows(settings: BenchSettings) -> list[RowSpec]:
@@ -176,6 +193,8 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
         return sum(weights[k] * f for k, f in progress.items()) / total
 
     rows: list[dict] = []
+    device = resolve_device(settings.device)
+    turn_rates: dict[RowSpec, list[float]] = {}  # the floor's rate beside each timed turn of a paired row
     stopped = False
     for group in _turn_groups(specs):
         runners = {spec: (_ProcessRow if settings.isolate else _ThreadRow)(spec, settings, stop) for spec in group}
@@ -189,12 +208,21 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
                     if stop is not None and stop.is_set():
                         stopped = True
                         break
+                    # A paired row's timed turn: the faster of the rates just before and just after it.
+                    paired = spec.name in PAIRED_FLOOR_ROWS and runner.timed_next()
+                    if paired:
+                        yield BenchEvent(
+                            "progress", overall(), f"{_row_label(spec)}: measuring the matrix-multiply rate"
+                        )
+                        before = turn_rate(header, device)
                     for fraction, message in runner.advance():
                         progress[spec] = fraction
                         yield BenchEvent("progress", overall(), f"{_row_label(spec)}: {message}")
                     if runner.stopped:
                         stopped = True
                         break
+                    if paired and not runner.done:
+                        turn_rates.setdefault(spec, []).append(max(before, turn_rate(header, device)))
         finally:
             for runner in runners.values():
                 runner.close()
@@ -202,14 +230,16 @@ def run_benchmark(settings: BenchSettings, stop: threading.Event | None = None) 
             break
         for spec, runner in runners.items():
             progress[spec] = 1.0
-            row = derive_row(runner.result, settings, floor_rate(header))
+            raw = runner.result
+            if spec in turn_rates:
+                raw = {**raw, "floor_rates_by_turn": turn_rates[spec]}
+            row = derive_row(raw, settings, floor_rate(header))
             rows.append(row)
             yield BenchEvent("row", overall(), f"{_row_label(spec)}: {row['epoch_seconds']:.3g} s/epoch", row=row)
     rows = compare_rows(rows)
     if not stopped:
         # Measured again to show whether the machine's speed changed during the run (other load).
         yield BenchEvent("progress", 1.0, "measuring the matrix-multiply rate again")
-        device = resolve_device(settings.device)
         header["matmul_flops_per_second_end"] = gemm_rate(MATMUL_SIZE, MATMUL_SIZE, MATMUL_SIZE, device)
     yield BenchEvent(
         "done",
@@ -236,6 +266,11 @@ def _turn_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:
     return list(groups.values())
 
 
+def _timed_phase(phase: str | None) -> bool:
+    """Whether a row's gate phase ("repeat 2", "finish", None before the first) opens a timed repeat."""
+    return phase is not None and phase.startswith("repeat")
+
+
 class _ThreadRow:
     """A row measured in a thread of this process, one phase per ``advance``."""
 
@@ -246,6 +281,11 @@ class _ThreadRow:
         self.thread: threading.Thread | None = None
         self.done = self.stopped = self.closing = False
         self.result: dict | None = None
+        self.phase: str | None = None  # the gate it waits at: the next advance runs that phase
+
+    def timed_next(self) -> bool:
+        """Whether the next ``advance`` runs a timed repeat (it waits at a "repeat N" gate)."""
+        return _timed_phase(self.phase)
 
     def _gate(self, phase: str) -> None:
         self.updates.put(("gate", phase))
@@ -272,6 +312,7 @@ class _ThreadRow:
             if item[0] == "progress":
                 yield item[1], item[2]
             elif item[0] == "gate":
+                self.phase = item[1]
                 return
             elif item[0] == "end":
                 # Rows in one process take turns, and each one's start resets the process-wide peak
@@ -306,6 +347,11 @@ class _ProcessRow:
         self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         self.done = self.stopped = False
         self.result: dict | None = None
+        self.phase: str | None = None  # the gate it waits at: the next advance runs that phase
+
+    def timed_next(self) -> bool:
+        """Whether the next ``advance`` runs a timed repeat (it waits at a "repeat N" gate)."""
+        return _timed_phase(self.phase)
 
     def _start(self) -> None:
         payload = json.dumps({"settings": self.settings.to_dict(), "row": asdict(self.spec)})
@@ -359,6 +405,7 @@ class _ProcessRow:
             if msg.get("event") == "progress":
                 yield msg["fraction"], msg["message"]
             elif msg.get("event") == "gate":
+                self.phase = msg.get("phase")
                 return
             elif msg.get("event") == "row":
                 self.result = msg["row"]
