@@ -785,6 +785,24 @@ def test_speed_shows_a_saved_benchmark(store_file, name, step_rows, warned):
     assert table.proto.placeholder == MISSING
 
 
+def test_speed_shows_the_floors_rate_beside_the_turns_and_its_targets_where_the_file_has_them(store_file):
+    name = "cpu-e5-2026-11-28-session32-run2.json"  # the first runs with the rate measured beside each turn
+    saved = json.loads((ROOT / "docs" / "bench" / name).read_text())
+    rates = next(r for r in saved["rows"] if r["name"] == "classic-vectorized")["floor_rates_by_turn"]
+    at = open_page("speed")
+    at.get("file_uploader")[0].upload(name, json.dumps(saved).encode(), "application/json")
+    at.run()
+    assert not at.exception, at.exception
+    (caption,) = [c for c in texts(at.caption) if c.startswith("The floor's rate beside")]
+    assert caption.endswith(f"3 turns): {min(rates) / 1e9:.1f}–{max(rates) / 1e9:.1f} GFLOP/s.")
+    marks = [t for t in texts(at.markdown) if "≤" in t or "≥" in t]
+    assert len(marks) == 8 and sum("rate measured beside each turn" in t for t in marks) == 2, marks
+    del saved["targets"]  # recomputed from the rows, as the live view does: the same eight
+    at.get("file_uploader")[0].upload(name, json.dumps(saved).encode(), "application/json")
+    at.run()
+    assert [t for t in texts(at.markdown) if "≤" in t or "≥" in t] == marks
+
+
 def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
     """A CPU run's header names the step's path (C++ operators, Python, autograd); files from before say "eager"."""
     name = "cpu-e5-2026-11-26-session14-run2.json"
