@@ -7,7 +7,7 @@ import statistics
 
 from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.flops import epoch_flops, floor_seconds
-from bench_core.bench.settings import ROW_NAMES, TARGET_E, BenchSettings, row_batching, steps_text
+from bench_core.bench.settings import ROW_NAMES, TARGET_E, TURN_RATE_REPEATS, BenchSettings, row_batching, steps_text
 from bench_core.report import METHOD_LABELS
 
 
@@ -371,9 +371,10 @@ def turn_rate_lines(rows: list[dict]) -> list[str]:
     rates = turn_rates(rows)
     if not rates:
         return []
+    n = TURN_RATE_REPEATS
     return [
-        f"the floor's rate beside classic vectorized's timed turns (fastest of 5 timings just before and 5 just after "
-        f"each, {len(rates)} turns): {min(rates) / 1e9:.1f}–{max(rates) / 1e9:.1f} GFLOP/s"
+        f"the floor's rate beside classic vectorized's timed turns (fastest of {n} timings just before and {n} just "
+        f"after each, {len(rates)} turns): {min(rates) / 1e9:.1f}–{max(rates) / 1e9:.1f} GFLOP/s"
     ]
 
 

@@ -24,7 +24,15 @@ from bench_core import onednn as onednn_module
 from bench_core.bench.flops import gemm_rate, onednn_gemm_rate
 from bench_core.bench.measure import RowStoppedError, measure_row
 from bench_core.bench.results import check_targets, compare_rows, derive_row, floor_by_onednn, floor_rate
-from bench_core.bench.settings import MATMUL_SIZE, ROW_NAMES, BenchEvent, BenchSettings, RowSpec, steps_text
+from bench_core.bench.settings import (
+    MATMUL_SIZE,
+    ROW_NAMES,
+    TURN_RATE_REPEATS,
+    BenchEvent,
+    BenchSettings,
+    RowSpec,
+    steps_text,
+)
 from bench_core.devices import cpuinfo_field, resolve_device
 from bench_core.errors import BenchError, ConfigError
 
@@ -33,7 +41,6 @@ from bench_core.errors import BenchError, ConfigError
 # this project's Intel Xeon 15 % lower in slow stretches, while a classic step took 27 % longer), so
 # a rate measured only at the start can fall in another stretch than the row's turns.
 PAIRED_FLOOR_ROWS = ("classic-vectorized",)
-TURN_RATE_REPEATS = 5  # timings of the floor's product just before a paired turn, and as many just after
 
 
 def turn_rate(header: dict, device: torch.device) -> float:

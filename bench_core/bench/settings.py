@@ -44,6 +44,7 @@ DATASET_SHAPES = {
     "mnist": ((1, 28, 28), 60_000, 10),
 }
 MATMUL_SIZE = 2048  # the square product whose rate sets the floor
+TURN_RATE_REPEATS = 5  # timings of the floor's product just before a paired turn, and as many just after
 # Untimed steps at the start of every timed repeat of a workbench row (where warm-up steps are asked
 # for): the rows take turns, so each repeat starts cold. On an Intel Xeon the first step of a turn took
 # 10-22 ms against a median of 5.4-6.5 for classic vectorized and 4-15 against 1.7-2.2 for split:
