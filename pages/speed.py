@@ -530,6 +530,11 @@ def table_rows(rows: list[dict]) -> list[dict]:
     return table
 
 
+def _sentence(text: str) -> str:
+    """A header or warning line of the benchmark ("the matmul rate changed ...") as a sentence on the page."""
+    return text[0].upper() + text[1:] + "."
+
+
 def results_view(
     header: dict | None,
     rows: list[dict],
@@ -551,13 +556,13 @@ def results_view(
         for line in onednn_lines(header):
             st.caption(line)
         for line in turn_rate_lines(rows):
-            st.caption(line[0].upper() + line[1:] + ".")
+            st.caption(_sentence(line))
         if header.get("products"):
             st.caption(f"First layers' products in training: {header['products']}.")
         if training_steps(header):
             st.caption(f"Training steps: {training_steps(header)}.")
     for warning in noise_warnings(header or {}, rows):
-        st.warning(warning[0].upper() + warning[1:] + ".", icon=":material/warning:")
+        st.warning(_sentence(warning), icon=":material/warning:")
     if not rows:
         return
     log_y = st.checkbox("Logarithmic time axis", value=True, key=f"speed_log_y_{key}")
@@ -578,7 +583,7 @@ def results_view(
         column_config={name: st.column_config.Column(pinned=True) for name in ("method", "mode", "E")},
     )
     if any(r["mode"] == "split" and r.get("× faster than reference") for r in table):
-        st.caption(SPLIT_VS_REFERENCE[0].upper() + SPLIT_VS_REFERENCE[1:] + ".")
+        st.caption(_sentence(SPLIT_VS_REFERENCE))
     show(parts_fig, key=f"speed_parts_{key}")
     st.caption(
         "The green part is the floor: the time the epoch's matrix products would take at the matrix-multiply "

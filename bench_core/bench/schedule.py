@@ -273,12 +273,17 @@ def _turn_groups(specs: list[RowSpec]) -> list[list[RowSpec]]:
     return list(groups.values())
 
 
-def _timed_phase(phase: str | None) -> bool:
-    """Whether a row's gate phase ("repeat 2", "finish", None before the first) opens a timed repeat."""
-    return phase is not None and phase.startswith("repeat")
+class _Runner:
+    """What both row runners share: the gate a row waits at, so that the schedule knows what comes next."""
+
+    phase: str | None = None  # the gate it waits at ("repeat 2", "finish"; None before the first)
+
+    def timed_next(self) -> bool:
+        """Whether the next ``advance`` runs a timed repeat (it waits at a "repeat N" gate)."""
+        return self.phase is not None and self.phase.startswith("repeat")
 
 
-class _ThreadRow:
+class _ThreadRow(_Runner):
     """A row measured in a thread of this process, one phase per ``advance``."""
 
     def __init__(self, spec: RowSpec, settings: BenchSettings, stop: threading.Event | None) -> None:
@@ -288,11 +293,6 @@ class _ThreadRow:
         self.thread: threading.Thread | None = None
         self.done = self.stopped = self.closing = False
         self.result: dict | None = None
-        self.phase: str | None = None  # the gate it waits at: the next advance runs that phase
-
-    def timed_next(self) -> bool:
-        """Whether the next ``advance`` runs a timed repeat (it waits at a "repeat N" gate)."""
-        return _timed_phase(self.phase)
 
     def _gate(self, phase: str) -> None:
         self.updates.put(("gate", phase))
@@ -340,7 +340,7 @@ class _ThreadRow:
             self.thread.join(timeout=30)
 
 
-class _ProcessRow:
+class _ProcessRow(_Runner):
     """A row measured in a fresh ``python -m bench_core bench --row`` process, one phase per ``advance``.
 
     The child prints JSON lines (progress, "gate", the row) and waits at each gate for a line on
@@ -354,11 +354,6 @@ class _ProcessRow:
         self.err = tempfile.TemporaryFile(mode="w+")  # noqa: SIM115 - closed in close()
         self.done = self.stopped = False
         self.result: dict | None = None
-        self.phase: str | None = None  # the gate it waits at: the next advance runs that phase
-
-    def timed_next(self) -> bool:
-        """Whether the next ``advance`` runs a timed repeat (it waits at a "repeat N" gate)."""
-        return _timed_phase(self.phase)
 
     def _start(self) -> None:
         payload = json.dumps({"settings": self.settings.to_dict(), "row": asdict(self.spec)})
