@@ -27,7 +27,7 @@ def fresh_fast_paths(monkeypatch):
     """oneDNN's products, Adam's direct step and the C++ training steps (with their split kernel): switches
     unset, checked afresh, a failure a test provokes forgotten after it (``bench_core.onednn``,
     ``bench_core.optim``, ``bench_core.native``, ``bench_core.manual.ENV_FIRST_LAYER_KERNEL``,
-    ``ENV_FUSED`` and ``ENV_ONE_CALL`` with its failure)."""
+    ``ENV_FUSED``, ``ENV_CHUNKED`` and ``ENV_ONE_CALL`` with its failure)."""
     from bench_core import manual, native, onednn, optim
 
     for module in (onednn, optim, native):
@@ -36,6 +36,7 @@ def fresh_fast_paths(monkeypatch):
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL, raising=False)
     monkeypatch.delenv(manual.ENV_FUSED, raising=False)
     monkeypatch.delenv(manual.ENV_ONE_CALL, raising=False)
+    monkeypatch.delenv(manual.ENV_CHUNKED, raising=False)
     manual.reset()
     yield
     for module in (onednn, optim, native, manual):

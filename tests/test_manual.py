@@ -519,12 +519,120 @@ def test_a_failing_cpp_step_warns_once_and_the_python_step_computes_it(monkeypat
         _assert_bit_equal(_hand_written(model, x, y, "mean"), want)
 
 
-def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
+@pytest.fixture
+def two_threads():
+    """torch on two threads, as this project's machines run it, whatever this one has; put back after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+def _on_one_thread(f):
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return f()
+    finally:
+        torch.set_num_threads(before)
+
+
+def _chunked(a, b, bias=None):
+    """``bench_core::chunked_product``: (a @ b + bias, the number of chunks it took)."""
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the C++ steps cannot be built here")
+    assert native.warm_up(), native.why_off()
+    return native.ops().chunked_product(a, b, bias)
+
+
+def _operands(m: int, k: int, n: int, dtype=torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(m, k, generator=gen, dtype=dtype), torch.randn(k, n, generator=gen, dtype=dtype)
+    return a, b, torch.randn(n, generator=gen, dtype=dtype)
+
+
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize(
+    ("m", "k", "n"),
+    [(125, 3072, 128), (128, 3072, 640), (64, 1031, 96)],  # split's and classic's first layers (CIFAR-10, E = 5); odd
+)
+def test_wide_products_on_two_threads_are_two_single_threaded_halves_added(m, k, n, with_bias, two_threads):
+    a, b, bias = _operands(m, k, n)
+    bias = bias if with_bias else None
+    got, chunks = _chunked(a, b, bias)
+    assert chunks == 2
+    h = k // 2
+    halves = _on_one_thread(
+        lambda: (torch.addmm(bias, a[:, :h], b[:h]) if with_bias else a[:, :h] @ b[:h]) + a[:, h:] @ b[h:]
+    )
+    assert torch.equal(got, halves)  # (bias + a₀ b₀) + a₁ b₁, bit for bit
+    want = torch.addmm(bias, a, b) if with_bias else a @ b
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()  # and the product, to float32's rounding
+
+
+WHOLE_PRODUCT_CASES = [
+    "switched off", "switched off, blanks", "one thread", "three threads", "transposed weight", "narrow", "small",
+    "float64",
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("case", WHOLE_PRODUCT_CASES)
+def test_products_stay_one_product_where_halves_do_not_apply(case, two_threads, monkeypatch):
+    m, k, n, dtype = 125, 3072, 128, torch.float32
+    if case == "narrow":
+        k = 511  # two chunks of at least 256
+    elif case == "small":
+        m, k, n = 8, 1024, 64  # under 2²² multiply-adds
+    elif case == "float64":
+        dtype = torch.float64
+    a, b, bias = _operands(m, k, n, dtype)
+    if case == "transposed weight":
+        b = b.t().contiguous().t()  # nn.Linear's layout: halves took longer there
+    if case.startswith("switched off"):
+        monkeypatch.setenv(manual.ENV_CHUNKED, " 0 " if "blanks" in case else "0")
+    threads = {"one thread": 1, "three threads": 3}.get(case, 2)
+    torch.set_num_threads(threads)
+    got, chunks = _chunked(a, b, bias)
+    assert chunks == 0
+    assert torch.equal(got, torch.addmm(bias, a, b))
+
+
+def test_another_value_of_the_switch_keeps_the_halves(two_threads, monkeypatch):
+    monkeypatch.setenv(manual.ENV_CHUNKED, "1")
+    assert _chunked(*_operands(125, 3072, 128))[1] == 2
+
+
+@pytest.mark.parametrize(("method", "batching"), [("classic", "repeat"), ("batchensemble", "split")])
+def test_wide_first_layers_in_halves_train_as_autograd_to_float32s_rounding(method, batching, two_threads, monkeypatch):
+    """A first layer wide enough for halves (1024 inputs, 64 rows, 96 outputs a member): the C++ step within
+    rounding of autograd's, and the classic one bit for bit with the halves switched off."""
+    if native.compiler() is None:
+        pytest.skip("no C++ compiler: the C++ steps cannot be built here")
+    assert native.warm_up(), native.why_off()
+    torch.manual_seed(0)
+    members, width = 4, 1024
+    model = build_model(method, ModelConfig(hidden=96, depth=1, ensemble_size=members), width, 5)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randn(64, width, generator=gen), torch.randint(0, 5, (64,), generator=gen)
+    if batching == "split":
+        x, y = x.view(members, 16, width), y.view(members, 16)
+    outputs = 96 if batching == "split" else 96 * members  # split: one weight; classic: the members' side by side
+    assert native.ops().chunked_product(torch.randn(64, width), torch.randn(width, outputs), None)[1] == 2
+    want = _autograd(model, x, y, "mean")
+    got = _hand_written(model, x, y, "mean")
+    _assert_bit_equal(got, want, close=ALL)
+    if method == "classic":
+        monkeypatch.setenv(manual.ENV_CHUNKED, "0")
+        _assert_bit_equal(_hand_written(model, x, y, "mean"), want)
+
+
+def test_the_cpu_steps_path_is_described_as_it_runs(two_threads, monkeypatch):
     if native.compiler() is None:
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
     cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native); "
     products = "first layers through autograd's products and Adam's own step"
-    loops = "; " + manual.FUSED_LOOPS + "; " + manual.ONE_CALL_STEPS
+    halves = manual.CHUNKED_PRODUCTS if not onednn.usable(torch.ones(1)) else "first-layer products through oneDNN"
+    loops = "; " + manual.FUSED_LOOPS + "; " + manual.ONE_CALL_STEPS + "; " + halves
     if native.ops().first_layer_fast():
         assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS + loops
         assert "Adam's step on the classic ensemble's first-layer weight" in manual.FIRST_LAYER_KERNELS
@@ -536,16 +644,28 @@ def test_the_cpu_steps_path_is_described_as_it_runs(monkeypatch):
     assert manual.describe_cpu_steps().endswith(
         "; BatchEnsemble's element-wise work and loss through ATen's operators (BENCH_FUSED_LOOPS=0); "
         + manual.ONE_CALL_STEPS
+        + "; "
+        + halves
     )
     monkeypatch.setenv(manual.ENV_ONE_CALL, "0")
     assert manual.describe_cpu_steps().endswith(
-        "; each step's gathers and Adam's step called from Python (BENCH_ONE_CALL_STEP=0)"
+        "; each step's gathers and Adam's step called from Python (BENCH_ONE_CALL_STEP=0); " + halves
     )
+    monkeypatch.setenv(manual.ENV_CHUNKED, "0")
+    assert manual.describe_cpu_steps().endswith(
+        "; first-layer products each as one threaded product (BENCH_CHUNKED_PRODUCTS=0)"
+    )
+    monkeypatch.delenv(manual.ENV_CHUNKED)
+    torch.set_num_threads(1)
+    assert manual.describe_cpu_steps().endswith(
+        "; first-layer products each as one threaded product (torch runs on 1 thread: halves only on two)"
+    )
+    torch.set_num_threads(2)
     monkeypatch.delenv(manual.ENV_ONE_CALL)
     with pytest.warns(RuntimeWarning, match="Training steps as one C\\+\\+ call are off"):
         manual.one_call_failed(RuntimeError("broken\nmore"))
     assert manual.describe_cpu_steps().endswith(
-        "; each step's gathers and Adam's step called from Python (RuntimeError: broken)"
+        "; each step's gathers and Adam's step called from Python (RuntimeError: broken); " + halves
     )
     manual.reset()
     monkeypatch.delenv(manual.ENV_FIRST_LAYER_KERNEL)

@@ -17,6 +17,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <initializer_list>
 #include <limits>
 #include <string>
@@ -413,6 +414,77 @@ Tensor product(const Tensor& a, const Tensor& b, bool via_onednn) {
   return via_onednn ? onednn_matmul(a, b) : at::matmul(a, b);
 }
 
+// ---- Wide products in chunks of their inner dimension, one thread each --------------------------
+//
+// A first layer's forward product, a [M, K] @ b [K, N] with K in the thousands and M, N of a batch
+// and a layer's width, took 0.85–0.88× MKL's own two-thread time on two cores of an Intel Xeon as
+// two single-threaded products over halves of K, added (a [125, 3072] @ [3072, 128]: 0.285 against
+// 0.337 ms; [128, 3072] @ [3072, 640]: 1.46 against 1.67 ms), each thread reading its own half of the
+// weight, which first_layer_grads, first_layer_adam and Adam also share out by rows. The same bits
+// as (bias + a₀ b₀) + a₁ b₁ from single-threaded products; within float32's rounding of a b + bias.
+// Only where torch runs on as many threads as there are chunks (at most kMaxChunks: more threads were
+// not measured, and a chunk runs on one thread), b's rows are contiguous (with nn.Linear's weight
+// transposed, [128, 3072] @ [3072, 128] took 1.15× MKL's time in chunks: single MLPs keep MKL's), the
+// product is large enough (kChunkMinMacs) and each chunk at least kChunkMinWidth wide.
+// BENCH_CHUNKED_PRODUCTS=0 (manual.ENV_CHUNKED) turns it off.
+constexpr int64_t kMaxChunks = 2, kChunkMinWidth = 256, kChunkMinMacs = int64_t{1} << 22;
+
+// Whether the environment variable `name` turns a fast path off: its value, blanks around it
+// stripped, is "0" (as bench_core.errors.switched_off reads it).
+bool switched_off(const char* name) {
+  const char* value = std::getenv(name);
+  if (value == nullptr) return false;
+  const std::string text(value), blanks = " \t\n\r\f\v";
+  const auto first = text.find_first_not_of(blanks);
+  return first != std::string::npos && text.substr(first, text.find_last_not_of(blanks) - first + 1) == "0";
+}
+
+// How many chunks chunked_product takes a @ b in here (0: none, one threaded product instead).
+int64_t product_chunks(const Tensor& a, const Tensor& b) {
+  if (a.dim() != 2 || b.dim() != 2 || a.size(1) != b.size(0) || a.device().type() != at::kCPU ||
+      b.device().type() != at::kCPU || a.scalar_type() != at::kFloat || b.scalar_type() != at::kFloat ||
+      b.stride(1) != 1 || at::in_parallel_region())
+    return 0;
+  if (switched_off("BENCH_CHUNKED_PRODUCTS")) return 0;
+  const int64_t threads = at::get_num_threads(), m = a.size(0), k = a.size(1), n = b.size(1);
+  if (threads < 2 || threads > kMaxChunks || k < threads * kChunkMinWidth || m * k * n < kChunkMinMacs) return 0;
+  return threads;
+}
+
+// a @ b (+ bias [N]) in product_chunks(a, b) chunks of K, or, where it takes none, as one product
+// (through oneDNN with via_onednn: then never in chunks). The first chunk's product takes the bias
+// (addmm), the others are added to it in order.
+Tensor chunked_product(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias, bool via_onednn) {
+  const int64_t chunks = via_onednn ? 0 : product_chunks(a, b);
+  if (chunks == 0) {
+    if (via_onednn) return onednn_matmul(a, b, bias);
+    return bias ? at::addmm(*bias, a, b) : at::matmul(a, b);
+  }
+  const int64_t k = a.size(1), m = a.size(0), n = b.size(1);
+  std::vector<Tensor> parts(chunks);
+  for (int64_t c = 0; c < chunks; ++c) parts[c] = at::empty({m, n}, a.options());
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    at::NoGradGuard no_grad;  // thread-local: the worker threads' own
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t k0 = k * c / chunks, k1 = k * (c + 1) / chunks;
+      const Tensor ac = a.narrow(1, k0, k1 - k0), bc = b.narrow(0, k0, k1 - k0);
+      if (c == 0 && bias) {
+        at::addmm_out(parts[c], *bias, ac, bc);
+      } else {
+        at::mm_out(parts[c], ac, bc);
+      }
+    }
+  });
+  for (int64_t c = 1; c < chunks; ++c) parts[0].add_(parts[c]);
+  return parts[0];
+}
+
+// chunked_product as an operator, with the number of chunks it would take (tests).
+std::tuple<Tensor, int64_t> chunked_product_op(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias) {
+  at::NoGradGuard no_grad;
+  return {chunked_product(a, b, bias, false), product_chunks(a, b)};
+}
+
 // manual._loss_and_grad: (member losses [E], d loss / d logits [E, B, C]) of the members' mean
 // cross-entropies, averaged (mean) or summed.
 std::tuple<Tensor, Tensor> loss_and_grad(const Tensor& logits, const Tensor& labels, bool mean) {
@@ -659,8 +731,9 @@ std::tuple<Tensor, std::vector<Tensor>, c10::optional<Tensor>> batchensemble_lay
   for (int64_t li = 0; li < n_layers; ++li) {
     const Tensor &weight = params[4 * li], &s = params[4 * li + 2], &bias = params[4 * li + 3];
     const int64_t n = weight.size(1);
-    const Tensor z =
-        product(scaled[li].view({-1, weight.size(0)}), weight, onednn.get(li)).contiguous().view({n_members, b, n});
+    const Tensor z = chunked_product(scaled[li].view({-1, weight.size(0)}), weight, c10::nullopt, onednn.get(li))
+                         .contiguous()
+                         .view({n_members, b, n});
     products.push_back(z);
     const bool last = li == n_layers - 1;
     const Tensor out = at::empty({n_members, b, n}, options), xr = last ? Tensor() : at::empty_like(out);
@@ -800,7 +873,7 @@ std::tuple<Tensor, std::vector<Tensor>, std::vector<Tensor>> vectorized_impl(
   if (onednn) {
     h = onednn_matmul(x, w, b0.reshape({-1})).view({batch, n_members, n_out}).transpose(0, 1);
   } else if (mkl_plain) {
-    h = at::addmm(b0.reshape({-1}), x, w).view({batch, n_members, n_out}).transpose(0, 1);
+    h = chunked_product(x, w, b0.reshape({-1}), false).view({batch, n_members, n_out}).transpose(0, 1);
   } else {
     h = at::addmm(b0.reshape({-1, 1}), w.t(), x.t()).view({n_members, n_out, -1}).transpose(1, 2);
   }
@@ -1005,7 +1078,7 @@ Tensor batchensemble_repeat_step(const Tensor& x_all, const Tensor& y_all, const
   if (first_onednn) {
     z = onednn_matmul(xb, w).view({batch, n_members, n_out}).transpose(0, 1);
   } else if (mkl_plain) {
-    z = at::matmul(xb, w).view({batch, n_members, n_out}).transpose(0, 1);
+    z = chunked_product(xb, w, c10::nullopt, false).view({batch, n_members, n_out}).transpose(0, 1);
   } else {
     z = at::matmul(w.t(), xb.t()).view({n_members, n_out, -1}).transpose(1, 2);
   }
@@ -1076,6 +1149,7 @@ TORCH_LIBRARY(bench_core, m) {
       " bool first_kernel, bool fused) -> (Tensor, Tensor[], Tensor?)");
   m.def("first_layer_grads(Tensor x, Tensor grad_z, Tensor weight, Tensor r) -> (Tensor, Tensor)");
   m.def("first_layer_fast() -> bool", &first_layer_fast);
+  m.def("chunked_product(Tensor a, Tensor b, Tensor? bias) -> (Tensor, int)");
   m.def(
       "vectorized(Tensor x, Tensor labels, Tensor[] weights, Tensor[] biases, bool onednn, bool mkl_plain, bool mean)"
       " -> (Tensor, Tensor[], Tensor[])");
@@ -1113,6 +1187,7 @@ TORCH_LIBRARY(bench_core, m) {
 TORCH_LIBRARY_IMPL(bench_core, CPU, m) {
   m.impl("batchensemble_layers", &batchensemble_layers);
   m.impl("first_layer_grads", &first_layer_grads);
+  m.impl("chunked_product", &chunked_product_op);
   m.impl("vectorized", &vectorized);
   m.impl("first_layer_adam", &first_layer_adam);
   m.impl("vectorized_adam", &vectorized_adam);
