@@ -392,7 +392,7 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
     shared = x.dim() == 2  # repeat batching: the first layer's forward on the shared batch, in Python
     if shared:
         models._check_shared_input(x, first.in_features)
-        h, z = models.shared_input_batchensemble(x, first.weight, first.r, first.s, first.bias)
+        h, z = _shared_first_layer(ops, x, first)
         layers = layers[1:]
     else:
         models._check_members_dim(x, model.ensemble_size, first.in_features)
@@ -417,6 +417,20 @@ def _native_batchensemble(ops, model: BatchEnsembleMLP, x: torch.Tensor, labels:
             x, first.weight, first.r, first.s, z, grad_h, need_x=False
         )
     return member_losses
+
+
+def _shared_first_layer(ops, x: torch.Tensor, layer: BatchEnsembleLinear) -> tuple[torch.Tensor, torch.Tensor]:
+    """``models.shared_input_batchensemble`` as ``batchensemble_repeat_step`` makes it.
+
+    Where MKL takes the members' product in the plain layout, through ``bench_core::chunked_product``
+    (in halves where they apply), so the one-call step and this one stay bit for bit the same.
+    """
+    if x.dtype != torch.float32 or onednn.usable(x) or not onednn.mkl_plain_layout():
+        return models.shared_input_batchensemble(x, layer.weight, layer.r, layer.s, layer.bias)
+    folded = models._fold(layer.weight, layer.r)  # (in, E, out)
+    n_in, n_members, n_out = folded.shape
+    z = ops.chunked_product(x, folded.view(n_in, -1), None)[0].view(x.size(0), n_members, n_out).transpose(0, 1)
+    return torch.addcmul(layer.bias.unsqueeze(1), z, layer.s.unsqueeze(1)), z
 
 
 def _set_grads(params: list[torch.Tensor], grads: list[torch.Tensor]) -> None:

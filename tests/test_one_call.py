@@ -45,17 +45,22 @@ def _skip_without_kernel(method: str, batching: str) -> None:
         pytest.skip("this one-call step needs its first-layer kernel (AVX-512)")
 
 
-def _model(method: str, seed: int = 0) -> nn.Module:
+# An input wide enough for the first layers' products in two halves (bench_core::chunked_product) on two
+# threads: 32 rows by 1024 inputs by 128 outputs (split batching) is 2²² multiply-adds.
+WIDE = (1, 32, 32)
+
+
+def _model(method: str, seed: int = 0, wide: bool = False) -> nn.Module:
     """``method``: a method's name, or "classic-sequential" (else the classic ensemble is vectorized)."""
     torch.manual_seed(seed)
     method, _, mode = method.partition("-")
     size = 1 if method == "single" else E
-    cfg = ModelConfig(hidden=32, depth=2, ensemble_size=size, classic_mode=mode or "vectorized")
-    return build_model(method, cfg, IN, C)
+    cfg = ModelConfig(hidden=128 if wide else 32, depth=2, ensemble_size=size, classic_mode=mode or "vectorized")
+    return build_model(method, cfg, 1024 if wide else IN, C)
 
 
-def _data():
-    return make_synthetic(7 * 32 + 5, 8, (3, 4, 4), C, seed=1)  # 7 full batches of 32 and a short one
+def _data(wide: bool = False):
+    return make_synthetic(7 * 32 + 5, 8, WIDE if wide else (3, 4, 4), C, seed=1)  # 7 full batches of 32, a short one
 
 
 def _counting(monkeypatch) -> list[int]:
@@ -78,11 +83,11 @@ def _counting(monkeypatch) -> list[int]:
     return calls
 
 
-def _train(method: str, batching: str, one_call: bool, monkeypatch, epochs: int = 2):
+def _train(method: str, batching: str, one_call: bool, monkeypatch, epochs: int = 2, wide: bool = False):
     monkeypatch.setenv(manual.ENV_ONE_CALL, "1" if one_call else "0")
-    model = _model(method)
+    model = _model(method, wide=wide)
     cfg = TrainConfig(epochs=epochs, batch_size=32, device="cpu", log_every=3)
-    records = list(training.train(model, _data(), cfg, method=method.partition("-")[0], batching=batching))
+    records = list(training.train(model, _data(wide), cfg, method=method.partition("-")[0], batching=batching))
     return model, records
 
 
@@ -111,6 +116,27 @@ def test_one_call_training_equals_the_steps_python_bit_for_bit(method, batching,
         assert a.member_loss == b.member_loss
     if method == "classic":
         assert one.weights[0].grad is None  # stepped inside its gradient's kernel, as the Python step leaves it
+
+
+@pytest.mark.parametrize(("method", "batching"), COVERED[:3])
+def test_with_first_layer_products_in_halves_one_call_training_equals_the_steps_python_bit_for_bit(
+    method, batching, monkeypatch
+):
+    """1024 inputs on two threads: BatchEnsemble's and the classic ensemble's first-layer products in two
+    halves (bench_core::chunked_product), in the one-call step and in the Python's alike."""
+    _skip_without_kernel(method, batching)
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outputs = 128 if batching == "split" else E * 128
+        assert native.ops().chunked_product(torch.randn(32, 1024), torch.randn(1024, outputs), None)[1] == 2
+        one, one_records = _train(method, batching, True, monkeypatch, epochs=1, wide=True)
+        python, python_records = _train(method, batching, False, monkeypatch, epochs=1, wide=True)
+    finally:
+        torch.set_num_threads(before)
+    _assert_same_models(one, python)
+    for a, b in zip(one_records, python_records, strict=True):
+        assert a.member_loss == b.member_loss
 
 
 def test_the_step_makes_adams_step_once_and_reads_the_learning_rate_at_each_step(monkeypatch):
