@@ -46,11 +46,11 @@ calls per layer. Sums over the batch run row after row and softmax takes the C l
 log, so losses and gradients are within a few float32 roundings of autograd's, not bit for bit.
 
 And where torch runs on two threads, the C++ steps make a first layer's forward product over its
-wide input, x [B, in] @ W [in, out] (the classic ensemble's, BatchEnsemble's in split batching and
-in repeat batching's one-call step), as two single-threaded products over the two halves of ``in``,
-added (``BENCH_CHUNKED_PRODUCTS=0``: one threaded product): on two cores of an Intel Xeon that took
-0.85–0.88× MKL's own two-thread time, with the same bits as MKL's here and within float32's rounding
-of a product in general.
+wide input, x [B, in] @ W [in, out] (the classic ensemble's and BatchEnsemble's, where MKL takes it
+in that layout), as two single-threaded products over the two halves of ``in``, added
+(``BENCH_CHUNKED_PRODUCTS=0``: one threaded product): on two cores of an Intel Xeon that took
+0.85–0.88× MKL's own two-thread time, with the same bits as MKL's there and within float32's
+rounding of one product in general.
 
 Should a C++ call fail, one warning says so and the Python steps run from then on.
 """
