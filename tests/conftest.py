@@ -44,6 +44,17 @@ def fresh_fast_paths(monkeypatch):
 
 
 @pytest.fixture
+def two_threads():
+    """torch on two threads, as this project's machines run it, whatever this one has; put back after."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture
 def profiled_step():
     """``profiled_step(model, data)``: one CPU training step (``training._Step``, shared batches of 16),
     then a second under ``torch.profiler``; returns the second's event names and the step."""

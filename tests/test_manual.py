@@ -519,15 +519,6 @@ def test_a_failing_cpp_step_warns_once_and_the_python_step_computes_it(monkeypat
         _assert_bit_equal(_hand_written(model, x, y, "mean"), want)
 
 
-@pytest.fixture
-def two_threads():
-    """torch on two threads, as this project's machines run it, whatever this one has; put back after."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
-
 def _on_one_thread(f):
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -631,7 +622,8 @@ def test_the_cpu_steps_path_is_described_as_it_runs(two_threads, monkeypatch):
         pytest.skip("no C++ compiler: the C++ steps cannot be built here")
     cpp = "forward and backward written out without autograd, as C++ operators (bench_core.native); "
     products = "first layers through autograd's products and Adam's own step"
-    halves = manual.CHUNKED_PRODUCTS if not onednn.usable(torch.ones(1)) else "first-layer products through oneDNN"
+    on_onednn = onednn.usable(torch.ones(1))
+    halves = "first-layer products through oneDNN, each as one product" if on_onednn else manual.CHUNKED_PRODUCTS
     loops = "; " + manual.FUSED_LOOPS + "; " + manual.ONE_CALL_STEPS + "; " + halves
     if native.ops().first_layer_fast():
         assert manual.describe_cpu_steps() == cpp + manual.FIRST_LAYER_KERNELS + loops

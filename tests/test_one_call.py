@@ -120,20 +120,15 @@ def test_one_call_training_equals_the_steps_python_bit_for_bit(method, batching,
 
 @pytest.mark.parametrize(("method", "batching"), COVERED[:3])
 def test_with_first_layer_products_in_halves_one_call_training_equals_the_steps_python_bit_for_bit(
-    method, batching, monkeypatch
+    method, batching, two_threads, monkeypatch
 ):
     """1024 inputs on two threads: BatchEnsemble's and the classic ensemble's first-layer products in two
     halves (bench_core::chunked_product), in the one-call step and in the Python's alike."""
     _skip_without_kernel(method, batching)
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    try:
-        outputs = 128 if batching == "split" else E * 128
-        assert native.ops().chunked_product(torch.randn(32, 1024), torch.randn(1024, outputs), None)[1] == 2
-        one, one_records = _train(method, batching, True, monkeypatch, epochs=1, wide=True)
-        python, python_records = _train(method, batching, False, monkeypatch, epochs=1, wide=True)
-    finally:
-        torch.set_num_threads(before)
+    outputs = 128 if batching == "split" else E * 128
+    assert native.ops().chunked_product(torch.randn(32, 1024), torch.randn(1024, outputs), None)[1] == 2
+    one, one_records = _train(method, batching, True, monkeypatch, epochs=1, wide=True)
+    python, python_records = _train(method, batching, False, monkeypatch, epochs=1, wide=True)
     _assert_same_models(one, python)
     for a, b in zip(one_records, python_records, strict=True):
         assert a.member_loss == b.member_loss

@@ -451,11 +451,11 @@ int64_t product_chunks(const Tensor& a, const Tensor& b) {
   return threads;
 }
 
-// a @ b (+ bias [N]) in product_chunks(a, b) chunks of K, or, where it takes none, as one product
-// (through oneDNN with via_onednn: then never in chunks). The first chunk's product takes the bias
-// (addmm), the others are added to it in order.
-Tensor chunked_product(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias, bool via_onednn) {
-  const int64_t chunks = via_onednn ? 0 : product_chunks(a, b);
+// a @ b (+ bias [N]) in `chunks` chunks of K (product_chunks' count), or with none as one product
+// (through oneDNN with via_onednn). The first chunk's product takes the bias (addmm), the others are
+// added to it in order.
+Tensor product_in_chunks(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias, bool via_onednn,
+                         int64_t chunks) {
   if (chunks == 0) {
     if (via_onednn) return onednn_matmul(a, b, bias);
     return bias ? at::addmm(*bias, a, b) : at::matmul(a, b);
@@ -479,10 +479,16 @@ Tensor chunked_product(const Tensor& a, const Tensor& b, const c10::optional<Ten
   return parts[0];
 }
 
-// chunked_product as an operator, with the number of chunks it would take (tests).
+// a @ b (+ bias) in as many chunks as product_chunks says, never through oneDNN in chunks.
+Tensor chunked_product(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias, bool via_onednn) {
+  return product_in_chunks(a, b, bias, via_onednn, via_onednn ? 0 : product_chunks(a, b));
+}
+
+// chunked_product as an operator, with the number of chunks it took (tests).
 std::tuple<Tensor, int64_t> chunked_product_op(const Tensor& a, const Tensor& b, const c10::optional<Tensor>& bias) {
   at::NoGradGuard no_grad;
-  return {chunked_product(a, b, bias, false), product_chunks(a, b)};
+  const int64_t chunks = product_chunks(a, b);
+  return {product_in_chunks(a, b, bias, false, chunks), chunks};
 }
 
 // manual._loss_and_grad: (member losses [E], d loss / d logits [E, B, C]) of the members' mean
