@@ -98,7 +98,9 @@ DEFAULTS = {  # a run that finishes in a couple of minutes on 2 CPU cores
     "reference": False,
     "steps": 20,
     "warmup": 5,
-    "repeats": 3,  # as the command line's: a median of two is their mean, one slow repeat moves it half-way
+    # Every row's, reference rows too. Fewer than the command line's 9 (its targets' medians), for a run of
+    # minutes; not 2: a median of two is their mean, one slow repeat moves it half-way.
+    "repeats": 3,
     "batch_size": 128,
     "hidden": 128,
     "profile_steps": 20,
@@ -297,6 +299,7 @@ def settings_widgets(locked: bool) -> tuple[BenchSettings | None, list[str]]:
         steps=int(s["steps"]),
         warmup=int(s["warmup"]),
         repeats=int(s["repeats"]),
+        reference_repeats=int(s["repeats"]),
         profile_steps=int(s["profile_steps"]),
         device=s["device"],
         reference=bool(s["reference"]),
@@ -315,6 +318,7 @@ def command(settings: BenchSettings, folder: Path) -> list[str]:
         *("--methods", ",".join(settings.rows)),
         *("--batch-size", str(settings.batch_size), "--hidden", str(settings.hidden)),
         *("--steps", str(settings.steps), "--warmup", str(settings.warmup), "--repeats", str(settings.repeats)),
+        *("--reference-repeats", str(settings.reference_repeats)),
         *("--device", settings.device, "--profile-steps", str(settings.profile_steps)),
         *([] if settings.reference else ["--no-reference"]),
         *("--json", str(folder / "bench.json"), "--progress-jsonl", str(folder / "progress.jsonl"), "--quiet"),

@@ -40,6 +40,7 @@ from bench_core.bench import (
     time_parts,
 )
 from bench_core.bench.breakdown import classify, part_seconds, shares
+from bench_core.bench.results import repeats_text
 from bench_core.bench.settings import REWARM_STEPS
 from bench_core.errors import BenchError
 from bench_core.onednn import describe as describe_products
@@ -52,6 +53,7 @@ TINY = {
     "steps": 3,
     "warmup": 1,
     "repeats": 1,
+    "reference_repeats": 1,
     "train_examples": 1024,
     "inference_examples": 300,
     "threads": 1,  # tiny ops on a busy 2-core machine are far faster on one thread
@@ -268,6 +270,15 @@ def test_noise_warnings_name_a_busy_start_a_changed_rate_and_each_row_whose_repe
         "steps and 3 repeats"
     )
     assert noise_warnings({**steady, "settings": {"steps": 10, "repeats": 3}}, rows) == [], "enough"
+    # The reference rows take repeats of their own: too few of them is said of them, where they were measured.
+    two_reference = {**steady, "settings": {"steps": 10, "repeats": 9, "reference_repeats": 2}}
+    reference = _timed_row("reference-classic", 5, [30.0, 31.0])
+    (warned,) = noise_warnings(two_reference, [*rows, reference])
+    assert warned.startswith("few measurements: two repeats per reference row (their median is their mean")
+    assert noise_warnings(two_reference, rows) == [], "no reference row measured: nine repeats a row are enough"
+    nine_reference = {**steady, "settings": {"steps": 10, "repeats": 1, "reference_repeats": 9}}
+    (warned,) = noise_warnings(nine_reference, [*rows, reference])
+    assert warned.startswith("few measurements: one repeat per row (no median"), "the fewer of the two is said"
     assert noise_warnings({**steady, "settings": {"steps": 1, "repeats": 3, "full_epoch": True}}, rows) == [], (
         "whole epochs: the steps setting is not used"
     )
@@ -645,6 +656,7 @@ def test_plan_rows_single_once_and_no_reference():
         {"ensemble_sizes": ()},
         {"steps": 0},
         {"repeats": 0},
+        {"reference_repeats": 0},
         {"rows": ("bogus",)},
         {"dataset_shape": "3x0x2"},
         {"rows": ("reference-classic",), "reference": False},
@@ -856,6 +868,7 @@ def _cli(*args, timeout=300, **env_vars):
         (["--steps", "-1"], "steps"),
         (["--methods", "bogus"], "bogus"),
         (["--profile-steps", "-2"], "profiled steps"),
+        (["--reference-repeats", "0"], "reference repeats"),
     ],
 )
 def test_cli_bad_input_exits_2_with_one_line(args, word):
@@ -914,6 +927,62 @@ def test_rows_of_one_ensemble_size_take_turns(monkeypatch, one_thread):
     # Each row of a group stops at the same gates in turn; E = 2 starts once E = 1 is done.
     expected = [(spec, phase) for group in (e1, e2) for phase in ("repeat 1", "repeat 2", "finish") for spec in group]
     assert turns == expected
+
+
+def test_reference_rows_take_their_own_repeats_and_leave_the_turns_when_theirs_are_done(monkeypatch, one_thread):
+    turns = []
+    gate = schedule._ThreadRow._gate
+    monkeypatch.setattr(
+        schedule._ThreadRow, "_gate", lambda self, phase: turns.append((self.spec.name, phase)) or gate(self, phase)
+    )
+    methods = ("classic-vectorized", "reference-batchensemble")
+    tiny = {**TINY, "ensemble_sizes": (2,), "repeats": 3, "reference_repeats": 1, "steps": 2, "warmup": 0}
+    settings = BenchSettings(**tiny, rows=methods, isolate=False)
+    done = list(run_benchmark(settings))[-1]
+    cv, ref = methods
+    assert turns == [
+        *[(cv, "repeat 1"), (ref, "repeat 1")],
+        *[(cv, "repeat 2"), (ref, "finish")],  # its one repeat done: its inference pass, in its turn
+        (cv, "repeat 3"),
+        (cv, "finish"),
+    ]
+    by_name = {r["name"]: r for r in done.rows}
+    assert len(by_name[cv]["epoch_seconds_repeats"]) == 3 and len(by_name[ref]["epoch_seconds_repeats"]) == 1
+    assert len(by_name[cv]["floor_rates_by_turn"]) == 3
+    table = format_table(done.header, done.rows, done.targets)
+    assert ", median of 3 repeats (reference rows: one); reference rows: the seed's DataLoader pipeline" in table
+
+
+def test_repeats_default_to_nine_for_the_workbench_rows_and_three_for_the_reference_rows():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args([]))
+    assert (settings.repeats, settings.reference_repeats) == (9, 3)
+    assert settings.repeats_of("batchensemble-split") == 9 and settings.repeats_of("reference-classic") == 3
+    given = settings_from_args(parser.parse_args(["--repeats", "5", "--reference-repeats", "2"]))
+    assert (given.repeats, given.reference_repeats) == (5, 2)
+    # A benchmark saved before the reference rows had repeats of their own measured every row `repeats` times.
+    assert BenchSettings.from_dict({"repeats": 7}).reference_repeats == 7
+    assert BenchSettings.from_dict({"repeats": 7, "reference_repeats": 2}).reference_repeats == 2
+    assert BenchSettings.from_dict({}).reference_repeats == 3
+
+
+BOTH_KINDS = ["single", "reference-classic"]
+
+
+@pytest.mark.parametrize(
+    ("settings", "names", "text"),
+    [
+        ({"repeats": 9, "reference_repeats": 3}, BOTH_KINDS, ", median of 9 repeats (reference rows: 3)"),
+        ({"repeats": 9, "reference_repeats": 3}, ["single"], ", median of 9 repeats"),
+        ({"repeats": 3, "reference_repeats": 3}, BOTH_KINDS, ", median of 3 repeats"),
+        ({"repeats": 1, "reference_repeats": 3}, BOTH_KINDS, ", one repeat (reference rows: 3)"),
+        ({"repeats": 3}, BOTH_KINDS, ", median of 3 repeats"),  # saved before reference_repeats
+        ({"repeats": 1}, ["single"], ", one repeat"),
+    ],
+)
+def test_the_header_says_how_many_repeats_each_kind_of_row_took(settings, names, text):
+    assert repeats_text(settings, [{"name": n} for n in names]) == text
 
 
 def test_cuda_graph_option():

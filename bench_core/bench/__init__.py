@@ -21,8 +21,9 @@ How each figure is measured:
   chosen shape, each after ``REWARM_STEPS`` more untimed steps (with any warm-up: the rows take
   turns, so each repeat starts cold); each is scaled to the full training split by the ratio of optimizer steps
   (``batch_plan``; split batching has its own count) and the median is reported. With
-  ``full_epoch`` whole epochs are timed instead. Reference rows time ``steps`` batches of
-  each member's own pass, the worker start-up (the seed's loader forks its workers every
+  ``full_epoch`` whole epochs are timed instead. Reference rows take ``reference_repeats``
+  repeats (their turns take seconds each, and their speed-ups are far from the targets) and time
+  ``steps`` batches of each member's own pass, the worker start-up (the seed's loader forks its workers every
   epoch) and shutdown apart, and count those once per epoch (``reference.PassTiming``).
 - **floor**: ``epoch_flops`` divided by the float32 matrix-product rate measured at the start
   on the same device: the fastest of 9 timed 2048×2048 products through ``torch.mm`` and, on a
@@ -49,7 +50,8 @@ How each figure is measured:
   profiled time. ``results.step_parts`` applies them to the median epoch, timed unprofiled.
 
 The rows of one ensemble size take turns: every row sets up and warms up, then each runs its
-first timed repeat while the others wait, then each its second, and so on, and last each its
+first timed repeat while the others wait, then each its second, and so on (a row with fewer
+repeats, a reference row, drops out of the turns when its own are done), and last each its
 inference pass (``measure_row``'s ``gate``). On a shared machine whose speed drifts by tens of
 per cent within a minute, the ratios between rows (× classic vectorized, × faster than the
 reference) then compare repeats taken a few seconds apart, not minutes apart.

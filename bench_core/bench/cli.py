@@ -69,7 +69,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--depth", type=_positive_int("depth"), default=d.depth)
     parser.add_argument("--steps", type=_positive_int("steps"), default=d.steps, help="timed steps per repeat")
     parser.add_argument("--warmup", type=_positive_int("warm-up steps", minimum=0), default=d.warmup)
-    parser.add_argument("--repeats", type=_positive_int("repeats"), default=d.repeats)
+    parser.add_argument(
+        "--repeats", type=_positive_int("repeats"), default=d.repeats, help="timed repeats of each workbench row"
+    )
+    parser.add_argument(
+        "--reference-repeats",
+        type=_positive_int("reference repeats"),
+        default=d.reference_repeats,
+        help="timed repeats of each reference row",
+    )
     parser.add_argument("--device", type=_device, default=d.device)
     parser.add_argument("--threads", type=_positive_int("threads"), default=None, help="torch threads (default: all)")
     parser.add_argument("--train-examples", type=_positive_int("training examples"), default=None)
@@ -101,6 +109,7 @@ def settings_from_args(args: argparse.Namespace) -> BenchSettings:
         steps=args.steps,
         warmup=args.warmup,
         repeats=args.repeats,
+        reference_repeats=args.reference_repeats,
         device=args.device,
         reference=not args.no_reference,
         full_epoch=args.full_epoch,

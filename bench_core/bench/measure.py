@@ -347,14 +347,15 @@ def _measure_reference(
         for learner in learners[1:]:
             learner.step(xb, yb)
     epochs, startups = [], []
-    for r in range(settings.repeats):
+    repeats = settings.reference_repeats
+    for r in range(repeats):
         gate(f"repeat {r + 1}")
         # Members one after another, each with its own pass (and its own worker start-up).
         timings = []
         for k, learner in enumerate(learners):
             timings.append(ref.timed_pass(loader, learner.step, n_steps))
-            done = (r * len(learners) + k + 1) / (settings.repeats * len(learners))
-            report(0.8 * done, f"repeat {r + 1}/{settings.repeats}, member {k + 1}/{len(learners)}")
+            done = (r * len(learners) + k + 1) / (repeats * len(learners))
+            report(0.8 * done, f"repeat {r + 1}/{repeats}, member {k + 1}/{len(learners)}")
         epochs.append(sum(t.epoch_seconds(full_steps) for t in timings))
         startups.append(sum(t.startup_seconds + t.shutdown_seconds for t in timings))
     peak = probe.peak_mib()  # of training; inference is not counted
@@ -364,9 +365,7 @@ def _measure_reference(
         warm_subset = Subset(test_images, range(min(2 * ref.SEED_EVAL_BATCH_SIZE, len(test_images))))
         warm_loader = ref.seed_loader(warm_subset, batch_size=ref.SEED_EVAL_BATCH_SIZE, shuffle=False)
         ref.seed_inference_seconds([lr.model for lr in learners], warm_loader, device)
-    infer = [
-        ref.seed_inference_seconds([lr.model for lr in learners], test_loader, device) for _ in range(settings.repeats)
-    ]
+    infer = [ref.seed_inference_seconds([lr.model for lr in learners], test_loader, device) for _ in range(repeats)]
     report(1.0, "done")
     return {
         "name": spec.name,

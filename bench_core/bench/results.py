@@ -7,7 +7,15 @@ import statistics
 
 from bench_core.bench.breakdown import STEP_PARTS
 from bench_core.bench.flops import epoch_flops, floor_seconds
-from bench_core.bench.settings import ROW_NAMES, TARGET_E, TURN_RATE_REPEATS, BenchSettings, row_batching, steps_text
+from bench_core.bench.settings import (
+    REFERENCE_ROWS,
+    ROW_NAMES,
+    TARGET_E,
+    TURN_RATE_REPEATS,
+    BenchSettings,
+    row_batching,
+    steps_text,
+)
 from bench_core.report import METHOD_LABELS
 
 
@@ -220,7 +228,7 @@ def format_table(header: dict, rows: list[dict], targets: list[dict] | None = No
         f"s/epoch: {header['epochs']}"
         # Newer headers say the warm-up in "epochs" (with each repeat's untimed steps).
         + ("" if s["full_epoch"] or "rewarm_steps" in header else f" (after {s['warmup']} warm-up steps)")
-        + (f", median of {s['repeats']} repeats" if s["repeats"] != 1 else ", one repeat")
+        + repeats_text(s, rows)
         + "; reference rows: the seed's DataLoader pipeline, "
         "worker start-up counted once per member per epoch",
         f"floor: {header['floor']}",
@@ -307,6 +315,19 @@ SPREAD_LIMIT = 1.25  # a row whose slowest timed repeat took more than this many
 FEW_STEPS = 10  # timed steps per repeat under which an extrapolated epoch is mostly a few steps' noise
 
 
+def repeats_text(settings: dict, rows: list[dict]) -> str:
+    """How many timed repeats each row's figure is the median of: ", median of 9 repeats (reference rows: 3)"."""
+
+    def text(n: int) -> str:
+        return f"median of {n} repeats" if n != 1 else "one repeat"
+
+    repeats = settings["repeats"]
+    reference = settings.get("reference_repeats", repeats)  # saved before it: every row took `repeats`
+    if reference != repeats and any(r.get("name") in REFERENCE_ROWS for r in rows):
+        return f", {text(repeats)} (reference rows: {reference if reference != 1 else 'one'})"
+    return f", {text(repeats)}"
+
+
 def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
     """Why this run's timings are less certain than one table makes them look, one line each; [] when steady.
 
@@ -347,12 +368,17 @@ def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
     few = []  # what the settings measured too little of to tell the method from the machine
     settings = header.get("settings") or {}
     steps, repeats = settings.get("steps"), settings.get("repeats")
+    per = "row"
+    reference = settings.get("reference_repeats", repeats)  # saved before it: every row took `repeats`
+    fewer = isinstance(repeats, int) and isinstance(reference, int) and reference < repeats
+    if fewer and any(r.get("name") in REFERENCE_ROWS for r in rows):
+        repeats, per = reference, "reference row"
     if not settings.get("full_epoch") and isinstance(steps, int) and steps < FEW_STEPS:
         few.append(f"{steps_text(steps, 'timed')} per repeat")
     if repeats == 1:
-        few.append("one repeat per row (no median, and no spread to warn of)")
+        few.append(f"one repeat per {per} (no median, and no spread to warn of)")
     elif repeats == 2:
-        few.append("two repeats per row (their median is their mean: one slow repeat moves it by half)")
+        few.append(f"two repeats per {per} (their median is their mean: one slow repeat moves it by half)")
     if few:
         out.append(
             f"few measurements: {' and '.join(few)}, so a moment's load on the machine weighs on each figure "

@@ -69,7 +69,14 @@ class BenchSettings:
     depth: int = 2  # hidden layers (the seed: 2)
     steps: int = 60  # timed steps per repeat (per member for sequential rows)
     warmup: int = 10  # untimed steps before timing
-    repeats: int = 3  # timed repeats; the median is reported
+    # Timed repeats of each workbench row; the median is reported. In the noisy stretches of this
+    # project's shared 2-core machine a row's turns moved by up to 30 % from one to the next: medians
+    # of 3 missed a target held by ~10 % (repeat, split, the floor beside the turns) in 3 of 6 runs,
+    # medians of 9 in none of 4 (docs/speed-log.md, thirty-fifth session).
+    repeats: int = 9
+    # Timed repeats of the reference rows (the seed's pipeline): each of their turns takes seconds
+    # (DataLoader workers start for each member), and their speed-ups are far from their targets.
+    reference_repeats: int = 3
     device: str = "auto"  # "auto", "cpu", "cuda" or "mps"
     reference: bool = True  # measure the reference rows (when in rows)
     full_epoch: bool = False  # time whole epochs instead of extrapolating from `steps`
@@ -95,6 +102,7 @@ class BenchSettings:
             ("steps", self.steps, 1),
             ("warm-up steps", self.warmup, 0),
             ("repeats", self.repeats, 1),
+            ("reference repeats", self.reference_repeats, 1),
             ("inference examples", self.inference_examples, 1),
             ("training examples", n_train, 1),
             ("threads", self.threads or 1, 1),
@@ -138,6 +146,10 @@ class BenchSettings:
         """Untimed steps at the start of each timed repeat of a workbench row: REWARM_STEPS, none without warm-up."""
         return REWARM_STEPS if self.warmup else 0
 
+    def repeats_of(self, name: str) -> int:
+        """Timed repeats of the row ``name``: ``reference_repeats`` for a reference row, else ``repeats``."""
+        return self.reference_repeats if name in REFERENCE_ROWS else self.repeats
+
     def active_rows(self) -> tuple[str, ...]:
         return tuple(r for r in ROWS if r in self.rows and (self.reference or r not in REFERENCE_ROWS))
 
@@ -147,6 +159,8 @@ class BenchSettings:
     @classmethod
     def from_dict(cls, raw: dict) -> BenchSettings:
         names = {f.name for f in fields(cls)}
+        if "repeats" in raw and "reference_repeats" not in raw:
+            raw = {**raw, "reference_repeats": raw["repeats"]}  # saved before it: every row took `repeats`
         out = cls(**{k: v for k, v in raw.items() if k in names})
         out.ensemble_sizes, out.rows = tuple(out.ensemble_sizes), tuple(out.rows)
         return out
