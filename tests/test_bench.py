@@ -566,6 +566,7 @@ def test_targets_turn_by_turn():
             {**_row("batchensemble-repeat", 5, 2.1), "epoch_seconds_repeats": [2.2, 2.1, 2.7]},
             {**_row("batchensemble-split", 5, 0.8), "epoch_seconds_repeats": [0.8, 0.9]},  # one repeat short
             {**_row("reference-batchensemble", 5, 4.2), "epoch_seconds_repeats": [4.4, 4.2, 5.4]},
+            {**_row("reference-classic", 5, 40.0), "epoch_seconds_repeats": [44.0, 40.0]},  # its own, fewer repeats
         ]
     )
     targets = check_targets(rows)
@@ -573,14 +574,20 @@ def test_targets_turn_by_turn():
     assert turns[0] == pytest.approx([1.1, 1.0, 0.9])  # repeats / strict floor
     assert turns[1] == pytest.approx([0.55, 0.5, 0.45])  # repeats / 3x-forward floor
     assert turns[2] == pytest.approx([1.0, 1.05, 1.5])  # BatchEnsemble repeat / classic, turn by turn
-    assert turns[3] is None  # split's repeats don't pair with classic's
-    assert turns[4] is None  # no reference classic row
+    assert turns[3] == pytest.approx([0.8 / 2.2, 0.9 / 2.0])  # over the turns both took, turn i with turn i
+    assert turns[4] == pytest.approx([20.0, 20.0])  # reference classic / classic vectorized: its 2 turns
     assert turns[5] == pytest.approx([2.0, 2.0, 2.0])  # reference / BatchEnsemble repeat
     assert bench.target_line(targets[2]) == (
         "[  met  ] BatchEnsemble repeat ≤ 1.1× classic vectorized: 1.05× (turn by turn: 1.00, 1.05, 1.50)"
     )
-    assert bench.target_line(targets[3]) == "[NOT met] BatchEnsemble split ≤ 0.35× classic vectorized: 0.40×"
-    assert bench.target_line(targets[4]).endswith("reference classic: row missing")
+    assert bench.target_line(targets[3]) == (
+        "[NOT met] BatchEnsemble split ≤ 0.35× classic vectorized: 0.40× (turn by turn: 0.36, 0.45)"
+    )
+    assert bench.target_line(targets[4]) == (
+        "[  met  ] classic vectorized ≥ 6× faster than reference classic: 20.00× (turn by turn: 20.00, 20.00)"
+    )
+    del rows[-1]  # no reference classic row
+    assert bench.target_line(check_targets(rows)[4]).endswith("reference classic: row missing")
     one_turn = {**targets[2], "per_turn": [1.05]}
     assert "turn by turn" not in bench.target_line(one_turn)
     near = {**targets[0], "value": 1.2549, "met": False, "per_turn": [1.2549, 1.2449]}

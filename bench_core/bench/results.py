@@ -118,8 +118,8 @@ def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]
 
     The verdict uses the medians (``value``). ``per_turn`` adds the same figure turn by turn: the
     rows of one E take turns, one timed repeat each, so repeat i of two rows ran minutes apart at
-    most, and their ratio shows how far the machine's drift moves the verdict (None where a row or
-    its repeats are missing).
+    most, and their ratio shows how far the machine's drift moves the verdict (over the turns both
+    rows took: a reference row takes fewer; None where a row or its repeats are missing).
     """
     by_name = {r["name"]: r for r in rows if r["ensemble_size"] == ensemble_size}
     cv, be = "classic-vectorized", "batchensemble-repeat"
@@ -134,10 +134,11 @@ def check_targets(rows: list[dict], ensemble_size: int = TARGET_E) -> list[dict]
         return a / b if a is not None and b is not None else None
 
     def paired(a: str, b: str) -> list[float] | None:
+        """Turn i of row a over turn i of row b, over the turns both took (a reference row takes fewer)."""
         ra, rb = repeats(a), repeats(b)
-        if ra is None or rb is None or len(ra) != len(rb):
+        if ra is None or rb is None:
             return None
-        return [x / y for x, y in zip(ra, rb, strict=True)]
+        return [x / y for x, y in zip(ra, rb, strict=False)]
 
     def versus(a: str, b: str) -> tuple[float | None, list[float] | None]:
         """Row a's epoch over row b's: the medians' ratio, and turn by turn."""
