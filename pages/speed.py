@@ -39,6 +39,7 @@ from bench_core.bench import (
     compare_rows,
     noise_warnings,
     onednn_lines,
+    repeats_text,
     step_parts,
     time_parts,
     training_steps,
@@ -552,10 +553,12 @@ def results_view(
     it the figures and the table are built once and re-sent from the session until it changes.
     """
     if header:
+        settings = header.get("settings") or {}
         st.caption(
             f"{header.get('cpu', '?')} · torch {header.get('torch', '?')} · {header.get('threads', '?')} threads · "
             f"device {header.get('device', '?')} · matmul rate (torch.mm) "
             f"{header.get('matmul_flops_per_second', 0) / 1e9:.1f} GFLOP/s · s/epoch {header.get('epochs', '')}"
+            + (repeats_text(settings, rows) if isinstance(settings.get("repeats"), int) else "")
         )
         for line in onednn_lines(header):
             st.caption(line)

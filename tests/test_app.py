@@ -808,6 +808,23 @@ def test_speed_shows_the_floors_rate_beside_the_turns_and_its_targets_where_the_
     assert [t for t in texts(at.markdown) if "≤" in t or "≥" in t] == marks
 
 
+def test_speed_says_how_many_repeats_each_figure_is_the_median_of(store_file):
+    name = "cpu-e5-2026-11-28-session35-new-run6.json"  # nine turns a workbench row, three a reference row
+    saved = json.loads((ROOT / "docs" / "bench" / name).read_text())
+    at = open_page("speed")
+    at.get("file_uploader")[0].upload(name, json.dumps(saved).encode(), "application/json")
+    at.run()
+    assert not at.exception, at.exception
+    (caption,) = [c for c in texts(at.caption) if " · s/epoch " in c]
+    assert caption.endswith(", median of 9 repeats (reference rows: 3)"), caption
+    del saved["header"]["settings"]["reference_repeats"]  # saved before it: every row took `repeats`
+    saved["header"]["settings"]["repeats"] = 3
+    at.get("file_uploader")[0].upload(name, json.dumps(saved).encode(), "application/json")
+    at.run()
+    (caption,) = [c for c in texts(at.caption) if " · s/epoch " in c]
+    assert caption.endswith("each repeat starts with 1 untimed step more, median of 3 repeats"), caption
+
+
 def test_speed_says_how_the_training_steps_ran_where_the_file_says(store_file):
     """A CPU run's header names the step's path (C++ operators, Python, autograd); files from before say "eager"."""
     name = "cpu-e5-2026-11-26-session14-run2.json"

@@ -33,6 +33,7 @@ from bench_core.bench import (
     noise_warnings,
     onednn_gemm_rate,
     plan_rows,
+    repeats_text,
     run_benchmark,
     schedule,
     settings_from_args,
@@ -40,7 +41,6 @@ from bench_core.bench import (
     time_parts,
 )
 from bench_core.bench.breakdown import classify, part_seconds, shares
-from bench_core.bench.results import repeats_text
 from bench_core.bench.settings import REWARM_STEPS
 from bench_core.errors import BenchError
 from bench_core.onednn import describe as describe_products
