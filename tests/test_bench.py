@@ -965,7 +965,6 @@ def test_repeats_default_to_nine_for_the_workbench_rows_and_three_for_the_refere
     add_arguments(parser)
     settings = settings_from_args(parser.parse_args([]))
     assert (settings.repeats, settings.reference_repeats) == (9, 3)
-    assert settings.repeats_of("batchensemble-split") == 9 and settings.repeats_of("reference-classic") == 3
     given = settings_from_args(parser.parse_args(["--repeats", "5", "--reference-repeats", "2"]))
     assert (given.repeats, given.reference_repeats) == (5, 2)
     # A benchmark saved before the reference rows had repeats of their own measured every row `repeats` times.

@@ -72,7 +72,7 @@ class BenchSettings:
     # Timed repeats of each workbench row; the median is reported. In the noisy stretches of this
     # project's shared 2-core machine a row's turns moved by up to 30 % from one to the next: medians
     # of 3 missed a target held by ~10 % (repeat, split, the floor beside the turns) in 3 of 6 runs,
-    # medians of 9 in none of 4 (docs/speed-log.md, thirty-fifth session).
+    # medians of 9 in none of 11 (docs/speed-log.md, thirty-fifth session).
     repeats: int = 9
     # Timed repeats of the reference rows (the seed's pipeline): each of their turns takes seconds
     # (DataLoader workers start for each member), and their speed-ups are far from their targets.
@@ -145,10 +145,6 @@ class BenchSettings:
     def rewarm_steps(self) -> int:
         """Untimed steps at the start of each timed repeat of a workbench row: REWARM_STEPS, none without warm-up."""
         return REWARM_STEPS if self.warmup else 0
-
-    def repeats_of(self, name: str) -> int:
-        """Timed repeats of the row ``name``: ``reference_repeats`` for a reference row, else ``repeats``."""
-        return self.reference_repeats if name in REFERENCE_ROWS else self.repeats
 
     def active_rows(self) -> tuple[str, ...]:
         return tuple(r for r in ROWS if r in self.rows and (self.reference or r not in REFERENCE_ROWS))
