@@ -316,6 +316,16 @@ SPREAD_LIMIT = 1.25  # a row whose slowest timed repeat took more than this many
 FEW_STEPS = 10  # timed steps per repeat under which an extrapolated epoch is mostly a few steps' noise
 
 
+def measured_reference_repeats(settings: dict, rows: list[dict]) -> int | None:
+    """The reference rows' timed repeats where ``rows`` has one, else None.
+
+    Settings saved before ``reference_repeats`` existed measured every row ``repeats`` times.
+    """
+    if not any(r.get("name") in REFERENCE_ROWS for r in rows):
+        return None
+    return settings.get("reference_repeats", settings.get("repeats"))
+
+
 def repeats_text(settings: dict, rows: list[dict]) -> str:
     """How many timed repeats each row's figure is the median of: ", median of 9 repeats (reference rows: 3)"."""
 
@@ -323,8 +333,8 @@ def repeats_text(settings: dict, rows: list[dict]) -> str:
         return f"median of {n} repeats" if n != 1 else "one repeat"
 
     repeats = settings["repeats"]
-    reference = settings.get("reference_repeats", repeats)  # saved before it: every row took `repeats`
-    if reference != repeats and any(r.get("name") in REFERENCE_ROWS for r in rows):
+    reference = measured_reference_repeats(settings, rows)
+    if reference is not None and reference != repeats:
         return f", {text(repeats)} (reference rows: {reference if reference != 1 else 'one'})"
     return f", {text(repeats)}"
 
@@ -370,9 +380,8 @@ def noise_warnings(header: dict, rows: list[dict]) -> list[str]:
     settings = header.get("settings") or {}
     steps, repeats = settings.get("steps"), settings.get("repeats")
     per = "row"
-    reference = settings.get("reference_repeats", repeats)  # saved before it: every row took `repeats`
-    fewer = isinstance(repeats, int) and isinstance(reference, int) and reference < repeats
-    if fewer and any(r.get("name") in REFERENCE_ROWS for r in rows):
+    reference = measured_reference_repeats(settings, rows)
+    if isinstance(repeats, int) and isinstance(reference, int) and reference < repeats:
         repeats, per = reference, "reference row"
     if not settings.get("full_epoch") and isinstance(steps, int) and steps < FEW_STEPS:
         few.append(f"{steps_text(steps, 'timed')} per repeat")
